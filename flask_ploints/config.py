@@ -1,0 +1,163 @@
+"""Configuration keys, their defaults, and the checks made at start-up.
+
+Each setting can come from three places, first found wins: a keyword argument
+to :class:`~flask_ploints.PlointsWebhooks`, the app's config key, the
+default. Every mistake is reported by :func:`load_settings` when the app
+starts, in a :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import typing as t
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+
+__all__ = [
+    "DEFAULTS",
+    "SENDER_RETRY_SPAN",
+    "SENDER_TIMEOUT",
+    "ConfigError",
+    "PlointsWarning",
+    "Settings",
+    "load_settings",
+]
+
+#: Seconds from a first delivery to the sender's last retry
+#: (1 min + 5 min + 30 min + 2 h + 12 h).
+SENDER_RETRY_SPAN = 60 + 5 * 60 + 30 * 60 + 2 * 3600 + 12 * 3600
+#: Seconds the sender waits for an answer before it counts a timeout.
+SENDER_TIMEOUT = 10.0
+
+#: Every key with its default, and the keyword argument that overrides it.
+DEFAULTS: dict[str, tuple[str, t.Any]] = {
+    "PLOINTS_WEBHOOK_SECRET": ("secret", None),
+    "PLOINTS_WEBHOOK_URL": ("url", "/webhooks/ploints"),
+    "PLOINTS_DEDUPE_STORE": ("store", "memory"),
+    "PLOINTS_DEDUPE_RETENTION": ("retention", timedelta(days=7)),
+    "PLOINTS_CLAIM_LEASE": ("lease", timedelta(seconds=30)),
+    "PLOINTS_WEBHOOK_MAX_BYTES": ("max_bytes", 1024 * 1024),
+    "PLOINTS_REQUIRE_HTTPS": ("require_https", False),
+    "PLOINTS_MAX_EVENT_AGE": ("max_event_age", None),
+    "PLOINTS_SLOW_HANDLER_SHARE": ("slow_handler_share", 0.5),
+    "PLOINTS_MEMORY_STORE_MAX_ENTRIES": ("memory_store_max_entries", 100_000),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong. The message names the key."""
+
+
+class PlointsWarning(UserWarning):
+    """A setting works but is risky: a development-only store, a retention
+    too short for the sender's retries.
+    """
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked settings of one :class:`~flask_ploints.PlointsWebhooks`
+    instance on one app.
+    """
+
+    #: Accepted secrets; the first is the current one, used for signing.
+    secrets: tuple[str, ...]
+    url: str
+    #: The raw ``PLOINTS_DEDUPE_STORE`` value, resolved by the extension.
+    store: object
+    retention: float
+    lease: float
+    max_bytes: int
+    require_https: bool
+    max_event_age: float | None
+    #: Handlers slower than this many seconds log a warning.
+    slow_handler_seconds: float
+
+
+def _seconds(key: str, value: object, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigError(f"{key} must be a number of seconds or a timedelta, not {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{key} must be positive, not {value!r}")
+    return seconds
+
+
+def _secrets(value: object) -> tuple[str, ...]:
+    key = "PLOINTS_WEBHOOK_SECRET"
+    if value is None or value == "" or value == [] or value == ():
+        raise ConfigError(f"{key} is not set: set it to the secret Ploints gave for this endpoint")
+    secrets = (value,) if isinstance(value, str) else value
+    if not isinstance(secrets, (list, tuple)) or not all(
+        isinstance(secret, str) and secret for secret in secrets
+    ):
+        raise ConfigError(f"{key} must be a non-empty string or a list of non-empty strings")
+    return tuple(secrets)
+
+
+def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any]) -> Settings:
+    """Check and convert the settings of one instance.
+
+    :param config: the app's config, with every key of :data:`DEFAULTS` set.
+    :param overrides: the keyword arguments given to the extension.
+    :raises ConfigError: a value is missing or wrong.
+    """
+
+    def get(key: str) -> t.Any:
+        argument = DEFAULTS[key][0]
+        return overrides[argument] if argument in overrides else config[key]
+
+    url = get("PLOINTS_WEBHOOK_URL")
+    if not isinstance(url, str) or not url.startswith("/"):
+        raise ConfigError(f"PLOINTS_WEBHOOK_URL must be a path starting with '/', not {url!r}")
+    retention = _seconds("PLOINTS_DEDUPE_RETENTION", get("PLOINTS_DEDUPE_RETENTION"))
+    assert retention is not None
+    if retention <= SENDER_RETRY_SPAN:
+        raise ConfigError(
+            f"PLOINTS_DEDUPE_RETENTION must exceed the sender's retry span of {SENDER_RETRY_SPAN} s "
+            "(about 14.6 h), or its last retries are processed twice"
+        )
+    if retention < 24 * 3600:
+        warnings.warn(
+            "PLOINTS_DEDUPE_RETENTION is under 24 hours; a delivery resent by hand the next day"
+            " will be processed again",
+            PlointsWarning,
+            stacklevel=4,
+        )
+    lease = _seconds("PLOINTS_CLAIM_LEASE", get("PLOINTS_CLAIM_LEASE"))
+    assert lease is not None
+    max_bytes = get("PLOINTS_WEBHOOK_MAX_BYTES")
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise ConfigError(
+            f"PLOINTS_WEBHOOK_MAX_BYTES must be a positive integer, not {max_bytes!r}"
+        )
+    max_age = _seconds("PLOINTS_MAX_EVENT_AGE", get("PLOINTS_MAX_EVENT_AGE"), allow_none=True)
+    if max_age is not None and max_age <= SENDER_RETRY_SPAN:
+        raise ConfigError(
+            f"PLOINTS_MAX_EVENT_AGE must exceed the sender's retry span of {SENDER_RETRY_SPAN} s,"
+            " or its last retries are rejected"
+        )
+    share = get("PLOINTS_SLOW_HANDLER_SHARE")
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+        raise ConfigError(f"PLOINTS_SLOW_HANDLER_SHARE must be a number in (0, 1], not {share!r}")
+    max_entries = config["PLOINTS_MEMORY_STORE_MAX_ENTRIES"]
+    if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
+        raise ConfigError(
+            f"PLOINTS_MEMORY_STORE_MAX_ENTRIES must be a positive integer, not {max_entries!r}"
+        )
+    return Settings(
+        secrets=_secrets(get("PLOINTS_WEBHOOK_SECRET")),
+        url=url,
+        store=get("PLOINTS_DEDUPE_STORE"),
+        retention=retention,
+        lease=lease,
+        max_bytes=max_bytes,
+        require_https=bool(get("PLOINTS_REQUIRE_HTTPS")),
+        max_event_age=max_age,
+        slow_handler_seconds=share * SENDER_TIMEOUT,
+    )

@@ -1,0 +1,132 @@
+"""Running the handlers of an event: who is called, in which order, and how
+a failure is reported to the view.
+
+A dispatcher is the step between a claimed event and the answer. The
+:class:`SyncDispatcher` runs the handlers inside the request; a dispatcher
+that hands the event to a worker (see :mod:`flask_ploints.celery`) sets
+:attr:`Dispatcher.runs_inline` to ``False`` and the worker settles the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as t
+
+from flask import Flask
+
+from .events import Event
+from .events import check_event_types
+from .signals import signal_for
+from .stores import Claim
+
+__all__ = ["DispatchError", "Dispatcher", "HandlerError", "Handlers", "SyncDispatcher"]
+
+logger = logging.getLogger("flask_ploints")
+
+Handler = t.Callable[[Event], t.Any]
+
+
+class HandlerError(Exception):
+    """A handler raised; the original exception is the ``__cause__``."""
+
+
+class DispatchError(Exception):
+    """The event could not be handed over for processing (a broker down).
+    Nothing ran; the receiver answers ``503``.
+    """
+
+
+class Handlers:
+    """The handlers registered on one :class:`~flask_ploints.PlointsWebhooks`
+    instance, by event type, plus those for every event.
+    """
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, list[Handler]] = {}
+        self._any: list[Handler] = []
+
+    def connect(self, event_types: t.Iterable[str], func: Handler) -> None:
+        """Call ``func`` for events of these types."""
+        for event_type in check_event_types(event_types):
+            self._by_type.setdefault(event_type, []).append(func)
+
+    def connect_any(self, func: Handler) -> None:
+        """Call ``func`` for every verified event, unknown types included."""
+        self._any.append(func)
+
+    def for_type(self, event_type: str) -> list[Handler]:
+        """The handlers of one type, in the order they were connected; the
+        handlers for every event are not included.
+        """
+        return list(self._by_type.get(event_type, ()))
+
+    def for_any(self) -> list[Handler]:
+        """The handlers for every event, in the order they were connected."""
+        return list(self._any)
+
+    def run(self, app: Flask, event: Event, name: str) -> None:
+        """Run every handler of ``event`` in this order: this instance's
+        handlers for its type, the receivers of the type's signal (handlers
+        registered with :func:`flask_ploints.on` and raw blinker receivers),
+        then this instance's handlers for every event.
+
+        The first exception stops the rest and propagates.
+        """
+        for func in self._by_type.get(event.type, ()):
+            app.ensure_sync(func)(event)
+        signal = signal_for(event.type)
+        if signal is not None and signal.receivers:
+            signal.send(app, event=event, name=name)
+        for func in self._any:
+            app.ensure_sync(func)(event)
+
+
+@t.runtime_checkable
+class Dispatcher(t.Protocol):
+    """Hands a claimed event over for processing."""
+
+    #: ``True`` when :meth:`dispatch` has run the handlers by the time it
+    #: returns, so the view commits the claim; ``False`` when a worker will.
+    runs_inline: bool
+
+    def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
+        """Process ``event`` or hand it over.
+
+        :raises HandlerError: a handler raised; the view releases the claim.
+        :raises DispatchError: the event could not be handed over; the view
+            releases the claim.
+        """
+
+
+class SyncDispatcher:
+    """Runs the handlers inside the request, before the answer.
+
+    :param handlers: the instance's handlers.
+    :param slow_after: handlers that take longer than this many seconds log
+        a warning: the sender gives up after 10 s.
+    """
+
+    runs_inline = True
+
+    def __init__(self, handlers: Handlers, slow_after: float) -> None:
+        self.handlers = handlers
+        self.slow_after = slow_after
+
+    def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
+        """Run the handlers; see :meth:`Handlers.run`."""
+        started = time.perf_counter()
+        try:
+            self.handlers.run(app, event, name)
+        except Exception as exc:
+            raise HandlerError(f"a handler of {event.type} raised {type(exc).__name__}") from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            if elapsed > self.slow_after:
+                logger.warning(
+                    "handlers of event %s (%s) took %.1f s; Ploints gives up after 10 s and"
+                    " retries, so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
+                    event.id,
+                    event.type,
+                    elapsed,
+                )

@@ -1,0 +1,192 @@
+"""The event Ploints delivers, and the strict parser that builds it from a
+verified body.
+
+The parser only ever sees bytes whose signature has already been checked, but
+it still treats them as hostile: a leaked secret or a sender bug must end in a
+``400``, never in a ``500`` or in a handler seeing half an event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing as t
+from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
+from types import MappingProxyType
+
+__all__ = ["EVENT_TYPES", "Event", "InvalidEvent", "check_event_types", "parse_event"]
+
+#: The seven event types the sender documents, in the order it lists them.
+EVENT_TYPES: tuple[str, ...] = (
+    "points.earned",
+    "points.redeemed",
+    "customer.created",
+    "customer.tier_changed",
+    "badge.issued",
+    "reward.redeemed",
+    "campaign.conversion",
+)
+
+#: Longest ``id`` accepted. Ploints ids are short (``evt_a1b2c3``); the bound
+#: keeps dedupe keys small in every store.
+MAX_ID_LENGTH = 255
+#: Longest ``type`` accepted.
+MAX_TYPE_LENGTH = 128
+#: Deepest nesting of arrays and objects accepted anywhere in the body.
+MAX_DEPTH = 32
+
+
+def check_event_types(event_types: t.Iterable[str]) -> tuple[str, ...]:
+    """Return ``event_types`` as a tuple if each is a documented type.
+
+    :raises ValueError: no type, or an unknown one (a typo would otherwise
+        leave a handler that never runs).
+    """
+    event_types = tuple(event_types)
+    if not event_types:
+        raise ValueError("give at least one event type")
+    for event_type in event_types:
+        if event_type not in EVENT_TYPES:
+            raise ValueError(
+                f"unknown event type {event_type!r}; known types: {', '.join(EVENT_TYPES)}"
+            )
+    return event_types
+
+
+class InvalidEvent(ValueError):
+    """A verified body that is not a Ploints event. The message is safe to
+    return to the client: it never quotes the body.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One delivery from Ploints, after its signature was verified.
+
+    :param id: the event id, unique per event and repeated on every retry.
+    :param type: the event type, one of :data:`EVENT_TYPES` or a type this
+        version does not know yet.
+    :param timestamp: when Ploints created the event, timezone-aware.
+    :param data: the event's payload, as a read-only mapping.
+    :param raw: the exact bytes that were signed.
+    """
+
+    id: str
+    type: str
+    timestamp: datetime
+    data: t.Mapping[str, t.Any]
+    raw: bytes
+
+    def __repr__(self) -> str:
+        return f"<Event {self.id!r} {self.type!r}>"
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, t.Any]]) -> dict[str, t.Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise InvalidEvent("duplicate key in JSON object")
+    return result
+
+
+def _reject_constant(name: str) -> t.NoReturn:
+    raise InvalidEvent(f"{name} is not valid JSON")
+
+
+def _check_depth(value: t.Any) -> None:
+    stack: list[tuple[t.Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidEvent(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            children: t.Iterable[t.Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    # "1e999" parses to inf without ever spelling "Infinity".
+    if math.isinf(value):
+        raise InvalidEvent("number out of range")
+    return value
+
+
+def _get(body: dict[str, t.Any], name: str) -> t.Any:
+    if name not in body:
+        raise InvalidEvent(f"missing field {name!r}")
+    return body[name]
+
+
+def _string(body: dict[str, t.Any], name: str, max_length: int) -> str:
+    value = _get(body, name)
+    if not isinstance(value, str):
+        raise InvalidEvent(f"field {name!r} must be a string")
+    if not value:
+        raise InvalidEvent(f"field {name!r} must not be empty")
+    if len(value) > max_length:
+        raise InvalidEvent(f"field {name!r} is longer than {max_length} characters")
+    return value
+
+
+def _object(body: dict[str, t.Any], name: str) -> dict[str, t.Any]:
+    value = _get(body, name)
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"field {name!r} must be an object")
+    return value
+
+
+def _parse_timestamp(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEvent("field 'timestamp' is not an ISO 8601 date and time") from None
+    # Ploints always sends "Z"; a naive value is taken as UTC rather than
+    # rejected, because a 400 would make the sender drop a real event.
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def parse_event(raw: bytes) -> Event:
+    """Build an :class:`Event` from a verified body.
+
+    :param raw: the request body, exactly as signed.
+    :raises InvalidEvent: the body is not UTF-8 JSON, not an object, uses
+        ``NaN`` or ``Infinity``, repeats a key, nests deeper than
+        :data:`MAX_DEPTH`, or lacks a well-typed ``id``, ``type``,
+        ``timestamp`` or ``data``.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent("body is not UTF-8") from None
+    try:
+        body = json.loads(
+            text,
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_parse_float,
+        )
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:
+        # JSONDecodeError, and the int-to-str digit limit on huge integers.
+        raise InvalidEvent("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidEvent("body is not a JSON object")
+    _check_depth(body)
+    return Event(
+        id=_string(body, "id", MAX_ID_LENGTH),
+        type=_string(body, "type", MAX_TYPE_LENGTH),
+        timestamp=_parse_timestamp(_string(body, "timestamp", 64)),
+        data=MappingProxyType(_object(body, "data")),
+        raw=raw,
+    )

@@ -1,0 +1,178 @@
+"""The :class:`PlointsWebhooks` extension."""
+
+from __future__ import annotations
+
+import typing as t
+import warnings
+from dataclasses import dataclass
+
+from flask import Blueprint
+from flask import Flask
+from flask import current_app
+
+from .config import DEFAULTS
+from .config import ConfigError
+from .config import PlointsWarning
+from .config import Settings
+from .config import load_settings
+from .dispatch import Dispatcher
+from .dispatch import Handlers
+from .dispatch import SyncDispatcher
+from .events import Event
+from .events import check_event_types
+from .stores import DedupeStore
+from .stores import MemoryStore
+from .stores import store_from_config
+from .views import WebhookView
+
+__all__ = ["PlointsWebhooks", "Receiver"]
+
+_Handler = t.TypeVar("_Handler", bound=t.Callable[[Event], t.Any])
+_OPTIONS = frozenset(argument for argument, _ in DEFAULTS.values())
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """What one :class:`PlointsWebhooks` instance set up on one app, kept in
+    ``app.extensions["ploints"][name]``.
+    """
+
+    name: str
+    settings: Settings
+    store: DedupeStore
+    dispatcher: Dispatcher
+    handlers: Handlers
+
+
+class PlointsWebhooks:
+    """Receives Ploints webhooks on a Flask app.
+
+    .. code-block:: python
+
+        webhooks = PlointsWebhooks(app)
+
+        @webhooks.on("points.earned")
+        def award(event):
+            ...
+
+    Settings come from keyword arguments first, then the app's ``PLOINTS_*``
+    config keys, then the defaults; see :data:`flask_ploints.config.DEFAULTS`.
+    Several instances can serve one app (two Ploints accounts) if each has
+    its own ``name`` and ``url``.
+
+    :param app: the app to set up now; or call :meth:`init_app` later.
+    :param name: names this instance's blueprint, its state in
+        ``app.extensions["ploints"]`` and the ``name`` argument of signals.
+    :param options: ``secret``, ``url``, ``store``, ``retention``, ``lease``,
+        ``max_bytes``, ``require_https``, ``max_event_age``,
+        ``slow_handler_share``; each overrides its config key on every app.
+    :raises TypeError: an unknown option.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, name: str = "ploints", **options: t.Any
+    ) -> None:
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTIONS))}"
+            )
+        self.name = name
+        self.options = options
+        self.handlers = Handlers()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Check the settings, build the dedupe store and register the
+        endpoint on ``app``.
+
+        :raises RuntimeError: this instance, or another of the same name, is
+            registered on ``app`` already.
+        :raises ConfigError: a setting is missing or wrong; the message names
+            the key.
+        """
+        receivers: dict[str, Receiver] = app.extensions.setdefault("ploints", {})
+        if self.name in receivers:
+            raise RuntimeError(
+                f"a PlointsWebhooks instance named {self.name!r} is already registered on this app;"
+                " give a second instance its own name and url"
+            )
+        for key, (_, default) in DEFAULTS.items():
+            app.config.setdefault(key, default)
+        settings = load_settings(app.config, self.options)
+        if any(other.settings.url == settings.url for other in receivers.values()):
+            raise ConfigError(
+                f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
+            )
+        try:
+            store = store_from_config(settings.store, app.config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if isinstance(store, MemoryStore) and not app.testing:
+            warnings.warn(
+                "flask-ploints is using MemoryStore, which dedupes within one process only: with"
+                " several workers or hosts a retry can be processed twice. Set"
+                " PLOINTS_DEDUPE_STORE to a Redis or database URL in production.",
+                PlointsWarning,
+                stacklevel=2,
+            )
+        receiver = Receiver(
+            name=self.name,
+            settings=settings,
+            store=store,
+            dispatcher=SyncDispatcher(self.handlers, settings.slow_handler_seconds),
+            handlers=self.handlers,
+        )
+        blueprint = Blueprint(self.name, __name__)
+        blueprint.add_url_rule(
+            settings.url,
+            "receive",
+            view_func=WebhookView.as_view(
+                "receive", self.name, settings, store, receiver.dispatcher
+            ),
+        )
+        app.register_blueprint(blueprint)
+        receivers[self.name] = receiver
+
+    def on(self, *event_types: str) -> t.Callable[[_Handler], _Handler]:
+        """Register a handler for one or more event types.
+
+        The handler receives the :class:`~flask_ploints.Event`, may be
+        ``async def``, and is held strongly. If it raises, the delivery is
+        answered ``500`` and Ploints retries it, so handlers must be
+        idempotent.
+
+        :param event_types: documented event types.
+        :raises ValueError: no type, or an unknown one.
+        """
+        event_types = check_event_types(event_types)
+
+        def decorator(func: _Handler) -> _Handler:
+            self.handlers.connect(event_types, func)
+            return func
+
+        return decorator
+
+    def on_any(self, func: _Handler) -> _Handler:
+        """Register a handler for every verified event, including types this
+        version does not know. It runs after the type's own handlers.
+        """
+        self.handlers.connect_any(func)
+        return func
+
+    def receiver(self, app: Flask | None = None) -> Receiver:
+        """Return what this instance set up on ``app`` (default: the current
+        app).
+
+        :raises RuntimeError: :meth:`init_app` was not called for the app.
+        """
+        if app is None:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        try:
+            return t.cast(Receiver, app.extensions["ploints"][self.name])
+        except KeyError:
+            raise RuntimeError(
+                f"PlointsWebhooks {self.name!r} is not registered on app {app.name!r};"
+                " did you forget to call init_app(app)?"
+            ) from None

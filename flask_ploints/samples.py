@@ -1,0 +1,73 @@
+"""Sample events of every type, shaped like the sender's, for tests, the CLI
+and the example app.
+"""
+
+from __future__ import annotations
+
+import typing as t
+import uuid
+from datetime import UTC
+from datetime import datetime
+
+__all__ = ["SAMPLE_DATA", "build_event"]
+
+#: Plausible ``data`` for each documented event type. ``points.earned``
+#: follows the sender's documented example; the others use the same style.
+SAMPLE_DATA: dict[str, dict[str, t.Any]] = {
+    "points.earned": {
+        "customerEmail": "jane@example.com",
+        "amount": 50,
+        "description": "Purchase #1234",
+        "newBalance": 350,
+    },
+    "points.redeemed": {
+        "customerEmail": "jane@example.com",
+        "amount": 100,
+        "description": "Redeemed at checkout",
+        "newBalance": 250,
+    },
+    "customer.created": {"customerEmail": "sam@example.com", "name": "Sam Lee"},
+    "customer.tier_changed": {
+        "customerEmail": "jane@example.com",
+        "previousTier": "Silver",
+        "newTier": "Gold",
+    },
+    "badge.issued": {"customerEmail": "jane@example.com", "badge": "Early Bird"},
+    "reward.redeemed": {
+        "customerEmail": "jane@example.com",
+        "reward": "Free coffee",
+        "cost": 200,
+    },
+    "campaign.conversion": {
+        "customerEmail": "ana@example.com",
+        "campaign": "spring-referral",
+        "kind": "referral",
+    },
+}
+
+
+def build_event(
+    type: str,
+    data: t.Mapping[str, t.Any] | None = None,
+    *,
+    id: str | None = None,
+    timestamp: datetime | str | None = None,
+) -> dict[str, t.Any]:
+    """Build an event body as Ploints sends it.
+
+    :param type: the event type; any string, so unknown types can be tested.
+    :param data: the payload; default, the type's :data:`SAMPLE_DATA`
+        (or ``{}`` for an unknown type).
+    :param id: the event id; default, a fresh random ``evt_...`` id.
+    :param timestamp: a datetime or ISO 8601 string; default, now in UTC.
+    """
+    if timestamp is None:
+        timestamp = datetime.now(UTC)
+    if isinstance(timestamp, datetime):
+        timestamp = timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "id": id if id is not None else f"evt_{uuid.uuid4().hex[:12]}",
+        "type": type,
+        "timestamp": timestamp,
+        "data": dict(SAMPLE_DATA.get(type, {}) if data is None else data),
+    }

@@ -1,0 +1,115 @@
+"""Blinker signals sent by the receiver.
+
+Every signal is sent with the real application object as sender (never the
+``current_app`` proxy), so a receiver can be connected for one app with
+``signal.connect(func, sender=app)``. Besides the keyword arguments listed for
+each signal, every send carries ``name``: the name of the
+:class:`~flask_ploints.PlointsWebhooks` instance that received the request.
+
+Event-type signals are part of processing: an exception in a receiver is a
+handler failure (the claim is released, the answer is ``500`` and Ploints
+retries). Lifecycle signals are for observers such as logging and metrics: an
+exception there is logged and does not change the answer.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from blinker import Namespace
+from blinker import Signal
+
+from .events import EVENT_TYPES
+from .events import check_event_types
+
+if t.TYPE_CHECKING:
+    from .events import Event
+
+__all__ = [
+    "badge_issued",
+    "campaign_conversion",
+    "customer_created",
+    "customer_tier_changed",
+    "duplicate_skipped",
+    "event_received",
+    "handler_failed",
+    "on",
+    "payload_rejected",
+    "points_earned",
+    "points_redeemed",
+    "reward_redeemed",
+    "signal_for",
+    "signature_rejected",
+]
+
+_signals = Namespace()
+
+#: A ``points.earned`` event was received. Arguments: ``event``.
+points_earned = _signals.signal("points.earned")
+#: A ``points.redeemed`` event was received. Arguments: ``event``.
+points_redeemed = _signals.signal("points.redeemed")
+#: A ``customer.created`` event was received. Arguments: ``event``.
+customer_created = _signals.signal("customer.created")
+#: A ``customer.tier_changed`` event was received. Arguments: ``event``.
+customer_tier_changed = _signals.signal("customer.tier_changed")
+#: A ``badge.issued`` event was received. Arguments: ``event``.
+badge_issued = _signals.signal("badge.issued")
+#: A ``reward.redeemed`` event was received. Arguments: ``event``.
+reward_redeemed = _signals.signal("reward.redeemed")
+#: A ``campaign.conversion`` event was received. Arguments: ``event``.
+campaign_conversion = _signals.signal("campaign.conversion")
+
+#: A verified, well-formed event arrived, before dedupe. Arguments: ``event``.
+event_received = _signals.signal("ploints.event-received")
+#: A delivery of an event that was already processed was skipped.
+#: Arguments: ``event``.
+duplicate_skipped = _signals.signal("ploints.duplicate-skipped")
+#: A request failed signature verification (``401``). Arguments: ``reason``,
+#: a short fixed string. The body is not passed: it is unverified.
+signature_rejected = _signals.signal("ploints.signature-rejected")
+#: A verified body was not a valid event (``400``). Arguments: ``reason``.
+payload_rejected = _signals.signal("ploints.payload-rejected")
+#: A handler raised. Arguments: ``event``, ``exception``.
+handler_failed = _signals.signal("ploints.handler-failed")
+
+_BY_TYPE: dict[str, Signal] = {name: _signals.signal(name) for name in EVENT_TYPES}
+
+
+def signal_for(event_type: str) -> Signal | None:
+    """Return the signal for a documented event type, or ``None`` for a type
+    this version does not know.
+    """
+    return _BY_TYPE.get(event_type)
+
+
+_Handler = t.TypeVar("_Handler", bound=t.Callable[..., t.Any])
+
+
+def on(*event_types: str) -> t.Callable[[_Handler], _Handler]:
+    """Connect a handler to one or more event types for every app and every
+    :class:`~flask_ploints.PlointsWebhooks` instance.
+
+    The handler receives the :class:`~flask_ploints.Event` only, may be
+    ``async def``, and is held strongly, so it may be defined inside a
+    function.
+
+    .. code-block:: python
+
+        @on("customer.created")
+        def welcome(event):
+            ...
+
+    :param event_types: documented event types.
+    :raises ValueError: no type, or a type that has no signal.
+    """
+    signals = [_BY_TYPE[event_type] for event_type in check_event_types(event_types)]
+
+    def decorator(func: _Handler) -> _Handler:
+        def receiver(sender: t.Any, *, event: Event, **extra: t.Any) -> None:
+            sender.ensure_sync(func)(event)
+
+        for signal in signals:
+            signal.connect(receiver, weak=False)
+        return func
+
+    return decorator

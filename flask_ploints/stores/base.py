@@ -1,0 +1,105 @@
+"""The dedupe store protocol: claim, then process, then commit.
+
+A delivery is processed at most once per event id, and never lost:
+
+1. :meth:`DedupeStore.claim` takes a lease on the id. The answer says whether
+   this request owns the id now (:attr:`ClaimStatus.CLAIMED`, with a fresh
+   token), whether the id was processed already (:attr:`ClaimStatus.DONE`), or
+   whether another request holds a live lease on it
+   (:attr:`ClaimStatus.IN_FLIGHT`).
+2. The handlers run.
+3. :meth:`DedupeStore.commit` marks the id done for the retention time, or
+   :meth:`DedupeStore.release` drops the claim so the sender's retry is
+   processed again. Both only act while the token still owns the claim: a
+   request whose lease ran out cannot undo the request that took it over.
+
+A lease that is neither committed nor released (the process died) expires,
+and the next delivery of the id claims it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing as t
+from dataclasses import dataclass
+
+__all__ = ["Claim", "ClaimStatus", "DedupeStore", "StoreError"]
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer. The receiver answers
+    ``503`` so that the sender retries later.
+    """
+
+
+class ClaimStatus(enum.Enum):
+    """The outcome of :meth:`DedupeStore.claim`."""
+
+    #: The caller owns the id now and must process it.
+    CLAIMED = "claimed"
+    #: The id was processed already; skip it.
+    DONE = "done"
+    #: Another caller holds a live lease on the id.
+    IN_FLIGHT = "in_flight"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to :meth:`DedupeStore.claim`.
+
+    :param status: what the caller must do.
+    :param token: with :attr:`ClaimStatus.CLAIMED`, the token that proves
+        ownership to :meth:`~DedupeStore.commit` and
+        :meth:`~DedupeStore.release`; empty otherwise.
+    :param retry_after: with :attr:`ClaimStatus.IN_FLIGHT`, the seconds left
+        on the holder's lease, when the store knows them; ``0`` otherwise.
+    """
+
+    status: ClaimStatus
+    token: str = ""
+    retry_after: float = 0.0
+
+
+@t.runtime_checkable
+class DedupeStore(t.Protocol):
+    """What the receiver needs from a dedupe store.
+
+    Implementations must be safe to call from many threads at once, and every
+    method must either do what it says or raise; a store that cannot answer
+    raises :class:`StoreError`. Use :class:`flask_ploints.testing.StoreContract`
+    to check an implementation.
+    """
+
+    def claim(self, event_id: str, lease: float) -> Claim:
+        """Take a lease of ``lease`` seconds on ``event_id`` unless it is done
+        or leased by someone else. An id that was released, whose lease
+        expired, or that was marked failed can be claimed again.
+        """
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        """Mark ``event_id`` done for ``retention`` seconds.
+
+        :return: ``False`` when ``token`` no longer owns the claim; nothing
+            changes then.
+        """
+
+    def release(self, event_id: str, token: str) -> bool:
+        """Drop the claim so the next delivery processes the id again.
+
+        :return: ``False`` when ``token`` no longer owns the claim; nothing
+            changes then.
+        """
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        """Renew the lease to ``lease`` seconds from now, for work that runs
+        longer than the lease it started with.
+
+        :return: ``False`` when ``token`` no longer owns the claim.
+        """
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        """Give up on ``event_id``: record ``error`` for ``retention`` seconds
+        and let the next delivery of the id claim it again.
+
+        :return: ``False`` when ``token`` no longer owns the claim.
+        """

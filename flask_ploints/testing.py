@@ -1,0 +1,248 @@
+"""Helpers for testing the handlers of an app that uses flask-ploints.
+
+Installed with the package, this module is also a pytest plugin: with an
+``app`` fixture in your ``conftest.py`` (as pytest-flask expects), the
+``ploints_client`` fixture posts correctly signed events to it::
+
+    def test_award(ploints_client):
+        response = ploints_client.send("points.earned", {"amount": 5}, id="evt_1")
+        assert response.status_code == 200
+
+:class:`StoreContract` is the test suite every dedupe store must pass;
+subclass it with a ``store`` fixture to check your own store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from .samples import build_event
+from .signature import SIGNATURE_HEADER
+from .signature import sign
+from .stores import ClaimStatus
+from .stores import DedupeStore
+
+__all__ = ["PlointsClient", "StoreContract", "build_event", "ploints_client", "send_event"]
+
+
+class PlointsClient:
+    """Posts signed events to one :class:`~flask_ploints.PlointsWebhooks`
+    endpoint of ``app`` through ``app.test_client()``.
+
+    :param app: an app the extension is registered on.
+    :param name: which instance, when the app has several.
+    """
+
+    def __init__(self, app: Flask, name: str = "ploints") -> None:
+        try:
+            receiver = app.extensions["ploints"][name]
+        except KeyError:
+            raise RuntimeError(
+                f"PlointsWebhooks {name!r} is not registered on app {app.name!r};"
+                " did you forget to call init_app(app)?"
+            ) from None
+        self.client: FlaskClient = app.test_client()
+        self.url: str = receiver.settings.url
+        self.secret: str = receiver.settings.secrets[0]
+
+    def send(
+        self,
+        type: str,
+        data: t.Mapping[str, t.Any] | None = None,
+        *,
+        id: str | None = None,
+        timestamp: t.Any = None,
+    ) -> TestResponse:
+        """Build an event with :func:`build_event`, sign it with the current
+        secret and post it.
+        """
+        return self.post(build_event(type, data, id=id, timestamp=timestamp))
+
+    def post(
+        self,
+        event: t.Mapping[str, t.Any] | bytes,
+        *,
+        signature: str | None = None,
+        headers: t.Mapping[str, str] | None = None,
+    ) -> TestResponse:
+        """Post an event body, signed with the current secret unless
+        ``signature`` is given.
+
+        :param event: a body dict (serialised as JSON) or the exact bytes.
+        :param signature: the header value to send instead of the right one.
+        :param headers: more headers; they win over the defaults.
+        """
+        body = event if isinstance(event, bytes) else json.dumps(event).encode()
+        sent = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(body, self.secret) if signature is None else signature,
+        }
+        sent.update(headers or {})
+        return self.client.post(self.url, data=body, headers=sent)
+
+
+def send_event(
+    app: Flask,
+    type: str,
+    data: t.Mapping[str, t.Any] | None = None,
+    *,
+    id: str | None = None,
+    name: str = "ploints",
+) -> TestResponse:
+    """Post one correctly signed event to ``app`` and return the response.
+
+    :param app: an app the extension is registered on.
+    :param type: the event type.
+    :param data: the payload; default, sample data for the type.
+    :param id: the event id; default, a fresh one.
+    :param name: which instance, when the app has several.
+    """
+    return PlointsClient(app, name).send(type, data, id=id)
+
+
+@pytest.fixture
+def ploints_client(app: Flask) -> PlointsClient:
+    """A :class:`PlointsClient` for the ``app`` fixture's default instance."""
+    return PlointsClient(app)
+
+
+class StoreContract:
+    """The behaviour every dedupe store must show, as a pytest test class.
+
+    Subclass it in a test module and provide a ``store`` fixture that returns
+    a fresh, empty store::
+
+        class TestMyStore(StoreContract):
+            @pytest.fixture
+            def store(self):
+                return MyStore(...)
+
+    The tests sleep past short leases, so a store must honour leases and
+    retentions with a precision of about 100 ms.
+    """
+
+    #: Seconds used as a lease or retention that runs out during a test.
+    short = 0.4
+    #: Seconds used as a lease or retention that does not.
+    long = 60.0
+
+    def _expire(self) -> None:
+        time.sleep(self.short + 0.3)
+
+    def test_first_claim_owns_the_id(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long)
+        assert claim.status is ClaimStatus.CLAIMED
+        assert claim.token
+
+    def test_second_claim_sees_the_lease(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.long)
+        claim = store.claim("evt_1", self.long)
+        assert claim.status is ClaimStatus.IN_FLIGHT
+        assert claim.token == ""
+        assert 0 <= claim.retry_after <= self.long
+
+    def test_ids_are_independent(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.long)
+        assert store.claim("evt_2", self.long).status is ClaimStatus.CLAIMED
+
+    def test_commit_makes_a_duplicate(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long)
+        assert store.commit("evt_1", claim.token, self.long) is True
+        assert store.claim("evt_1", self.long).status is ClaimStatus.DONE
+
+    def test_commit_with_a_wrong_token_changes_nothing(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.long)
+        assert store.commit("evt_1", "not-the-token", self.long) is False
+        assert store.claim("evt_1", self.long).status is ClaimStatus.IN_FLIGHT
+
+    def test_commit_of_an_unclaimed_id_is_refused(self, store: DedupeStore) -> None:
+        assert store.commit("evt_1", "token", self.long) is False
+        assert store.claim("evt_1", self.long).status is ClaimStatus.CLAIMED
+
+    def test_release_lets_the_next_delivery_claim(self, store: DedupeStore) -> None:
+        first = store.claim("evt_1", self.long)
+        assert store.release("evt_1", first.token) is True
+        second = store.claim("evt_1", self.long)
+        assert second.status is ClaimStatus.CLAIMED
+        assert second.token != first.token
+
+    def test_release_with_a_wrong_token_changes_nothing(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.long)
+        assert store.release("evt_1", "not-the-token") is False
+        assert store.claim("evt_1", self.long).status is ClaimStatus.IN_FLIGHT
+
+    def test_release_after_commit_is_refused(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long)
+        store.commit("evt_1", claim.token, self.long)
+        assert store.release("evt_1", claim.token) is False
+        assert store.claim("evt_1", self.long).status is ClaimStatus.DONE
+
+    def test_expired_lease_can_be_claimed_again(self, store: DedupeStore) -> None:
+        first = store.claim("evt_1", self.short)
+        self._expire()
+        second = store.claim("evt_1", self.long)
+        assert second.status is ClaimStatus.CLAIMED
+        assert store.commit("evt_1", first.token, self.long) is False
+        assert store.release("evt_1", first.token) is False
+        assert store.commit("evt_1", second.token, self.long) is True
+
+    def test_done_is_forgotten_after_retention(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long)
+        store.commit("evt_1", claim.token, self.short)
+        self._expire()
+        assert store.claim("evt_1", self.long).status is ClaimStatus.CLAIMED
+
+    def test_extend_keeps_the_lease(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.short)
+        assert store.extend("evt_1", claim.token, self.long) is True
+        self._expire()
+        assert store.claim("evt_1", self.long).status is ClaimStatus.IN_FLIGHT
+        assert store.commit("evt_1", claim.token, self.long) is True
+
+    def test_extend_with_a_wrong_token_is_refused(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.short)
+        assert store.extend("evt_1", "not-the-token", self.long) is False
+        self._expire()
+        assert store.claim("evt_1", self.long).status is ClaimStatus.CLAIMED
+
+    def test_failed_event_can_be_claimed_again(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long)
+        assert store.fail("evt_1", claim.token, "Traceback: boom", self.long) is True
+        assert store.claim("evt_1", self.long).status is ClaimStatus.CLAIMED
+
+    def test_fail_with_a_wrong_token_is_refused(self, store: DedupeStore) -> None:
+        store.claim("evt_1", self.long)
+        assert store.fail("evt_1", "not-the-token", "boom", self.long) is False
+        assert store.claim("evt_1", self.long).status is ClaimStatus.IN_FLIGHT
+
+    def test_unusual_ids_are_kept_apart(self, store: DedupeStore) -> None:
+        ids = ["evt:1", "evt 1", "évènement-1", "evt_1*", "x" * 255, "evt_1\\", "'evt_1'"]
+        for event_id in ids:
+            claim = store.claim(event_id, self.long)
+            assert claim.status is ClaimStatus.CLAIMED, event_id
+            assert store.commit(event_id, claim.token, self.long) is True
+        assert store.claim("evt_1", self.long).status is ClaimStatus.CLAIMED
+
+    def test_one_of_many_concurrent_claims_wins(self, store: DedupeStore) -> None:
+        barrier = threading.Barrier(16)
+        statuses: list[ClaimStatus] = []
+
+        def claim() -> None:
+            barrier.wait()
+            statuses.append(store.claim("evt_1", self.long).status)
+
+        threads = [threading.Thread(target=claim) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses.count(ClaimStatus.CLAIMED) == 1
+        assert statuses.count(ClaimStatus.IN_FLIGHT) == 15

@@ -1,0 +1,226 @@
+"""The webhook endpoint: verify, parse, claim, dispatch, commit, answer.
+
+Every request a client can send ends in one of these answers, always JSON:
+
+====  =============================================================
+200   processed (``{"received": true}``), or a duplicate of a processed
+      event (``"duplicate": true``), or an unknown type seen by ``on_any``
+202   handed to a worker (async dispatch)
+400   signed, but not a valid event
+401   signature missing, malformed or wrong
+403   HTTPS required and the request was plain HTTP
+405   not a POST
+409   the same event is being processed right now (``Retry-After``)
+413   body over ``PLOINTS_WEBHOOK_MAX_BYTES``
+415   Content-Type not JSON
+500   a handler raised; the claim is released so the retry runs again
+503   the dedupe store or the broker is down (``Retry-After``)
+====  =============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import typing as t
+from datetime import UTC
+from datetime import datetime
+
+from flask import Flask
+from flask import Response
+from flask import current_app
+from flask import request
+from flask.views import View
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from . import signals
+from .config import Settings
+from .dispatch import Dispatcher
+from .dispatch import DispatchError
+from .dispatch import HandlerError
+from .events import Event
+from .events import InvalidEvent
+from .events import parse_event
+from .signature import SIGNATURE_HEADER
+from .signature import verify
+from .stores import ClaimStatus
+from .stores import DedupeStore
+
+__all__ = ["WebhookView"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: Seconds the sender is asked to wait after a ``503``; its own schedule
+#: waits at least a minute anyway.
+STORE_RETRY_AFTER = 60
+
+
+def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers, mimetype="application/json")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    # The message is always one of ours: never a header, a secret or the body.
+    return _json(status, json.dumps({"error": message}).encode() + b"\n", headers)
+
+
+_PROCESSED = b'{"received": true}\n'
+_DUPLICATE = b'{"received": true, "duplicate": true}\n'
+_QUEUED = b'{"received": true, "queued": true}\n'
+
+
+def _send(signal: t.Any, app: Flask, name: str, **kwargs: t.Any) -> None:
+    """Send a lifecycle signal; an observer's exception is logged, never
+    allowed to change the answer.
+    """
+    if not signal.receivers:
+        return
+    try:
+        signal.send(app, name=name, **kwargs)
+    except Exception:
+        logger.exception("a receiver of %s raised", signal.name)
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+
+
+class WebhookView(View):
+    """The endpoint of one :class:`~flask_ploints.PlointsWebhooks` instance.
+
+    :param name: the instance's name, passed to every signal.
+    :param settings: the instance's checked settings.
+    :param store: where claims are kept.
+    :param dispatcher: what processes a claimed event.
+    """
+
+    methods: t.ClassVar[list[str]] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    init_every_request = False
+
+    def __init__(
+        self, name: str, settings: Settings, store: DedupeStore, dispatcher: Dispatcher
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.store = store
+        self.dispatcher = dispatcher
+
+    def dispatch_request(self) -> Response:
+        """Answer one delivery."""
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        rejected = self._check_request()
+        if rejected is not None:
+            return rejected
+        try:
+            request.max_content_length = self.settings.max_bytes
+            raw = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            return self._too_large()
+
+        if not verify(raw, self._signature_header(), self.settings.secrets):
+            logger.warning("rejected a delivery: invalid signature")
+            _send(signals.signature_rejected, app, self.name, reason="invalid signature")
+            return _error(401, "invalid signature")
+
+        try:
+            event = parse_event(raw)
+            self._check_age(event)
+        except InvalidEvent as exc:
+            logger.warning("rejected a signed delivery: %s", exc)
+            _send(signals.payload_rejected, app, self.name, reason=str(exc))
+            return _error(400, str(exc))
+        _send(signals.event_received, app, self.name, event=event)
+
+        try:
+            claim = self.store.claim(event.id, self.settings.lease)
+        except Exception:
+            logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
+            return self._unavailable("dedupe store unavailable")
+        if claim.status is ClaimStatus.DONE:
+            logger.info("event %s (%s) skipped: duplicate", event.id, event.type)
+            _send(signals.duplicate_skipped, app, self.name, event=event)
+            return _json(200, _DUPLICATE)
+        if claim.status is ClaimStatus.IN_FLIGHT:
+            logger.info("event %s (%s) in flight: answered 409", event.id, event.type)
+            retry_after = str(max(1, math.ceil(claim.retry_after)))
+            return _error(409, "event is being processed", {"Retry-After": retry_after})
+
+        try:
+            self.dispatcher.dispatch(app, event, claim, self.name)
+        except HandlerError as exc:
+            self._release(event, claim.token)
+            logger.error(
+                "event %s (%s) failed: %s", event.id, event.type, exc, exc_info=exc.__cause__
+            )
+            _send(signals.handler_failed, app, self.name, event=event, exception=exc.__cause__)
+            return _error(500, "handler failed")
+        except DispatchError:
+            self._release(event, claim.token)
+            logger.exception("event %s (%s) could not be queued", event.id, event.type)
+            return self._unavailable("event queue unavailable")
+        if not self.dispatcher.runs_inline:
+            logger.info("event %s (%s) queued", event.id, event.type)
+            return _json(202, _QUEUED)
+
+        self._commit(event, claim.token)
+        logger.info("event %s (%s) processed", event.id, event.type)
+        return _json(200, _PROCESSED)
+
+    def _check_request(self) -> Response | None:
+        if request.method != "POST":
+            return _error(405, "method not allowed", {"Allow": "POST"})
+        if self.settings.require_https and not request.is_secure:
+            return _error(403, "HTTPS required")
+        length = request.content_length
+        if length is not None and length > self.settings.max_bytes:
+            return self._too_large()
+        if not _is_json(request.mimetype):
+            return _error(415, "Content-Type must be application/json")
+        return None
+
+    def _too_large(self) -> Response:
+        return _error(
+            413, f"body larger than {self.settings.max_bytes} bytes", {"Connection": "close"}
+        )
+
+    def _signature_header(self) -> str | None:
+        values = request.headers.getlist(SIGNATURE_HEADER)
+        return values[0] if len(values) == 1 else None
+
+    def _check_age(self, event: Event) -> None:
+        max_age = self.settings.max_event_age
+        if max_age is None:
+            return
+        age = (datetime.now(UTC) - event.timestamp).total_seconds()
+        if age > max_age:
+            raise InvalidEvent(f"event is older than PLOINTS_MAX_EVENT_AGE ({max_age:g} s)")
+
+    def _unavailable(self, message: str) -> Response:
+        return _error(503, message, {"Retry-After": str(STORE_RETRY_AFTER)})
+
+    def _release(self, event: Event, token: str) -> None:
+        try:
+            self.store.release(event.id, token)
+        except Exception:
+            # The lease runs out on its own; the retry after that succeeds.
+            logger.exception("dedupe store failed to release event %s", event.id)
+
+    def _commit(self, event: Event, token: str) -> None:
+        # The handlers have run: answering an error now would make the sender
+        # retry work that is done, so a failed commit is logged, not returned.
+        try:
+            committed = self.store.commit(event.id, token, self.settings.retention)
+        except Exception:
+            logger.exception(
+                "dedupe store failed to commit event %s; a retry may process it again", event.id
+            )
+            return
+        if not committed:
+            logger.warning(
+                "event %s (%s) took longer than PLOINTS_CLAIM_LEASE; another delivery may process it again",
+                event.id,
+                event.type,
+            )
