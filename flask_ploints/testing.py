@@ -142,6 +142,11 @@ class StoreContract:
         assert claim.status is ClaimStatus.CLAIMED
         assert claim.token
 
+    def test_claim_accepts_the_payload(self, store: DedupeStore) -> None:
+        claim = store.claim("evt_1", self.long, b'{"id": "evt_1"}')
+        assert claim.status is ClaimStatus.CLAIMED
+        assert store.commit("evt_1", claim.token, self.long) is True
+
     def test_second_claim_sees_the_lease(self, store: DedupeStore) -> None:
         store.claim("evt_1", self.long)
         claim = store.claim("evt_1", self.long)

@@ -70,10 +70,13 @@ class DedupeStore(t.Protocol):
     to check an implementation.
     """
 
-    def claim(self, event_id: str, lease: float) -> Claim:
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
         """Take a lease of ``lease`` seconds on ``event_id`` unless it is done
         or leased by someone else. An id that was released, whose lease
         expired, or that was marked failed can be claimed again.
+
+        :param payload: the event's raw body; a store may keep it so a failed
+            event can be replayed, or ignore it.
         """
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:

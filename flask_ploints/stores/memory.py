@@ -58,8 +58,8 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def claim(self, event_id: str, lease: float) -> Claim:
-        """See :meth:`.DedupeStore.claim`."""
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
+        """See :meth:`.DedupeStore.claim`. The payload is not kept."""
         with self._lock:
             now = self._clock()
             entry = self._entries.get(event_id)
@@ -143,7 +143,7 @@ class NullStore:
     off. Chosen by ``PLOINTS_DEDUPE_STORE = None``.
     """
 
-    def claim(self, event_id: str, lease: float) -> Claim:
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
         """Always :attr:`.ClaimStatus.CLAIMED`."""
         return _CLAIMED
 

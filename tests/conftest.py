@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from flask import Flask
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+
+from .support import AMQP_URL
+from .support import POSTGRES_URL
+from .support import REDIS_URL
+from .support import build_app
+from .support import require_service
+
+
+@pytest.fixture
+def webhooks() -> PlointsWebhooks:
+    return PlointsWebhooks()
+
+
+@pytest.fixture
+def app(webhooks: PlointsWebhooks) -> Flask:
+    return build_app(webhooks=webhooks)[0]
+
+
+@pytest.fixture
+def calls(webhooks: PlointsWebhooks) -> list[tuple[str, str]]:
+    """Every (type, id) the ``webhooks`` instance handled, in order."""
+    seen: list[tuple[str, str]] = []
+
+    @webhooks.on_any
+    def record(event: Event) -> None:
+        seen.append((event.type, event.id))
+
+    return seen
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test uses: a key prefix, a table, a queue."""
+    return f"ploints_test_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_service("Redis", "127.0.0.1", 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return AMQP_URL
