@@ -89,6 +89,9 @@ class Dispatcher(t.Protocol):
     #: ``True`` when :meth:`dispatch` has run the handlers by the time it
     #: returns, so the view commits the claim; ``False`` when a worker will.
     runs_inline: bool
+    #: Seconds of lease the view claims an event for: long enough to cover
+    #: the handlers, or the wait in a queue.
+    lease: float
 
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
         """Process ``event`` or hand it over.
@@ -103,14 +106,16 @@ class SyncDispatcher:
     """Runs the handlers inside the request, before the answer.
 
     :param handlers: the instance's handlers.
+    :param lease: seconds a claim is held while the handlers run.
     :param slow_after: handlers that take longer than this many seconds log
         a warning: the sender gives up after 10 s.
     """
 
     runs_inline = True
 
-    def __init__(self, handlers: Handlers, slow_after: float) -> None:
+    def __init__(self, handlers: Handlers, lease: float, slow_after: float) -> None:
         self.handlers = handlers
+        self.lease = lease
         self.slow_after = slow_after
 
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:

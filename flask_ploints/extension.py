@@ -121,7 +121,7 @@ class PlointsWebhooks:
             name=self.name,
             settings=settings,
             store=store,
-            dispatcher=SyncDispatcher(self.handlers, settings.slow_handler_seconds),
+            dispatcher=SyncDispatcher(self.handlers, settings.lease, settings.slow_handler_seconds),
             handlers=self.handlers,
         )
         blueprint = Blueprint(self.name, __name__)

@@ -135,7 +135,7 @@ class WebhookView(View):
         _send(signals.event_received, app, self.name, event=event)
 
         try:
-            claim = self.store.claim(event.id, self.settings.lease, event.raw)
+            claim = self.store.claim(event.id, self.dispatcher.lease, event.raw)
         except Exception:
             logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
             return self._unavailable("dedupe store unavailable")
