@@ -36,6 +36,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_DEDUPE_STORE": ("store", "memory"),
     "PLOINTS_DEDUPE_RETENTION": ("retention", timedelta(days=7)),
     "PLOINTS_CLAIM_LEASE": ("lease", timedelta(seconds=30)),
+    "PLOINTS_DISPATCH": ("dispatch", "sync"),
     "PLOINTS_WEBHOOK_MAX_BYTES": ("max_bytes", 1024 * 1024),
     "PLOINTS_REQUIRE_HTTPS": ("require_https", False),
     "PLOINTS_MAX_EVENT_AGE": ("max_event_age", None),
@@ -72,6 +73,8 @@ class Settings:
     max_event_age: float | None
     #: Handlers slower than this many seconds log a warning.
     slow_handler_seconds: float
+    #: ``"sync"``, ``"celery"``, or a dispatcher instance.
+    dispatch: object
 
 
 def _seconds(key: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -160,4 +163,5 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         require_https=bool(get("PLOINTS_REQUIRE_HTTPS")),
         max_event_age=max_age,
         slow_handler_seconds=share * SENDER_TIMEOUT,
+        dispatch=get("PLOINTS_DISPATCH"),
     )

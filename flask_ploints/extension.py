@@ -121,7 +121,7 @@ class PlointsWebhooks:
             name=self.name,
             settings=settings,
             store=store,
-            dispatcher=SyncDispatcher(self.handlers, settings.lease, settings.slow_handler_seconds),
+            dispatcher=self._make_dispatcher(app, settings, store),
             handlers=self.handlers,
         )
         blueprint = Blueprint(self.name, __name__)
@@ -134,6 +134,15 @@ class PlointsWebhooks:
         )
         app.register_blueprint(blueprint)
         receivers[self.name] = receiver
+
+    def _make_dispatcher(self, app: Flask, settings: Settings, store: DedupeStore) -> Dispatcher:
+        if settings.dispatch == "sync":
+            return SyncDispatcher(self.handlers, settings.lease, settings.slow_handler_seconds)
+        if isinstance(settings.dispatch, Dispatcher):
+            return settings.dispatch
+        raise ConfigError(
+            f"PLOINTS_DISPATCH must be 'sync', 'celery' or a dispatcher, not {settings.dispatch!r}"
+        )
 
     def on(self, *event_types: str) -> t.Callable[[_Handler], _Handler]:
         """Register a handler for one or more event types.
