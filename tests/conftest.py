@@ -14,6 +14,8 @@ from .support import REDIS_URL
 from .support import build_app
 from .support import require_service
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def webhooks() -> PlointsWebhooks:
