@@ -22,9 +22,9 @@ SAMPLE_DATA: dict[str, dict[str, t.Any]] = {
     },
     "points.redeemed": {
         "customerEmail": "jane@example.com",
-        "amount": 100,
+        "amount": 20,
         "description": "Redeemed at checkout",
-        "newBalance": 250,
+        "newBalance": 330,
     },
     "customer.created": {"customerEmail": "sam@example.com", "name": "Sam Lee"},
     "customer.tier_changed": {

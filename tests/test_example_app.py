@@ -1,0 +1,55 @@
+"""The example app handles all seven types, once each, through the plugin's
+fixture.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from example_app import create_app
+from flask_ploints import EVENT_TYPES
+from flask_ploints.testing import PlointsClient
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Flask:
+    app = create_app({"DATABASE": str(tmp_path / "loyalty.sqlite3"), "TESTING": True})
+    return app
+
+
+def _customers(app: Flask) -> dict[str, dict[str, t.Any]]:
+    return {row["email"]: row for row in app.test_client().get("/customers").get_json()}
+
+
+def test_every_type_updates_the_back_office_once(example: Flask) -> None:
+    client = PlointsClient(example)
+    for number, event_type in enumerate(EVENT_TYPES):
+        assert client.send(event_type, id=f"evt_{number}").status_code == 200
+    assert client.send("points.earned", id="evt_0").get_json() == {
+        "received": True,
+        "duplicate": True,
+    }
+    customers = _customers(example)
+    assert customers["jane@example.com"]["balance"] == 30
+    assert customers["jane@example.com"]["tier"] == "Gold"
+    assert customers["sam@example.com"]["name"] == "Sam Lee"
+    assert customers["ana@example.com"]["activity"] == "campaign.conversion: spring-referral"
+    assert "badge: Early Bird" in customers["jane@example.com"]["activity"]
+
+
+def test_business_level_idempotence_survives_a_forgetful_store(tmp_path: Path) -> None:
+    app = create_app(
+        {
+            "DATABASE": str(tmp_path / "loyalty.sqlite3"),
+            "TESTING": True,
+            "PLOINTS_DEDUPE_STORE": None,
+        }
+    )
+    client = PlointsClient(app)
+    client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
+    client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
+    assert _customers(app)["a@example.com"]["balance"] == 5
