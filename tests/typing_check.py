@@ -48,5 +48,7 @@ signals.event_received.connect(on_received, sender=app)
 types: tuple[str, ...] = EVENT_TYPES
 body: bytes = b"{}"
 valid: bool = verify(body, sign(body, "whsec_typed"), ["whsec_typed", "whsec_old"])
-status: int = PlointsClient(app).send("points.earned", build_event("points.earned")["data"]).status_code
+status: int = (
+    PlointsClient(app).send("points.earned", build_event("points.earned")["data"]).status_code
+)
 claimed: bool = MemoryStore().claim("evt_1", 30).status is ClaimStatus.CLAIMED
