@@ -33,7 +33,8 @@ def deliver(url: str, body: bytes, signature: str) -> tuple[int, str]:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        with error:
+            return error.code, error.read().decode()
 
 
 def main(url: str, secret: str = DEMO_SECRET) -> int:

@@ -17,6 +17,7 @@ from flask import Flask
 
 from .events import Event
 from .events import check_event_types
+from .signals import require_runnable
 from .signals import signal_for
 from .stores import Claim
 
@@ -48,11 +49,13 @@ class Handlers:
 
     def connect(self, event_types: t.Iterable[str], func: Handler) -> None:
         """Call ``func`` for events of these types."""
+        require_runnable(func)
         for event_type in check_event_types(event_types):
             self._by_type.setdefault(event_type, []).append(func)
 
     def connect_any(self, func: Handler) -> None:
         """Call ``func`` for every verified event, unknown types included."""
+        require_runnable(func)
         self._any.append(func)
 
     def for_type(self, event_type: str) -> list[Handler]:

@@ -14,6 +14,9 @@ exception there is logged and does not change the answer.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import typing as t
 
 from blinker import Namespace
@@ -31,12 +34,14 @@ __all__ = [
     "customer_created",
     "customer_tier_changed",
     "duplicate_skipped",
+    "event_processed",
     "event_received",
     "handler_failed",
     "on",
     "payload_rejected",
     "points_earned",
     "points_redeemed",
+    "require_runnable",
     "reward_redeemed",
     "signal_for",
     "signature_rejected",
@@ -61,6 +66,10 @@ campaign_conversion = _signals.signal("campaign.conversion")
 
 #: A verified, well-formed event arrived, before dedupe. Arguments: ``event``.
 event_received = _signals.signal("ploints.event-received")
+#: An event's handlers all returned and its id was committed (or, with
+#: async dispatch, the worker finished it). Arguments: ``event``,
+#: ``duration`` (seconds spent in the handlers).
+event_processed = _signals.signal("ploints.event-processed")
 #: A delivery of an event that was already processed was skipped.
 #: Arguments: ``event``.
 duplicate_skipped = _signals.signal("ploints.duplicate-skipped")
@@ -69,7 +78,7 @@ duplicate_skipped = _signals.signal("ploints.duplicate-skipped")
 signature_rejected = _signals.signal("ploints.signature-rejected")
 #: A verified body was not a valid event (``400``). Arguments: ``reason``.
 payload_rejected = _signals.signal("ploints.payload-rejected")
-#: A handler raised. Arguments: ``event``, ``exception``.
+#: A handler raised. Arguments: ``event``, ``exception``, ``duration``.
 handler_failed = _signals.signal("ploints.handler-failed")
 
 _BY_TYPE: dict[str, Signal] = {name: _signals.signal(name) for name in EVENT_TYPES}
@@ -105,6 +114,9 @@ def on(*event_types: str) -> t.Callable[[_Handler], _Handler]:
     signals = [_BY_TYPE[event_type] for event_type in check_event_types(event_types)]
 
     def decorator(func: _Handler) -> _Handler:
+        require_runnable(func)
+
+        @functools.wraps(func)
         def receiver(sender: t.Any, *, event: Event, **extra: t.Any) -> None:
             sender.ensure_sync(func)(event)
 
@@ -113,3 +125,16 @@ def on(*event_types: str) -> t.Callable[[_Handler], _Handler]:
         return func
 
     return decorator
+
+
+def require_runnable(func: t.Callable[..., t.Any]) -> None:
+    """Refuse an ``async def`` handler when asgiref is missing, at
+    registration rather than on the first delivery.
+
+    :raises RuntimeError: ``func`` is a coroutine function and
+        ``flask-ploints[async]`` is not installed.
+    """
+    if inspect.iscoroutinefunction(func) and importlib.util.find_spec("asgiref") is None:
+        raise RuntimeError(
+            f"{func.__qualname__} is async: install flask-ploints[async] to run async handlers"
+        )

@@ -1,0 +1,377 @@
+"""The ``flask ploints`` commands, through ``app.test_cli_runner()``; the
+Ploints API is a local HTTP server answering in the documented shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from flask import Flask
+from werkzeug.serving import make_server
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints.cli import ploints
+from flask_ploints.signature import sign
+
+from .support import SECRET
+from .support import build_app
+
+
+def run(app: Flask, *args: str, input: str | bytes | None = None) -> Result:
+    return app.test_cli_runner().invoke(ploints, list(args), input=input)
+
+
+def assert_one_line_error(result: Result, message: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: {message}\n"
+
+
+def test_send_delivers_a_signed_sample_in_process(app: Flask, calls: list[tuple[str, str]]) -> None:
+    result = run(app, "send", "points.earned", "--id", "evt_cli")
+    assert result.exit_code == 0
+    assert result.output == '200 {"received": true}\n'
+    assert calls == [("points.earned", "evt_cli")]
+
+
+def test_send_uses_data_and_data_file(
+    webhooks: PlointsWebhooks, app: Flask, tmp_path: Path
+) -> None:
+    seen: list[dict[str, t.Any]] = []
+    webhooks.on("badge.issued")(lambda event: seen.append(dict(event.data)))
+    assert run(app, "send", "badge.issued", "--data", '{"badge": "Gold"}').exit_code == 0
+    path = tmp_path / "data.json"
+    path.write_text('{"badge": "Silver"}')
+    assert run(app, "send", "badge.issued", "--data-file", str(path)).exit_code == 0
+    assert seen == [{"badge": "Gold"}, {"badge": "Silver"}]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["send", "points.earnd"],
+            "unknown event type 'points.earnd'; known: points.earned, points.redeemed, customer.created, customer.tier_changed, badge.issued, reward.redeemed, campaign.conversion",
+        ),
+        (
+            ["send", "points.earned", "--data", "{oops"],
+            "--data is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (["send", "points.earned", "--data", "[1]"], "--data must be a JSON object"),
+        (
+            ["send", "points.earned", "--name", "other"],
+            "no PlointsWebhooks instance named 'other' on this app (registered: ploints)",
+        ),
+        (
+            ["simulate", "nope.nope"],
+            "unknown event type 'nope.nope'; known: points.earned, points.redeemed, customer.created, customer.tier_changed, badge.issued, reward.redeemed, campaign.conversion",
+        ),
+        (
+            ["purge"],
+            "MemoryStore has nothing to purge (Redis and memory entries expire by themselves)",
+        ),
+    ],
+)
+def test_misuse_is_a_one_line_error(app: Flask, args: list[str], message: str) -> None:
+    assert_one_line_error(run(app, *args), message)
+
+
+def test_send_with_both_data_options_is_refused(app: Flask, tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text("{}")
+    result = run(app, "send", "points.earned", "--data", "{}", "--data-file", str(path))
+    assert_one_line_error(result, "give --data or --data-file, not both")
+
+
+def test_send_reports_a_failing_handler_and_exits_non_zero(
+    webhooks: PlointsWebhooks, app: Flask
+) -> None:
+    @webhooks.on("points.earned")
+    def broken(event: Event) -> None:
+        raise RuntimeError("boom")
+
+    result = run(app, "send", "points.earned")
+    assert result.exit_code == 1
+    assert result.output == '500 {"error": "handler failed"}\n'
+
+
+@pytest.fixture
+def served(app: Flask) -> t.Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.port}/webhooks/ploints"
+    server.shutdown()
+    thread.join(5)
+
+
+def test_send_over_http(app: Flask, served: str, calls: list[tuple[str, str]]) -> None:
+    result = run(app, "send", "customer.created", "--id", "evt_http", "--url", served)
+    assert result.output == '200 {"received": true}\n'
+    assert calls == [("customer.created", "evt_http")]
+
+
+def test_send_to_an_unreachable_url(app: Flask) -> None:
+    result = run(app, "send", "points.earned", "--url", "http://127.0.0.1:1/webhooks/ploints")
+    assert_one_line_error(
+        result, "cannot reach http://127.0.0.1:1/webhooks/ploints: [Errno 111] Connection refused"
+    )
+
+
+def test_sign_reads_a_file_or_stdin(app: Flask, tmp_path: Path) -> None:
+    body = b'{"id": "evt_1"}'
+    path = tmp_path / "body.json"
+    path.write_bytes(body)
+    assert run(app, "sign", str(path)).output == sign(body, SECRET) + "\n"
+    assert run(app, "sign", input=body).output == sign(body, SECRET) + "\n"
+    assert run(app, "sign", "-", input=body).output == sign(body, SECRET) + "\n"
+
+
+def test_sign_missing_file(app: Flask) -> None:
+    result = run(app, "sign", "/no/such/file")
+    assert result.exit_code == 2
+    assert "No such file or directory" in result.output
+
+
+def award(event: Event) -> None:
+    pass
+
+
+def audit(event: Event) -> None:
+    pass
+
+
+def test_events_lists_handlers(webhooks: PlointsWebhooks, app: Flask) -> None:
+    webhooks.on("points.earned", "points.redeemed")(award)
+    webhooks.on_any(audit)
+    assert run(app, "events").output == (
+        "points.earned          tests.test_cli.award\n"
+        "points.redeemed        tests.test_cli.award\n"
+        "customer.created       -\n"
+        "customer.tier_changed  -\n"
+        "badge.issued           -\n"
+        "reward.redeemed        -\n"
+        "campaign.conversion    -\n"
+        "(every event)          tests.test_cli.audit\n"
+    )
+
+
+def test_simulate_retries_lost_answers_and_dedupe_holds(
+    app: Flask, calls: list[tuple[str, str]]
+) -> None:
+    result = run(
+        app,
+        "simulate",
+        "points.earned",
+        "--id",
+        "evt_sim",
+        "--speed",
+        "1000000",
+        "--fail-first",
+        "2",
+    )
+    assert result.exit_code == 0
+    assert result.output == (
+        'attempt 1 (sender\'s +0 s): 200 {"received": true} (answer lost: the sender retries)\n'
+        'attempt 2 (sender\'s +60 s): 200 {"received": true, "duplicate": true} (answer lost: the sender retries)\n'
+        'attempt 3 (sender\'s +300 s): 200 {"received": true, "duplicate": true}\n'
+    )
+    assert calls == [("points.earned", "evt_sim")]
+
+
+def test_simulate_gives_up_after_the_last_retry(webhooks: PlointsWebhooks, app: Flask) -> None:
+    attempts: list[str] = []
+
+    @webhooks.on("points.earned")
+    def broken(event: Event) -> None:
+        attempts.append(event.id)
+        raise RuntimeError("down")
+
+    started = time.perf_counter()
+    result = run(app, "simulate", "points.earned", "--speed", "1000000")
+    assert time.perf_counter() - started < 5
+    assert result.exit_code == 1
+    assert result.output.count('500 {"error": "handler failed"}') == 6
+    assert result.output.endswith(
+        "Error: the sender gave up after 6 attempts; the event is marked failed\n"
+    )
+    assert len(attempts) == 6
+
+
+class PlointsAPI(BaseHTTPRequestHandler):
+    """Answers POST /api/v1/webhooks as the documented API does."""
+
+    requests: t.ClassVar[list[dict[str, t.Any]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        PlointsAPI.requests.append(
+            {"path": self.path, "auth": self.headers["Authorization"], "body": body}
+        )
+        if self.headers["Authorization"] == "Bearer slow":
+            time.sleep(2)
+        if self.headers["Authorization"] != "Bearer key_good":
+            self._answer(401, {"success": False, "error": "Invalid API key"})
+            return
+        data = {
+            "id": "wh_abc123",
+            "url": body["url"],
+            "events": body["events"],
+            "secret": "whsec_k8x2new",
+        }
+        self._answer(200, {"success": True, "data": data})
+
+    def _answer(self, status: int, payload: dict[str, t.Any]) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        pass
+
+
+@pytest.fixture
+def api() -> t.Iterator[str]:
+    PlointsAPI.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PlointsAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _api_app(api: str, key: str | None) -> Flask:
+    config: dict[str, t.Any] = {"PLOINTS_API_URL": api}
+    if key is not None:
+        config["PLOINTS_API_KEY"] = key
+    return build_app(config)[0]
+
+
+def test_register_creates_the_webhook_and_prints_the_secret_once(api: str) -> None:
+    app = _api_app(api, "key_good")
+    result = run(
+        app,
+        "register",
+        "--url",
+        "https://shop.example/webhooks/ploints",
+        "--events",
+        "points.earned,customer.created",
+    )
+    assert result.exit_code == 0
+    assert result.output.splitlines()[:3] == [
+        "webhook wh_abc123 created for https://shop.example/webhooks/ploints",
+        "events: points.earned, customer.created",
+        "secret: whsec_k8x2new",
+    ]
+    assert "PLOINTS_WEBHOOK_SECRET" in result.output
+    assert PlointsAPI.requests == [
+        {
+            "path": "/api/v1/webhooks",
+            "auth": "Bearer key_good",
+            "body": {
+                "url": "https://shop.example/webhooks/ploints",
+                "events": ["points.earned", "customer.created"],
+            },
+        }
+    ]
+
+
+def test_register_with_a_bad_key(api: str) -> None:
+    result = run(
+        _api_app(api, "key_bad"),
+        "register",
+        "--url",
+        "https://x.example/h",
+        "--events",
+        "badge.issued",
+    )
+    assert_one_line_error(result, "Ploints answered 401: the API key was refused")
+
+
+def test_register_times_out(api: str) -> None:
+    result = run(
+        _api_app(api, "slow"),
+        "register",
+        "--url",
+        "https://x.example/h",
+        "--events",
+        "badge.issued",
+        "--timeout",
+        "0.5",
+    )
+    assert_one_line_error(result, f"cannot reach {api}: timed out")
+
+
+def test_register_without_an_api_key(api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PLOINTS_API_KEY", raising=False)
+    result = run(
+        _api_app(api, None), "register", "--url", "https://x.example/h", "--events", "badge.issued"
+    )
+    assert_one_line_error(result, "PLOINTS_API_KEY is not set (config or environment)")
+    assert PlointsAPI.requests == []
+
+
+def test_register_with_unknown_events(api: str) -> None:
+    result = run(
+        _api_app(api, "key_good"),
+        "register",
+        "--url",
+        "https://x.example/h",
+        "--events",
+        "points.earned,nope",
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        "Error: --events: unknown event type(s) nope; known: points.earned"
+    )
+    assert PlointsAPI.requests == []
+
+
+def test_register_with_an_unreachable_api() -> None:
+    result = run(
+        _api_app("http://127.0.0.1:1/api/v1", "key_good"),
+        "register",
+        "--url",
+        "https://x.example/h",
+        "--events",
+        "badge.issued",
+    )
+    assert_one_line_error(
+        result, "cannot reach http://127.0.0.1:1/api/v1: [Errno 111] Connection refused"
+    )
+
+
+def test_the_group_is_registered_through_the_entry_point(tmp_path: Path) -> None:
+    (tmp_path / "cliapp.py").write_text(
+        "from flask import Flask\n"
+        "from flask_ploints import PlointsWebhooks\n"
+        "app = Flask('cliapp')\n"
+        "app.testing = True\n"
+        "app.config['PLOINTS_WEBHOOK_SECRET'] = 'whsec_cli'\n"
+        "PlointsWebhooks(app)\n"
+    )
+    flask = Path(sys.executable).with_name("flask")
+    result = subprocess.run(
+        [str(flask), "--app", "cliapp", "ploints", "send", "points.earned", "--id", "evt_ep"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '200 {"received": true}\n'
