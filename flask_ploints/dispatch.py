@@ -9,8 +9,6 @@ that hands the event to a worker (see :mod:`flask_ploints.celery`) sets
 
 from __future__ import annotations
 
-import logging
-import time
 import typing as t
 
 from flask import Flask
@@ -22,8 +20,6 @@ from .signals import signal_for
 from .stores import Claim
 
 __all__ = ["DispatchError", "Dispatcher", "HandlerError", "Handlers", "SyncDispatcher"]
-
-logger = logging.getLogger("flask_ploints")
 
 Handler = t.Callable[[Event], t.Any]
 
@@ -110,31 +106,17 @@ class SyncDispatcher:
 
     :param handlers: the instance's handlers.
     :param lease: seconds a claim is held while the handlers run.
-    :param slow_after: handlers that take longer than this many seconds log
-        a warning: the sender gives up after 10 s.
     """
 
     runs_inline = True
 
-    def __init__(self, handlers: Handlers, lease: float, slow_after: float) -> None:
+    def __init__(self, handlers: Handlers, lease: float) -> None:
         self.handlers = handlers
         self.lease = lease
-        self.slow_after = slow_after
 
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
         """Run the handlers; see :meth:`Handlers.run`."""
-        started = time.perf_counter()
         try:
             self.handlers.run(app, event, name)
         except Exception as exc:
             raise HandlerError(f"a handler of {event.type} raised {type(exc).__name__}") from exc
-        finally:
-            elapsed = time.perf_counter() - started
-            if elapsed > self.slow_after:
-                logger.warning(
-                    "handlers of event %s (%s) took %.1f s; Ploints gives up after 10 s and"
-                    " retries, so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
-                    event.id,
-                    event.type,
-                    elapsed,
-                )

@@ -137,7 +137,7 @@ class PlointsWebhooks:
 
     def _make_dispatcher(self, app: Flask, settings: Settings, store: DedupeStore) -> Dispatcher:
         if settings.dispatch == "sync":
-            return SyncDispatcher(self.handlers, settings.lease, settings.slow_handler_seconds)
+            return SyncDispatcher(self.handlers, settings.lease)
         if isinstance(settings.dispatch, Dispatcher):
             return settings.dispatch
         raise ConfigError(

@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import typing as t
 from datetime import UTC
 from datetime import datetime
 
 from flask import Flask
+from flask import Request
 from flask import Response
 from flask import current_app
 from flask import request
 from flask.views import View
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import get_content_length
 
 from . import signals
 from .config import Settings
@@ -51,13 +54,17 @@ __all__ = ["WebhookView"]
 
 logger = logging.getLogger("flask_ploints")
 
+_SIGNATURE_ENVIRON_KEY = "HTTP_" + SIGNATURE_HEADER.upper().replace("-", "_")
+
 #: Seconds the sender is asked to wait after a ``503``; its own schedule
 #: waits at least a minute anyway.
 STORE_RETRY_AFTER = 60
 
 
 def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
-    return Response(body, status, headers, mimetype="application/json")
+    # content_type rather than mimetype: the same header, without the lookup
+    # of whether a charset must be appended (never for application/json).
+    return Response(body, status, headers, content_type="application/json")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -111,14 +118,17 @@ class WebhookView(View):
     def dispatch_request(self) -> Response:
         """Answer one delivery."""
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-        rejected = self._check_request()
+        # The request object itself, not the proxy: every attribute read
+        # through the proxy costs a context lookup.
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        rejected = self._check_request(req)
         if rejected is not None:
             return rejected
-        raw = self._read_body()
+        raw = self._read_body(req)
         if raw is None:
             return self._too_large()
 
-        if not verify(raw, self._signature_header(), self.settings.secrets):
+        if not verify(raw, self._signature_header(req), self.settings.secrets):
             logger.warning("rejected a delivery: invalid signature")
             _send(signals.signature_rejected, app, self.name, reason="invalid signature")
             return _error(401, "invalid signature")
@@ -146,14 +156,23 @@ class WebhookView(View):
             retry_after = str(max(1, math.ceil(claim.retry_after)))
             return _error(409, "event is being processed", {"Retry-After": retry_after})
 
+        started = time.perf_counter()
         try:
             self.dispatcher.dispatch(app, event, claim, self.name)
         except HandlerError as exc:
+            duration = time.perf_counter() - started
             self._release(event, claim.token)
             logger.error(
                 "event %s (%s) failed: %s", event.id, event.type, exc, exc_info=exc.__cause__
             )
-            _send(signals.handler_failed, app, self.name, event=event, exception=exc.__cause__)
+            _send(
+                signals.handler_failed,
+                app,
+                self.name,
+                event=event,
+                exception=exc.__cause__,
+                duration=duration,
+            )
             return _error(500, "handler failed")
         except DispatchError:
             self._release(event, claim.token)
@@ -163,30 +182,43 @@ class WebhookView(View):
             logger.info("event %s (%s) queued", event.id, event.type)
             return _json(202, _QUEUED)
 
+        duration = time.perf_counter() - started
         self._commit(event, claim.token)
+        if duration > self.settings.slow_handler_seconds:
+            logger.warning(
+                "handlers of event %s (%s) took %.1f s; Ploints gives up after 10 s and retries,"
+                " so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
+                event.id,
+                event.type,
+                duration,
+            )
         logger.info("event %s (%s) processed", event.id, event.type)
+        _send(signals.event_processed, app, self.name, event=event, duration=duration)
         return _json(200, _PROCESSED)
 
-    def _check_request(self) -> Response | None:
-        if request.method != "POST":
+    def _check_request(self, req: Request) -> Response | None:
+        if req.method != "POST":
             return _error(405, "method not allowed", {"Allow": "POST"})
-        if self.settings.require_https and not request.is_secure:
+        if self.settings.require_https and not req.is_secure:
             return _error(403, "HTTPS required")
-        length = request.content_length
+        # From the environ, as werkzeug's stream does: Request.content_length
+        # goes through two header lookups.
+        length = get_content_length(req.environ)
         if length is not None and length > self.settings.max_bytes:
             return self._too_large()
-        if not _is_json(request.mimetype):
+        # The sender's exact header needs no parsing; anything else is parsed.
+        if req.environ.get("CONTENT_TYPE") != "application/json" and not _is_json(req.mimetype):
             return _error(415, "Content-Type must be application/json")
         return None
 
-    def _read_body(self) -> bytes | None:
+    def _read_body(self, req: Request) -> bytes | None:
         limit = self.settings.max_bytes
         # Without a Content-Length, werkzeug stops at the limit without
         # raising, so one byte more than allowed is asked for to tell a body
         # of exactly the limit from a longer one.
-        request.max_content_length = limit + 1
+        req.max_content_length = limit + 1
         try:
-            raw = request.get_data(cache=False)
+            raw = req.get_data(cache=False)
         except RequestEntityTooLarge:
             return None
         return raw if len(raw) <= limit else None
@@ -196,9 +228,13 @@ class WebhookView(View):
             413, f"body larger than {self.settings.max_bytes} bytes", {"Connection": "close"}
         )
 
-    def _signature_header(self) -> str | None:
-        values = request.headers.getlist(SIGNATURE_HEADER)
-        return values[0] if len(values) == 1 else None
+    def _signature_header(self, req: Request) -> str | None:
+        # One environ key per header name: a server joins a repeated header
+        # into one value (with commas), which is then not a valid digest.
+        # Read directly, not through request.headers.getlist, which walks
+        # the whole environ.
+        value: str | None = req.environ.get(_SIGNATURE_ENVIRON_KEY)
+        return value
 
     def _check_age(self, event: Event) -> None:
         max_age = self.settings.max_event_age
