@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import typing as t
 import uuid
 
 import pytest
 from flask import Flask
 
+from flask_ploints import EVENT_TYPES
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints import signals
 
 from .support import AMQP_URL
 from .support import POSTGRES_URL
@@ -61,3 +64,15 @@ def postgres_url() -> str:
 def amqp_url() -> str:
     require_service("RabbitMQ", "127.0.0.1", 5672)
     return AMQP_URL
+
+
+@pytest.fixture
+def restore_signals() -> t.Iterator[None]:
+    """Disconnect whatever a test connects to the global signals."""
+    every = [signals.signal_for(name) for name in EVENT_TYPES]
+    before = {id(signal): set(signal.receivers) for signal in every if signal is not None}
+    yield
+    for signal in every:
+        assert signal is not None
+        for key in set(signal.receivers) - before[id(signal)]:
+            signal.disconnect(signal.receivers[key])

@@ -8,7 +8,6 @@ import asyncio
 import gc
 import logging
 import time
-import typing as t
 
 import pytest
 from blinker import Signal
@@ -22,18 +21,6 @@ from flask_ploints import signals
 from flask_ploints.testing import PlointsClient
 
 from .support import build_app
-
-
-@pytest.fixture
-def restore_signals() -> t.Iterator[None]:
-    """Disconnect whatever a test connects to the global signals."""
-    every = [signals.signal_for(name) for name in EVENT_TYPES]
-    before = {id(signal): set(signal.receivers) for signal in every if signal is not None}
-    yield
-    for signal in every:
-        assert signal is not None
-        for key in set(signal.receivers) - before[id(signal)]:
-            signal.disconnect(signal.receivers[key])
 
 
 def test_on_takes_several_types(webhooks: PlointsWebhooks, ploints_client: PlointsClient) -> None:

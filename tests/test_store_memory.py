@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from flask_ploints.stores import ClaimStatus
+from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import NullStore
 from flask_ploints.testing import StoreContract
@@ -48,8 +51,38 @@ def test_memory_store_keeps_the_error_of_a_failed_event() -> None:
     store = MemoryStore()
     claim = store.claim("evt_1", 60)
     store.fail("evt_1", claim.token, "Traceback: boom", 3600)
-    assert store.error("evt_1") == "Traceback: boom"
-    assert store.error("evt_2") is None
+    stored = store.get("evt_1")
+    assert stored is not None
+    assert (stored.id, stored.status, stored.attempts) == ("evt_1", "failed", 1)
+    assert stored.error == "Traceback: boom"
+    assert stored.payload is None
+    assert stored.updated_at == pytest.approx(time.time(), abs=5)
+    assert store.get("evt_2") is None
+
+
+def test_memory_store_is_inspectable() -> None:
+    clock = _Clock()
+    store = MemoryStore(clock=clock)
+    assert isinstance(store, InspectableStore)
+    for number in range(3):
+        claim = store.claim(f"evt_{number}", 60, b"{}")
+        store.fail(f"evt_{number}", claim.token, f"boom {number}", 100)
+    again = store.claim("evt_1", 60)
+    assert again.status is ClaimStatus.CLAIMED
+    in_flight = store.get("evt_1")
+    assert in_flight is not None
+    assert (in_flight.status, in_flight.attempts, in_flight.error) == ("in_flight", 2, "boom 1")
+    done = store.claim("evt_3", 60)
+    store.commit("evt_3", done.token, 100)
+    assert [event.id for event in store.failed()] == ["evt_2", "evt_0"]
+    assert [event.id for event in store.failed(limit=1)] == ["evt_2"]
+    clock.now = 100
+    assert store.failed() == []
+    assert store.get("evt_0") is None
+    assert store.claim("evt_0", 60).status is ClaimStatus.CLAIMED
+    fresh = store.get("evt_0")
+    assert fresh is not None
+    assert (fresh.attempts, fresh.error) == (1, None)
 
 
 def test_memory_store_refuses_a_zero_bound() -> None:

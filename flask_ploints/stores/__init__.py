@@ -1,8 +1,16 @@
 """Dedupe stores, and how ``PLOINTS_DEDUPE_STORE`` picks one.
 
-The value may be a store instance, ``None`` (dedupe off), ``"memory"``, or a
-dotted import path (``"myapp.stores:MyStore"``) to a store class or factory
-that is called with the app's config.
+The value may be a store instance, ``None`` (dedupe off), ``"memory"``, a
+Redis URL (``redis://``, ``rediss://``, ``unix://``), a database URL
+(``postgresql://``, ``sqlite:///``, ``mysql://``...), or a dotted import path
+(``"myapp.stores:MyStore"``) to a store class or factory that is called with
+the app's config.
+
+:class:`~flask_ploints.stores.redis.RedisStore` and
+:class:`~flask_ploints.stores.sql.SQLAlchemyStore` are imported on first
+access (a module ``__getattr__``), so importing this package never imports
+redis or SQLAlchemy; accessing one without its extra installed raises an
+:class:`ImportError` that names the extra.
 """
 
 from __future__ import annotations
@@ -15,27 +23,55 @@ from werkzeug.utils import import_string
 from .base import Claim
 from .base import ClaimStatus
 from .base import DedupeStore
+from .base import InspectableStore
+from .base import StoredEvent
 from .base import StoreError
 from .memory import MemoryStore
 from .memory import NullStore
+
+if t.TYPE_CHECKING:
+    from .redis import RedisStore
+    from .sql import SQLAlchemyStore
 
 __all__ = [
     "Claim",
     "ClaimStatus",
     "DedupeStore",
+    "InspectableStore",
     "MemoryStore",
     "NullStore",
+    "RedisStore",
+    "SQLAlchemyStore",
     "StoreError",
+    "StoredEvent",
     "store_from_config",
 ]
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_SQL_BACKENDS = frozenset({"postgresql", "postgres", "sqlite", "mysql", "mariadb"})
+
+
+def __getattr__(name: str) -> t.Any:
+    # The production stores import their client library, an optional extra.
+    if name == "RedisStore":
+        from .redis import RedisStore
+
+        return RedisStore
+    if name == "SQLAlchemyStore":
+        from .sql import SQLAlchemyStore
+
+        return SQLAlchemyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeStore:
     """Turn a ``PLOINTS_DEDUPE_STORE`` value into a store.
 
     :param value: the configured value.
-    :param config: the app's config, for store options such as
-        ``PLOINTS_MEMORY_STORE_MAX_ENTRIES``.
+    :param config: the app's config, for store options:
+        ``PLOINTS_MEMORY_STORE_MAX_ENTRIES``, ``PLOINTS_REDIS_PREFIX``
+        (default ``"ploints:"``) and ``PLOINTS_SQL_TABLE`` (default
+        ``"ploints_events"``).
     :raises ValueError: the value names no store; the message names the key.
     """
     if value is None:
@@ -50,6 +86,18 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
         return MemoryStore(max_entries=config["PLOINTS_MEMORY_STORE_MAX_ENTRIES"])
     if value in ("null", "none"):
         return NullStore()
+    if "://" in value:
+        scheme = value.split("://", 1)[0].lower()
+        if scheme in _REDIS_SCHEMES:
+            from .redis import RedisStore
+
+            return RedisStore.from_url(value, prefix=config.get("PLOINTS_REDIS_PREFIX", "ploints:"))
+        if scheme.split("+", 1)[0] in _SQL_BACKENDS:
+            from .sql import SQLAlchemyStore
+
+            return SQLAlchemyStore.from_url(
+                value, table_name=config.get("PLOINTS_SQL_TABLE", "ploints_events")
+            )
     if "://" not in value and "." in value:
         try:
             factory = import_string(value.replace(":", "."))

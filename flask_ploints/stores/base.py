@@ -23,7 +23,14 @@ import enum
 import typing as t
 from dataclasses import dataclass
 
-__all__ = ["Claim", "ClaimStatus", "DedupeStore", "StoreError"]
+__all__ = [
+    "Claim",
+    "ClaimStatus",
+    "DedupeStore",
+    "InspectableStore",
+    "StoreError",
+    "StoredEvent",
+]
 
 
 class StoreError(Exception):
@@ -105,4 +112,54 @@ class DedupeStore(t.Protocol):
         and let the next delivery of the id claim it again.
 
         :return: ``False`` when ``token`` no longer owns the claim.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """What a store remembers about one event id, as returned by
+    :meth:`InspectableStore.get` and :meth:`InspectableStore.failed`.
+
+    :param id: the event id.
+    :param status: ``"in_flight"``, ``"done"`` or ``"failed"``.
+    :param attempts: how many times the id was claimed since the store last
+        forgot it. A store may forget an in-flight id whose lease ran out (the
+        Redis store does), so the count is a lower bound.
+    :param error: the error recorded by the last :meth:`DedupeStore.fail`, or
+        ``None``.
+    :param payload: the raw body given to :meth:`DedupeStore.claim`, when the
+        store keeps payloads; ``None`` otherwise.
+    :param updated_at: when the entry last changed, in seconds since the
+        epoch.
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    status: str
+    attempts: int
+    error: str | None
+    payload: bytes | None
+    updated_at: float
+
+
+@t.runtime_checkable
+class InspectableStore(t.Protocol):
+    """A store that can show what it remembers, for the delivery log and for
+    replaying failed events. Stores implement it besides
+    :class:`DedupeStore`; the receiver itself never needs it.
+
+    .. versionadded:: 0.1
+    """
+
+    def get(self, event_id: str) -> StoredEvent | None:
+        """Return what the store holds for ``event_id``.
+
+        :return: ``None`` when the store holds nothing live for the id: never
+            seen, released, past its retention, or its lease ran out.
+        """
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """Return up to ``limit`` events given up on with
+        :meth:`DedupeStore.fail` and still retained, newest first.
         """

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 from .base import Claim
 from .base import ClaimStatus
+from .base import StoredEvent
 
 __all__ = ["MemoryStore", "NullStore"]
 
@@ -22,7 +23,15 @@ class _Entry(t.NamedTuple):
     status: ClaimStatus | None
     token: str
     expires: float
-    error: str = ""
+    error: str | None = None
+    attempts: int = 1
+    #: Wall-clock time of the last change, for :class:`.StoredEvent`.
+    updated: float = 0.0
+
+    def forgotten(self, now: float) -> bool:
+        # A done or failed entry past its retention counts as never seen; an
+        # in-flight one whose lease ran out was an attempt, and counts.
+        return self.status is not ClaimStatus.IN_FLIGHT and self.expires <= now
 
 
 class MemoryStore:
@@ -37,6 +46,9 @@ class MemoryStore:
     The store is bounded: past ``max_entries`` ids, the oldest are forgotten
     first, whatever their retention. Size the bound above the number of
     events you receive in a retention period.
+
+    It implements :class:`.InspectableStore`; payloads are not kept, so
+    :attr:`.StoredEvent.payload` is always ``None``.
 
     :param max_entries: the most ids remembered at once.
     :param clock: a monotonic clock in seconds; tests may pass their own.
@@ -69,7 +81,16 @@ class MemoryStore:
                 if entry.status is ClaimStatus.IN_FLIGHT:
                     return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
             token = secrets.token_hex(8)
-            self._put(event_id, _Entry(ClaimStatus.IN_FLIGHT, token, now + lease), now)
+            attempts = 1
+            error = None
+            if entry is not None and not entry.forgotten(now):
+                attempts = entry.attempts + 1
+                error = entry.error
+            self._put(
+                event_id,
+                _Entry(ClaimStatus.IN_FLIGHT, token, now + lease, error, attempts, time.time()),
+                now,
+            )
             return Claim(ClaimStatus.CLAIMED, token)
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
@@ -92,10 +113,26 @@ class MemoryStore:
         """See :meth:`.DedupeStore.fail`. The error is kept with the id."""
         return self._settle(event_id, token, None, retention, error)
 
-    def error(self, event_id: str) -> str | None:
-        """Return the error recorded by :meth:`fail` for ``event_id``."""
-        entry = self._entries.get(event_id)
-        return entry.error if entry is not None and entry.status is None else None
+    def get(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`.InspectableStore.get`."""
+        with self._lock:
+            entry = self._entries.get(event_id)
+            if entry is None or entry.expires <= self._clock():
+                return None
+            return _stored(event_id, entry)
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """See :meth:`.InspectableStore.failed`. Scans every entry."""
+        found: list[StoredEvent] = []
+        with self._lock:
+            now = self._clock()
+            # Entries are in the order they last changed, so newest last.
+            for event_id, entry in reversed(self._entries.items()):
+                if len(found) >= limit:
+                    break
+                if entry.status is None and entry.expires > now:
+                    found.append(_stored(event_id, entry))
+        return found
 
     def _owns(self, event_id: str, token: str) -> bool:
         entry = self._entries.get(event_id)
@@ -112,13 +149,23 @@ class MemoryStore:
         token: str,
         status: ClaimStatus | None,
         seconds: float,
-        error: str = "",
+        error: str | None = None,
     ) -> bool:
         with self._lock:
             if not self._owns(event_id, token):
                 return False
             now = self._clock()
-            self._put(event_id, _Entry(status, token, now + seconds, error), now)
+            entry = self._entries[event_id]
+            self._put(
+                event_id,
+                entry._replace(
+                    status=status,
+                    expires=now + seconds,
+                    error=entry.error if error is None else error,
+                    updated=time.time(),
+                ),
+                now,
+            )
             return True
 
     def _put(self, event_id: str, entry: _Entry, now: float) -> None:
@@ -136,6 +183,17 @@ class MemoryStore:
             if oldest.expires > now:
                 break
             entries.popitem(last=False)
+
+
+def _stored(event_id: str, entry: _Entry) -> StoredEvent:
+    return StoredEvent(
+        id=event_id,
+        status="failed" if entry.status is None else entry.status.value,
+        attempts=entry.attempts,
+        error=entry.error,
+        payload=None,
+        updated_at=entry.updated,
+    )
 
 
 class NullStore:

@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import re
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+
+from flask_ploints.stores import ClaimStatus
+from flask_ploints.stores import InspectableStore
+from flask_ploints.stores import SQLAlchemyStore
+from flask_ploints.stores import StoreError
+from flask_ploints.stores import store_from_config
+from flask_ploints.testing import StoreContract
+
+
+def _close(store: SQLAlchemyStore) -> None:
+    try:
+        store.table.drop(store.engine, checkfirst=True)
+    finally:
+        store.engine.dispose()
+
+
+@pytest.fixture
+def postgres_store(postgres_url: str, unique: str) -> t.Iterator[SQLAlchemyStore]:
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    yield store
+    _close(store)
+
+
+@pytest.fixture
+def sqlite_file_store(tmp_path: Path, unique: str) -> t.Iterator[SQLAlchemyStore]:
+    store = SQLAlchemyStore.from_url(f"sqlite:///{tmp_path / 'events.db'}", table_name=unique)
+    yield store
+    _close(store)
+
+
+@pytest.fixture
+def sqlite_memory_store(unique: str) -> t.Iterator[SQLAlchemyStore]:
+    store = SQLAlchemyStore.from_url("sqlite://", table_name=unique)
+    yield store
+    _close(store)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_store(request: pytest.FixtureRequest) -> SQLAlchemyStore:
+    name = "postgres_store" if request.param == "postgresql" else "sqlite_file_store"
+    store: SQLAlchemyStore = request.getfixturevalue(name)
+    return store
+
+
+class TestPostgreSQLStore(StoreContract):
+    @pytest.fixture
+    def store(self, postgres_store: SQLAlchemyStore) -> SQLAlchemyStore:
+        return postgres_store
+
+
+class _PortableStore(SQLAlchemyStore):
+    # Claims the way databases without ON CONFLICT (MySQL) do.
+    _upserts: t.ClassVar[dict[str, t.Callable[[sa.Table], t.Any]]] = {}
+
+
+class TestPortableClaimOnPostgreSQL(StoreContract):
+    @pytest.fixture
+    def store(self, postgres_url: str, unique: str) -> t.Iterator[SQLAlchemyStore]:
+        store = _PortableStore.from_url(postgres_url, table_name=unique)
+        yield store
+        _close(store)
+
+
+class TestSQLiteFileStore(StoreContract):
+    @pytest.fixture
+    def store(self, sqlite_file_store: SQLAlchemyStore) -> SQLAlchemyStore:
+        return sqlite_file_store
+
+
+class TestSQLiteMemoryStore(StoreContract):
+    @pytest.fixture
+    def store(self, sqlite_memory_store: SQLAlchemyStore) -> SQLAlchemyStore:
+        return sqlite_memory_store
+
+
+def _ids(store: SQLAlchemyStore) -> set[str]:
+    with store.engine.connect() as conn:
+        return set(conn.execute(sa.select(store.table.c.id)).scalars())
+
+
+def test_the_table_has_the_documented_columns(any_store: SQLAlchemyStore) -> None:
+    any_store.claim("evt_1", 60)
+    columns = sa.inspect(any_store.engine).get_columns(any_store.table.name)
+    assert [column["name"] for column in columns] == [
+        "id",
+        "status",
+        "token",
+        "lease_expires",
+        "expires",
+        "attempts",
+        "error",
+        "payload",
+        "created_at",
+        "updated_at",
+    ]
+
+
+def test_purge_deletes_exactly_the_expired_rows(any_store: SQLAlchemyStore) -> None:
+    store = any_store
+    start = time.time()
+    for event_id, retention in [("done_soon", 100), ("done_later", 1000)]:
+        claim = store.claim(event_id, 60)
+        store.commit(event_id, claim.token, retention)
+    for event_id, retention in [("failed_soon", 100), ("failed_later", 1000)]:
+        claim = store.claim(event_id, 60)
+        store.fail(event_id, claim.token, "boom", retention)
+    store.claim("in_flight_soon", 50)
+    store.claim("in_flight_later", 1000)
+
+    assert store.purge() == 0
+    assert store.purge(now=start + 200) == 2
+    assert _ids(store) == {"done_later", "failed_later", "in_flight_soon", "in_flight_later"}
+    # An abandoned lease is kept for inspection until the grace passes.
+    assert store.purge(now=start + 200, in_flight_grace=100) == 1
+    assert _ids(store) == {"done_later", "failed_later", "in_flight_later"}
+    assert store.claim("done_later", 60).status is ClaimStatus.DONE
+
+
+def test_payloads_are_kept_when_asked(any_store: SQLAlchemyStore) -> None:
+    store = any_store
+    claim = store.claim("evt_1", 60, b'{"id": "evt_1"}')
+    store.fail("evt_1", claim.token, "boom", 60)
+    again = store.claim("evt_1", 60)
+    stored = store.get("evt_1")
+    assert stored is not None
+    assert stored.payload == b'{"id": "evt_1"}'
+    store.commit("evt_1", again.token, 60)
+    done = store.get("evt_1")
+    assert done is not None
+    assert done.payload == b'{"id": "evt_1"}'
+
+    lean = SQLAlchemyStore(store.engine, table_name=store.table.name, keep_payloads=False)
+    lean.claim("evt_2", 60, b'{"id": "evt_2"}')
+    in_flight = lean.get("evt_2")
+    assert in_flight is not None
+    assert in_flight.payload is None
+
+
+def test_get_and_failed(any_store: SQLAlchemyStore) -> None:
+    store = any_store
+    assert isinstance(store, InspectableStore)
+    assert store.get("evt_unknown") is None
+    for number in range(3):
+        claim = store.claim(f"evt_{number}", 60)
+        store.fail(f"evt_{number}", claim.token, f"boom {number}", 60)
+    done = store.claim("evt_done", 60)
+    store.commit("evt_done", done.token, 60)
+
+    again = store.claim("evt_1", 60)
+    stored = store.get("evt_1")
+    assert stored is not None
+    assert (stored.id, stored.status, stored.attempts, stored.error) == (
+        "evt_1",
+        "in_flight",
+        2,
+        "boom 1",
+    )
+    assert stored.updated_at == pytest.approx(time.time(), abs=5)
+    store.fail("evt_1", again.token, "boom again", 60)
+
+    failed = store.failed()
+    assert [(event.id, event.error, event.attempts) for event in failed] == [
+        ("evt_1", "boom again", 2),
+        ("evt_2", "boom 2", 1),
+        ("evt_0", "boom 0", 1),
+    ]
+    assert all(event.status == "failed" for event in failed)
+    assert [event.id for event in store.failed(limit=2)] == ["evt_1", "evt_2"]
+    done_event = store.get("evt_done")
+    assert done_event is not None
+    assert done_event.status == "done"
+
+
+def test_an_id_past_its_retention_starts_afresh(sqlite_memory_store: SQLAlchemyStore) -> None:
+    store = sqlite_memory_store
+    claim = store.claim("evt_1", 60, b"first")
+    store.fail("evt_1", claim.token, "boom", 0.05)
+    time.sleep(0.1)
+    assert store.get("evt_1") is None
+    assert store.failed() == []
+    assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+    stored = store.get("evt_1")
+    assert stored is not None
+    assert (stored.attempts, stored.error, stored.payload) == (1, None, None)
+
+
+def test_an_existing_engine_can_be_shared(postgres_url: str, unique: str) -> None:
+    engine = sa.create_engine(postgres_url)
+    store = SQLAlchemyStore(engine, table_name=unique, create_table=False)
+    try:
+        with pytest.raises(StoreError, match="UndefinedTable"):
+            store.claim("evt_1", 60)
+        store.create_table()
+        store.create_table()
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        assert sa.inspect(engine).has_table(unique)
+    finally:
+        _close(store)
+
+
+def test_an_unreachable_database_fails_fast(unique: str) -> None:
+    store = SQLAlchemyStore.from_url(
+        "postgresql+psycopg://postgres@127.0.0.1:1/test", table_name=unique
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.claim("evt_1", 60)
+        assert isinstance(caught.value.__cause__, sa.exc.OperationalError)
+        with pytest.raises(StoreError):
+            store.get("evt_1")
+    finally:
+        store.engine.dispose()
+    assert time.monotonic() - started < 3
+
+
+def test_store_errors_do_not_echo_the_payload(sqlite_memory_store: SQLAlchemyStore) -> None:
+    store = sqlite_memory_store
+    store.claim("evt_1", 60)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f'DROP TABLE "{store.table.name}"'))
+    with pytest.raises(StoreError) as caught:
+        store.claim("evt_2", 60, b"secret-customer@example.com")
+    assert "no such table" in str(caught.value)
+    assert "secret-customer" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgresql://postgres@127.0.0.1:5432/test", "psycopg"),
+        ("postgres://postgres@127.0.0.1:5432/test", "psycopg"),
+        ("postgresql+psycopg://postgres@127.0.0.1:5432/test", "psycopg"),
+        ("sqlite:///{tmp}/events.db", "pysqlite"),
+        ("sqlite://", "pysqlite"),
+    ],
+)
+def test_store_from_config_builds_a_sql_store(url: str, driver: str, tmp_path: Path) -> None:
+    url = url.format(tmp=tmp_path)
+    store = store_from_config(url, {"PLOINTS_SQL_TABLE": "myapp_events"})
+    assert isinstance(store, SQLAlchemyStore)
+    try:
+        assert store.engine.dialect.driver == driver
+        assert store.table.name == "myapp_events"
+        assert isinstance(store.engine.pool, StaticPool) is (url == "sqlite://")
+    finally:
+        store.engine.dispose()
+    default = store_from_config(url, {})
+    assert isinstance(default, SQLAlchemyStore)
+    assert default.table.name == "ploints_events"
+    default.engine.dispose()
+
+
+def test_store_from_config_sends_mysql_to_sqlalchemy() -> None:
+    # No MySQL driver is installed here: the error comes from SQLAlchemy
+    # loading its mysql dialect's driver.
+    with pytest.raises(ImportError, match="MySQLdb"):
+        store_from_config("mysql://user@127.0.0.1/db", {})
+
+
+def test_store_from_config_refuses_other_schemes() -> None:
+    with pytest.raises(ValueError, match=re.escape("unknown store 'mongodb://127.0.0.1/db'")):
+        store_from_config("mongodb://127.0.0.1/db", {})
