@@ -12,6 +12,7 @@ import typing as t
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
 
 __all__ = [
     "DEFAULTS",
@@ -42,6 +43,8 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_MAX_EVENT_AGE": ("max_event_age", None),
     "PLOINTS_SLOW_HANDLER_SHARE": ("slow_handler_share", 0.5),
     "PLOINTS_MEMORY_STORE_MAX_ENTRIES": ("memory_store_max_entries", 100_000),
+    "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
+    "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
 }
 
 
@@ -61,6 +64,9 @@ class Settings:
     instance on one app.
     """
 
+    #: Every key's value after overrides, for stores and dispatchers that
+    #: read their own options.
+    values: t.Mapping[str, t.Any]
     #: Accepted secrets; the first is the current one, used for signing.
     secrets: tuple[str, ...]
     url: str
@@ -111,9 +117,11 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
     :raises ConfigError: a value is missing or wrong.
     """
 
-    def get(key: str) -> t.Any:
-        argument = DEFAULTS[key][0]
-        return overrides[argument] if argument in overrides else config[key]
+    values = {
+        key: overrides[argument] if argument in overrides else config[key]
+        for key, (argument, _) in DEFAULTS.items()
+    }
+    get = values.__getitem__
 
     url = get("PLOINTS_WEBHOOK_URL")
     if not isinstance(url, str) or not url.startswith("/"):
@@ -148,12 +156,16 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
     share = get("PLOINTS_SLOW_HANDLER_SHARE")
     if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
         raise ConfigError(f"PLOINTS_SLOW_HANDLER_SHARE must be a number in (0, 1], not {share!r}")
-    max_entries = config["PLOINTS_MEMORY_STORE_MAX_ENTRIES"]
+    max_entries = get("PLOINTS_MEMORY_STORE_MAX_ENTRIES")
     if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
         raise ConfigError(
             f"PLOINTS_MEMORY_STORE_MAX_ENTRIES must be a positive integer, not {max_entries!r}"
         )
+    for key in ("PLOINTS_REDIS_PREFIX", "PLOINTS_SQL_TABLE"):
+        if not isinstance(get(key), str) or not get(key):
+            raise ConfigError(f"{key} must be a non-empty string, not {get(key)!r}")
     return Settings(
+        values=MappingProxyType(values),
         secrets=_secrets(get("PLOINTS_WEBHOOK_SECRET")),
         url=url,
         store=get("PLOINTS_DEDUPE_STORE"),

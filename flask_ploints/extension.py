@@ -106,7 +106,7 @@ class PlointsWebhooks:
                 f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
             )
         try:
-            store = store_from_config(settings.store, app.config)
+            store = store_from_config(settings.store, settings.values)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if isinstance(store, MemoryStore) and not app.testing:

@@ -173,3 +173,15 @@ def make_store(config: object) -> MemoryStore:
 def test_missing_secret_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"^PLOINTS_WEBHOOK_SECRET is not set"):
         PlointsWebhooks(_app())
+
+
+def test_store_options_take_keyword_overrides() -> None:
+    app = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_MEMORY_STORE_MAX_ENTRIES=9)
+    PlointsWebhooks(app, memory_store_max_entries=5)
+    assert app.extensions["ploints"]["ploints"].store.max_entries == 5
+
+
+@pytest.mark.parametrize("key", ["PLOINTS_REDIS_PREFIX", "PLOINTS_SQL_TABLE"])
+def test_store_names_must_be_strings(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key} must be a non-empty string"):
+        PlointsWebhooks(_app(PLOINTS_WEBHOOK_SECRET=SECRET, **{key: ""}))

@@ -20,6 +20,7 @@ import typing as t
 from werkzeug.utils import ImportStringError
 from werkzeug.utils import import_string
 
+from ..config import DEFAULTS
 from .base import Claim
 from .base import ClaimStatus
 from .base import DedupeStore
@@ -64,6 +65,10 @@ def __getattr__(name: str) -> t.Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _option(config: t.Mapping[str, t.Any], key: str) -> t.Any:
+    return config.get(key, DEFAULTS[key][1])
+
+
 def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeStore:
     """Turn a ``PLOINTS_DEDUPE_STORE`` value into a store.
 
@@ -83,7 +88,7 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
             f"PLOINTS_DEDUPE_STORE must be a store, a name, a URL or None, not {type(value).__name__}"
         )
     if value in ("memory", "memory://"):
-        return MemoryStore(max_entries=config["PLOINTS_MEMORY_STORE_MAX_ENTRIES"])
+        return MemoryStore(max_entries=_option(config, "PLOINTS_MEMORY_STORE_MAX_ENTRIES"))
     if value in ("null", "none"):
         return NullStore()
     if "://" in value:
@@ -91,13 +96,11 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
         if scheme in _REDIS_SCHEMES:
             from .redis import RedisStore
 
-            return RedisStore.from_url(value, prefix=config.get("PLOINTS_REDIS_PREFIX", "ploints:"))
+            return RedisStore.from_url(value, prefix=_option(config, "PLOINTS_REDIS_PREFIX"))
         if scheme.split("+", 1)[0] in _SQL_BACKENDS:
             from .sql import SQLAlchemyStore
 
-            return SQLAlchemyStore.from_url(
-                value, table_name=config.get("PLOINTS_SQL_TABLE", "ploints_events")
-            )
+            return SQLAlchemyStore.from_url(value, table_name=_option(config, "PLOINTS_SQL_TABLE"))
     if "://" not in value and "." in value:
         try:
             factory = import_string(value.replace(":", "."))
