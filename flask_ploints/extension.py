@@ -20,6 +20,7 @@ from .dispatch import Handlers
 from .dispatch import SyncDispatcher
 from .events import Event
 from .events import check_event_types
+from .payloads import bind
 from .stores import DedupeStore
 from .stores import MemoryStore
 from .stores import store_from_config
@@ -28,6 +29,8 @@ from .views import WebhookView
 __all__ = ["PlointsWebhooks", "Receiver"]
 
 _Handler = t.TypeVar("_Handler", bound=t.Callable[[Event], t.Any])
+_Model = t.TypeVar("_Model")
+_TypedHandler: t.TypeAlias = t.Callable[[Event, _Model], t.Any]
 _OPTIONS = frozenset(argument for argument, _ in DEFAULTS.values())
 
 
@@ -144,7 +147,15 @@ class PlointsWebhooks:
             f"PLOINTS_DISPATCH must be 'sync', 'celery' or a dispatcher, not {settings.dispatch!r}"
         )
 
-    def on(self, *event_types: str) -> t.Callable[[_Handler], _Handler]:
+    @t.overload
+    def on(self, *event_types: str) -> t.Callable[[_Handler], _Handler]: ...
+
+    @t.overload
+    def on(
+        self, *event_types: str, model: type[_Model]
+    ) -> t.Callable[[_TypedHandler[_Model]], _TypedHandler[_Model]]: ...
+
+    def on(self, *event_types: str, model: type[t.Any] | None = None) -> t.Any:
         """Register a handler for one or more event types.
 
         The handler receives the :class:`~flask_ploints.Event`, may be
@@ -153,12 +164,16 @@ class PlointsWebhooks:
         idempotent.
 
         :param event_types: documented event types.
+        :param model: a dataclass (or pydantic model) for the event's data;
+            the handler then receives ``(event, payload)`` with the data
+            converted, and data that does not fit counts as a handler
+            failure. See :mod:`flask_ploints.payloads`.
         :raises ValueError: no type, or an unknown one.
         """
         event_types = check_event_types(event_types)
 
-        def decorator(func: _Handler) -> _Handler:
-            self.handlers.connect(event_types, func)
+        def decorator(func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+            self.handlers.connect(event_types, func if model is None else bind(func, model))
             return func
 
         return decorator

@@ -11,6 +11,7 @@ from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import on
 from flask_ploints import signals
+from flask_ploints.payloads import PointsEarned
 from flask_ploints.signature import sign
 from flask_ploints.signature import verify
 from flask_ploints.stores import ClaimStatus
@@ -28,6 +29,12 @@ partner = PlointsWebhooks(app, name="partner", url="/hooks/partner", secret="whs
 def award(event: Event) -> None:
     amount: int = event.data["amount"]
     print(event.id, event.type, event.timestamp.isoformat(), amount, len(event.raw))
+
+
+@webhooks.on("points.earned", model=PointsEarned)
+def typed(event: Event, payload: PointsEarned) -> None:
+    total: int = payload.amount + payload.new_balance
+    print(event.id, payload.customer_email, total)
 
 
 @webhooks.on_any
