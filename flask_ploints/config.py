@@ -44,6 +44,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_SLOW_HANDLER_SHARE": ("slow_handler_share", 0.5),
     "PLOINTS_MEMORY_STORE_MAX_ENTRIES": ("memory_store_max_entries", 100_000),
     "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
+    "PLOINTS_METRICS": ("metrics", False),
     "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
 }
 

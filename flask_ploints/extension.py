@@ -108,6 +108,25 @@ class PlointsWebhooks:
             raise ConfigError(
                 f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
             )
+        store = self._make_store(app, settings)
+        dispatcher = self._make_dispatcher(app, settings, store)
+        self._connect_observers(app, settings)
+        blueprint = Blueprint(self.name, __name__)
+        blueprint.add_url_rule(
+            settings.url,
+            "receive",
+            view_func=WebhookView.as_view("receive", self.name, settings, store, dispatcher),
+        )
+        app.register_blueprint(blueprint)
+        receivers[self.name] = Receiver(
+            name=self.name,
+            settings=settings,
+            store=store,
+            dispatcher=dispatcher,
+            handlers=self.handlers,
+        )
+
+    def _make_store(self, app: Flask, settings: Settings) -> DedupeStore:
         try:
             store = store_from_config(settings.store, settings.values)
         except ValueError as exc:
@@ -118,25 +137,19 @@ class PlointsWebhooks:
                 " several workers or hosts a retry can be processed twice. Set"
                 " PLOINTS_DEDUPE_STORE to a Redis or database URL in production.",
                 PlointsWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        receiver = Receiver(
-            name=self.name,
-            settings=settings,
-            store=store,
-            dispatcher=self._make_dispatcher(app, settings, store),
-            handlers=self.handlers,
-        )
-        blueprint = Blueprint(self.name, __name__)
-        blueprint.add_url_rule(
-            settings.url,
-            "receive",
-            view_func=WebhookView.as_view(
-                "receive", self.name, settings, store, receiver.dispatcher
-            ),
-        )
-        app.register_blueprint(blueprint)
-        receivers[self.name] = receiver
+        return store
+
+    def _connect_observers(self, app: Flask, settings: Settings) -> None:
+        if settings.values["PLOINTS_METRICS"] is not False:
+            # Imported here: prometheus_client is an optional extra.
+            from .metrics import connect_metrics
+
+            try:
+                connect_metrics(app, settings.values["PLOINTS_METRICS"])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def _make_dispatcher(self, app: Flask, settings: Settings, store: DedupeStore) -> Dispatcher:
         if settings.dispatch == "sync":
