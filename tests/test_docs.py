@@ -1,0 +1,158 @@
+"""Every code sample in the docs is a file in docs/examples/, included by
+the pages with ``literalinclude``; this module runs each of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import types
+import typing as t
+import uuid
+import warnings
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_ploints import PlointsWarning
+from flask_ploints.signature import sign
+from flask_ploints.testing import PlointsClient
+from flask_ploints.testing import StoreContract
+from flask_ploints.testing import build_event
+
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+
+
+@pytest.fixture(scope="module")
+def examples() -> t.Iterator[t.Callable[[str], types.ModuleType]]:
+    sys.path.insert(0, str(EXAMPLES))
+    loaded: list[str] = []
+
+    def load(name: str) -> types.ModuleType:
+        loaded.append(name)
+        # The examples run outside testing, so the memory store warns as the
+        # docs say it does.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(name)
+        assert all(issubclass(w.category, PlointsWarning) for w in caught)
+        return module
+
+    yield load
+    sys.path.remove(str(EXAMPLES))
+    for name in loaded:
+        sys.modules.pop(name, None)
+
+
+def _client(app: Flask, name: str = "ploints") -> PlointsClient:
+    app.testing = True
+    return PlointsClient(app, name)
+
+
+def test_quickstart(examples: t.Callable[[str], types.ModuleType]) -> None:
+    quickstart = examples("quickstart")
+    data = {"customerEmail": "jane@example.com", "amount": 50, "newBalance": 350}
+    assert _client(quickstart.app).send("points.earned", data).status_code == 200
+    assert quickstart.balances == {"jane@example.com": 350}
+
+
+def test_factory(
+    examples: t.Callable[[str], types.ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factory = examples("factory")
+    monkeypatch.setenv("FLASK_PLOINTS_WEBHOOK_SECRET", "whsec_from_env")
+    app = factory.create_app({"TESTING": True})
+    client = _client(app)
+    assert client.secret == "whsec_from_env"
+    client.send("customer.created", {"customerEmail": "sam@example.com"})
+    assert factory.welcomed == ["sam@example.com"]
+
+
+def test_two_accounts(examples: t.Callable[[str], types.ModuleType]) -> None:
+    two = examples("two_accounts")
+    _client(two.app).send("points.earned", id="evt_1")
+    _client(two.app, "partner").send("points.earned", id="evt_2")
+    assert two.seen == ["main evt_1", "partner evt_2"]
+
+
+def test_signals(examples: t.Callable[[str], types.ModuleType], restore_signals: None) -> None:
+    module = examples("signals_example")
+    client = _client(module.app)
+    client.send("customer.tier_changed", id="evt_1")
+    client.send("reward.redeemed", id="evt_2")
+    client.send("reward.redeemed", id="evt_2")
+    assert module.log == ["tier Gold", "reward Free coffee via ploints", "duplicate evt_2"]
+
+
+def test_typed(examples: t.Callable[[str], types.ModuleType]) -> None:
+    typed = examples("typed")
+    client = _client(typed.app)
+    client.send("points.earned")
+    client.send("badge.issued")
+    assert typed.balances == {"jane@example.com": 350}
+    assert typed.badges == {"jane@example.com": "Early Bird"}
+    assert client.send("badge.issued", {"badge": "Gold"}).status_code == 500
+
+
+def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:
+    for name in ("custom_store.py", "test_custom_store.py"):
+        shutil.copy(EXAMPLES / name, pytester.path / name)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=len([n for n in dir(StoreContract) if n.startswith("test_")]))
+
+
+def test_testing_example_runs(pytester: pytest.Pytester) -> None:
+    for name in ("quickstart.py", "conftest.py", "test_handlers.py"):
+        shutil.copy(EXAMPLES / name, pytester.path / name)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore::UserWarning")
+    result.assert_outcomes(passed=3)
+
+
+def test_behind_proxy(examples: t.Callable[[str], types.ModuleType], redis_url: str) -> None:
+    module = examples("behind_proxy")
+    client = _client(module.app)
+    body = json.dumps(build_event("points.earned")).encode()
+    headers = {"Content-Type": "application/json", "X-Ploints-Signature": sign(body, client.secret)}
+    plain = client.client.post(client.url, data=body, headers=headers)
+    assert plain.status_code == 403
+    forwarded = client.client.post(
+        client.url, data=body, headers={**headers, "X-Forwarded-Proto": "https"}
+    )
+    assert forwarded.status_code == 200
+    _forget(module.app.extensions["ploints"]["ploints"].store, [json.loads(body)["id"]])
+
+
+@pytest.mark.parametrize("store", ["redis", "postgres"])
+def test_production_factory(
+    examples: t.Callable[[str], types.ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    url = request.getfixturevalue(f"{store}_url")
+    monkeypatch.setenv("PLOINTS_WEBHOOK_SECRET", "whsec_new,whsec_old")
+    monkeypatch.setenv("PLOINTS_DEDUPE_STORE", url)
+    app = examples("production").create_app()
+    client = _client(app)
+    ids = [f"evt_docs_{uuid.uuid4().hex}" for _ in range(2)]
+    assert client.send("points.earned", id=ids[0]).status_code == 200
+    assert client.send("points.earned", id=ids[0]).get_json() == {
+        "received": True,
+        "duplicate": True,
+    }
+    client.secret = "whsec_old"
+    assert client.send("points.earned", id=ids[1]).status_code == 200
+    _forget(app.extensions["ploints"]["ploints"].store, ids)
+
+
+def _forget(store: t.Any, ids: list[str]) -> None:
+    if hasattr(store, "client"):
+        store.client.delete(*(store.key(event_id) for event_id in ids))
+        store.client.close()
+    else:
+        with store.engine.begin() as connection:
+            connection.execute(store.table.delete().where(store.table.c.id.in_(ids)))
+        store.engine.dispose()
