@@ -9,6 +9,7 @@ that hands the event to a worker (see :mod:`flask_ploints.celery`) sets
 
 from __future__ import annotations
 
+import inspect
 import typing as t
 
 from flask import Flask
@@ -40,29 +41,32 @@ class Handlers:
     """
 
     def __init__(self) -> None:
-        self._by_type: dict[str, list[Handler]] = {}
-        self._any: list[Handler] = []
+        # Each handler with whether it is async, found once: only async ones
+        # go through app.ensure_sync.
+        self._by_type: dict[str, list[tuple[Handler, bool]]] = {}
+        self._any: list[tuple[Handler, bool]] = []
 
     def connect(self, event_types: t.Iterable[str], func: Handler) -> None:
         """Call ``func`` for events of these types."""
         require_runnable(func)
+        entry = (func, inspect.iscoroutinefunction(func))
         for event_type in check_event_types(event_types):
-            self._by_type.setdefault(event_type, []).append(func)
+            self._by_type.setdefault(event_type, []).append(entry)
 
     def connect_any(self, func: Handler) -> None:
         """Call ``func`` for every verified event, unknown types included."""
         require_runnable(func)
-        self._any.append(func)
+        self._any.append((func, inspect.iscoroutinefunction(func)))
 
     def for_type(self, event_type: str) -> list[Handler]:
         """The handlers of one type, in the order they were connected; the
         handlers for every event are not included.
         """
-        return list(self._by_type.get(event_type, ()))
+        return [func for func, _ in self._by_type.get(event_type, ())]
 
     def for_any(self) -> list[Handler]:
         """The handlers for every event, in the order they were connected."""
-        return list(self._any)
+        return [func for func, _ in self._any]
 
     def run(self, app: Flask, event: Event, name: str) -> None:
         """Run every handler of ``event`` in this order: this instance's
@@ -72,13 +76,13 @@ class Handlers:
 
         The first exception stops the rest and propagates.
         """
-        for func in self._by_type.get(event.type, ()):
-            app.ensure_sync(func)(event)
+        for func, is_async in self._by_type.get(event.type, ()):
+            (app.ensure_sync(func) if is_async else func)(event)
         signal = signal_for(event.type)
         if signal is not None and signal.receivers:
             signal.send(app, event=event, name=name)
-        for func in self._any:
-            app.ensure_sync(func)(event)
+        for func, is_async in self._any:
+            (app.ensure_sync(func) if is_async else func)(event)
 
 
 @t.runtime_checkable

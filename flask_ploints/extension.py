@@ -24,7 +24,7 @@ from .payloads import bind
 from .stores import DedupeStore
 from .stores import MemoryStore
 from .stores import store_from_config
-from .views import WebhookView
+from .views import WebhookEndpoint
 
 __all__ = ["PlointsWebhooks", "Receiver"]
 
@@ -115,7 +115,8 @@ class PlointsWebhooks:
         blueprint.add_url_rule(
             settings.url,
             "receive",
-            view_func=WebhookView.as_view("receive", self.name, settings, store, dispatcher),
+            view_func=WebhookEndpoint(self.name, settings, store, dispatcher).receive,
+            methods=WebhookEndpoint.methods,
         )
         app.register_blueprint(blueprint)
         receivers[self.name] = Receiver(

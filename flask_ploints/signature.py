@@ -62,6 +62,6 @@ def verify(body: bytes, header_value: str | None, secrets: str | t.Iterable[str]
         secrets = (secrets,)
     matched = False
     for secret in secrets:
-        digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).digest()
+        digest = hmac.digest(secret.encode("utf-8"), body, "sha256")
         matched |= hmac.compare_digest(digest, expected)
     return matched

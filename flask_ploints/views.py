@@ -33,7 +33,6 @@ from flask import Request
 from flask import Response
 from flask import current_app
 from flask import request
-from flask.views import View
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
 
@@ -50,7 +49,7 @@ from .signature import verify
 from .stores import ClaimStatus
 from .stores import DedupeStore
 
-__all__ = ["WebhookView"]
+__all__ = ["WebhookEndpoint"]
 
 logger = logging.getLogger("flask_ploints")
 
@@ -95,8 +94,12 @@ def _is_json(mimetype: str) -> bool:
     )
 
 
-class WebhookView(View):
-    """The endpoint of one :class:`~flask_ploints.PlointsWebhooks` instance.
+class WebhookEndpoint:
+    """The endpoint of one :class:`~flask_ploints.PlointsWebhooks` instance
+    on one app; its :meth:`receive` method is the view function.
+
+    A plain object rather than a :class:`flask.views.View`: one instance
+    serves every request, and Flask calls the bound method directly.
 
     :param name: the instance's name, passed to every signal.
     :param settings: the instance's checked settings.
@@ -104,8 +107,8 @@ class WebhookView(View):
     :param dispatcher: what processes a claimed event.
     """
 
-    methods: t.ClassVar[list[str]] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-    init_every_request = False
+    #: Every method is routed here so that the wrong ones get a JSON ``405``.
+    methods: t.ClassVar[tuple[str, ...]] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
     def __init__(
         self, name: str, settings: Settings, store: DedupeStore, dispatcher: Dispatcher
@@ -115,7 +118,7 @@ class WebhookView(View):
         self.store = store
         self.dispatcher = dispatcher
 
-    def dispatch_request(self) -> Response:
+    def receive(self) -> Response:
         """Answer one delivery."""
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         # The request object itself, not the proxy: every attribute read
@@ -213,10 +216,11 @@ class WebhookView(View):
 
     def _read_body(self, req: Request) -> bytes | None:
         limit = self.settings.max_bytes
-        # Without a Content-Length, werkzeug stops at the limit without
-        # raising, so one byte more than allowed is asked for to tell a body
-        # of exactly the limit from a longer one.
-        req.max_content_length = limit + 1
+        # A Content-Length was checked already. Without one, werkzeug stops
+        # at the limit without raising, so one byte more than allowed is
+        # asked for to tell a body of exactly the limit from a longer one.
+        if get_content_length(req.environ) is None:
+            req.max_content_length = limit + 1
         try:
             raw = req.get_data(cache=False)
         except RequestEntityTooLarge:

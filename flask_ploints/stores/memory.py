@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
+import itertools
 import threading
 import time
 import typing as t
-from collections import OrderedDict
+from collections import deque
 
 from .base import Claim
 from .base import ClaimStatus
@@ -18,20 +18,26 @@ _CLAIMED = Claim(ClaimStatus.CLAIMED)
 _DONE = Claim(ClaimStatus.DONE)
 
 
-class _Entry(t.NamedTuple):
-    #: ``None`` marks an id given up on by :meth:`MemoryStore.fail`.
-    status: ClaimStatus | None
-    token: str
-    expires: float
-    error: str | None = None
-    attempts: int = 1
-    #: Wall-clock time of the last change, for :class:`.StoredEvent`.
-    updated: float = 0.0
+class _Entry:
+    """One id's state, changed in place as its claim is settled."""
 
-    def forgotten(self, now: float) -> bool:
-        # A done or failed entry past its retention counts as never seen; an
-        # in-flight one whose lease ran out was an attempt, and counts.
-        return self.status is not ClaimStatus.IN_FLIGHT and self.expires <= now
+    __slots__ = ("attempts", "error", "expires", "status", "token", "updated")
+
+    def __init__(
+        self,
+        token: str,
+        expires: float,
+        updated: float,
+        attempts: int = 1,
+        error: str | None = None,
+    ) -> None:
+        #: ``None`` marks an id given up on by :meth:`MemoryStore.fail`.
+        self.status: ClaimStatus | None = ClaimStatus.IN_FLIGHT
+        self.token = token
+        self.expires = expires
+        self.updated = updated
+        self.attempts = attempts
+        self.error = error
 
 
 class MemoryStore:
@@ -43,9 +49,9 @@ class MemoryStore:
     deployments; use the Redis or SQL store in production. The extension warns
     at start-up when it is used outside testing.
 
-    The store is bounded: past ``max_entries`` ids, the oldest are forgotten
-    first, whatever their retention. Size the bound above the number of
-    events you receive in a retention period.
+    The store is bounded: past ``max_entries`` ids, the oldest claimed are
+    forgotten first, whatever their retention. Size the bound above the
+    number of events you receive in a retention period.
 
     It implements :class:`.InspectableStore`; payloads are not kept, so
     :attr:`.StoredEvent.payload` is always ``None``.
@@ -53,6 +59,9 @@ class MemoryStore:
     :param max_entries: the most ids remembered at once.
     :param clock: a monotonic clock in seconds; tests may pass their own.
     """
+
+    #: Expired entries are looked for once every this many claims.
+    _SWEEP_EVERY = 16
 
     def __init__(
         self,
@@ -64,7 +73,15 @@ class MemoryStore:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Wall time is only shown by get(); derived from the one clock read.
+        self._wall_offset = time.time() - clock()
+        self._entries: dict[str, _Entry] = {}
+        # Claim order, for eviction and expiry; an entry replaced by a later
+        # claim of its id stays here until it reaches the front, and is then
+        # skipped because it is no longer the id's entry.
+        self._order: deque[tuple[str, _Entry]] = deque()
+        # Tokens only need to be unique within this store.
+        self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -75,22 +92,25 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             entry = self._entries.get(event_id)
-            if entry is not None and entry.expires > now:
-                if entry.status is ClaimStatus.DONE:
-                    return _DONE
-                if entry.status is ClaimStatus.IN_FLIGHT:
-                    return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
-            token = secrets.token_hex(8)
             attempts = 1
             error = None
-            if entry is not None and not entry.forgotten(now):
-                attempts = entry.attempts + 1
-                error = entry.error
-            self._put(
-                event_id,
-                _Entry(ClaimStatus.IN_FLIGHT, token, now + lease, error, attempts, time.time()),
-                now,
-            )
+            if entry is not None:
+                if entry.expires > now:
+                    if entry.status is ClaimStatus.DONE:
+                        return _DONE
+                    if entry.status is ClaimStatus.IN_FLIGHT:
+                        return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
+                # A done or failed entry past its retention counts as never
+                # seen; a lease that ran out was an attempt, and counts.
+                if entry.status is ClaimStatus.IN_FLIGHT or entry.expires > now:
+                    attempts = entry.attempts + 1
+                    error = entry.error
+            number = next(self._tokens)
+            token = str(number)
+            entry = _Entry(token, now + lease, now + self._wall_offset, attempts, error)
+            self._entries[event_id] = entry
+            self._order.append((event_id, entry))
+            self._trim(now, sweep=number % self._SWEEP_EVERY == 0)
             return Claim(ClaimStatus.CLAIMED, token)
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
@@ -100,7 +120,7 @@ class MemoryStore:
     def release(self, event_id: str, token: str) -> bool:
         """See :meth:`.DedupeStore.release`."""
         with self._lock:
-            if not self._owns(event_id, token):
+            if self._owned(event_id, token, self._clock()) is None:
                 return False
             del self._entries[event_id]
             return True
@@ -123,25 +143,26 @@ class MemoryStore:
 
     def failed(self, limit: int = 100) -> list[StoredEvent]:
         """See :meth:`.InspectableStore.failed`. Scans every entry."""
-        found: list[StoredEvent] = []
         with self._lock:
             now = self._clock()
-            # Entries are in the order they last changed, so newest last.
-            for event_id, entry in reversed(self._entries.items()):
-                if len(found) >= limit:
-                    break
-                if entry.status is None and entry.expires > now:
-                    found.append(_stored(event_id, entry))
-        return found
+            found = [
+                _stored(event_id, entry)
+                for event_id, entry in reversed(self._entries.items())
+                if entry.status is None and entry.expires > now
+            ]
+        found.sort(key=lambda stored: stored.updated_at, reverse=True)
+        return found[:limit]
 
-    def _owns(self, event_id: str, token: str) -> bool:
+    def _owned(self, event_id: str, token: str, now: float) -> _Entry | None:
         entry = self._entries.get(event_id)
-        return (
-            entry is not None
-            and entry.status is ClaimStatus.IN_FLIGHT
-            and entry.token == token
-            and entry.expires > self._clock()
-        )
+        if (
+            entry is None
+            or entry.status is not ClaimStatus.IN_FLIGHT
+            or entry.token != token
+            or entry.expires <= now
+        ):
+            return None
+        return entry
 
     def _settle(
         self,
@@ -152,37 +173,39 @@ class MemoryStore:
         error: str | None = None,
     ) -> bool:
         with self._lock:
-            if not self._owns(event_id, token):
-                return False
             now = self._clock()
-            entry = self._entries[event_id]
-            self._put(
-                event_id,
-                entry._replace(
-                    status=status,
-                    expires=now + seconds,
-                    error=entry.error if error is None else error,
-                    updated=time.time(),
-                ),
-                now,
-            )
+            entry = self._owned(event_id, token, now)
+            if entry is None:
+                return False
+            entry.status = status
+            entry.expires = now + seconds
+            entry.updated = now + self._wall_offset
+            if error is not None:
+                entry.error = error
             return True
 
-    def _put(self, event_id: str, entry: _Entry, now: float) -> None:
+    def _trim(self, now: float, sweep: bool) -> None:
         entries = self._entries
-        entries[event_id] = entry
-        entries.move_to_end(event_id)
+        order = self._order
         while len(entries) > self.max_entries:
-            entries.popitem(last=False)
-        # Entries are kept roughly in expiry order, so expired ones gather at
-        # the front and are dropped a few at a time, never by a full scan.
-        for _ in range(2):
-            if not entries:
+            self._forget(*order.popleft())
+        if not sweep:
+            return
+        # Claims come in time order and retention is one setting, so expired
+        # entries gather at the front: a few are dropped now and then, never
+        # by a full scan.
+        for _ in range(self._SWEEP_EVERY):
+            if not order or order[0][1].expires > now:
                 break
-            oldest = next(iter(entries.values()))
-            if oldest.expires > now:
-                break
-            entries.popitem(last=False)
+            self._forget(*order.popleft())
+        # Released and re-claimed ids leave pairs behind whose entry is gone;
+        # past twice the bound they are dropped in one pass.
+        if len(order) > 2 * self.max_entries:
+            self._order = deque(pair for pair in order if entries.get(pair[0]) is pair[1])
+
+    def _forget(self, event_id: str, entry: _Entry) -> None:
+        if self._entries.get(event_id) is entry:
+            del self._entries[event_id]
 
 
 def _stored(event_id: str, entry: _Entry) -> StoredEvent:
