@@ -1,0 +1,201 @@
+"""The receivers that ``bench/gunicorn_bench.py`` runs under gunicorn.
+
+Gunicorn loads ``gunicorn_apps:create_app()`` (with ``--chdir bench``); the
+environment picks the receiver:
+
+``BENCH_KIND``
+    ``extension`` (:class:`~flask_ploints.PlointsWebhooks`) or ``hand``
+    (the sender's Node example written in Flask, with the same store work
+    done the plain way).
+``BENCH_STORE``
+    ``memory``, ``redis`` or ``postgresql``.
+``BENCH_NAMESPACE``
+    a name only this run uses: the Redis key prefix and the SQL table.
+``BENCH_REDIS_URL``, ``BENCH_POSTGRES_URL``
+    where the services are.
+
+Both kinds verify the signature over the raw body, parse the JSON, dedupe on
+the event id with a claim before the handler and a mark after it, run one
+no-op handler for ``points.earned`` and answer ``{"received": true}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import typing as t
+import warnings
+
+from flask import Flask
+from flask import jsonify
+from flask import request
+
+from flask_ploints import Event
+from flask_ploints import PlointsWarning
+from flask_ploints import PlointsWebhooks
+
+SECRET = "whsec_bench_gunicorn"
+URL = "/webhooks/ploints"
+LEASE = 30
+RETENTION = 7 * 24 * 3600
+
+
+def _handle(event_id: str) -> None:
+    """The handler's work: none, so the receiver itself is measured."""
+
+
+def extension_app(store: str, namespace: str) -> Flask:
+    """The extension, with its store chosen by URL as in production."""
+    app = Flask("bench_extension")
+    app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
+    app.config["PLOINTS_DEDUPE_STORE"] = {
+        "memory": "memory",
+        "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "postgresql": os.environ.get(
+            "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    }[store]
+    app.config["PLOINTS_REDIS_PREFIX"] = f"{namespace}:"
+    app.config["PLOINTS_SQL_TABLE"] = namespace
+    with warnings.catch_warnings():
+        # MemoryStore outside testing warns that it dedupes per process;
+        # known, and the same holds for the hand-written dict.
+        warnings.simplefilter("ignore", PlointsWarning)
+        webhooks = PlointsWebhooks(app)
+
+    @webhooks.on("points.earned")
+    def award(event: Event) -> None:
+        _handle(event.id)
+
+    return app
+
+
+class _Dedupe(t.Protocol):
+    def claim(self, event_id: str) -> str | None: ...
+
+    def done(self, event_id: str) -> None: ...
+
+
+class _DictDedupe:
+    """A dict: the plain in-process way."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def claim(self, event_id: str) -> str | None:
+        status = self.seen.get(event_id)
+        if status is None:
+            self.seen[event_id] = "in_flight"
+        return status
+
+    def done(self, event_id: str) -> None:
+        self.seen[event_id] = "done"
+
+
+class _RedisDedupe:
+    """``SET NX`` with a lease, then ``SET`` done with the retention."""
+
+    def __init__(self, namespace: str) -> None:
+        import redis
+
+        url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+        self.client = redis.Redis.from_url(url, socket_timeout=2)
+        self.prefix = f"{namespace}:"
+
+    def claim(self, event_id: str) -> str | None:
+        key = self.prefix + event_id
+        if self.client.set(key, b"in_flight", nx=True, ex=LEASE):
+            return None
+        value = self.client.get(key)
+        return "done" if value == b"done" else "in_flight"
+
+    def done(self, event_id: str) -> None:
+        self.client.set(self.prefix + event_id, b"done", ex=RETENTION)
+
+
+class _PostgresDedupe:
+    """``INSERT ... ON CONFLICT DO NOTHING``, then ``UPDATE``, with psycopg
+    on one autocommit connection per worker process.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        import psycopg
+
+        url = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+        self.connection = psycopg.connect(url, autocommit=True)
+        # The table is created by the bench before the workers start.
+        self.table = namespace
+
+    def claim(self, event_id: str) -> str | None:
+        cursor = self.connection.execute(
+            f"INSERT INTO {self.table} (id, status) VALUES (%s, 'in_flight')"
+            " ON CONFLICT DO NOTHING",
+            (event_id,),
+        )
+        if cursor.rowcount == 1:
+            return None
+        row = self.connection.execute(
+            f"SELECT status FROM {self.table} WHERE id = %s",
+            (event_id,),
+        ).fetchone()
+        return "in_flight" if row is None else str(row[0])
+
+    def done(self, event_id: str) -> None:
+        self.connection.execute(
+            f"UPDATE {self.table} SET status = 'done' WHERE id = %s",
+            (event_id,),
+        )
+
+
+def hand_written_app(store: str, namespace: str) -> Flask:
+    """The sender's Node example in Flask, with the store work done plainly."""
+    app = Flask("bench_hand")
+    secret = SECRET.encode()
+    # Connected lazily, in the worker process.
+    dedupes: list[_Dedupe] = []
+
+    def dedupe() -> _Dedupe:
+        if not dedupes:
+            made: _Dedupe
+            if store == "redis":
+                made = _RedisDedupe(namespace)
+            elif store == "postgresql":
+                made = _PostgresDedupe(namespace)
+            else:
+                made = _DictDedupe()
+            dedupes.append(made)
+        return dedupes[0]
+
+    @app.post(URL)
+    def receive() -> t.Any:
+        signature = request.headers.get("X-Ploints-Signature", "")
+        raw = request.get_data()
+        expected = hmac.new(secret, raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            return jsonify({"error": "Invalid signature"}), 401
+        event = json.loads(raw)
+        status = dedupe().claim(event["id"])
+        if status == "done":
+            return jsonify({"received": True, "duplicate": True})
+        if status is not None:
+            return jsonify({"error": "event is being processed"}), 409
+        if event["type"] == "points.earned":
+            _handle(event["id"])
+        elif event["type"] == "customer.created":
+            pass
+        dedupe().done(event["id"])
+        return jsonify({"received": True})
+
+    return app
+
+
+def create_app() -> Flask:
+    """Build the receiver the ``BENCH_*`` environment asks for."""
+    kind = os.environ["BENCH_KIND"]
+    store = os.environ["BENCH_STORE"]
+    namespace = os.environ["BENCH_NAMESPACE"]
+    if kind == "extension":
+        return extension_app(store, namespace)
+    return hand_written_app(store, namespace)

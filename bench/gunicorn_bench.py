@@ -1,0 +1,389 @@
+"""Throughput and latency of the extension under gunicorn, beside a
+hand-written receiver doing the same store work the plain way.
+
+For each store (memory, Redis, PostgreSQL) and each receiver (the extension,
+and the hand-written one of ``bench/gunicorn_apps.py``), the bench starts
+``gunicorn -w 4`` (sync workers) on a free loopback port, warms every worker
+up, then drives it with ``wrk`` (one thread, 16 connections, a fixed
+duration) posting distinct pre-signed events through
+``bench/post_events.lua``. Each pair runs in ``--rounds`` rounds in
+alternating order (ABBA); the table shows the mean requests per second and
+the median p50 and p99 latencies over the rounds. Every run gets its own
+Redis prefix or table, removed afterwards.
+
+The load generator is ``wrk`` (Debian package ``wrk``: ``apt-get install
+wrk``). It shares the machine's cores with the servers, as does the store's
+own server, so the numbers are for this whole box, not for gunicorn alone.
+
+Run: ``.venv/bin/python bench/gunicorn_bench.py [--duration 10] [--rounds 2]
+[--stores memory,redis,postgresql]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from flask_ploints.samples import build_event
+
+HERE = Path(__file__).resolve().parent
+SECRET = "whsec_bench_gunicorn"
+URL_PATH = "/webhooks/ploints"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TYPES = ("points.earned", "points.redeemed", "customer.created", "badge.issued")
+KINDS = ("extension", "hand")
+CONNECTIONS = 16
+WORKERS = 4
+
+
+@dataclass
+class Result:
+    """What wrk measured in one run."""
+
+    requests: int
+    duration_us: int
+    p50_us: int
+    p90_us: int
+    p99_us: int
+    max_us: int
+    non_2xx: int
+    connect_errors: int
+    read_errors: int
+    write_errors: int
+    timeouts: int
+    wrapped: int
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.requests / (self.duration_us / 1e6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or default_port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def write_events(path: Path, count: int, prefix: str) -> None:
+    """Write ``count`` distinct signed events as ``signature<TAB>body`` lines."""
+    key = SECRET.encode()
+    with path.open("w") as out:
+        for number in range(count):
+            event = build_event(TYPES[number % len(TYPES)], id=f"{prefix}_{number:08d}")
+            body = json.dumps(event)
+            signature = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+            out.write(f"{signature}\t{body}\n")
+
+
+def _post(port: int, body: bytes) -> int:
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(
+            "POST",
+            URL_PATH,
+            body=body,
+            headers={"Content-Type": "application/json", "X-Ploints-Signature": signature},
+        )
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+class Server:
+    """``gunicorn -w 4`` running one receiver of ``gunicorn_apps``."""
+
+    def __init__(self, kind: str, store: str, namespace: str, log: Path) -> None:
+        self.port = _free_port()
+        self.log = log.open("wb")
+        env = {
+            **os.environ,
+            "BENCH_KIND": kind,
+            "BENCH_STORE": store,
+            "BENCH_NAMESPACE": namespace,
+            "BENCH_REDIS_URL": REDIS_URL,
+            "BENCH_POSTGRES_URL": POSTGRES_URL,
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--chdir",
+                str(HERE),
+                "--workers",
+                str(WORKERS),
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--graceful-timeout",
+                "5",
+                "gunicorn_apps:create_app()",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited; see {self.log.name}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                try:
+                    connection.request("GET", URL_PATH)
+                    if connection.getresponse().status == 405:
+                        return
+                finally:
+                    connection.close()
+            time.sleep(0.1)
+        raise RuntimeError("gunicorn did not answer within 30 s")
+
+    def warm_up(self, prefix: str) -> None:
+        """Post distinct events from several threads until every worker has
+        served some (imports done, store connected).
+        """
+        bodies = [
+            json.dumps(build_event("points.earned", id=f"{prefix}_warm_{n}")).encode()
+            for n in range(200)
+        ]
+        with ThreadPoolExecutor(max_workers=CONNECTIONS) as pool:
+            statuses = set(pool.map(lambda body: _post(self.port, body), bodies))
+        if statuses != {200}:
+            raise RuntimeError(f"warm-up answered {statuses}; see {self.log.name}")
+
+    def stop(self) -> None:
+        """Stop gunicorn and its workers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self.log.close()
+
+
+def prepare(kind: str, store: str, namespace: str) -> None:
+    """Create what a run needs before its workers start."""
+    if store == "postgresql" and kind == "hand":
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(
+                f"CREATE TABLE {namespace} (id text PRIMARY KEY, status text NOT NULL)"
+            )
+
+
+def clean(store: str, namespace: str) -> None:
+    """Remove a run's keys or table."""
+    if store == "redis":
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{namespace}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+        client.close()
+    elif store == "postgresql":
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(f"DROP TABLE IF EXISTS {namespace}")
+
+
+def run_wrk(port: int, events: Path, duration: float) -> Result:
+    """Drive the server with wrk and return what it measured."""
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "post_events.lua"),
+        f"http://127.0.0.1:{port}",
+        "--",
+        str(events),
+        "1",
+    ]
+    output = subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=duration + 120
+    ).stdout
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            return Result(**json.loads(line[len("RESULT ") :]))
+    raise RuntimeError(f"wrk printed no RESULT line:\n{output}")
+
+
+def one_run(
+    kind: str, store: str, events: Path, duration: float, logs: Path, number: int
+) -> Result:
+    """Start a fresh server for ``kind`` on ``store``, measure it, clean up."""
+    namespace = f"bench_{uuid.uuid4().hex[:10]}"
+    prepare(kind, store, namespace)
+    try:
+        server = Server(kind, store, namespace, logs / f"{store}-{kind}-{number}.log")
+        try:
+            server.warm_up(namespace)
+            return run_wrk(server.port, events, duration)
+        finally:
+            server.stop()
+    finally:
+        clean(store, namespace)
+
+
+def machine() -> str:
+    """One line on the machine the numbers come from."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} cores (nproc), {model}, {platform.system()} {platform.release()}"
+
+
+def service_versions(stores: list[str]) -> list[str]:
+    """Versions of the store servers in use."""
+    found = []
+    if "redis" in stores:
+        import redis
+
+        info = redis.Redis.from_url(REDIS_URL).info("server")
+        found.append(f"Redis {info['redis_version']}")
+    if "postgresql" in stores:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL) as connection:
+            row = connection.execute("SHOW server_version").fetchone()
+            found.append(f"PostgreSQL {row[0] if row else '?'}")
+    return found
+
+
+def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: int) -> str:
+    """The markdown table for the README."""
+    lines = [
+        "| store | receiver | requests/s | p50 ms | p99 ms | extension / hand-written |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for store, by_kind in results.items():
+        rates = {kind: statistics.mean(r.rate for r in runs) for kind, runs in by_kind.items()}
+        for kind in KINDS:
+            runs = by_kind[kind]
+            p50 = statistics.median(r.p50_us for r in runs) / 1000
+            p99 = statistics.median(r.p99_us for r in runs) / 1000
+            label = "flask-ploints" if kind == "extension" else "hand-written"
+            ratio = f"**{rates['extension'] / rates['hand']:.2f}x**" if kind == "extension" else ""
+            lines.append(
+                f"| {store} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run every store and receiver, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per receiver and store")
+    parser.add_argument("--stores", default="memory,redis,postgresql")
+    parser.add_argument("--events", type=int, default=200_000, help="distinct events to send")
+    args = parser.parse_args()
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    stores = []
+    for store in args.stores.split(","):
+        if store == "redis" and not _reachable(REDIS_URL, 6379):
+            print(f"skipping redis: nothing listens at {REDIS_URL}")
+        elif store == "postgresql" and not _reachable(POSTGRES_URL, 5432):
+            print(f"skipping postgresql: nothing listens at {POSTGRES_URL}")
+        else:
+            stores.append(store)
+
+    results: dict[str, dict[str, list[Result]]] = {}
+    with tempfile.TemporaryDirectory(prefix="ploints-bench-") as directory:
+        work = Path(directory)
+        events = work / "events.tsv"
+        write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}")
+        for store in stores:
+            results[store] = {kind: [] for kind in KINDS}
+            for number in range(args.rounds):
+                order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+                for kind in order:
+                    result = one_run(kind, store, events, args.duration, work, number)
+                    results[store][kind].append(result)
+                    problems = {
+                        name: value
+                        for name, value in vars(result).items()
+                        if name.endswith(("errors", "timeouts", "non_2xx", "wrapped")) and value
+                    }
+                    print(
+                        f"{store:>10} {kind:>9} round {number + 1}: {result.rate:8,.0f} req/s"
+                        f"  p50 {result.p50_us / 1000:5.1f} ms  p99 {result.p99_us / 1000:5.1f} ms"
+                        + (f"  {problems}" if problems else ""),
+                        flush=True,
+                    )
+
+    today = datetime.date.today().isoformat()
+    print()
+    print(
+        f"gunicorn {version('gunicorn')} with {WORKERS} sync workers, wrk -t1 -c{CONNECTIONS}"
+        f" for {args.duration:g} s per run, {args.rounds} runs each (mean req/s, median"
+        f" latencies); distinct pre-signed events; loopback; {today}"
+    )
+    print(
+        f"Machine: {machine()}; Python {platform.python_version()}, Flask {version('flask')},"
+        f" {', '.join(service_versions(stores))}"
+    )
+    print()
+    print(table(results, args.duration, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Requests per second of the extension against a hand-written receiver, in
+one process, without a server.
+
+Both receivers are Flask apps driven through WSGI by the same loop: each
+request is a pre-built environ (pre-signed body, fresh ``wsgi.input``) passed
+to ``app(environ, start_response)``, and the body iterable is drained and
+closed as a WSGI server would. The two run in alternating rounds, each round
+on a fresh app and store, so drift on the machine hits both alike.
+
+* hand-written: the sender's Node example, written in Flask: read the raw
+  body, ``hmac.new`` + ``hmac.compare_digest`` against the header,
+  ``json.loads``, a Python ``set`` to dedupe, a branch on the type, and
+  ``jsonify({"received": True})``.
+* extension: :class:`~flask_ploints.PlointsWebhooks` with a
+  :class:`~flask_ploints.stores.MemoryStore`, ``app.testing = True`` and one
+  handler on ``points.earned``.
+
+Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
+[--profile]``. ``--profile`` runs the extension once more under cProfile and
+prints the costliest functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import hashlib
+import hmac
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+import typing as t
+
+from flask import Flask
+from flask import jsonify
+from flask import request
+from werkzeug.test import EnvironBuilder
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints.samples import build_event
+from flask_ploints.signature import sign
+from flask_ploints.stores import MemoryStore
+
+SECRET = "whsec_bench_secret"
+URL = "/webhooks/ploints"
+TYPES = ("points.earned", "points.redeemed", "customer.created", "badge.issued")
+
+Environ = dict[str, t.Any]
+
+
+def hand_written_app() -> Flask:
+    """The receiver a developer writes from the sender's Node example."""
+    app = Flask("hand_written")
+    seen: set[str] = set()
+    secret = SECRET.encode()
+    earned: list[str] = []
+
+    @app.post(URL)
+    def receive() -> t.Any:
+        signature = request.headers.get("X-Ploints-Signature", "")
+        raw = request.get_data()
+        expected = hmac.new(secret, raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            return jsonify({"error": "Invalid signature"}), 401
+        event = json.loads(raw)
+        if event["id"] in seen:
+            return jsonify({"received": True})
+        if event["type"] == "points.earned":
+            earned.append(event["id"])
+        elif event["type"] == "customer.created":
+            pass
+        seen.add(event["id"])
+        return jsonify({"received": True})
+
+    return app
+
+
+def extension_app() -> Flask:
+    """The same receiver with the extension."""
+    app = Flask("extension")
+    app.testing = True
+    app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
+    app.config["PLOINTS_DEDUPE_STORE"] = MemoryStore()
+    webhooks = PlointsWebhooks(app)
+    earned: list[str] = []
+
+    @webhooks.on("points.earned")
+    def award(event: Event) -> None:
+        earned.append(event.id)
+
+    return app
+
+
+def build_environs(count: int) -> list[tuple[Environ, bytes]]:
+    """``count`` distinct signed deliveries, as environ templates and bodies."""
+    result = []
+    for number in range(count):
+        event = build_event(TYPES[number % len(TYPES)], id=f"evt_bench_{number:08d}")
+        body = json.dumps(event).encode()
+        builder = EnvironBuilder(
+            path=URL,
+            method="POST",
+            data=body,
+            headers=[
+                ("Content-Type", "application/json"),
+                ("X-Ploints-Signature", sign(body, SECRET)),
+            ],
+        )
+        environ = builder.get_environ()
+        builder.close()
+        result.append((environ, body))
+    return result
+
+
+def _start_response(status: str, headers: list[tuple[str, str]], exc_info: t.Any = None) -> t.Any:
+    _start_response.status = status  # type: ignore[attr-defined]
+    return None
+
+
+def run(app: Flask, templates: list[tuple[Environ, bytes]]) -> float:
+    """Drive ``app`` with every delivery once; return requests per second."""
+    environs = [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
+    gc.collect()
+    started = time.perf_counter()
+    for environ in environs:
+        iterable = app(environ, _start_response)
+        b"".join(iterable)
+        close = getattr(iterable, "close", None)
+        if close is not None:
+            close()
+    elapsed = time.perf_counter() - started
+    status = _start_response.status  # type: ignore[attr-defined]
+    if not status.startswith("200"):
+        raise SystemExit(f"{app.name} answered {status}")
+    return len(environs) / elapsed
+
+
+def profile(templates: list[tuple[Environ, bytes]], limit: int) -> None:
+    """Run the extension once under cProfile and print where time goes."""
+    app = extension_app()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run(app, templates)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(limit)
+    stats.sort_stats("cumulative").print_stats("flask_ploints", limit)
+
+
+def main() -> None:
+    """Parse the arguments, run the rounds, print the rates and the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-lines", type=int, default=30)
+    args = parser.parse_args()
+
+    templates = build_environs(args.events)
+    receivers: dict[str, t.Callable[[], Flask]] = {
+        "hand-written": hand_written_app,
+        "extension": extension_app,
+    }
+    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    # A warm-up round that is not counted: imports, caches, the allocator.
+    for factory in receivers.values():
+        run(factory(), templates[: min(2000, len(templates))])
+    for number in range(args.rounds):
+        order = list(receivers) if number % 2 == 0 else list(reversed(receivers))
+        for name in order:
+            rates[name].append(run(receivers[name](), templates))
+        print(
+            f"round {number + 1}: "
+            + ", ".join(f"{name} {rates[name][-1]:,.0f} req/s" for name in receivers)
+        )
+
+    print(f"\n{args.events:,} distinct signed events per round, {args.rounds} rounds")
+    print(f"python {sys.version.split()[0]}")
+    for name in receivers:
+        print(
+            f"{name:>13}: median {statistics.median(rates[name]):,.0f} req/s,"
+            f" best {max(rates[name]):,.0f} req/s"
+        )
+    median_ratio = statistics.median(rates["extension"]) / statistics.median(rates["hand-written"])
+    best_ratio = max(rates["extension"]) / max(rates["hand-written"])
+    print(f"extension / hand-written: {median_ratio:.2f}x (median), {best_ratio:.2f}x (best)")
+    if args.profile:
+        profile(templates, args.profile_lines)
+
+
+if __name__ == "__main__":
+    main()
