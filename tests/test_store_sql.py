@@ -224,6 +224,178 @@ def test_an_unreachable_database_fails_fast(unique: str) -> None:
     assert time.monotonic() - started < 3
 
 
+class _Recorder:
+    """What the store's psycopg cursors ran, through a ``cursor_factory``:
+    each statement's first word and whether its connection was in autocommit
+    mode. ``lose_next`` makes the next statement run, then lose the
+    connection before its answer comes back, as when a database host goes
+    away at that moment.
+    """
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self.statements: list[tuple[str, bool]] = []
+        self.lose_next = False
+        recorder = self
+
+        class Cursor(psycopg.Cursor[t.Any]):
+            def execute(self, query: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+                text = query if isinstance(query, str) else bytes(query).decode()
+                recorder.statements.append((text.split()[0].upper(), self.connection.autocommit))
+                result = super().execute(query, *args, **kwargs)
+                if recorder.lose_next:
+                    recorder.lose_next = False
+                    self.connection.close()
+                    raise psycopg.OperationalError("server closed the connection unexpectedly")
+                return result
+
+        self.cursor_factory = Cursor
+
+    def take(self) -> list[tuple[str, bool]]:
+        taken, self.statements = self.statements, []
+        return taken
+
+
+@pytest.fixture
+def recorder() -> _Recorder:
+    return _Recorder()
+
+
+@pytest.fixture
+def recorded_store(
+    postgres_url: str, unique: str, recorder: _Recorder
+) -> t.Iterator[SQLAlchemyStore]:
+    """A PostgreSQL store from a URL whose statements ``recorder`` sees."""
+    store = SQLAlchemyStore.from_url(
+        postgres_url,
+        table_name=unique,
+        engine_options={"connect_args": {"cursor_factory": recorder.cursor_factory}},
+    )
+    store.claim("evt_warm", 60)  # connects and creates the table
+    recorder.take()
+    yield store
+    _close(store)
+
+
+def test_each_call_is_one_autocommit_statement(
+    recorded_store: SQLAlchemyStore, recorder: _Recorder
+) -> None:
+    # One round trip per call on PostgreSQL: no ping before it, no BEGIN or
+    # COMMIT around it, and a duplicate is told apart in the same statement.
+    store = recorded_store
+    first = store.claim("evt_1", 60, b"{}")
+    assert first.status is ClaimStatus.CLAIMED
+    assert recorder.take() == [("WITH", True)]
+    assert store.claim("evt_1", 60).status is ClaimStatus.IN_FLIGHT
+    assert recorder.take() == [("WITH", True)]
+    assert store.commit("evt_1", first.token, 60) is True
+    assert recorder.take() == [("UPDATE", True)]
+    assert store.claim("evt_1", 60).status is ClaimStatus.DONE
+    assert recorder.take() == [("WITH", True)]
+    second = store.claim("evt_2", 60)
+    recorder.take()
+    assert store.release("evt_2", second.token) is True
+    assert store.get("evt_1") is not None
+    assert recorder.take() == [("DELETE", True), ("SELECT", True)]
+
+
+def test_a_dead_connection_is_replaced_on_the_spot(
+    recorded_store: SQLAlchemyStore, recorder: _Recorder, postgres_url: str
+) -> None:
+    # The server ends the pooled connection (a restart, an idle timeout);
+    # nothing pings it, and the next call still succeeds, on a new one.
+    import psycopg
+
+    store = recorded_store
+    with store.engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    time.sleep(0.2)
+    recorder.take()
+    claim = store.claim("evt_1", 60)
+    assert claim.status is ClaimStatus.CLAIMED
+    assert [word for word, _ in recorder.take()].count("WITH") == 2
+    assert store.commit("evt_1", claim.token, 60) is True
+
+
+def test_a_claim_whose_answer_was_lost_is_ours(
+    recorded_store: SQLAlchemyStore, recorder: _Recorder
+) -> None:
+    # The claim reached the database, then the connection died: the retry
+    # finds the row with its own token and owns it, rather than answering
+    # IN_FLIGHT to itself.
+    store = recorded_store
+    recorder.lose_next = True
+    claim = store.claim("evt_1", 60)
+    assert claim.status is ClaimStatus.CLAIMED
+    stored = store.get("evt_1")
+    assert stored is not None
+    assert (stored.status, stored.attempts) == ("in_flight", 1)
+    assert store.commit("evt_1", claim.token, 60) is True
+
+
+@pytest.mark.parametrize(
+    ("settle", "status"),
+    [
+        (lambda store, token: store.commit("evt_1", token, 60), "done"),
+        (lambda store, token: store.fail("evt_1", token, "boom", 60), "failed"),
+        (lambda store, token: store.release("evt_1", token), None),
+        (lambda store, token: store.extend("evt_1", token, 60), "in_flight"),
+    ],
+    ids=["commit", "fail", "release", "extend"],
+)
+def test_a_settle_whose_answer_was_lost_says_it_was_done(
+    recorded_store: SQLAlchemyStore,
+    recorder: _Recorder,
+    settle: t.Callable[[SQLAlchemyStore, str], bool],
+    status: str | None,
+) -> None:
+    store = recorded_store
+    claim = store.claim("evt_1", 60)
+    recorder.lose_next = True
+    assert settle(store, claim.token) is True
+    stored = store.get("evt_1")
+    assert (stored and stored.status) == status
+    # A token that never owned the id still gets False after a retry.
+    recorder.lose_next = True
+    assert store.commit("evt_1", "not-the-token", 60) is False
+
+
+def test_a_shared_engine_gets_its_connections_back_unchanged(
+    postgres_url: str, unique: str, recorder: _Recorder
+) -> None:
+    # An engine the app also uses for transactions: the store switches a
+    # connection to autocommit for its call only.
+    engine = sa.create_engine(
+        postgres_url, connect_args={"cursor_factory": recorder.cursor_factory}
+    )
+    store = SQLAlchemyStore(engine, table_name=unique)
+    try:
+        claim = store.claim("evt_1", 60)
+        recorder.take()
+        assert store.commit("evt_1", claim.token, 60) is True
+        assert recorder.take() == [("UPDATE", True)]
+        with engine.connect() as conn:
+            assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+            conn.execute(sa.delete(store.table))
+            conn.rollback()
+        assert store.claim("evt_1", 60).status is ClaimStatus.DONE
+    finally:
+        _close(store)
+
+
+def test_sqlite_claims_with_on_conflict(sqlite_file_store: SQLAlchemyStore) -> None:
+    import sqlite3
+
+    store = sqlite_file_store
+    assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+    # RETURNING came with SQLite 3.35; older ones take the portable way.
+    assert store.engine.dialect.insert_returning is (sqlite3.sqlite_version_info >= (3, 35))
+    assert store.claim("evt_1", 60).status is ClaimStatus.IN_FLIGHT
+
+
 def test_store_errors_do_not_echo_the_payload(sqlite_memory_store: SQLAlchemyStore) -> None:
     store = sqlite_memory_store
     store.claim("evt_1", 60)

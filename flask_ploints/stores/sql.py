@@ -22,30 +22,34 @@ try:
     import sqlalchemy as sa
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.dialects import sqlite
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.engine import Engine
     from sqlalchemy.engine import make_url
+    from sqlalchemy.engine.interfaces import DBAPICursor
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.exc import IntegrityError
     from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import PoolProxiedConnection
     from sqlalchemy.pool import StaticPool
+    from sqlalchemy.sql.compiler import SQLCompiler
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "SQLAlchemyStore needs SQLAlchemy 2; install it with:"
         " pip install 'flask-ploints[sqlalchemy]'"
     ) from exc
 
-__all__ = ["SQLAlchemyStore"]
+__all__ = ["SQLAlchemyStore", "engine_from_url", "ensure_table"]
 
 IN_FLIGHT = "in_flight"
 DONE = "done"
 FAILED = "failed"
 
 _DONE = Claim(ClaimStatus.DONE)
-# A claim retries when the row changes between its statements (released or
-# purged by another request); more than a few rounds means something is wrong.
+# A claim goes round again when the row changes under it (released, purged,
+# or inserted by a concurrent claim after the statement's snapshot); more
+# than a few rounds means something is wrong.
 _CLAIM_ROUNDS = 5
-_ROWCOUNT = {"preserve_rowcount": True}
+_T = t.TypeVar("_T")
 
 
 def _make_table(name: str) -> sa.Table:
@@ -70,6 +74,149 @@ def _make_table(name: str) -> sa.Table:
     return table
 
 
+# The parameters of the statements the store builds once. Their names differ
+# from the column names, which SQLAlchemy keeps for the VALUES and SET clauses
+# of INSERT and UPDATE.
+_event_id = sa.bindparam("event_id", type_=sa.String())
+_token = sa.bindparam("claim_token", type_=sa.String())
+_now: sa.BindParameter[float] = sa.bindparam("now", type_=sa.Double())
+_lease_end: sa.BindParameter[float] = sa.bindparam("lease_end", type_=sa.Double())
+_keep_until: sa.BindParameter[float] = sa.bindparam("keep_until", type_=sa.Double())
+_payload = sa.bindparam("body", type_=sa.LargeBinary())
+_error = sa.bindparam("reason", type_=sa.Text())
+# The constants, written into the SQL rather than sent as parameters: fewer
+# parameters for the driver to adapt on every call.
+_SQL_IN_FLIGHT = sa.literal_column(f"'{IN_FLIGHT}'", sa.String())
+_SQL_DONE = sa.literal_column(f"'{DONE}'", sa.String())
+_SQL_FAILED = sa.literal_column(f"'{FAILED}'", sa.String())
+_SQL_ONE = sa.literal_column("1", sa.Integer())
+
+
+class _Statements:
+    """Every statement of one store's table, built once with bind parameters
+    (and compiled once, by :class:`_Query`), so that a call only executes.
+    """
+
+    def __init__(
+        self, table: sa.Table, upsert: t.Callable[[sa.Table], t.Any] | None, dialect: str
+    ) -> None:
+        c = table.c
+        # What a claim reads back: ours when the token is, else who holds it.
+        holder = (c.token, c.status, c.lease_expires, c.expires)
+        self.holder: sa.Select[t.Any] = sa.select(*holder).where(c.id == _event_id)
+        values = {
+            "id": _event_id,
+            "status": _SQL_IN_FLIGHT,
+            "token": _token,
+            "lease_expires": _lease_end,
+            "expires": _lease_end,
+            "attempts": _SQL_ONE,
+            "error": sa.null(),
+            "payload": _payload,
+            "created_at": _now,
+            "updated_at": _now,
+        }
+        # A row a claim may take over: failed, its lease ran out, or done and
+        # past its retention.
+        free = sa.or_(
+            c.status == _SQL_FAILED,
+            sa.and_(c.status == _SQL_IN_FLIGHT, c.lease_expires <= _now),
+            sa.and_(c.status == _SQL_DONE, c.expires <= _now),
+        )
+        # A done or failed row past its retention is forgotten: the claim
+        # starts it afresh rather than counting on from it.
+        forgotten = sa.and_(c.status != _SQL_IN_FLIGHT, c.expires <= _now)
+        old_payload = sa.case((forgotten, sa.null()), else_=c.payload)
+        take_over: dict[str, t.Any] = {
+            "status": _SQL_IN_FLIGHT,
+            "token": _token,
+            "lease_expires": _lease_end,
+            "expires": _lease_end,
+            "attempts": sa.case((forgotten, _SQL_ONE), else_=c.attempts + _SQL_ONE),
+            "error": sa.case((forgotten, sa.null()), else_=c.error),
+            # A claim without a payload keeps the last one.
+            "payload": sa.func.coalesce(_payload, old_payload, type_=sa.LargeBinary()),
+            "created_at": sa.case((forgotten, _now), else_=c.created_at),
+            "updated_at": _now,
+        }
+
+        #: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE free RETURNING``
+        #: the holder: our row when the claim inserted or took over the id, no
+        #: row when it changed nothing. ``None`` without ON CONFLICT.
+        self.upsert: sa.ClauseElement | None = None
+        #: On PostgreSQL, the whole claim in one statement: the upsert as a
+        #: CTE, then the current holder when the upsert returned nothing::
+        #:
+        #:     WITH claimed AS (INSERT ... RETURNING token, status, ...)
+        #:     SELECT token, status, ... FROM claimed
+        #:     UNION ALL
+        #:     SELECT token, status, ... FROM <table>
+        #:     WHERE id = :event_id AND NOT EXISTS (SELECT * FROM claimed)
+        #:
+        #: The second SELECT reads the statement's snapshot, so a row that a
+        #: concurrent claim inserted since may be missing: no row at all,
+        #: and the claim goes round again.
+        self.claim: sa.ClauseElement | None = None
+        if upsert is not None:
+            upserting: t.Any = (
+                upsert(table)
+                .values(values)
+                .on_conflict_do_update(index_elements=[c.id], set_=take_over, where=free)
+                .returning(*holder)
+            )
+            self.upsert = upserting
+            if dialect == "postgresql":
+                claimed = upserting.cte("claimed")
+                self.claim = sa.union_all(
+                    sa.select(*(claimed.c[column.name] for column in holder)),
+                    self.holder.where(~sa.exists().select_from(claimed)),
+                )
+        #: Without ON CONFLICT: insert, and on a duplicate key take over.
+        self.insert = sa.insert(table).values(values)
+        self.take_over = sa.update(table).where(c.id == _event_id, free).values(take_over)
+
+        owns = sa.and_(
+            c.id == _event_id, c.token == _token, c.status == _SQL_IN_FLIGHT, c.lease_expires > _now
+        )
+        self.commit = (
+            sa.update(table)
+            .where(owns)
+            .values(status=_SQL_DONE, expires=_keep_until, updated_at=_now)
+        )
+        self.release = sa.delete(table).where(owns)
+        self.extend = (
+            sa.update(table)
+            .where(owns)
+            .values(lease_expires=_lease_end, expires=_lease_end, updated_at=_now)
+        )
+        self.fail = (
+            sa.update(table)
+            .where(owns)
+            .values(status=_SQL_FAILED, error=_error, expires=_keep_until, updated_at=_now)
+        )
+
+        self.purge = sa.delete(table).where(
+            sa.or_(
+                sa.and_(c.status.in_([_SQL_DONE, _SQL_FAILED]), c.expires <= _now),
+                sa.and_(
+                    c.status == _SQL_IN_FLIGHT,
+                    c.lease_expires <= sa.bindparam("abandoned_before", type_=sa.Double()),
+                ),
+            )
+        )
+        event = sa.select(c.id, c.status, c.attempts, c.error, c.payload, c.updated_at)
+        live = sa.or_(
+            sa.and_(c.status == _SQL_IN_FLIGHT, c.lease_expires > _now),
+            sa.and_(c.status != _SQL_IN_FLIGHT, c.expires > _now),
+        )
+        self.get: sa.Select[t.Any] = event.where(c.id == _event_id, live)
+        self.failed: sa.Select[t.Any] = (
+            event.where(c.status == _SQL_FAILED, c.expires > _now)
+            .order_by(c.updated_at.desc())
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
+        )
+
+
 class SQLAlchemyStore:
     """Remembers event ids in one table of a SQL database, so every worker
     process and host shares the same dedupe state. Tested on PostgreSQL
@@ -82,14 +229,34 @@ class SQLAlchemyStore:
     the last :meth:`fail`, the ``payload`` when ``keep_payloads`` is set, and
     ``created_at`` / ``updated_at``.
 
-    A claim is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` on
-    PostgreSQL and SQLite: it inserts a new id, or takes over a row that
-    failed, whose lease ran out, or whose retention passed; when it changes
-    nothing a ``SELECT`` in the same transaction tells ``DONE`` from
-    ``IN_FLIGHT``. Other databases insert, then update on a duplicate key.
-    :meth:`commit`, :meth:`release`, :meth:`extend` and :meth:`fail` are one
-    conditional ``UPDATE`` or ``DELETE`` each, that only match while the
-    token owns a live lease.
+    Statements run in autocommit mode, without ``BEGIN`` or ``COMMIT``; on
+    PostgreSQL every call is one statement, one round trip:
+
+    * A claim is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ...
+      RETURNING``: it inserts a new id, or takes over a row that failed,
+      whose lease ran out, or whose retention passed. On PostgreSQL the same
+      statement also returns the row's holder when it changed nothing, to
+      tell ``DONE`` from ``IN_FLIGHT``; on SQLite a ``SELECT`` follows then.
+      Other databases insert, update on a duplicate key, then select.
+    * :meth:`commit`, :meth:`release`, :meth:`extend` and :meth:`fail` are one
+      conditional ``UPDATE`` or ``DELETE`` each, that only match while the
+      token owns a live lease.
+
+    SQLAlchemy builds and compiles the statements, once per store, and pools
+    the connections; the store runs the compiled SQL on the DBAPI cursor
+    itself, because SQLAlchemy's execution layer costs more per call than the
+    database does for these one-row statements. So engine events
+    (``before_cursor_execute``, ``echo``) do not see the store's statements.
+
+    **Connections** are not checked before use (no ``pool_pre_ping``, which
+    costs a round trip per call): a call whose pooled connection turns out
+    dead (the database restarted, a proxy dropped it) drops the pool's
+    connections as old as it, as SQLAlchemy does, and runs once more on a new
+    connection. A claim that reached the database before its connection died
+    recognises its own token on the second run; a :meth:`commit`,
+    :meth:`fail` or :meth:`release` checks whether the first run did the
+    work. A failure to connect is not retried. An engine with
+    ``pool_pre_ping`` works too, a round trip slower.
 
     **Clocks.** Times are ``time.time()`` of the host that writes them, stored
     as float seconds since the epoch so that every dialect compares them the
@@ -109,7 +276,8 @@ class SQLAlchemyStore:
     :class:`.StoreError`. It implements :class:`.InspectableStore`.
 
     :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
-        be shared.
+        be shared. The store switches a connection to autocommit mode for
+        the time of a call, and back.
     :param table_name: the table to keep event ids in.
     :param keep_payloads: keep each event's raw body, for replay.
     :param create_table: create the table (if missing) on first use; else
@@ -134,14 +302,20 @@ class SQLAlchemyStore:
         create_table: bool = True,
     ) -> None:
         self.engine = engine
+        # Whether the engine's connections are in autocommit mode already;
+        # else each call switches its connection for the time it holds it.
+        self._autocommit_engine = False
+        self._queries: dict[int, _Query] = {}
         self.table = _make_table(table_name)
         self.keep_payloads = keep_payloads
+        dialect = engine.dialect.name
+        self._sql = _Statements(self.table, self._upserts.get(dialect), dialect)
         self._needs_table = create_table
         self._create_lock = threading.Lock()
         self._lock: t.ContextManager[t.Any] = (
             # SQLite has one writer at a time (and one shared connection when
             # in memory): threads queue here rather than on busy timeouts.
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+            threading.Lock() if dialect == "sqlite" else contextlib.nullcontext()
         )
 
     @classmethod
@@ -153,14 +327,11 @@ class SQLAlchemyStore:
         engine_options: t.Mapping[str, t.Any] | None = None,
         **kwargs: t.Any,
     ) -> SQLAlchemyStore:
-        """Build a store with its own engine for ``url``. No connection is
-        made until the first call.
-
-        A ``postgresql://`` (or ``postgres://``) URL without a driver uses
-        psycopg 3. An in-memory SQLite URL (``sqlite://``) gets a
-        :class:`~sqlalchemy.pool.StaticPool`, so that every thread sees the
-        same database. Connections are checked before use
-        (``pool_pre_ping``).
+        """Build a store with its own engine for ``url`` (see
+        :func:`engine_from_url`), except that its connections are in
+        ``AUTOCOMMIT`` mode (``store.engine.begin()`` does not open a
+        transaction) and not pinged before use: the store retries a call on a
+        dead connection instead. No connection is made until the first call.
 
         :param url: a SQLAlchemy database URL.
         :param timeout: seconds to wait to connect; on SQLite, for another
@@ -170,25 +341,20 @@ class SQLAlchemyStore:
         :param kwargs: passed to the constructor (``table_name``,
             ``keep_payloads``, ``create_table``).
         """
-        parsed = make_url(_with_driver(url))
-        options: dict[str, t.Any] = {"pool_pre_ping": True}
-        connect_args: dict[str, t.Any] = {}
-        backend = parsed.get_backend_name()
-        if backend == "postgresql":
-            # libpq counts whole seconds and treats anything under 2 as 2.
-            connect_args["connect_timeout"] = max(2, math.ceil(timeout))
-        elif backend in ("mysql", "mariadb"):
-            connect_args["connect_timeout"] = max(1, math.ceil(timeout))
-        elif backend == "sqlite":
-            connect_args["timeout"] = timeout
-            connect_args["check_same_thread"] = False
-            if parsed.database in (None, "", ":memory:"):
-                options["poolclass"] = StaticPool
-        extra = dict(engine_options or {})
-        connect_args.update(extra.pop("connect_args", {}))
-        options["connect_args"] = connect_args
-        options.update(extra)
-        return cls(sa.create_engine(parsed, **options), **kwargs)
+        options: dict[str, t.Any] = {
+            "pool_pre_ping": False,
+            "isolation_level": "AUTOCOMMIT",
+            **(engine_options or {}),
+        }
+        autocommit = options["isolation_level"] == "AUTOCOMMIT"
+        if autocommit:
+            # No transaction is ever left open to roll back on checkin.
+            options.setdefault("pool_reset_on_return", None)
+        store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
+        # Every connection is in autocommit mode from the start: nothing to
+        # switch on each checkout.
+        store._autocommit_engine = autocommit
+        return store
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -202,12 +368,7 @@ class SQLAlchemyStore:
         # The caller holds _create_lock.
         try:
             with self._lock:
-                try:
-                    self.table.create(self.engine, checkfirst=True)
-                except SQLAlchemyError:
-                    # Another process created it between the check and the
-                    # create; the second check sees it.
-                    self.table.create(self.engine, checkfirst=True)
+                ensure_table(self.engine, self.table)
         except SQLAlchemyError as exc:
             raise _store_error(exc) from exc
         self._needs_table = False
@@ -217,114 +378,76 @@ class SQLAlchemyStore:
         ``keep_payloads`` is set; a new claim without one keeps the last.
         """
         token = secrets.token_hex(8)
-        if not self.keep_payloads:
-            payload = None
-        c = self.table.c
+        params: dict[str, t.Any] = {
+            "event_id": event_id,
+            "claim_token": token,
+            "body": payload if self.keep_payloads else None,
+        }
         for _ in range(_CLAIM_ROUNDS):
-            now = time.time()
-            with self._begin() as conn:
-                if self._take(conn, event_id, token, now, lease, payload):
-                    return Claim(ClaimStatus.CLAIMED, token)
-                row = conn.execute(
-                    sa.select(c.status, c.lease_expires, c.expires).where(c.id == event_id)
-                ).first()
-            if row is None:
+            now = params["now"] = time.time()
+            params["lease_end"] = now + lease
+            holder = self._run(lambda cursor, _retry: self._claim(cursor, params))
+            if holder is None:
+                # Released or purged between the statements: go round again.
                 continue
-            if row.status == DONE and row.expires > now:
+            # Our token: the claim inserted or took over the row, now or in
+            # a first run whose connection died before the answer came back.
+            if holder.token == token and holder.status == IN_FLIGHT:
+                return Claim(ClaimStatus.CLAIMED, token)
+            if holder.status == DONE and holder.expires > now:
                 return _DONE
-            if row.status == IN_FLIGHT and row.lease_expires > now:
-                return Claim(ClaimStatus.IN_FLIGHT, retry_after=row.lease_expires - now)
+            if holder.status == IN_FLIGHT and holder.lease_expires > now:
+                return Claim(ClaimStatus.IN_FLIGHT, retry_after=holder.lease_expires - now)
         raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
 
-    def _take(
-        self,
-        conn: Connection,
-        event_id: str,
-        token: str,
-        now: float,
-        lease: float,
-        payload: bytes | None,
-    ) -> bool:
-        """Insert the row, or take it over when it is free; ``True`` when this
-        claim owns it.
+    def _claim(self, cursor: _Cursor, params: dict[str, t.Any]) -> _Holder | None:
+        """Insert the row, or take it over when it is free; return the row's
+        holder: ours when this claim owns it.
         """
-        c = self.table.c
-        values = {
-            "id": event_id,
-            "status": IN_FLIGHT,
-            "token": token,
-            "lease_expires": now + lease,
-            "expires": now + lease,
-            "attempts": 1,
-            "error": None,
-            "payload": payload,
-            "created_at": now,
-            "updated_at": now,
-        }
-        free = sa.or_(
-            c.status == FAILED,
-            sa.and_(c.status == IN_FLIGHT, c.lease_expires <= now),
-            sa.and_(c.status == DONE, c.expires <= now),
-        )
-        # A done or failed row past its retention is forgotten: the claim
-        # starts it afresh rather than counting on from it.
-        forgotten = sa.and_(c.status != IN_FLIGHT, c.expires <= now)
-        changes: dict[str, t.Any] = {
-            "status": IN_FLIGHT,
-            "token": token,
-            "lease_expires": now + lease,
-            "expires": now + lease,
-            "attempts": sa.case((forgotten, 1), else_=c.attempts + 1),
-            "error": sa.case((forgotten, sa.null()), else_=c.error),
-            "payload": (
-                payload if payload is not None else sa.case((forgotten, sa.null()), else_=c.payload)
-            ),
-            "created_at": sa.case((forgotten, now), else_=c.created_at),
-            "updated_at": now,
-        }
-        dialect = conn.dialect
-        upsert = self._upserts.get(dialect.name)
-        if dialect.name == "sqlite" and (dialect.server_version_info or (0,)) < (3, 24):
-            upsert = None
-        if upsert is not None:
-            statement = (
-                upsert(self.table)
-                .values(values)
-                .on_conflict_do_update(index_elements=[c.id], set_=changes, where=free)
-            )
-            # SQLAlchemy only reports an INSERT's rowcount when asked to.
-            return conn.execute(statement, execution_options=_ROWCOUNT).rowcount == 1
-        try:
-            with conn.begin_nested():
-                conn.execute(sa.insert(self.table).values(values))
-            return True
-        except IntegrityError:
-            pass
-        statement = sa.update(self.table).where(c.id == event_id, free).values(changes)
-        return conn.execute(statement).rowcount == 1
+        sql = self._sql
+        if sql.claim is not None:
+            return _holder(cursor.first(sql.claim, params))
+        if sql.upsert is not None and self.engine.dialect.insert_returning:
+            holder = _holder(cursor.first(sql.upsert, params))
+            if holder is not None:
+                return holder
+        else:
+            # No transaction to roll back: in autocommit mode the failed
+            # INSERT leaves the connection usable.
+            try:
+                cursor.execute(sql.insert, params)
+                taken = True
+            except IntegrityError:
+                taken = cursor.execute(sql.take_over, params).rowcount == 1
+            if taken:
+                return _Holder(params["claim_token"], IN_FLIGHT, params["lease_end"], 0.0)
+        return _holder(cursor.first(sql.holder, params))
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
         now = time.time()
         return self._settle(
-            event_id,
-            token,
-            now,
-            {"status": DONE, "expires": now + retention, "updated_at": now},
+            self._sql.commit,
+            {"event_id": event_id, "claim_token": token, "now": now, "keep_until": now + retention},
+            lambda holder: holder is not None and (holder.token, holder.status) == (token, DONE),
         )
 
     def release(self, event_id: str, token: str) -> bool:
         """See :meth:`.DedupeStore.release`. The row is deleted."""
-        return self._settle(event_id, token, time.time(), None)
+        return self._settle(
+            self._sql.release,
+            {"event_id": event_id, "claim_token": token, "now": time.time()},
+            lambda holder: holder is None,
+        )
 
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         """See :meth:`.DedupeStore.extend`."""
         now = time.time()
+        # Run again after a first run that did extend, it matches again.
         return self._settle(
-            event_id,
-            token,
-            now,
-            {"lease_expires": now + lease, "expires": now + lease, "updated_at": now},
+            self._sql.extend,
+            {"event_id": event_id, "claim_token": token, "now": now, "lease_end": now + lease},
+            None,
         )
 
     def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
@@ -332,27 +455,40 @@ class SQLAlchemyStore:
         ``retention`` seconds.
         """
         now = time.time()
+        params = {
+            "event_id": event_id,
+            "claim_token": token,
+            "now": now,
+            "keep_until": now + retention,
+            "reason": error,
+        }
         return self._settle(
-            event_id,
-            token,
-            now,
-            {"status": FAILED, "error": error, "expires": now + retention, "updated_at": now},
+            self._sql.fail,
+            params,
+            lambda holder: holder is not None and (holder.token, holder.status) == (token, FAILED),
         )
 
     def _settle(
-        self, event_id: str, token: str, now: float, changes: dict[str, t.Any] | None
+        self,
+        statement: sa.ClauseElement,
+        params: dict[str, t.Any],
+        done_before: t.Callable[[_Holder | None], bool] | None,
     ) -> bool:
-        c = self.table.c
-        owns = sa.and_(
-            c.id == event_id, c.token == token, c.status == IN_FLIGHT, c.lease_expires > now
-        )
-        statement: sa.Executable = (
-            sa.delete(self.table).where(owns)
-            if changes is None
-            else sa.update(self.table).where(owns).values(changes)
-        )
-        with self._begin() as conn:
-            return conn.execute(statement).rowcount == 1
+        """Run a conditional ``UPDATE`` or ``DELETE``: ``True`` when it matched.
+
+        :param done_before: when the statement runs a second time (its first
+            connection died) and matches nothing, whether the row shows that
+            the first run did the work before the connection died.
+        """
+
+        def settle(cursor: _Cursor, retry: bool) -> bool:
+            if cursor.execute(statement, params).rowcount == 1:
+                return True
+            if not retry or done_before is None:
+                return False
+            return done_before(_holder(cursor.first(self._sql.holder, params)))
+
+        return self._run(settle)
 
     def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
         """Delete the rows the store no longer needs, and return how many.
@@ -368,58 +504,222 @@ class SQLAlchemyStore:
             for inspection.
         """
         now = time.time() if now is None else now
-        c = self.table.c
-        statement = sa.delete(self.table).where(
-            sa.or_(
-                sa.and_(c.status.in_([DONE, FAILED]), c.expires <= now),
-                sa.and_(c.status == IN_FLIGHT, c.lease_expires <= now - in_flight_grace),
-            )
+        params = {"now": now, "abandoned_before": now - in_flight_grace}
+        count: int = self._run(
+            lambda cursor, _retry: cursor.execute(self._sql.purge, params).rowcount
         )
-        with self._begin() as conn:
-            return conn.execute(statement).rowcount
+        return count
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`."""
-        now = time.time()
-        c = self.table.c
-        live = sa.or_(
-            sa.and_(c.status == IN_FLIGHT, c.lease_expires > now),
-            sa.and_(c.status != IN_FLIGHT, c.expires > now),
-        )
-        with self._begin() as conn:
-            row = conn.execute(self._select().where(c.id == event_id, live)).first()
+        params = {"event_id": event_id, "now": time.time()}
+        row = self._run(lambda cursor, _retry: cursor.first(self._sql.get, params))
         return None if row is None else _stored(row)
 
     def failed(self, limit: int = 100) -> list[StoredEvent]:
         """See :meth:`.InspectableStore.failed`. Uses the index on
         ``(status, updated_at)``.
         """
-        c = self.table.c
-        statement = (
-            self._select()
-            .where(c.status == FAILED, c.expires > time.time())
-            .order_by(c.updated_at.desc())
-            .limit(max(limit, 0))
-        )
-        with self._begin() as conn:
-            rows = conn.execute(statement).all()
+        params = {"now": time.time(), "limit": max(limit, 0)}
+        rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
         return [_stored(row) for row in rows]
 
-    def _select(self) -> sa.Select[t.Any]:
-        c = self.table.c
-        return sa.select(c.id, c.status, c.attempts, c.error, c.payload, c.updated_at)
+    def _run(self, operation: t.Callable[[_Cursor, bool], _T]) -> _T:
+        """Call ``operation(cursor, retry)`` with a cursor on a pooled
+        connection in autocommit mode.
 
-    @contextlib.contextmanager
-    def _begin(self) -> t.Iterator[Connection]:
+        When the connection turns out dead, the pool's connections as old as
+        it are dropped (as SQLAlchemy does), and the operation runs once more,
+        with ``retry`` set, on a new connection. A failure to connect is not
+        retried, so an unreachable database fails within one connect timeout.
+        """
         if self._needs_table:
             with self._create_lock:
                 if self._needs_table:
                     self._create_table()
         try:
-            with self._lock, self.engine.begin() as conn:
-                yield conn
+            with self._lock:
+                try:
+                    return self._attempt(operation, False)
+                except DBAPIError as exc:
+                    if not exc.connection_invalidated:
+                        raise
+                return self._attempt(operation, True)
         except SQLAlchemyError as exc:
             raise _store_error(exc) from exc
+
+    def _attempt(self, operation: t.Callable[[_Cursor, bool], _T], retry: bool) -> _T:
+        dialect = self.engine.dialect
+        try:
+            connection = self.engine.raw_connection()
+            dbapi_connection = connection.dbapi_connection
+            assert dbapi_connection is not None  # a checked-out connection has one
+            try:
+                if not self._autocommit_engine:
+                    dialect.set_isolation_level(dbapi_connection, "AUTOCOMMIT")
+                cursor = _Cursor(self, connection)
+                try:
+                    return operation(cursor, retry)
+                finally:
+                    cursor.close()
+            finally:
+                if connection.is_valid and not self._autocommit_engine:
+                    with contextlib.suppress(Exception):
+                        dialect.reset_isolation_level(dbapi_connection)
+                connection.close()
+        except dialect.loaded_dbapi.Error as exc:
+            # From connecting or switching to autocommit; the statements'
+            # own errors come out of _Cursor.execute as SQLAlchemy's.
+            raise _wrap(exc, dialect, invalidated=False) from exc
+
+
+class _Query:
+    """One statement compiled for the engine's dialect, with what it takes to
+    run it on a DBAPI cursor: its SQL, and its parameters converted by their
+    types' bind processors and put in order for a positional paramstyle.
+    """
+
+    def __init__(self, statement: sa.ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self._compiled = compiled
+        self.sql = compiled.string
+        # The parameters in order, for drivers that take them by position.
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        self._processors = [
+            (name, process)
+            for name, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+
+    def parameters(self, params: t.Mapping[str, t.Any]) -> t.Any:
+        """The DBAPI parameters for ``params``."""
+        values = self._compiled.construct_params(params)
+        for name, process in self._processors:
+            values[name] = process(values[name])
+        return values if self._order is None else tuple(values[name] for name in self._order)
+
+
+class _Cursor:
+    """A DBAPI cursor of a store's call, that runs the store's statements and
+    raises DBAPI errors as SQLAlchemy's.
+    """
+
+    def __init__(self, store: SQLAlchemyStore, connection: PoolProxiedConnection) -> None:
+        self._store = store
+        self._connection = connection
+        self._cursor = connection.cursor()
+
+    def execute(self, statement: sa.ClauseElement, params: t.Mapping[str, t.Any]) -> DBAPICursor:
+        queries = self._store._queries
+        dialect = self._store.engine.dialect
+        query = queries.get(id(statement))
+        if query is None:
+            # Compiled on first use, once the dialect knows the server.
+            query = queries[id(statement)] = _Query(statement, dialect)
+        try:
+            self._cursor.execute(query.sql, query.parameters(params))
+        except dialect.loaded_dbapi.Error as exc:
+            dead = dialect.is_disconnect(exc, self._connection.dbapi_connection, self._cursor)
+            if dead:
+                # What SQLAlchemy's execution does on a disconnect: this
+                # connection goes, and the pool's others as old are replaced
+                # on their next checkout (they are likely dead too), so the
+                # retry gets a new connection.
+                self._store.engine.pool._invalidate(self._connection, exc)
+            raise _wrap(exc, dialect, invalidated=dead) from exc
+        return self._cursor
+
+    def first(self, statement: sa.ClauseElement, params: t.Mapping[str, t.Any]) -> t.Any:
+        """The first row of ``statement``, or ``None``."""
+        rows = self.execute(statement, params).fetchall()
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cursor.close()
+
+
+def _wrap(exc: Exception, dialect: Dialect, *, invalidated: bool) -> DBAPIError:
+    """The SQLAlchemy exception for a DBAPI error, without the statement."""
+    error = DBAPIError.instance(
+        None,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=invalidated,
+        dialect=dialect,
+    )
+    assert isinstance(error, DBAPIError)
+    return error
+
+
+class _Holder(t.NamedTuple):
+    """Who holds an id: its row's token, status and times."""
+
+    token: str
+    status: str
+    lease_expires: float
+    expires: float
+
+
+def _holder(row: t.Any) -> _Holder | None:
+    return None if row is None else _Holder(*row)
+
+
+def engine_from_url(
+    url: str, *, timeout: float = 2.0, engine_options: t.Mapping[str, t.Any] | None = None
+) -> Engine:
+    """Build an engine for ``url`` the way :meth:`SQLAlchemyStore.from_url`
+    does, for other tables of flask-ploints (the delivery log) to share. No
+    connection is made until the first use.
+
+    A ``postgresql://`` (or ``postgres://``) URL without a driver uses
+    psycopg 3. An in-memory SQLite URL (``sqlite://``) gets a
+    :class:`~sqlalchemy.pool.StaticPool`, so that every thread sees the
+    same database. Connections are checked before use (``pool_pre_ping``).
+
+    :param url: a SQLAlchemy database URL.
+    :param timeout: seconds to wait to connect; on SQLite, for another
+        process's write lock.
+    :param engine_options: more keyword arguments for
+        :func:`sqlalchemy.create_engine`; they win over the above.
+
+    .. versionadded:: 0.1
+    """
+    parsed = make_url(_with_driver(url))
+    options: dict[str, t.Any] = {"pool_pre_ping": True}
+    connect_args: dict[str, t.Any] = {}
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        connect_args["connect_timeout"] = max(2, math.ceil(timeout))
+    elif backend in ("mysql", "mariadb"):
+        connect_args["connect_timeout"] = max(1, math.ceil(timeout))
+    elif backend == "sqlite":
+        connect_args["timeout"] = timeout
+        connect_args["check_same_thread"] = False
+        if parsed.database in (None, "", ":memory:"):
+            options["poolclass"] = StaticPool
+    extra = dict(engine_options or {})
+    connect_args.update(extra.pop("connect_args", {}))
+    options["connect_args"] = connect_args
+    options.update(extra)
+    return sa.create_engine(parsed, **options)
+
+
+def ensure_table(engine: Engine, table: sa.Table) -> None:
+    """Create ``table`` and its indexes in ``engine``'s database unless they
+    exist, also when another process creates them at the same time.
+
+    :raises sqlalchemy.exc.SQLAlchemyError: the database refused.
+    """
+    try:
+        table.create(engine, checkfirst=True)
+    except SQLAlchemyError:
+        # Another process created it between the check and the create; the
+        # second check sees it.
+        table.create(engine, checkfirst=True)
 
 
 def _with_driver(url: str) -> str:
@@ -437,12 +737,14 @@ def _store_error(exc: SQLAlchemyError) -> StoreError:
     return StoreError(f"database: {type(exc).__name__}: {exc}")
 
 
-def _stored(row: sa.Row[t.Any]) -> StoredEvent:
+def _stored(row: t.Sequence[t.Any]) -> StoredEvent:
+    # The columns of _Statements.get and .failed, in order.
+    id, status, attempts, error, payload, updated_at = row
     return StoredEvent(
-        id=row.id,
-        status=row.status,
-        attempts=row.attempts,
-        error=row.error,
-        payload=None if row.payload is None else bytes(row.payload),
-        updated_at=row.updated_at,
+        id=id,
+        status=status,
+        attempts=attempts,
+        error=error,
+        payload=None if payload is None else bytes(payload),
+        updated_at=updated_at,
     )
