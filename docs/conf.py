@@ -22,3 +22,4 @@ autodoc_typehints = "description"
 intersphinx_mapping = {}
 nitpicky = False
 html_theme = "alabaster"
+html_static_path = ["_static"]

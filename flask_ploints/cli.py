@@ -22,12 +22,15 @@ from flask import Flask
 from flask import current_app
 from flask.cli import AppGroup
 
+from .dispatch import DispatchError
 from .events import EVENT_TYPES
+from .replay import replay
 from .samples import build_event
 from .signals import signal_for
 from .signature import SIGNATURE_HEADER
 from .signature import sign
 from .stores import InspectableStore
+from .stores import StoreError
 
 if t.TYPE_CHECKING:
     from .extension import Receiver
@@ -232,12 +235,14 @@ def failed_command(limit: int, name: str) -> None:
 @name_option
 def replay_command(event_id: str, name: str) -> None:
     """Run a failed event's handlers again from its stored payload."""
-    from .replay import replay
-
     try:
         outcome = replay(_app(), event_id, name=name)
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error.args[0] if error.args else error)) from None
+    except DispatchError:
+        raise click.ClickException("the event queue is unavailable; try again later") from None
+    except StoreError:
+        raise click.ClickException("the dedupe store is unavailable; try again later") from None
     click.echo(f"{event_id}: {outcome}")
 
 

@@ -8,6 +8,7 @@ starts, in a :class:`ConfigError` that names the key.
 
 from __future__ import annotations
 
+import math
 import typing as t
 import warnings
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from types import MappingProxyType
 
 __all__ = [
     "DEFAULTS",
+    "DELIVERY_LOG_DEFAULTS",
     "SENDER_RETRY_SPAN",
     "SENDER_TIMEOUT",
+    "CelerySettings",
     "ConfigError",
     "PlointsWarning",
     "Settings",
@@ -46,6 +49,24 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
     "PLOINTS_METRICS": ("metrics", False),
     "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
+    "PLOINTS_CELERY_APP": ("celery_app", None),
+    "PLOINTS_CELERY_QUEUE": ("celery_queue", None),
+    "PLOINTS_CELERY_LEASE": ("celery_lease", timedelta(hours=1)),
+    "PLOINTS_CELERY_PUBLISH_TIMEOUT": ("celery_publish_timeout", 2.0),
+    "PLOINTS_CELERY_MAX_RETRIES": ("celery_max_retries", 5),
+    "PLOINTS_CELERY_RETRY_BACKOFF": ("celery_retry_backoff", 10.0),
+    "PLOINTS_CELERY_RETRY_BACKOFF_MAX": ("celery_retry_backoff_max", 600.0),
+}
+
+
+#: The delivery log page's keys with their defaults. They are per app, not
+#: per instance: one page lists the deliveries of every instance, so they
+#: have no keyword argument. See :mod:`flask_ploints.admin`.
+DELIVERY_LOG_DEFAULTS: dict[str, t.Any] = {
+    "PLOINTS_DELIVERY_LOG": None,
+    "PLOINTS_DELIVERY_LOG_URL": "/ploints/deliveries",
+    "PLOINTS_DELIVERY_LOG_ACCESS": None,
+    "PLOINTS_DELIVERY_LOG_RETENTION": timedelta(days=7),
 }
 
 
@@ -57,6 +78,40 @@ class PlointsWarning(UserWarning):
     """A setting works but is risky: a development-only store, a retention
     too short for the sender's retries.
     """
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    """The checked ``PLOINTS_CELERY_*`` settings of one instance, for
+    :mod:`flask_ploints.celery`.
+
+    .. versionadded:: 0.1
+    """
+
+    #: The Celery app from ``PLOINTS_CELERY_APP``; ``None`` to take
+    #: ``app.extensions["celery"]``.
+    app: object
+    #: The queue events are sent to; ``None`` for Celery's own routing.
+    queue: str | None
+    #: Seconds of lease that cover an event's wait in the queue, one run of
+    #: its handlers and the pause before its next retry.
+    lease: float
+    #: Seconds each step of publishing (connect, send, confirm) may take.
+    publish_timeout: float
+    #: Retries after the first attempt before the event is marked failed.
+    max_retries: int
+    #: Seconds before the first retry; each next retry waits twice as long.
+    retry_backoff: float
+    #: The longest wait between two attempts, in seconds.
+    retry_backoff_max: float
+
+    def retry_delay(self, retries: int) -> float:
+        """Return the seconds to wait before the retry that follows
+        ``retries`` earlier retries: :attr:`retry_backoff` doubled each
+        time, at most :attr:`retry_backoff_max`.
+        """
+        # The exponent is capped: past 2**64 every wait is the maximum anyway.
+        return min(self.retry_backoff_max, self.retry_backoff * 2.0 ** min(retries, 64))
 
 
 @dataclass(frozen=True)
@@ -82,9 +137,17 @@ class Settings:
     slow_handler_seconds: float
     #: ``"sync"``, ``"celery"``, or a dispatcher instance.
     dispatch: object
+    #: The ``PLOINTS_CELERY_*`` settings, used when :attr:`dispatch` is
+    #: ``"celery"``.
+    celery: CelerySettings
 
 
-def _seconds(key: str, value: object, *, allow_none: bool = False) -> float | None:
+def parse_seconds(key: str, value: object, *, allow_none: bool = False) -> float | None:
+    """The seconds of a duration setting: a number or a :class:`~datetime.timedelta`,
+    positive and finite (or ``None`` when ``allow_none``).
+
+    :raises ConfigError: naming ``key``.
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, timedelta):
@@ -93,8 +156,8 @@ def _seconds(key: str, value: object, *, allow_none: bool = False) -> float | No
         seconds = float(value)
     else:
         raise ConfigError(f"{key} must be a number of seconds or a timedelta, not {value!r}")
-    if seconds <= 0:
-        raise ConfigError(f"{key} must be positive, not {value!r}")
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{key} must be positive and finite, not {value!r}")
     return seconds
 
 
@@ -108,6 +171,47 @@ def _secrets(value: object) -> tuple[str, ...]:
     ):
         raise ConfigError(f"{key} must be a non-empty string or a list of non-empty strings")
     return tuple(secrets)
+
+
+def _celery_settings(get: t.Callable[[str], t.Any]) -> CelerySettings:
+    queue = get("PLOINTS_CELERY_QUEUE")
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        raise ConfigError(f"PLOINTS_CELERY_QUEUE must be a non-empty string or None, not {queue!r}")
+    lease = parse_seconds("PLOINTS_CELERY_LEASE", get("PLOINTS_CELERY_LEASE"))
+    timeout = parse_seconds("PLOINTS_CELERY_PUBLISH_TIMEOUT", get("PLOINTS_CELERY_PUBLISH_TIMEOUT"))
+    backoff = parse_seconds("PLOINTS_CELERY_RETRY_BACKOFF", get("PLOINTS_CELERY_RETRY_BACKOFF"))
+    backoff_max = parse_seconds(
+        "PLOINTS_CELERY_RETRY_BACKOFF_MAX", get("PLOINTS_CELERY_RETRY_BACKOFF_MAX")
+    )
+    assert lease is not None and timeout is not None
+    assert backoff is not None and backoff_max is not None
+    if timeout > SENDER_TIMEOUT / 2:
+        raise ConfigError(
+            f"PLOINTS_CELERY_PUBLISH_TIMEOUT must be at most {SENDER_TIMEOUT / 2:g} s: connecting"
+            f" and publishing may each take that long, and the sender gives up after {SENDER_TIMEOUT:g} s"
+        )
+    retries = get("PLOINTS_CELERY_MAX_RETRIES")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigError(
+            f"PLOINTS_CELERY_MAX_RETRIES must be an integer of 0 or more, not {retries!r}"
+        )
+    settings = CelerySettings(
+        app=get("PLOINTS_CELERY_APP"),
+        queue=queue,
+        lease=lease,
+        publish_timeout=timeout,
+        max_retries=retries,
+        retry_backoff=backoff,
+        retry_backoff_max=backoff_max,
+    )
+    longest_wait = settings.retry_delay(max(retries - 1, 0))
+    if lease <= longest_wait:
+        raise ConfigError(
+            f"PLOINTS_CELERY_LEASE must exceed the longest wait between retries ({longest_wait:g} s,"
+            " from PLOINTS_CELERY_RETRY_BACKOFF and PLOINTS_CELERY_RETRY_BACKOFF_MAX), or a"
+            " duplicate delivery is processed while a retry waits"
+        )
+    return settings
 
 
 def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any]) -> Settings:
@@ -127,7 +231,7 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
     url = get("PLOINTS_WEBHOOK_URL")
     if not isinstance(url, str) or not url.startswith("/"):
         raise ConfigError(f"PLOINTS_WEBHOOK_URL must be a path starting with '/', not {url!r}")
-    retention = _seconds("PLOINTS_DEDUPE_RETENTION", get("PLOINTS_DEDUPE_RETENTION"))
+    retention = parse_seconds("PLOINTS_DEDUPE_RETENTION", get("PLOINTS_DEDUPE_RETENTION"))
     assert retention is not None
     if retention <= SENDER_RETRY_SPAN:
         raise ConfigError(
@@ -141,14 +245,14 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
             PlointsWarning,
             stacklevel=4,
         )
-    lease = _seconds("PLOINTS_CLAIM_LEASE", get("PLOINTS_CLAIM_LEASE"))
+    lease = parse_seconds("PLOINTS_CLAIM_LEASE", get("PLOINTS_CLAIM_LEASE"))
     assert lease is not None
     max_bytes = get("PLOINTS_WEBHOOK_MAX_BYTES")
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
         raise ConfigError(
             f"PLOINTS_WEBHOOK_MAX_BYTES must be a positive integer, not {max_bytes!r}"
         )
-    max_age = _seconds("PLOINTS_MAX_EVENT_AGE", get("PLOINTS_MAX_EVENT_AGE"), allow_none=True)
+    max_age = parse_seconds("PLOINTS_MAX_EVENT_AGE", get("PLOINTS_MAX_EVENT_AGE"), allow_none=True)
     if max_age is not None and max_age <= SENDER_RETRY_SPAN:
         raise ConfigError(
             f"PLOINTS_MAX_EVENT_AGE must exceed the sender's retry span of {SENDER_RETRY_SPAN} s,"
@@ -177,4 +281,5 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         max_event_age=max_age,
         slow_handler_seconds=share * SENDER_TIMEOUT,
         dispatch=get("PLOINTS_DISPATCH"),
+        celery=_celery_settings(get),
     )

@@ -10,6 +10,7 @@ from flask import Blueprint
 from flask import Flask
 from flask import current_app
 
+from .admin import init_delivery_log
 from .config import DEFAULTS
 from .config import ConfigError
 from .config import PlointsWarning
@@ -68,7 +69,9 @@ class PlointsWebhooks:
         ``app.extensions["ploints"]`` and the ``name`` argument of signals.
     :param options: ``secret``, ``url``, ``store``, ``retention``, ``lease``,
         ``max_bytes``, ``require_https``, ``max_event_age``,
-        ``slow_handler_share``; each overrides its config key on every app.
+        ``slow_handler_share``, ``celery_app`` and the other ``celery_*``
+        options of :mod:`flask_ploints.celery`; each overrides its config
+        key on every app.
     :raises TypeError: an unknown option.
     """
 
@@ -111,6 +114,9 @@ class PlointsWebhooks:
         store = self._make_store(app, settings)
         dispatcher = self._make_dispatcher(app, settings, store)
         self._connect_observers(app, settings)
+        # Once per app, whichever instance comes first: one log and one page
+        # serve every instance, and its rows carry the instance's name.
+        init_delivery_log(app)
         blueprint = Blueprint(self.name, __name__)
         blueprint.add_url_rule(
             settings.url,
@@ -157,6 +163,11 @@ class PlointsWebhooks:
             return SyncDispatcher(self.handlers, settings.lease)
         if isinstance(settings.dispatch, Dispatcher):
             return settings.dispatch
+        if settings.dispatch == "celery":
+            # Imported here: celery is an optional extra.
+            from .celery import CeleryDispatcher
+
+            return CeleryDispatcher.from_app(app, settings)
         raise ConfigError(
             f"PLOINTS_DISPATCH must be 'sync', 'celery' or a dispatcher, not {settings.dispatch!r}"
         )

@@ -17,8 +17,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import logging
 import typing as t
 
+from blinker import NamedSignal
 from blinker import Namespace
 from blinker import Signal
 
@@ -37,6 +39,7 @@ __all__ = [
     "event_processed",
     "event_received",
     "handler_failed",
+    "notify",
     "on",
     "payload_rejected",
     "points_earned",
@@ -46,6 +49,8 @@ __all__ = [
     "signal_for",
     "signature_rejected",
 ]
+
+logger = logging.getLogger("flask_ploints")
 
 _signals = Namespace()
 
@@ -78,7 +83,9 @@ duplicate_skipped = _signals.signal("ploints.duplicate-skipped")
 signature_rejected = _signals.signal("ploints.signature-rejected")
 #: A verified body was not a valid event (``400``). Arguments: ``reason``.
 payload_rejected = _signals.signal("ploints.payload-rejected")
-#: A handler raised. Arguments: ``event``, ``exception``, ``duration``.
+#: A handler raised. Arguments: ``event``, ``exception``, ``duration``. With
+#: Celery dispatch it is sent once, when the worker gives up on the event;
+#: earlier failed attempts are only logged.
 handler_failed = _signals.signal("ploints.handler-failed")
 
 _BY_TYPE: dict[str, Signal] = {name: _signals.signal(name) for name in EVENT_TYPES}
@@ -138,3 +145,16 @@ def require_runnable(func: t.Callable[..., t.Any]) -> None:
         raise RuntimeError(
             f"{func.__qualname__} is async: install flask-ploints[async] to run async handlers"
         )
+
+
+def notify(signal: NamedSignal, app: t.Any, name: str, **kwargs: t.Any) -> None:
+    """Send a lifecycle signal for instance ``name`` of ``app``. An
+    observer's exception is logged, never allowed to change the answer to the
+    sender.
+    """
+    if not signal.receivers:
+        return
+    try:
+        signal.send(app, name=name, **kwargs)
+    except Exception:
+        logger.exception("a receiver of %s raised", signal.name)

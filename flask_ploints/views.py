@@ -44,6 +44,7 @@ from .dispatch import HandlerError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
+from .signals import notify
 from .signature import SIGNATURE_HEADER
 from .signature import verify
 from .stores import ClaimStatus
@@ -74,18 +75,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 _PROCESSED = b'{"received": true}\n'
 _DUPLICATE = b'{"received": true, "duplicate": true}\n'
 _QUEUED = b'{"received": true, "queued": true}\n'
-
-
-def _send(signal: t.Any, app: Flask, name: str, **kwargs: t.Any) -> None:
-    """Send a lifecycle signal; an observer's exception is logged, never
-    allowed to change the answer.
-    """
-    if not signal.receivers:
-        return
-    try:
-        signal.send(app, name=name, **kwargs)
-    except Exception:
-        logger.exception("a receiver of %s raised", signal.name)
 
 
 def _is_json(mimetype: str) -> bool:
@@ -133,7 +122,7 @@ class WebhookEndpoint:
 
         if not verify(raw, self._signature_header(req), self.settings.secrets):
             logger.warning("rejected a delivery: invalid signature")
-            _send(signals.signature_rejected, app, self.name, reason="invalid signature")
+            notify(signals.signature_rejected, app, self.name, reason="invalid signature")
             return _error(401, "invalid signature")
 
         try:
@@ -141,9 +130,9 @@ class WebhookEndpoint:
             self._check_age(event)
         except InvalidEvent as exc:
             logger.warning("rejected a signed delivery: %s", exc)
-            _send(signals.payload_rejected, app, self.name, reason=str(exc))
+            notify(signals.payload_rejected, app, self.name, reason=str(exc))
             return _error(400, str(exc))
-        _send(signals.event_received, app, self.name, event=event)
+        notify(signals.event_received, app, self.name, event=event)
 
         try:
             claim = self.store.claim(event.id, self.dispatcher.lease, event.raw)
@@ -152,7 +141,7 @@ class WebhookEndpoint:
             return self._unavailable("dedupe store unavailable")
         if claim.status is ClaimStatus.DONE:
             logger.info("event %s (%s) skipped: duplicate", event.id, event.type)
-            _send(signals.duplicate_skipped, app, self.name, event=event)
+            notify(signals.duplicate_skipped, app, self.name, event=event)
             return _json(200, _DUPLICATE)
         if claim.status is ClaimStatus.IN_FLIGHT:
             logger.info("event %s (%s) in flight: answered 409", event.id, event.type)
@@ -168,7 +157,7 @@ class WebhookEndpoint:
             logger.error(
                 "event %s (%s) failed: %s", event.id, event.type, exc, exc_info=exc.__cause__
             )
-            _send(
+            notify(
                 signals.handler_failed,
                 app,
                 self.name,
@@ -196,7 +185,7 @@ class WebhookEndpoint:
                 duration,
             )
         logger.info("event %s (%s) processed", event.id, event.type)
-        _send(signals.event_processed, app, self.name, event=event, duration=duration)
+        notify(signals.event_processed, app, self.name, event=event, duration=duration)
         return _json(200, _PROCESSED)
 
     def _check_request(self, req: Request) -> Response | None:

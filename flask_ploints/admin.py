@@ -1,0 +1,349 @@
+"""The delivery log page: recent deliveries, one event's payload and
+traceback, and a button that runs a failed event again.
+
+Off unless ``PLOINTS_DELIVERY_LOG`` is set. When it is,
+:meth:`~flask_ploints.PlointsWebhooks.init_app` records every delivery of the
+app in a :class:`~flask_ploints.deliveries.DeliveryLog` and serves the page at
+``PLOINTS_DELIVERY_LOG_URL``. It refuses to start without an access check
+(``PLOINTS_DELIVERY_LOG_ACCESS``, called before every request of the page;
+``False`` answers ``403``) and without ``SECRET_KEY``, which signs the
+session that holds the page's CSRF token.
+
+The pages are rendered on the server from the templates in
+``flask_ploints/templates/ploints/``; an app can override them by putting its
+own ``ploints/*.html`` in its template folder.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+import typing as t
+from dataclasses import dataclass
+
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import abort
+from flask import current_app
+from flask import flash
+from flask import g
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import session
+from flask import url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from .config import DELIVERY_LOG_DEFAULTS
+from .config import ConfigError
+from .config import parse_seconds
+from .dispatch import DispatchError
+from .replay import rerun as rerun_body
+from .stores import StoreError
+
+if t.TYPE_CHECKING:
+    from .deliveries import Delivery
+    from .deliveries import DeliveryLog
+
+__all__ = ["EXTENSION_KEY", "DeliveryLogPage", "blueprint", "delivery_log", "init_delivery_log"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: Where the page's state is kept in ``app.extensions``.
+EXTENSION_KEY = "ploints_delivery_log"
+#: The session key of the CSRF token.
+CSRF_SESSION_KEY = "_ploints_csrf"
+#: The form field of the CSRF token.
+CSRF_FIELD = "csrf_token"
+#: Rows on one page of the list.
+PAGE_SIZE = 50
+
+#: The page's blueprint, registered by :func:`init_delivery_log` under
+#: ``PLOINTS_DELIVERY_LOG_URL``; its templates are ``ploints/*.html``.
+blueprint = Blueprint("ploints_delivery_log", __name__, template_folder="templates")
+
+
+@dataclass(frozen=True)
+class DeliveryLogPage:
+    """The delivery log set up on one app, kept in
+    ``app.extensions["ploints_delivery_log"]``.
+
+    :param log: where deliveries are recorded and read from.
+    :param access: the app's access check.
+    :param url: where the page is served.
+    """
+
+    log: DeliveryLog
+    access: t.Callable[[], bool]
+    url: str
+
+
+def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
+    """Set up the delivery log on ``app`` if ``PLOINTS_DELIVERY_LOG`` is set;
+    :meth:`~flask_ploints.PlointsWebhooks.init_app` calls it, and only the
+    first call on an app does anything, so one log and one page serve every
+    instance.
+
+    :return: the page's state, or ``None`` when the log is off.
+    :raises ConfigError: a setting is missing or wrong (the access check,
+        ``SECRET_KEY``); the message names the key.
+    """
+    state: DeliveryLogPage | None = app.extensions.get(EXTENSION_KEY)
+    if state is not None:
+        return state
+    for key, default in DELIVERY_LOG_DEFAULTS.items():
+        app.config.setdefault(key, default)
+    value = app.config["PLOINTS_DELIVERY_LOG"]
+    if value is None or value is False:
+        return None
+    access = app.config["PLOINTS_DELIVERY_LOG_ACCESS"]
+    if access is None:
+        raise ConfigError(
+            "PLOINTS_DELIVERY_LOG_ACCESS is not set: the delivery log shows payloads and re-runs"
+            " events, so give it a function that returns True only for users allowed to see it"
+        )
+    if not callable(access):
+        raise ConfigError(
+            f"PLOINTS_DELIVERY_LOG_ACCESS must be a function taking no arguments, not {access!r}"
+        )
+    if not app.secret_key:
+        raise ConfigError(
+            "SECRET_KEY is not set: the delivery log keeps its CSRF token in the signed session"
+        )
+    url = app.config["PLOINTS_DELIVERY_LOG_URL"]
+    if not isinstance(url, str) or not url.startswith("/") or url == "/":
+        raise ConfigError(
+            f"PLOINTS_DELIVERY_LOG_URL must be a path starting with '/' (not '/' itself), not {url!r}"
+        )
+    retention = parse_seconds(
+        "PLOINTS_DELIVERY_LOG_RETENTION",
+        app.config["PLOINTS_DELIVERY_LOG_RETENTION"],
+        allow_none=True,
+    )
+    log = _make_log(value, retention)
+    log.connect(app)
+    state = DeliveryLogPage(log=log, access=access, url=url.rstrip("/"))
+    app.extensions[EXTENSION_KEY] = state
+    app.register_blueprint(blueprint, url_prefix=state.url)
+    return state
+
+
+def _make_log(value: object, retention: float | None) -> DeliveryLog:
+    # Imported here: SQLAlchemy is an optional extra, needed only when the
+    # log is on.
+    try:
+        from sqlalchemy.engine import Engine
+
+        from .deliveries import DeliveryLog
+    except ImportError as exc:
+        raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
+
+    if isinstance(value, DeliveryLog):
+        return value
+    if isinstance(value, Engine):
+        return DeliveryLog(value, retention=retention)
+    if isinstance(value, str) and "://" in value:
+        try:
+            return DeliveryLog.from_url(value, retention=retention)
+        except Exception as exc:
+            # SQLAlchemy's message for a bad URL or a missing driver; it
+            # holds no password (make_url masks it).
+            raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
+    raise ConfigError(
+        "PLOINTS_DELIVERY_LOG must be a database URL, a SQLAlchemy Engine, a DeliveryLog"
+        f" or None, not {type(value).__name__}"
+    )
+
+
+def delivery_log(app: Flask | None = None) -> DeliveryLog:
+    """Return the delivery log of ``app`` (default: the current app).
+
+    :raises RuntimeError: the delivery log is off on the app.
+    """
+    if app is None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    state: DeliveryLogPage | None = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise RuntimeError(
+            f"the delivery log is off on app {app.name!r}: set PLOINTS_DELIVERY_LOG before"
+            " calling PlointsWebhooks.init_app(app)"
+        )
+    return state.log
+
+
+def _state() -> DeliveryLogPage:
+    state: DeliveryLogPage = current_app.extensions[EXTENSION_KEY]
+    return state
+
+
+@blueprint.before_request
+def _check_access() -> None:
+    if not _state().access():
+        abort(403)
+    if request.method == "POST":
+        _check_csrf()
+
+
+def _csrf_token() -> str:
+    token = session.get(CSRF_SESSION_KEY)
+    if not isinstance(token, str) or not token:
+        token = secrets.token_urlsafe(32)
+        session[CSRF_SESSION_KEY] = token
+    return token
+
+
+def _check_csrf() -> None:
+    expected = session.get(CSRF_SESSION_KEY)
+    given = request.form.get(CSRF_FIELD)
+    if not isinstance(expected, str) or not expected or not given:
+        abort(400, "The form's CSRF token is missing: reload the page and try again.")
+    if not hmac.compare_digest(expected.encode(), given.encode()):
+        abort(400, "The form's CSRF token is wrong: reload the page and try again.")
+
+
+@blueprint.after_request
+def _headers(response: Response) -> Response:
+    nonce = g.get("ploints_nonce", "")
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'nonce-{nonce}'; form-action 'self';"
+        " frame-ancestors 'none'; base-uri 'none'"
+    )
+    # Payloads hold customers' data: kept out of caches and other sites.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+@blueprint.errorhandler(HTTPException)
+def _error(error: HTTPException) -> tuple[str, int]:
+    return _render(
+        "ploints/error.html", title=f"{error.code} {error.name}", error=error
+    ), error.code or 500
+
+
+def _format_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 0.0001:
+        return "< 0.1 ms"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _render(template: str, **context: t.Any) -> str:
+    g.ploints_nonce = secrets.token_urlsafe(16)
+    return render_template(
+        template,
+        nonce=g.ploints_nonce,
+        csrf_field=CSRF_FIELD,
+        csrf_token=_csrf_token,
+        format_time=_format_time,
+        format_duration=_format_duration,
+        several_instances=len(current_app.extensions.get("ploints", {})) > 1,
+        **context,
+    )
+
+
+def _choice(name: str, allowed: t.Iterable[str]) -> str | None:
+    value = request.args.get(name) or None
+    return value if value is None or value in allowed else None
+
+
+@blueprint.get("", strict_slashes=False)
+def index() -> str:
+    """The list of recent deliveries, newest first, filtered by the query
+    parameters ``type`` and ``outcome``; ``before`` (a row id) pages back.
+    """
+    from .deliveries import OUTCOMES
+
+    log = _state().log
+    event_types = log.event_types()
+    event_type = _choice("type", event_types)
+    outcome = _choice("outcome", OUTCOMES)
+    before = request.args.get("before", type=int)
+    rows = log.recent(PAGE_SIZE + 1, event_type, outcome, before=before)
+    older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
+    return _render(
+        "ploints/deliveries.html",
+        title="Deliveries",
+        deliveries=rows[:PAGE_SIZE],
+        event_types=event_types,
+        outcomes=OUTCOMES,
+        event_type=event_type,
+        outcome=outcome,
+        older=older,
+        paged=before is not None,
+    )
+
+
+def _pretty(payload: bytes) -> str:
+    try:
+        return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    except ValueError:
+        return payload.decode("utf-8", "replace")
+
+
+@blueprint.get("/<int:delivery_id>")
+def detail(delivery_id: int) -> str:
+    """One delivery: its payload, its traceback, the other deliveries of the
+    same event, and the re-run button when it failed.
+    """
+    log = _state().log
+    delivery = log.get(delivery_id) or abort(404)
+    history: list[Delivery] = []
+    if delivery.event_id is not None:
+        history = log.recent(PAGE_SIZE, event_id=delivery.event_id)
+    return _render(
+        "ploints/delivery.html",
+        title=delivery.event_id or f"Delivery {delivery.id}",
+        delivery=delivery,
+        payload=None if delivery.payload is None else _pretty(delivery.payload),
+        history=history,
+    )
+
+
+@blueprint.post("/<int:delivery_id>/rerun")
+def rerun(delivery_id: int) -> BaseResponse:
+    """Run a failed delivery's event again, through the same claim, handlers
+    and commit as a delivery; the outcome is flashed and recorded in the log.
+    """
+    delivery = _state().log.get(delivery_id) or abort(404)
+    back = redirect(url_for(".detail", delivery_id=delivery_id), 303)
+    if delivery.outcome != "failed" or delivery.payload is None:
+        flash("Only a failed delivery can be re-run.", "error")
+        return back
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        outcome = rerun_body(app, delivery.payload, name=delivery.name)
+    except (RuntimeError, ValueError) as exc:
+        # The instance is gone from the app, the body no longer parses, or a
+        # delivery of the event is running right now.
+        flash(f"Re-run of {delivery.event_id} refused: {exc}", "error")
+        return back
+    except (StoreError, DispatchError):
+        logger.exception("re-run of event %s could not start", delivery.event_id)
+        flash(
+            f"Re-run of {delivery.event_id} did not start: the dedupe store or the queue is"
+            " unavailable. Nothing ran; try again later.",
+            "error",
+        )
+        return back
+    category = "error" if outcome == "failed" else "message"
+    flash(f"Re-run of {delivery.event_id}: {outcome}.", category)
+    return back

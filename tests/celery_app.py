@@ -1,0 +1,175 @@
+"""The app that ``tests/test_celery.py`` runs under real Celery workers.
+
+A worker loads it with ``celery -A tests.celery_app:celery worker``; the
+test process builds the same app with :func:`create_app`. Everything the
+worker needs comes from environment variables, so each test runs its own
+workers on its own queue and keys:
+
+``PLOINTS_CELERY_TEST_BROKER``
+    the broker URL.
+``PLOINTS_CELERY_TEST_REDIS``
+    the Redis URL of the dedupe store and of the recorded effects.
+``PLOINTS_CELERY_TEST_NAMESPACE``
+    a name only this test uses: the queue, and the Redis key prefix.
+``PLOINTS_CELERY_TEST_CONFIG``
+    more config keys, as a JSON object.
+
+The Celery app is set up as Flask's "Background Tasks with Celery" shows
+(:func:`celery_init_app`), so the extension finds it in
+``app.extensions["celery"]``.
+
+The handler records a start (with its pid) before anything else. When the
+event's data holds ``"sleep": seconds`` and this is the first start of the
+event, it sleeps that long; when it holds ``"fail": true`` it raises unless
+the key ``NAMESPACE:fixed`` exists. Then it records one effect. Each effect
+stands for one time the event was processed. The ``handler_failed`` and
+``event_processed`` signals are counted too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import typing as t
+
+import redis
+from celery import Celery
+from celery import Task
+from flask import Flask
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints import signals
+
+#: The secret both the app and the tests sign with.
+SECRET = "whsec_celery"
+
+
+class Recorder:
+    """What the handlers of one test did, in Redis under ``namespace``.
+
+    :param url: the Redis to write to.
+    :param namespace: the per-test name.
+    """
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=5)
+        self.namespace = namespace
+
+    def key(self, name: str) -> str:
+        """Return the Redis key of one record."""
+        return f"{self.namespace}:{name}"
+
+    def count(self, name: str) -> dict[str, int]:
+        """Return the counts of one record, by event id."""
+        found = self.client.hgetall(self.key(name))
+        return {key.decode(): int(value) for key, value in found.items()}
+
+    def add(self, name: str, event_id: str) -> int:
+        """Count one more ``name`` for ``event_id``; return the new count."""
+        return int(self.client.hincrby(self.key(name), event_id, 1))
+
+    def fix(self) -> None:
+        """Make failing handlers succeed from now on."""
+        self.client.set(self.key("fixed"), 1)
+
+    def fixed(self) -> bool:
+        """Whether :meth:`fix` was called."""
+        return bool(self.client.exists(self.key("fixed")))
+
+    def forget(self) -> None:
+        """Delete every key of the namespace (records and the store's)."""
+        keys = list(self.client.scan_iter(match=f"{self.namespace}:*", count=500))
+        if keys:
+            self.client.delete(*keys)
+
+    def close(self) -> None:
+        """Close the client."""
+        self.client.close()
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """Flask's own pattern: a Celery app whose tasks run in an app context,
+    kept in ``app.extensions["celery"]``.
+    """
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def create_app(
+    broker_url: str, redis_url: str, namespace: str, config: t.Mapping[str, t.Any] | None = None
+) -> Flask:
+    """Build the app of one test.
+
+    :param broker_url: the broker.
+    :param redis_url: the Redis of the store and of the records.
+    :param namespace: the queue name and the Redis key prefix.
+    :param config: more config keys.
+    """
+    app = Flask("ploints_celery_test")
+    app.testing = True
+    app.config.update(
+        PLOINTS_WEBHOOK_SECRET=SECRET,
+        PLOINTS_DISPATCH="celery",
+        PLOINTS_DEDUPE_STORE=redis_url,
+        PLOINTS_REDIS_PREFIX=f"{namespace}:store:",
+        PLOINTS_CELERY_QUEUE=namespace,
+        CELERY={
+            "broker_url": broker_url,
+            "task_ignore_result": True,
+            "broker_connection_retry_on_startup": True,
+            # One message at a time: a prefetched second one would wait in
+            # a worker that a test kills.
+            "worker_prefetch_multiplier": 1,
+            # No pidbox queue or broadcast exchange per worker.
+            "worker_enable_remote_control": False,
+        },
+    )
+    app.config.update(config or {})
+    celery_init_app(app)
+    webhooks = PlointsWebhooks(app)
+    recorder = Recorder(redis_url, namespace)
+
+    @webhooks.on_any
+    def handle(event: Event) -> None:
+        recorder.client.hset(recorder.key("pid"), event.id, os.getpid())
+        first = recorder.add("starts", event.id) == 1
+        if first and event.data.get("sleep"):
+            time.sleep(float(event.data["sleep"]))
+        if event.data.get("fail") and not recorder.fixed():
+            raise RuntimeError(f"handler broke on purpose on {event.id}")
+        recorder.add("effects", event.id)
+
+    def failed(sender: Flask, *, event: Event, **extra: t.Any) -> None:
+        recorder.add("handler_failed", event.id)
+
+    def processed(sender: Flask, *, event: Event, **extra: t.Any) -> None:
+        recorder.add("event_processed", event.id)
+
+    signals.handler_failed.connect(failed, sender=app, weak=False)
+    signals.event_processed.connect(processed, sender=app, weak=False)
+    return app
+
+
+def create_app_from_env() -> Flask:
+    """Build the app from the ``PLOINTS_CELERY_TEST_*`` variables."""
+    return create_app(
+        os.environ["PLOINTS_CELERY_TEST_BROKER"],
+        os.environ["PLOINTS_CELERY_TEST_REDIS"],
+        os.environ["PLOINTS_CELERY_TEST_NAMESPACE"],
+        json.loads(os.environ.get("PLOINTS_CELERY_TEST_CONFIG", "{}")),
+    )
+
+
+if "PLOINTS_CELERY_TEST_NAMESPACE" in os.environ:
+    flask_app = create_app_from_env()
+    celery = flask_app.extensions["celery"]

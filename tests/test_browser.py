@@ -1,0 +1,220 @@
+"""The delivery log page in a real headless Chromium: deliveries over HTTP,
+the list, a filter, a failed event's traceback, and the Re-run button.
+
+Chromium is Debian's (``apt-get install chromium``), driven by Playwright
+for Python through ``executable_path``; Playwright's own browser downloads
+are never used. Without Chromium the test skips, or fails when
+``PLOINTS_REQUIRE_SERVICES=1``. With ``PLOINTS_SCREENSHOT=1`` it saves the
+screenshots the docs show in ``docs/_static/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import typing as t
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask import request
+from werkzeug.serving import WSGIRequestHandler
+from werkzeug.serving import make_server
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints.deliveries import DeliveryLog
+from flask_ploints.samples import SAMPLE_DATA
+from flask_ploints.samples import build_event
+from flask_ploints.signature import SIGNATURE_HEADER
+from flask_ploints.signature import sign
+
+from .support import SECRET
+
+if t.TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+CHROMIUM = os.environ.get("PLOINTS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STATIC = Path(__file__).parent.parent / "docs" / "_static"
+# Generous for a page served on localhost; a hung page fails in seconds.
+TIMEOUT_MS = 10_000
+
+
+def _require_chromium() -> None:
+    """Skip without Chromium or Playwright, or fail instead when
+    ``PLOINTS_REQUIRE_SERVICES=1``, like ``support.require_service``.
+    """
+    problem = None
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        problem = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "Playwright for Python is not installed (pip install playwright)"
+    if problem is not None:
+        if os.environ.get("PLOINTS_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{problem}; PLOINTS_REQUIRE_SERVICES=1 forbids skipping")
+        pytest.skip(problem)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class Server:
+    """The app served over HTTP on a random local port, in a thread."""
+
+    def __init__(self, app: Flask) -> None:
+        self._server = make_server(
+            "127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler
+        )
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def deliver(self, body: dict[str, t.Any] | bytes, *, forged: bool = False) -> int:
+        """POST a body to the webhook endpoint as Ploints does; return the
+        status.
+        """
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        signature = "0" * 64 if forged else sign(raw, SECRET)
+        sent = urllib.request.Request(
+            f"{self.url}/webhooks/ploints",
+            data=raw,
+            method="POST",
+            headers={"Content-Type": "application/json", SIGNATURE_HEADER: signature},
+        )
+        try:
+            with urllib.request.urlopen(sent, timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code
+
+
+@pytest.fixture
+def log(tmp_path: Path, unique: str) -> t.Iterator[DeliveryLog]:
+    log = DeliveryLog.from_url(f"sqlite:///{tmp_path / 'log.db'}", table_name=unique)
+    yield log
+    log.engine.dispose()
+
+
+def _shop(log: DeliveryLog, broken: set[str]) -> Flask:
+    app = Flask("ploints_browser")
+    app.testing = True
+    app.config.update(
+        SECRET_KEY="browser-test",
+        PLOINTS_WEBHOOK_SECRET=SECRET,
+        PLOINTS_DELIVERY_LOG=log,
+        # As an app would check its staff login; here: local requests only.
+        PLOINTS_DELIVERY_LOG_ACCESS=lambda: request.remote_addr == "127.0.0.1",
+    )
+    webhooks = PlointsWebhooks(app)
+
+    @webhooks.on_any
+    def handle(event: Event) -> None:
+        time.sleep(0.003)  # a real handler's write to a database
+        if event.type in broken:
+            raise LookupError(f"no reward named {event.data.get('reward')!r} in the catalogue")
+
+    return app
+
+
+def _deliveries(server: Server) -> None:
+    """A morning's traffic: processed events, a retry, a forged request, a
+    signed body that is not an event, and one whose handler fails.
+    """
+    for number, event_type in enumerate(
+        ["customer.created", "points.earned", "customer.tier_changed", "badge.issued"], 1
+    ):
+        body = build_event(event_type, SAMPLE_DATA[event_type], id=f"evt_7f3a{number:02d}")
+        assert server.deliver(body) == 200
+    assert server.deliver(build_event("points.earned", id="evt_7f3a02")) == 200  # a retry
+    assert server.deliver(build_event("points.redeemed", id="evt_9c0d11"), forged=True) == 401
+    failing = build_event("reward.redeemed", SAMPLE_DATA["reward.redeemed"], id="evt_b41e07")
+    assert server.deliver(failing) == 500
+    assert server.deliver(b'{"id": "evt_x", "type": "points.earned"}') == 400
+    assert server.deliver(build_event("campaign.conversion", id="evt_c2d905")) == 200
+    assert server.deliver(build_event("points.redeemed", id="evt_e81f30")) == 200
+
+
+def _rows(page: Page) -> list[str]:
+    return [row.inner_text() for row in page.locator("tbody tr").all()]
+
+
+def _screenshot(page: Page, name: str) -> None:
+    if os.environ.get("PLOINTS_SCREENSHOT") == "1":
+        STATIC.mkdir(exist_ok=True)
+        page.screenshot(path=str(STATIC / name), full_page=True)
+
+
+def test_rerun_a_failed_delivery_in_chromium(log: DeliveryLog) -> None:
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    broken = {"reward.redeemed"}
+    app = _shop(log, broken)
+    with Server(app) as server, sync_playwright() as playwright:
+        _deliveries(server)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page.set_default_timeout(TIMEOUT_MS)
+
+            page.goto(f"{server.url}/ploints/deliveries")
+            assert page.title() == "Deliveries · Ploints delivery log"
+            rows = _rows(page)
+            assert len(rows) == 10
+            outcomes = page.locator("tbody .badge").all_inner_texts()
+            assert sorted(set(outcomes)) == ["duplicate", "failed", "processed", "rejected"]
+            assert "invalid signature" in page.locator("tbody").inner_text()
+            _screenshot(page, "delivery-log.png")
+
+            page.select_option("select[name=outcome]", "failed")
+            page.get_by_role("button", name="Filter").click()
+            page.wait_for_url("**/ploints/deliveries?type=&outcome=failed")
+            (row,) = _rows(page)
+            assert "evt_b41e07" in row and "reward.redeemed" in row
+            assert "LookupError: no reward named 'Free coffee'" in row
+
+            page.get_by_role("link", name="evt_b41e07").click()
+            page.wait_for_url("**/ploints/deliveries/*")
+            traceback = page.locator("pre.traceback").inner_text()
+            assert traceback.startswith("Traceback (most recent call last):")
+            assert "in handle" in traceback
+            assert '"reward": "Free coffee"' in page.locator("pre.payload").inner_text()
+            _screenshot(page, "delivery-log-failed.png")
+
+            broken.clear()  # the fix is deployed
+            page.get_by_role("button", name="Re-run").click()
+            page.wait_for_load_state()
+            assert page.locator(".flash").inner_text() == "Re-run of evt_b41e07: processed."
+            history = page.locator("tbody .badge").all_inner_texts()
+            assert history == ["processed", "failed"]
+        finally:
+            browser.close()
+    assert [row.outcome for row in log.recent(event_id="evt_b41e07")] == ["processed", "failed"]

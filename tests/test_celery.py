@@ -1,0 +1,621 @@
+"""Async processing on Celery, against a real RabbitMQ and real workers.
+
+Each test with a worker starts ``celery -A tests.celery_app:celery worker``
+as a subprocess on a queue only it uses (the ``unique`` fixture), with a
+Redis store under its own prefix, and removes the worker, the queue and the
+keys afterwards. The handler records its starts and effects in Redis (see
+:mod:`tests.celery_app`), where every process can see them. Every wait is
+bounded.
+
+What the tests show:
+
+* ``test_queued_then_processed_once``: a delivery is answered ``202``, a
+  worker runs the handler once and commits the id; a later delivery of the
+  same event is answered ``200`` duplicate.
+* ``test_duplicate_while_queued_or_running``: while the event waits in the
+  queue (no worker yet) and while its slow handler runs, a duplicate
+  delivery is answered ``409``; the handler runs once.
+* ``test_broker_refuses`` and ``test_broker_never_answers``: with the broker
+  down, or accepting connections but never answering, the delivery is
+  answered ``503`` within 3 s and the claim is released.
+* ``test_worker_killed`` (SIGKILL of a solo worker, redelivered by RabbitMQ
+  to a new worker) and ``test_pool_child_killed`` (SIGKILL of a prefork
+  child, given back by its parent): the event's effect happens exactly once.
+* ``test_failing_handler_gives_up_then_replays``: a handler that always
+  fails is tried 1 + ``PLOINTS_CELERY_MAX_RETRIES`` times, the event ends
+  failed with its traceback in the store and ``handler_failed`` is sent
+  once; after the fix, :func:`~flask_ploints.replay.replay` queues it again
+  and a worker processes it.
+
+The tests without a worker check the settings, the task's options and
+:func:`~flask_ploints.replay.replay` with sync dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing as t
+from pathlib import Path
+
+import amqp
+import kombu
+import pytest
+from celery import Celery
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from flask_ploints import ConfigError
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints.celery import TASK_NAME
+from flask_ploints.celery import CeleryDispatcher
+from flask_ploints.dispatch import DispatchError
+from flask_ploints.replay import ReplayOutcome
+from flask_ploints.replay import replay
+from flask_ploints.replay import rerun
+from flask_ploints.stores import InspectableStore
+from flask_ploints.stores import MemoryStore
+from flask_ploints.stores import SQLAlchemyStore
+from flask_ploints.testing import PlointsClient
+
+from .celery_app import Recorder
+from .celery_app import create_app
+from .support import SECRET
+from .support import build_app
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Longest any single wait in these tests may take.
+WAIT = 20.0
+
+
+def _until(check: t.Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _queue_state(amqp_url: str, queue: str) -> tuple[int, int]:
+    """Return (messages ready, consumers) of ``queue``; (0, 0) if missing."""
+    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
+        channel = connection.channel()
+        try:
+            declared = channel.queue_declare(queue, passive=True)
+        except amqp.exceptions.NotFound:
+            return 0, 0
+        return int(declared.message_count), int(declared.consumer_count)
+
+
+class Workers:
+    """Starts and stops the Celery workers of one test.
+
+    :param amqp_url: the broker.
+    :param redis_url: the Redis of the store and the records.
+    :param namespace: the queue name and Redis key prefix.
+    :param logs: where each worker's output goes.
+    """
+
+    def __init__(self, amqp_url: str, redis_url: str, namespace: str, logs: Path) -> None:
+        self.amqp_url = amqp_url
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.logs = logs
+        self.config: dict[str, t.Any] = {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, pool: str = "solo") -> subprocess.Popen[bytes]:
+        """Start a worker and wait until it consumes from the queue."""
+        env = {
+            **os.environ,
+            "PLOINTS_CELERY_TEST_BROKER": self.amqp_url,
+            "PLOINTS_CELERY_TEST_REDIS": self.redis_url,
+            "PLOINTS_CELERY_TEST_NAMESPACE": self.namespace,
+            "PLOINTS_CELERY_TEST_CONFIG": json.dumps(self.config),
+        }
+        number = len(self.processes)
+        log = self.logs / f"worker-{number}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.celery_app:celery",
+            "worker",
+            f"--pool={pool}",
+            "--concurrency=1",
+            f"--queues={self.namespace}",
+            f"--hostname={self.namespace}-{number}@%h",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
+        ]
+        with log.open("wb") as output:
+            # A session of its own: stop() ends the worker's pool children too.
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+
+        def consuming() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"worker exited with {process.returncode}:\n{self.output()}")
+            return _queue_state(self.amqp_url, self.namespace)[1] > 0
+
+        _until(consuming, "the worker to consume")
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker and wait until it is gone."""
+        process.send_signal(signal.SIGKILL)
+        process.wait(WAIT)
+
+    def output(self) -> str:
+        """Every worker's output, for failure messages."""
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')}"
+            for log in sorted(self.logs.glob("worker-*.log"))
+        )
+
+    def stop(self) -> None:
+        """Kill every worker this test started, with its pool children.
+
+        SIGKILL rather than a warm shutdown: without heartbeats a worker's
+        event loop only notices SIGTERM after some 10 s, and every test
+        removes its queue anyway.
+        """
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(WAIT)
+
+
+@pytest.fixture
+def recorder(redis_url: str, unique: str) -> t.Iterator[Recorder]:
+    recorder = Recorder(redis_url, unique)
+    yield recorder
+    recorder.forget()
+    recorder.close()
+
+
+@pytest.fixture
+def workers(
+    amqp_url: str, redis_url: str, unique: str, tmp_path: Path, recorder: Recorder
+) -> t.Iterator[Workers]:
+    workers = Workers(amqp_url, redis_url, unique, tmp_path)
+    yield workers
+    workers.stop()
+    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
+        channel = connection.channel()
+        channel.queue_delete(unique)
+        channel.exchange_delete(unique)
+
+
+def _make_app(
+    broker_url: str, redis_url: str, namespace: str, **config: t.Any
+) -> t.Iterator[tuple[Flask, PlointsClient]]:
+    app = create_app(broker_url, redis_url, namespace, config)
+    yield app, PlointsClient(app)
+    receiver = app.extensions["ploints"]["ploints"]
+    receiver.dispatcher.close()
+    receiver.store.client.close()
+
+
+@pytest.fixture
+def sender(workers: Workers) -> t.Iterator[tuple[Flask, PlointsClient]]:
+    """The endpoint's app in this process, with the workers' settings."""
+    yield from _make_app(workers.amqp_url, workers.redis_url, workers.namespace, **workers.config)
+
+
+def _store(app: Flask) -> InspectableStore:
+    store = app.extensions["ploints"]["ploints"].store
+    assert isinstance(store, InspectableStore)
+    return store
+
+
+def _assert_queued(response: TestResponse) -> None:
+    assert response.status_code == 202
+    assert response.get_json() == {"received": True, "queued": True}
+
+
+def _assert_duplicate(response: TestResponse) -> None:
+    assert response.status_code == 200
+    assert response.get_json() == {"received": True, "duplicate": True}
+
+
+def _assert_in_flight(response: TestResponse) -> None:
+    assert response.status_code == 409
+    assert response.get_json() == {"error": "event is being processed"}
+    assert 3000 < int(response.headers["Retry-After"]) <= 3600
+
+
+def test_queued_then_processed_once(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    app, client = sender
+    workers.start()
+    _assert_queued(client.send("points.earned", id="evt_happy"))
+    _until(lambda: recorder.count("event_processed") == {"evt_happy": 1}, "the event_processed")
+    assert recorder.count("effects") == {"evt_happy": 1}
+    stored = _store(app).get("evt_happy")
+    assert stored is not None
+    assert stored.status == "done"
+    _assert_duplicate(client.send("points.earned", id="evt_happy"))
+    time.sleep(0.3)
+    assert recorder.count("starts") == {"evt_happy": 1}
+
+
+def test_duplicate_while_queued_or_running(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    _, client = sender
+    data = {"sleep": 1.5}
+    _assert_queued(client.send("points.earned", data, id="evt_slow"))
+    assert _queue_state(workers.amqp_url, workers.namespace) == (1, 0)
+    _assert_in_flight(client.send("points.earned", data, id="evt_slow"))
+
+    workers.start()
+    _until(lambda: recorder.count("starts") == {"evt_slow": 1}, "the handler to start")
+    _assert_in_flight(client.send("points.earned", data, id="evt_slow"))
+
+    _until(lambda: recorder.count("effects") == {"evt_slow": 1}, "the handler to finish")
+    _until(lambda: recorder.count("event_processed") == {"evt_slow": 1}, "the commit")
+    _assert_duplicate(client.send("points.earned", data, id="evt_slow"))
+    assert _queue_state(workers.amqp_url, workers.namespace) == (0, 1)
+    assert recorder.count("starts") == {"evt_slow": 1}
+
+
+@pytest.fixture
+def unreachable(redis_url: str, unique: str) -> t.Iterator[t.Callable[[str], PlointsClient]]:
+    made: list[t.Iterator[tuple[Flask, PlointsClient]]] = []
+
+    def make(broker_url: str) -> PlointsClient:
+        made.append(_make_app(broker_url, redis_url, unique))
+        return next(made[-1])[1]
+
+    yield make
+    for iterator in made:
+        next(iterator, None)
+    Recorder(redis_url, unique).forget()
+
+
+def _assert_unavailable_and_released(client: PlointsClient, app: Flask) -> None:
+    for _ in range(2):
+        started = time.monotonic()
+        response = client.send("points.earned", id="evt_down")
+        assert time.monotonic() - started < 3
+        assert response.status_code == 503
+        assert response.get_json() == {"error": "event queue unavailable"}
+        assert response.headers["Retry-After"] == "60"
+        # Released: the next delivery claims it again rather than a 409.
+        assert _store(app).get("evt_down") is None
+
+
+def test_broker_refuses(
+    unreachable: t.Callable[[str], PlointsClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = unreachable("amqp://guest:guest@127.0.0.1:1//")
+    app = client.client.application
+    assert isinstance(app, Flask)
+    _assert_unavailable_and_released(client, app)
+    assert "event evt_down (points.earned) could not be queued" in caplog.text
+    assert "Connection refused" in caplog.text
+
+
+def test_broker_never_answers(unreachable: t.Callable[[str], PlointsClient]) -> None:
+    with socket.socket() as silent:
+        # Accepts connections (the kernel's backlog) but never speaks AMQP.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        client = unreachable(f"amqp://guest:guest@127.0.0.1:{port}//")
+        app = client.client.application
+        assert isinstance(app, Flask)
+        _assert_unavailable_and_released(client, app)
+
+
+def test_worker_killed(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    _, client = sender
+    first = workers.start()
+    _assert_queued(client.send("points.earned", {"sleep": 60}, id="evt_kill"))
+    _until(lambda: recorder.count("starts") == {"evt_kill": 1}, "the handler to start")
+    workers.kill(first)
+    assert recorder.count("effects") == {}
+    # RabbitMQ saw the connection drop: the unacknowledged message is back.
+    _until(
+        lambda: _queue_state(workers.amqp_url, workers.namespace) == (1, 0),
+        "the message to return to the queue",
+    )
+    _assert_in_flight(client.send("points.earned", id="evt_kill"))
+
+    workers.start()
+    _until(lambda: recorder.count("effects") == {"evt_kill": 1}, "the redelivered run")
+    _until(lambda: recorder.count("event_processed") == {"evt_kill": 1}, "the commit")
+    assert recorder.count("starts") == {"evt_kill": 2}
+    _assert_duplicate(client.send("points.earned", id="evt_kill"))
+    time.sleep(0.3)
+    assert recorder.count("effects") == {"evt_kill": 1}
+
+
+def test_pool_child_killed(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    _, client = sender
+    parent = workers.start(pool="prefork")
+    _assert_queued(client.send("points.earned", {"sleep": 60}, id="evt_child"))
+    _until(lambda: recorder.count("starts") == {"evt_child": 1}, "the handler to start")
+    child = recorder.count("pid")["evt_child"]
+    assert child != parent.pid
+    os.kill(child, signal.SIGKILL)
+
+    _until(lambda: recorder.count("effects") == {"evt_child": 1}, "the redelivered run")
+    _until(lambda: recorder.count("event_processed") == {"evt_child": 1}, "the commit")
+    assert recorder.count("starts") == {"evt_child": 2}
+    assert recorder.count("pid")["evt_child"] != child
+    assert parent.poll() is None
+    assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in workers.output()
+    _assert_duplicate(client.send("points.earned", id="evt_child"))
+
+
+def test_failing_handler_gives_up_then_replays(
+    workers: Workers, recorder: Recorder, redis_url: str, unique: str
+) -> None:
+    workers.config = {
+        "PLOINTS_CELERY_MAX_RETRIES": 2,
+        "PLOINTS_CELERY_RETRY_BACKOFF": 0.2,
+        "PLOINTS_CELERY_RETRY_BACKOFF_MAX": 0.3,
+    }
+    made = _make_app(workers.amqp_url, redis_url, unique, **workers.config)
+    app, client = next(made)
+    try:
+        # Queued before the worker starts: a message that reaches a solo
+        # worker in its first milliseconds (Celery 5.7) leaves the next one,
+        # here the retry, waiting up to 10 s in the worker's event loop.
+        _assert_queued(client.send("points.earned", {"fail": True}, id="evt_bad"))
+        workers.start()
+        _until(lambda: recorder.count("handler_failed") == {"evt_bad": 1}, "the worker to give up")
+        stored = _store(app).get("evt_bad")
+        assert stored is not None
+        assert stored.status == "failed"
+        assert stored.error is not None
+        assert stored.error.startswith("Traceback (most recent call last):")
+        assert stored.error.endswith("RuntimeError: handler broke on purpose on evt_bad\n")
+        assert [event.id for event in _store(app).failed()] == ["evt_bad"]
+        assert recorder.count("starts") == {"evt_bad": 3}
+        assert recorder.count("effects") == {}
+        log = workers.output()
+        assert log.count("failed (attempt") == 2
+        assert "event evt_bad (points.earned) failed after 3 attempt(s)" in log
+
+        # Failed is not in flight: the sender's next retry may claim it.
+        recorder.fix()
+        assert replay(app, "evt_bad") == ReplayOutcome.QUEUED
+        _until(lambda: recorder.count("effects") == {"evt_bad": 1}, "the replayed run")
+        _until(lambda: recorder.count("event_processed") == {"evt_bad": 1}, "the commit")
+        stored = _store(app).get("evt_bad")
+        assert stored is not None
+        assert stored.status == "done"
+        with pytest.raises(ValueError, match="event 'evt_bad' is done, not failed"):
+            replay(app, "evt_bad")
+        _assert_duplicate(client.send("points.earned", {"fail": True}, id="evt_bad"))
+        assert recorder.count("handler_failed") == {"evt_bad": 1}
+    finally:
+        next(made, None)
+
+
+# Without a worker or a broker.
+
+
+def test_importing_the_package_does_not_import_celery() -> None:
+    code = (
+        "import sys, flask_ploints, flask_ploints.extension, flask_ploints.replay;"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] in ('celery', 'kombu')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def _celery(broker: str = "memory://") -> Celery:
+    return Celery("ploints_unit", broker=broker, set_as_current=False)
+
+
+def test_no_celery_app_names_the_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_app({"PLOINTS_DISPATCH": "celery"})
+    assert str(caught.value) == (
+        "PLOINTS_DISPATCH is 'celery' but there is no Celery app: set PLOINTS_CELERY_APP to your"
+        ' celery.Celery instance, or put it in app.extensions["celery"] before init_app (as'
+        " Flask's celery_init_app does)"
+    )
+
+
+def test_a_celery_app_of_the_wrong_type() -> None:
+    with pytest.raises(ConfigError, match=r"^PLOINTS_CELERY_APP must be a celery.Celery instance"):
+        build_app({"PLOINTS_DISPATCH": "celery", "PLOINTS_CELERY_APP": object()})
+
+
+def test_celery_app_from_extensions_or_option() -> None:
+    app = Flask("ploints_test")
+    app.testing = True
+    app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
+    app.config["PLOINTS_DISPATCH"] = "celery"
+    in_extensions = app.extensions["celery"] = _celery()
+    PlointsWebhooks(app)
+    other = _celery()
+    PlointsWebhooks(app, name="partner", url="/partner", celery_app=other, celery_lease=600)
+
+    main = app.extensions["ploints"]["ploints"].dispatcher
+    partner = app.extensions["ploints"]["partner"].dispatcher
+    assert isinstance(main, CeleryDispatcher)
+    assert isinstance(partner, CeleryDispatcher)
+    assert main.celery_app is in_extensions
+    assert partner.celery_app is other
+    assert main.runs_inline is False
+    assert main.lease == 3600.0
+    assert partner.lease == 600.0
+
+    task = in_extensions.tasks[TASK_NAME]
+    assert task is main.task
+    assert task.acks_late is True
+    assert task.reject_on_worker_lost is True
+    assert task.ignore_result is True
+    assert other.tasks[TASK_NAME] is partner.task is not task
+
+
+def test_one_task_for_several_instances() -> None:
+    app = Flask("ploints_test")
+    app.testing = True
+    app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
+    celery_app = _celery()
+    PlointsWebhooks(app, dispatch="celery", celery_app=celery_app)
+    PlointsWebhooks(app, name="partner", url="/partner", dispatch="celery", celery_app=celery_app)
+    receivers = app.extensions["ploints"]
+    assert receivers["ploints"].dispatcher.task is receivers["partner"].dispatcher.task
+    assert [name for name in celery_app.tasks if name.startswith("flask_ploints")] == [TASK_NAME]
+
+
+_CONFIG_ERRORS = {
+    "queue_empty": ({"PLOINTS_CELERY_QUEUE": ""}, "PLOINTS_CELERY_QUEUE must be a non-empty"),
+    "lease_zero": ({"PLOINTS_CELERY_LEASE": 0}, "PLOINTS_CELERY_LEASE must be positive"),
+    "timeout_text": (
+        {"PLOINTS_CELERY_PUBLISH_TIMEOUT": "2s"},
+        "PLOINTS_CELERY_PUBLISH_TIMEOUT must be a number of seconds",
+    ),
+    "timeout_long": (
+        {"PLOINTS_CELERY_PUBLISH_TIMEOUT": 8},
+        "PLOINTS_CELERY_PUBLISH_TIMEOUT must be at most 5 s",
+    ),
+    "retries_negative": (
+        {"PLOINTS_CELERY_MAX_RETRIES": -1},
+        "PLOINTS_CELERY_MAX_RETRIES must be an integer of 0 or more",
+    ),
+    "retries_bool": ({"PLOINTS_CELERY_MAX_RETRIES": True}, "PLOINTS_CELERY_MAX_RETRIES must be"),
+    "backoff_zero": ({"PLOINTS_CELERY_RETRY_BACKOFF": 0}, "PLOINTS_CELERY_RETRY_BACKOFF must be"),
+    "lease_short": (
+        {"PLOINTS_CELERY_LEASE": 100},
+        r"PLOINTS_CELERY_LEASE must exceed the longest wait between retries \(160 s",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"), list(_CONFIG_ERRORS.values()), ids=list(_CONFIG_ERRORS)
+)
+def test_config_errors(config: dict[str, t.Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        build_app(config)
+
+
+def test_retry_delays() -> None:
+    app, _ = build_app({"PLOINTS_CELERY_RETRY_BACKOFF_MAX": 100})
+    settings = app.extensions["ploints"]["ploints"].settings.celery
+    assert [settings.retry_delay(n) for n in range(6)] == [10, 20, 40, 80, 100, 100]
+    assert settings.retry_delay(10_000) == 100
+
+
+# replay and rerun with sync dispatch.
+
+
+@pytest.fixture
+def sql_app(tmp_path: Path) -> t.Iterator[tuple[Flask, list[str], dict[str, bool]]]:
+    store = SQLAlchemyStore.from_url(f"sqlite:///{tmp_path / 'events.db'}")
+    app, webhooks = build_app({"PLOINTS_DEDUPE_STORE": store})
+    handled: list[str] = []
+    state = {"broken": True}
+
+    @webhooks.on_any
+    def handle(event: Event) -> None:
+        if state["broken"]:
+            raise RuntimeError(f"still broken on {event.id}")
+        handled.append(event.id)
+
+    yield app, handled, state
+    store.engine.dispose()
+
+
+def _fail(app: Flask, event_id: str) -> None:
+    """Leave ``event_id`` failed in the store, as a worker that gave up does."""
+    body = json.dumps(
+        {"id": event_id, "type": "points.earned", "timestamp": "2025-06-15T10:30:00Z", "data": {}}
+    )
+    store = app.extensions["ploints"]["ploints"].store
+    claim = store.claim(event_id, 30, body.encode())
+    assert store.fail(event_id, claim.token, "RuntimeError: first failure", 86400)
+
+
+def test_replay_with_sync_dispatch(sql_app: tuple[Flask, list[str], dict[str, bool]]) -> None:
+    app, handled, state = sql_app
+    _fail(app, "evt_1")
+    assert replay(app, "evt_1") == ReplayOutcome.FAILED
+    stored = _store(app).get("evt_1")
+    assert stored is not None
+    assert stored.status == "failed"
+    assert stored.error is not None
+    assert stored.error.endswith("RuntimeError: still broken on evt_1\n")
+
+    state["broken"] = False
+    outcome = replay(app, "evt_1")
+    assert outcome == ReplayOutcome.PROCESSED
+    assert f"{outcome}" == "processed"
+    assert handled == ["evt_1"]
+    stored = _store(app).get("evt_1")
+    assert stored is not None
+    assert stored.status == "done"
+    _assert_duplicate(PlointsClient(app).send("points.earned", id="evt_1"))
+    assert rerun(app, stored.payload or b"") == ReplayOutcome.DUPLICATE
+    assert handled == ["evt_1"]
+
+
+def test_replay_refusals(sql_app: tuple[Flask, list[str], dict[str, bool]]) -> None:
+    app, handled, _ = sql_app
+    with pytest.raises(LookupError, match=r"^event 'evt_unknown' is not in the dedupe store$"):
+        replay(app, "evt_unknown")
+    store = _store(app)
+    claim = app.extensions["ploints"]["ploints"].store.claim("evt_busy", 30, b"{}")
+    with pytest.raises(ValueError, match=r"^event 'evt_busy' is in_flight, not failed$"):
+        replay(app, "evt_busy")
+    assert store.get("evt_busy") is not None
+    assert claim.token
+    with pytest.raises(RuntimeError, match="PlointsWebhooks 'partner' is not registered"):
+        replay(app, "evt_1", name="partner")
+    assert handled == []
+
+
+def test_replay_needs_a_kept_payload() -> None:
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": MemoryStore()})
+    _fail(app, "evt_1")
+    with pytest.raises(LookupError, match=r"^event 'evt_1' has no payload in the dedupe store"):
+        replay(app, "evt_1")
+    null, _ = build_app({"PLOINTS_DEDUPE_STORE": None})
+    with pytest.raises(LookupError, match=r"NullStore.*cannot be replayed"):
+        replay(null, "evt_1")
+
+
+def test_replay_that_cannot_be_queued_stays_failed(
+    redis_url: str, unique: str, unreachable: t.Callable[[str], PlointsClient]
+) -> None:
+    client = unreachable("amqp://guest:guest@127.0.0.1:1//")
+    app = client.client.application
+    assert isinstance(app, Flask)
+    _fail(app, "evt_1")
+    with pytest.raises(DispatchError):
+        replay(app, "evt_1")
+    stored = _store(app).get("evt_1")
+    assert stored is not None
+    assert (stored.status, stored.error) == ("failed", "RuntimeError: first failure")

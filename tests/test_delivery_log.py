@@ -1,0 +1,510 @@
+"""The delivery log and its page: a row per outcome, rejected requests
+without their body, filters, detail, access check, CSRF, and re-running a
+failed event; on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from flask_ploints import ConfigError
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints.admin import EXTENSION_KEY
+from flask_ploints.admin import delivery_log
+from flask_ploints.deliveries import Delivery
+from flask_ploints.deliveries import DeliveryLog
+from flask_ploints.stores import StoreError
+from flask_ploints.testing import PlointsClient
+from flask_ploints.testing import build_event
+
+from .support import build_app
+
+PAGE = "/ploints/deliveries"
+
+
+class Shop:
+    """An app with the log on, a handler that fails while ``broken``, and
+    an access check the test can switch.
+    """
+
+    def __init__(self, log: DeliveryLog, **config: t.Any) -> None:
+        self.broken = False
+        self.allowed = True
+        self.access_calls = 0
+        self.handled: list[str] = []
+
+        def access() -> bool:
+            self.access_calls += 1
+            return self.allowed
+
+        self.app, self.webhooks = build_app(
+            {
+                "SECRET_KEY": "test-secret-key",
+                "PLOINTS_DELIVERY_LOG": log,
+                "PLOINTS_DELIVERY_LOG_ACCESS": access,
+                **config,
+            }
+        )
+        self.log = log
+
+        @self.webhooks.on("points.earned", "customer.created")
+        def handle(event: Event) -> None:
+            if self.broken:
+                raise RuntimeError(f"boom on {event.id}")
+            self.handled.append(event.id)
+
+        self.sender = PlointsClient(self.app)
+        self.browser: FlaskClient = self.app.test_client()
+
+    def csrf_token(self, delivery_id: int) -> str:
+        page = self.browser.get(f"{PAGE}/{delivery_id}").get_data(as_text=True)
+        match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert match is not None, page
+        return match.group(1)
+
+    def rerun(self, delivery_id: int, token: str | None = None) -> t.Any:
+        form = {} if token is None else {"csrf_token": token}
+        return self.browser.post(f"{PAGE}/{delivery_id}/rerun", data=form)
+
+
+def _drop(log: DeliveryLog) -> None:
+    try:
+        log.table.drop(log.engine, checkfirst=True)
+    finally:
+        log.engine.dispose()
+
+
+@pytest.fixture
+def sqlite_log(tmp_path: Path, unique: str) -> t.Iterator[DeliveryLog]:
+    log = DeliveryLog.from_url(f"sqlite:///{tmp_path / 'log.db'}", table_name=unique)
+    yield log
+    _drop(log)
+
+
+@pytest.fixture
+def postgres_log(postgres_url: str, unique: str) -> t.Iterator[DeliveryLog]:
+    log = DeliveryLog.from_url(postgres_url, table_name=unique)
+    yield log
+    _drop(log)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_log(request: pytest.FixtureRequest) -> DeliveryLog:
+    log: DeliveryLog = request.getfixturevalue(f"{request.param}_log")
+    return log
+
+
+@pytest.fixture
+def shop(sqlite_log: DeliveryLog) -> Shop:
+    return Shop(sqlite_log)
+
+
+def _deliver_one_of_each(shop: Shop) -> None:
+    """processed, duplicate, failed, forged (401), signed garbage (400)."""
+    assert shop.sender.send("points.earned", id="evt_ok").status_code == 200
+    assert shop.sender.send("points.earned", id="evt_ok").get_json()["duplicate"] is True
+    shop.broken = True
+    assert shop.sender.send("customer.created", id="evt_bad").status_code == 500
+    shop.broken = False
+    forged = json.dumps(build_event("points.earned", id="evt_forged")).encode()
+    assert shop.sender.post(forged, signature="0" * 64).status_code == 401
+    assert shop.sender.post(b'["signed", "but not an event"]').status_code == 400
+
+
+def _summary(rows: list[Delivery]) -> list[tuple[str | None, str | None, str, str | None]]:
+    return [(row.event_id, row.event_type, row.outcome, row.reason) for row in rows]
+
+
+def test_every_outcome_is_recorded(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    before = time.time()
+    _deliver_one_of_each(shop)
+    rows = any_log.recent()
+    assert _summary(rows) == [
+        (None, None, "rejected", "body is not a JSON object"),
+        (None, None, "rejected", "invalid signature"),
+        ("evt_bad", "customer.created", "failed", "RuntimeError: boom on evt_bad"),
+        ("evt_ok", "points.earned", "duplicate", None),
+        ("evt_ok", "points.earned", "processed", None),
+    ]
+    rejected_signed, forged, failed, duplicate, processed = rows
+    # The bodies of rejected requests are unverified: never stored.
+    for row in (rejected_signed, forged):
+        assert (row.payload, row.traceback, row.duration) == (None, None, None)
+    assert json.loads(processed.payload or b"")["id"] == "evt_ok"
+    assert json.loads(failed.payload or b"")["type"] == "customer.created"
+    assert failed.traceback is not None
+    assert failed.traceback.startswith("Traceback (most recent call last):")
+    assert "in handle" in failed.traceback
+    assert failed.traceback.rstrip().endswith("RuntimeError: boom on evt_bad")
+    assert failed.duration is not None and processed.duration is not None
+    assert duplicate.duration is None
+    assert all(row.name == "ploints" for row in rows)
+    assert all(before - 1 <= row.received_at <= time.time() for row in rows)
+    assert [row.id for row in rows] == sorted((row.id for row in rows), reverse=True)
+    assert any_log.get(failed.id) == failed
+    assert any_log.get(10**9) is None
+
+
+def test_filters_and_event_types(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    _deliver_one_of_each(shop)
+    assert any_log.event_types() == ["customer.created", "points.earned"]
+    assert _summary(any_log.recent(outcome="failed")) == [
+        ("evt_bad", "customer.created", "failed", "RuntimeError: boom on evt_bad")
+    ]
+    assert [row.outcome for row in any_log.recent(event_type="points.earned")] == [
+        "duplicate",
+        "processed",
+    ]
+    assert any_log.recent(event_type="points.earned", outcome="failed") == []
+    assert [row.outcome for row in any_log.recent(event_id="evt_ok")] == ["duplicate", "processed"]
+    newest, second, *_ = any_log.recent()
+    assert [row.id for row in any_log.recent(2, before=newest.id)] == [
+        second.id,
+        second.id - 1,
+    ]
+
+
+def test_rerun_of_a_failed_event_after_the_fix(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    (failed,) = any_log.recent(outcome="failed")
+    shop.broken = False
+    token = shop.csrf_token(failed.id)
+
+    response = shop.rerun(failed.id, token)
+    assert response.status_code == 303
+    assert response.headers["Location"] == f"{PAGE}/{failed.id}"
+    assert shop.handled == ["evt_1"]
+    assert [row.outcome for row in any_log.recent(event_id="evt_1")] == ["processed", "failed"]
+    page = shop.browser.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Re-run of evt_1: processed." in page
+    assert "Every delivery of this event" in page
+
+    # The event is done now: a second press runs nothing.
+    shop.rerun(failed.id, token)
+    assert shop.handled == ["evt_1"]
+    page = shop.browser.get(f"{PAGE}/{failed.id}").get_data(as_text=True)
+    assert "Re-run of evt_1: duplicate." in page
+
+
+def test_rerun_that_fails_again_is_recorded(shop: Shop) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    (failed,) = shop.log.recent()
+    response = shop.rerun(failed.id, shop.csrf_token(failed.id))
+    assert response.status_code == 303
+    assert [row.outcome for row in shop.log.recent()] == ["failed", "failed"]
+    page = shop.browser.get(response.headers["Location"]).get_data(as_text=True)
+    assert '<div class="flash error" role="status">Re-run of evt_1: failed.</div>' in page
+
+
+def test_only_a_failed_delivery_can_be_rerun(shop: Shop) -> None:
+    shop.sender.send("points.earned", id="evt_1")
+    (processed,) = shop.log.recent()
+    with shop.browser.session_transaction() as session:
+        session["_ploints_csrf"] = "known-token"
+    response = shop.rerun(processed.id, "known-token")
+    assert response.status_code == 303
+    page = shop.browser.get(f"{PAGE}/{processed.id}").get_data(as_text=True)
+    assert "Only a failed delivery can be re-run." in page
+    assert "Re-run</button>" not in page
+    assert shop.handled == ["evt_1"]
+    assert shop.rerun(10**9, "known-token").status_code == 404
+
+
+@pytest.mark.parametrize("token", [None, "", "not-the-token"])
+def test_rerun_needs_the_csrf_token(shop: Shop, token: str | None) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    shop.broken = False
+    (failed,) = shop.log.recent()
+    shop.csrf_token(failed.id)
+    response = shop.rerun(failed.id, token)
+    assert response.status_code == 400
+    assert "CSRF token is" in response.get_data(as_text=True)
+    assert shop.handled == []
+    assert len(shop.log.recent()) == 1
+
+
+def test_token_of_another_session_is_refused(shop: Shop) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    shop.broken = False
+    (failed,) = shop.log.recent()
+    stolen = shop.csrf_token(failed.id)
+    other = shop.app.test_client()
+    other.get(f"{PAGE}/{failed.id}")
+    assert other.post(f"{PAGE}/{failed.id}/rerun", data={"csrf_token": stolen}).status_code == 400
+    assert shop.handled == []
+
+
+def test_list_page_filters(shop: Shop) -> None:
+    _deliver_one_of_each(shop)
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert page.count('<span class="badge ') == 5
+    assert "invalid signature" in page and "evt_forged" not in page
+    assert '<option value="customer.created">customer.created</option>' in page
+
+    page = shop.browser.get(f"{PAGE}/?outcome=failed").get_data(as_text=True)
+    assert page.count('<span class="badge ') == 1
+    assert '<span class="badge failed">failed</span>' in page
+    assert '<option value="failed" selected>failed</option>' in page
+
+    page = shop.browser.get(f"{PAGE}/?type=points.earned").get_data(as_text=True)
+    assert page.count('<span class="badge ') == 2
+    page = shop.browser.get(f"{PAGE}/?type=points.earned&outcome=failed").get_data(as_text=True)
+    assert "No deliveries match these filters." in page
+    # An unknown value is ignored rather than answered with an error.
+    page = shop.browser.get(f"{PAGE}/?outcome=nonsense").get_data(as_text=True)
+    assert page.count('<span class="badge ') == 5
+
+
+def test_list_page_pages_back(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flask_ploints.admin.PAGE_SIZE", 2)
+    for number in range(5):
+        shop.sender.send("points.earned", id=f"evt_{number}")
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert "evt_4" in page and "evt_3" in page and "evt_2" not in page
+    older = re.search(r'href="([^"]*before=\d+[^"]*)">Older', page)
+    assert older is not None
+    page = shop.browser.get(older.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert "evt_2" in page and "evt_1" in page and "evt_4" not in page
+    assert "Newest" in page
+
+
+def test_detail_page_shows_payload_and_traceback_escaped(shop: Shop) -> None:
+    shop.broken = True
+    data = {"customerEmail": "<script>alert(1)</script>@example.com", "amount": 5}
+    shop.sender.send("points.earned", data, id="evt_<b>")
+    (failed,) = shop.log.recent()
+    page = shop.browser.get(f"{PAGE}/{failed.id}").get_data(as_text=True)
+    assert "<script>alert" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;@example.com" in page
+    assert "\n    &#34;amount&#34;: 5\n  }\n}</pre>" in page  # pretty-printed
+    assert '<pre class="traceback">Traceback (most recent call last):' in page
+    assert "RuntimeError: boom on evt_&lt;b&gt;" in page
+    assert '<button type="submit">Re-run</button>' in page
+
+
+def test_detail_of_a_rejected_request_has_no_payload(shop: Shop) -> None:
+    shop.sender.post(b'{"secret": "forged"}', signature="0" * 64)
+    (rejected,) = shop.log.recent()
+    page = shop.browser.get(f"{PAGE}/{rejected.id}").get_data(as_text=True)
+    assert "invalid signature" in page
+    assert "a rejected request is unverified, so its body is never stored" in page
+    assert "forged" not in page and "Re-run" not in page
+    assert shop.browser.get(f"{PAGE}/{10**9}").status_code == 404
+
+
+def test_page_headers(shop: Shop) -> None:
+    response = shop.browser.get(PAGE)
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    policy = response.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", policy)
+    assert nonce is not None and f'<style nonce="{nonce.group(1)}">' in response.get_data(
+        as_text=True
+    )
+    assert "frame-ancestors 'none'" in policy and "script-src" not in policy
+
+
+def test_access_check_runs_before_every_request(shop: Shop) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    shop.broken = False
+    (failed,) = shop.log.recent()
+    token = shop.csrf_token(failed.id)
+    calls = shop.access_calls
+    shop.allowed = False
+    assert shop.browser.get(PAGE).status_code == 403
+    assert shop.browser.get(f"{PAGE}/{failed.id}").status_code == 403
+    assert shop.rerun(failed.id, token).status_code == 403
+    assert shop.access_calls == calls + 3
+    assert shop.handled == []
+    # The webhook endpoint is not behind the page's access check.
+    assert shop.sender.send("points.earned", id="evt_2").status_code == 200
+
+
+def test_the_log_is_off_by_default() -> None:
+    app, _ = build_app({"SECRET_KEY": "x"})
+    assert EXTENSION_KEY not in app.extensions
+    assert app.test_client().get(PAGE).status_code == 404
+    with pytest.raises(RuntimeError, match="the delivery log is off"):
+        delivery_log(app)
+
+
+def test_refuses_to_start_without_an_access_check(sqlite_log: DeliveryLog) -> None:
+    with pytest.raises(ConfigError, match=r"^PLOINTS_DELIVERY_LOG_ACCESS is not set"):
+        build_app({"SECRET_KEY": "x", "PLOINTS_DELIVERY_LOG": sqlite_log})
+    with pytest.raises(ConfigError, match=r"^PLOINTS_DELIVERY_LOG_ACCESS must be a function"):
+        build_app(
+            {
+                "SECRET_KEY": "x",
+                "PLOINTS_DELIVERY_LOG": sqlite_log,
+                "PLOINTS_DELIVERY_LOG_ACCESS": True,
+            }
+        )
+
+
+def test_refuses_to_start_without_a_secret_key(sqlite_log: DeliveryLog) -> None:
+    with pytest.raises(ConfigError, match=r"^SECRET_KEY is not set"):
+        build_app({"PLOINTS_DELIVERY_LOG": sqlite_log, "PLOINTS_DELIVERY_LOG_ACCESS": lambda: True})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("PLOINTS_DELIVERY_LOG", 42, r"^PLOINTS_DELIVERY_LOG must be a database URL"),
+        ("PLOINTS_DELIVERY_LOG", "nonsense://x", r"^PLOINTS_DELIVERY_LOG: "),
+        ("PLOINTS_DELIVERY_LOG_URL", "deliveries", r"^PLOINTS_DELIVERY_LOG_URL must be a path"),
+        ("PLOINTS_DELIVERY_LOG_RETENTION", -1, r"^PLOINTS_DELIVERY_LOG_RETENTION must be positive"),
+        ("PLOINTS_DELIVERY_LOG_RETENTION", "1d", r"^PLOINTS_DELIVERY_LOG_RETENTION must be"),
+    ],
+)
+def test_wrong_settings_name_their_key(key: str, value: object, message: str) -> None:
+    config = {
+        "SECRET_KEY": "x",
+        "PLOINTS_DELIVERY_LOG": "sqlite://",
+        "PLOINTS_DELIVERY_LOG_ACCESS": lambda: True,
+        key: value,
+    }
+    with pytest.raises(ConfigError, match=message):
+        build_app(config)
+
+
+def test_a_url_and_its_own_page_address(tmp_path: Path) -> None:
+    app, _ = build_app(
+        {
+            "SECRET_KEY": "x",
+            "PLOINTS_DELIVERY_LOG": f"sqlite:///{tmp_path / 'log.db'}",
+            "PLOINTS_DELIVERY_LOG_ACCESS": lambda: True,
+            "PLOINTS_DELIVERY_LOG_URL": "/admin/webhooks/",
+            "PLOINTS_DELIVERY_LOG_RETENTION": 3600,
+        }
+    )
+    log = delivery_log(app)
+    assert (log.table.name, log.retention) == ("ploints_deliveries", 3600.0)
+    PlointsClient(app).send("badge.issued", id="evt_1")
+    page = app.test_client().get("/admin/webhooks/").get_data(as_text=True)
+    assert "evt_1" in page
+    log.engine.dispose()
+
+
+def test_two_instances_share_one_log(sqlite_log: DeliveryLog) -> None:
+    shop = Shop(sqlite_log)
+    second = PlointsWebhooks(name="second", url="/webhooks/second", secret="whsec_second")
+    second.init_app(shop.app)
+    shop.sender.send("points.earned", id="evt_1")
+    PlointsClient(shop.app, "second").send("points.earned", id="evt_2")
+    assert [(row.event_id, row.name) for row in sqlite_log.recent()] == [
+        ("evt_2", "second"),
+        ("evt_1", "ploints"),
+    ]
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert '<th class="hide-narrow">Endpoint</th>' in page
+
+
+def test_a_failing_log_never_changes_the_answer(
+    sqlite_log: DeliveryLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    shop = Shop(sqlite_log)
+    sqlite_log.create_table()
+    sqlite_log.table.drop(sqlite_log.engine)
+    with caplog.at_level(logging.ERROR, "flask_ploints"):
+        assert shop.sender.send("points.earned", id="evt_1").status_code == 200
+        assert shop.sender.send("points.earned", id="evt_1").status_code == 200
+    assert shop.handled == ["evt_1"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "the delivery log failed to record a processed delivery",
+        "the delivery log failed to record a duplicate delivery",
+    ]
+    # The payload is not in the logged error (SQLAlchemy echoes parameters).
+    assert all("evt_1" not in record.exc_text for record in caplog.records if record.exc_text)
+
+
+def test_purge_and_retention(sqlite_log: DeliveryLog) -> None:
+    now = time.time()
+    sqlite_log.retention = None
+    for age in (10, 100, 1000):
+        sqlite_log.record(
+            "rejected", name="ploints", reason="invalid signature", received_at=now - age
+        )
+    assert sqlite_log.purge(50, now=now) == 2
+    assert [round(now - row.received_at) for row in sqlite_log.recent()] == [10]
+
+    kept = DeliveryLog(sqlite_log.engine, table_name=sqlite_log.table.name, retention=5)
+    kept.record("rejected", name="ploints", reason="old", received_at=now - 60)
+    # The next record purges what is past the retention.
+    kept.record("rejected", name="ploints", reason="new")
+    assert [row.reason for row in kept.recent()] == ["new"]
+
+
+def test_record_refuses_what_it_must_not_keep(sqlite_log: DeliveryLog) -> None:
+    event = Event(id="evt_1", type="points.earned", timestamp=None, data={}, raw=b"{}")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unverified"):
+        sqlite_log.record("rejected", name="ploints", event=event)
+    with pytest.raises(ValueError, match="unknown outcome"):
+        sqlite_log.record("lost", name="ploints")
+
+
+def test_the_docs_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = Path(__file__).parent.parent / "docs" / "examples" / "delivery_log.py"
+    spec = importlib.util.spec_from_file_location("delivery_log_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setenv("SECRET_KEY", "example-key")
+    monkeypatch.setenv("PLOINTS_WEBHOOK_SECRET", "whsec_example")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
+    app = example.create_app()
+    app.testing = True
+    PlointsClient(app).send("points.earned", id="evt_1")
+    browser = app.test_client()
+    assert browser.get(PAGE).status_code == 403
+    with browser.session_transaction() as session:
+        session["role"] = "staff"
+    page = browser.get(PAGE)
+    assert page.status_code == 200 and "evt_1" in page.get_data(as_text=True)
+    delivery_log(app).engine.dispose()
+    app.extensions["ploints"]["ploints"].store.engine.dispose()
+
+
+def test_rerun_while_in_flight_or_with_the_store_down(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    shop.broken = False
+    (failed,) = shop.log.recent()
+    token = shop.csrf_token(failed.id)
+    store = shop.webhooks.receiver(shop.app).store
+    claim = store.claim("evt_1", 60)
+    shop.rerun(failed.id, token)
+    page = shop.browser.get(f"{PAGE}/{failed.id}").get_data(as_text=True)
+    assert "Re-run of evt_1 refused: event &#39;evt_1&#39; is being processed right now" in page
+    store.release("evt_1", claim.token)
+
+    def down(*args: object) -> t.NoReturn:
+        raise StoreError("database: OperationalError: connection refused")
+
+    monkeypatch.setattr(store, "claim", down)
+    shop.rerun(failed.id, token)
+    page = shop.browser.get(f"{PAGE}/{failed.id}").get_data(as_text=True)
+    assert "the dedupe store or the queue is unavailable. Nothing ran" in page
+    assert shop.handled == []
+    assert len(shop.log.recent()) == 1
