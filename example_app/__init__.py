@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import typing as t
 
 from flask import Flask
 from flask import jsonify
+from flask import render_template
+from flask import request
 
 from flask_ploints import PlointsWebhooks
 
 from . import handlers
 from .loyalty import Loyalty
+
+
+def _local_only() -> bool:
+    # The delivery log shows customers' data: the demo serves it to this
+    # machine only. A real app checks its own login here.
+    return request.remote_addr in ("127.0.0.1", "::1")
+
 
 #: The secret the demo signs with; a real app reads it from the environment.
 DEMO_SECRET = "whsec_example_demo_secret"
@@ -33,12 +43,16 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     """
     app = Flask(__name__, instance_path=os.path.join(os.path.dirname(__file__), "instance"))
     os.makedirs(app.instance_path, exist_ok=True)
+    ploints_db = "sqlite:///" + os.path.join(app.instance_path, "ploints.sqlite3")
     app.config.update(
         DATABASE=os.path.join(app.instance_path, "loyalty.sqlite3"),
+        SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_hex(16),
         PLOINTS_WEBHOOK_SECRET=os.environ.get("PLOINTS_WEBHOOK_SECRET", DEMO_SECRET),
-        # One process serves the demo, so the in-memory store is enough; a
-        # deployment with several workers sets a Redis or database URL here.
-        PLOINTS_DEDUPE_STORE="memory",
+        # Embedded SQLite: the dedupe store keeps payloads, so failed events
+        # can be replayed, and the delivery log page reads the same file.
+        PLOINTS_DEDUPE_STORE=ploints_db,
+        PLOINTS_DELIVERY_LOG=ploints_db,
+        PLOINTS_DELIVERY_LOG_ACCESS=_local_only,
     )
     app.config.update(config or {})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -49,6 +63,10 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     webhooks = PlointsWebhooks(app)
     handlers.register(webhooks)
+
+    @app.get("/")
+    def index() -> str:
+        return render_template("customers.html", customers=loyalty.customers())
 
     @app.get("/customers")
     def customers() -> t.Any:

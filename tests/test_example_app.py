@@ -15,10 +15,20 @@ from flask_ploints import EVENT_TYPES
 from flask_ploints.testing import PlointsClient
 
 
+def _config(tmp_path: Path, **extra: t.Any) -> dict[str, t.Any]:
+    ploints = f"sqlite:///{tmp_path / 'ploints.sqlite3'}"
+    return {
+        "DATABASE": str(tmp_path / "loyalty.sqlite3"),
+        "TESTING": True,
+        "PLOINTS_DEDUPE_STORE": ploints,
+        "PLOINTS_DELIVERY_LOG": ploints,
+        **extra,
+    }
+
+
 @pytest.fixture
 def example(tmp_path: Path) -> Flask:
-    app = create_app({"DATABASE": str(tmp_path / "loyalty.sqlite3"), "TESTING": True})
-    return app
+    return create_app(_config(tmp_path))
 
 
 def _customers(app: Flask) -> dict[str, dict[str, t.Any]]:
@@ -53,3 +63,22 @@ def test_business_level_idempotence_survives_a_forgetful_store(tmp_path: Path) -
     client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
     client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
     assert _customers(app)["a@example.com"]["balance"] == 5
+
+
+def test_pages_show_customers_and_deliveries(example: Flask) -> None:
+    PlointsClient(example).send("customer.created", id="evt_page")
+    client = example.test_client()
+    page = client.get("/")
+    assert page.status_code == 200
+    assert b"sam@example.com" in page.data
+    assert b'href="/ploints/deliveries"' in page.data
+    log = client.get("/ploints/deliveries")
+    assert log.status_code == 200
+    assert b"evt_page" in log.data
+
+
+def test_delivery_log_is_for_this_machine_only(example: Flask) -> None:
+    response = example.test_client().get(
+        "/ploints/deliveries", environ_base={"REMOTE_ADDR": "203.0.113.9"}
+    )
+    assert response.status_code == 403
