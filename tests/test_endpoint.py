@@ -182,6 +182,35 @@ def test_413_body_without_length_is_not_read_whole(
     assert calls == []
 
 
+def test_400_body_shorter_than_content_length(app: Flask, calls: list[tuple[str, str]]) -> None:
+    body = json.dumps(build_event("points.earned", id="evt_short")).encode()
+    # The client went away after part of the body: a signed prefix is still
+    # not verified as the whole event.
+    response = app.test_client().post(
+        URL,
+        input_stream=io.BytesIO(body[:-10]),
+        headers=_signed(body),
+        environ_overrides={"CONTENT_LENGTH": str(len(body))},
+    )
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "body shorter than Content-Length"}
+    assert calls == []
+
+
+def test_body_is_read_to_content_length_only(app: Flask, calls: list[tuple[str, str]]) -> None:
+    body = json.dumps(build_event("points.earned", id="evt_exact")).encode()
+    stream = _CountingStream(body + b"GET / HTTP/1.1\r\n")
+    response = app.test_client().post(
+        URL,
+        input_stream=stream,
+        headers=_signed(body),
+        environ_overrides={"CONTENT_LENGTH": str(len(body))},
+    )
+    assert response.status_code == 200
+    assert stream.served == len(body)
+    assert calls == [("points.earned", "evt_exact")]
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
 def test_415_not_json(app: Flask, content_type: str | None) -> None:
     body = json.dumps(build_event("points.earned")).encode()
