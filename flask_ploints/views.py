@@ -107,6 +107,10 @@ class WebhookEndpoint:
         self.settings = settings
         self.store = store
         self.dispatcher = dispatcher
+        # Only an event handed to a worker can end up failed in the store,
+        # where its payload is kept for replay; an inline failure releases
+        # the claim, so the store would hold the body for nothing.
+        self._keep_payload = not dispatcher.runs_inline
 
     def receive(self) -> Response:
         """Answer one delivery."""
@@ -142,7 +146,8 @@ class WebhookEndpoint:
         notify(signals.event_received, app, self.name, event=event)
 
         try:
-            claim = self.store.claim(event.id, self.dispatcher.lease, event.raw)
+            payload = event.raw if self._keep_payload else None
+            claim = self.store.claim(event.id, self.dispatcher.lease, payload)
         except Exception:
             logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
             return self._unavailable("dedupe store unavailable")

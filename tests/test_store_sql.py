@@ -14,7 +14,10 @@ from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
+from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import StoreContract
+
+from .support import build_app
 
 
 def _close(store: SQLAlchemyStore) -> None:
@@ -144,6 +147,16 @@ def test_payloads_are_kept_when_asked(any_store: SQLAlchemyStore) -> None:
     in_flight = lean.get("evt_2")
     assert in_flight is not None
     assert in_flight.payload is None
+
+
+def test_inline_dispatch_stores_no_payload(sqlite_memory_store: SQLAlchemyStore) -> None:
+    # A handler failure in the request releases the claim: a payload in the
+    # store could never be replayed, so the endpoint does not send it.
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": sqlite_memory_store})
+    assert PlointsClient(app).send("points.earned", id="evt_inline").status_code == 200
+    stored = sqlite_memory_store.get("evt_inline")
+    assert stored is not None
+    assert (stored.status, stored.payload) == ("done", None)
 
 
 def test_get_and_failed(any_store: SQLAlchemyStore) -> None:
