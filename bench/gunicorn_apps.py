@@ -8,15 +8,20 @@ environment picks the receiver:
     (the sender's Node example written in Flask, with the same store work
     done the plain way).
 ``BENCH_STORE``
-    ``memory``, ``redis`` or ``postgresql``.
+    ``memory``, ``redis`` or ``postgresql``; or ``celery``: dedupe in Redis
+    and hand each event to Celery (``PLOINTS_DISPATCH = "celery"``), which
+    answers ``202`` once RabbitMQ confirmed the task.
 ``BENCH_NAMESPACE``
     a name only this run uses: the Redis key prefix and the SQL table.
-``BENCH_REDIS_URL``, ``BENCH_POSTGRES_URL``
+``BENCH_REDIS_URL``, ``BENCH_POSTGRES_URL``, ``BENCH_BROKER_URL``
     where the services are.
 
 Both kinds verify the signature over the raw body, parse the JSON, dedupe on
 the event id with a claim before the handler and a mark after it, run one
 no-op handler for ``points.earned`` and answer ``{"received": true}``.
+With ``celery`` both claim the id in Redis, publish one task to a queue of
+their own with publisher confirms on (nothing consumes it), and answer
+``202``; the handlers would run in a worker.
 """
 
 from __future__ import annotations
@@ -40,6 +45,23 @@ SECRET = "whsec_bench_gunicorn"
 URL = "/webhooks/ploints"
 LEASE = 30
 RETENTION = 7 * 24 * 3600
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+TASK_NAME = "flask_ploints.process_event"
+
+
+def celery_app(namespace: str) -> t.Any:
+    """A Celery app for the broker, routing every task to ``namespace``."""
+    from celery import Celery
+
+    app = Celery("bench", broker=BROKER_URL)
+    app.conf.update(
+        task_ignore_result=True,
+        task_default_queue=namespace,
+        broker_transport_options={"confirm_publish": True},
+    )
+    return app
 
 
 def _handle(event_id: str) -> None:
@@ -52,13 +74,15 @@ def extension_app(store: str, namespace: str) -> Flask:
     app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
     app.config["PLOINTS_DEDUPE_STORE"] = {
         "memory": "memory",
-        "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        "postgresql": os.environ.get(
-            "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-        ),
+        "redis": REDIS_URL,
+        "postgresql": POSTGRES_URL,
+        "celery": REDIS_URL,
     }[store]
     app.config["PLOINTS_REDIS_PREFIX"] = f"{namespace}:"
     app.config["PLOINTS_SQL_TABLE"] = namespace
+    if store == "celery":
+        app.config["PLOINTS_DISPATCH"] = "celery"
+        app.config["PLOINTS_CELERY_APP"] = celery_app(namespace)
     with warnings.catch_warnings():
         # MemoryStore outside testing warns that it dedupes per process;
         # known, and the same holds for the hand-written dict.
@@ -100,8 +124,7 @@ class _RedisDedupe:
     def __init__(self, namespace: str) -> None:
         import redis
 
-        url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-        self.client = redis.Redis.from_url(url, socket_timeout=2)
+        self.client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
         self.prefix = f"{namespace}:"
 
     def claim(self, event_id: str) -> str | None:
@@ -123,8 +146,7 @@ class _PostgresDedupe:
     def __init__(self, namespace: str) -> None:
         import psycopg
 
-        url = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-        self.connection = psycopg.connect(url, autocommit=True)
+        self.connection = psycopg.connect(POSTGRES_URL, autocommit=True)
         # The table is created by the bench before the workers start.
         self.table = namespace
 
@@ -155,11 +177,12 @@ def hand_written_app(store: str, namespace: str) -> Flask:
     secret = SECRET.encode()
     # Connected lazily, in the worker process.
     dedupes: list[_Dedupe] = []
+    queue = celery_app(namespace) if store == "celery" else None
 
     def dedupe() -> _Dedupe:
         if not dedupes:
             made: _Dedupe
-            if store == "redis":
+            if store in ("redis", "celery"):
                 made = _RedisDedupe(namespace)
             elif store == "postgresql":
                 made = _PostgresDedupe(namespace)
@@ -181,6 +204,10 @@ def hand_written_app(store: str, namespace: str) -> Flask:
             return jsonify({"received": True, "duplicate": True})
         if status is not None:
             return jsonify({"error": "event is being processed"}), 409
+        if queue is not None:
+            # The worker runs the handlers and marks the id done.
+            queue.send_task(TASK_NAME, args=(raw.decode(),))
+            return jsonify({"received": True, "queued": True}), 202
         if event["type"] == "points.earned":
             _handle(event["id"])
         elif event["type"] == "customer.created":

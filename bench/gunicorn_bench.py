@@ -1,7 +1,8 @@
 """Throughput and latency of the extension under gunicorn, beside a
 hand-written receiver doing the same store work the plain way.
 
-For each store (memory, Redis, PostgreSQL) and each receiver (the extension,
+For each store (memory, Redis, PostgreSQL, and Redis with Celery dispatch
+over RabbitMQ) and each receiver (the extension,
 and the hand-written one of ``bench/gunicorn_apps.py``), the bench starts
 ``gunicorn -w 4`` (sync workers) on a free loopback port, warms every worker
 up, then drives it with ``wrk`` (one thread, 16 connections, a fixed
@@ -16,7 +17,7 @@ wrk``). It shares the machine's cores with the servers, as does the store's
 own server, so the numbers are for this whole box, not for gunicorn alone.
 
 Run: ``.venv/bin/python bench/gunicorn_bench.py [--duration 10] [--rounds 2]
-[--stores memory,redis,postgresql]``.
+[--stores memory,redis,postgresql,celery]``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SECRET = "whsec_bench_gunicorn"
 URL_PATH = "/webhooks/ploints"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TYPES = ("points.earned", "points.redeemed", "customer.created", "badge.issued")
 KINDS = ("extension", "hand")
 CONNECTIONS = 16
@@ -135,6 +137,7 @@ class Server:
             "BENCH_NAMESPACE": namespace,
             "BENCH_REDIS_URL": REDIS_URL,
             "BENCH_POSTGRES_URL": POSTGRES_URL,
+            "BENCH_BROKER_URL": BROKER_URL,
         }
         self.process = subprocess.Popen(
             [
@@ -187,7 +190,7 @@ class Server:
         ]
         with ThreadPoolExecutor(max_workers=CONNECTIONS) as pool:
             statuses = set(pool.map(lambda body: _post(self.port, body), bodies))
-        if statuses != {200}:
+        if len(statuses) != 1 or not 200 <= statuses.pop() < 300:
             raise RuntimeError(f"warm-up answered {statuses}; see {self.log.name}")
 
     def stop(self) -> None:
@@ -214,8 +217,13 @@ def prepare(kind: str, store: str, namespace: str) -> None:
 
 
 def clean(store: str, namespace: str) -> None:
-    """Remove a run's keys or table."""
-    if store == "redis":
+    """Remove a run's keys, table or queue."""
+    if store == "celery":
+        from kombu import Connection
+
+        with Connection(BROKER_URL) as connection:
+            connection.default_channel.queue_delete(namespace)
+    if store in ("redis", "celery"):
         import redis
 
         client = redis.Redis.from_url(REDIS_URL)
@@ -292,7 +300,7 @@ def machine() -> str:
 def service_versions(stores: list[str]) -> list[str]:
     """Versions of the store servers in use."""
     found = []
-    if "redis" in stores:
+    if "redis" in stores or "celery" in stores:
         import redis
 
         info = redis.Redis.from_url(REDIS_URL).info("server")
@@ -303,6 +311,13 @@ def service_versions(stores: list[str]) -> list[str]:
         with psycopg.connect(POSTGRES_URL) as connection:
             row = connection.execute("SHOW server_version").fetchone()
             found.append(f"PostgreSQL {row[0] if row else '?'}")
+    if "celery" in stores:
+        from kombu import Connection
+
+        with Connection(BROKER_URL) as connection:
+            connection.connect()
+            properties = connection.connection.server_properties
+            found.append(f"RabbitMQ {properties.get('version', '?')}, Celery {version('celery')}")
     return found
 
 
@@ -319,9 +334,10 @@ def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: 
             p50 = statistics.median(r.p50_us for r in runs) / 1000
             p99 = statistics.median(r.p99_us for r in runs) / 1000
             label = "flask-ploints" if kind == "extension" else "hand-written"
+            name = "redis + celery (202)" if store == "celery" else store
             ratio = f"**{rates['extension'] / rates['hand']:.2f}x**" if kind == "extension" else ""
             lines.append(
-                f"| {store} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
+                f"| {name} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -331,7 +347,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per receiver and store")
-    parser.add_argument("--stores", default="memory,redis,postgresql")
+    parser.add_argument("--stores", default="memory,redis,postgresql,celery")
     parser.add_argument("--events", type=int, default=200_000, help="distinct events to send")
     args = parser.parse_args()
 
@@ -343,6 +359,10 @@ def main() -> None:
             print(f"skipping redis: nothing listens at {REDIS_URL}")
         elif store == "postgresql" and not _reachable(POSTGRES_URL, 5432):
             print(f"skipping postgresql: nothing listens at {POSTGRES_URL}")
+        elif store == "celery" and not (
+            _reachable(REDIS_URL, 6379) and _reachable(BROKER_URL, 5672)
+        ):
+            print(f"skipping celery: nothing listens at {REDIS_URL} or {BROKER_URL}")
         else:
             stores.append(store)
 
