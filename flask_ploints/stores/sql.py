@@ -92,6 +92,37 @@ _SQL_FAILED = sa.literal_column(f"'{FAILED}'", sa.String())
 _SQL_ONE = sa.literal_column("1", sa.Integer())
 
 
+def _take_over(
+    c: t.Any, token: t.Any, lease_end: t.Any, payload: t.Any, now: t.Any
+) -> tuple[sa.ColumnElement[bool], dict[str, t.Any]]:
+    """When a claim may take over an existing row, and what it sets then,
+    given the claim's values as SQL expressions.
+    """
+    # A row a claim may take over: failed, its lease ran out, or done and
+    # past its retention.
+    free = sa.or_(
+        c.status == _SQL_FAILED,
+        sa.and_(c.status == _SQL_IN_FLIGHT, c.lease_expires <= now),
+        sa.and_(c.status == _SQL_DONE, c.expires <= now),
+    )
+    # A done or failed row past its retention is forgotten: the claim starts
+    # it afresh rather than counting on from it.
+    forgotten = sa.and_(c.status != _SQL_IN_FLIGHT, c.expires <= now)
+    old_payload = sa.case((forgotten, sa.null()), else_=c.payload)
+    return free, {
+        "status": _SQL_IN_FLIGHT,
+        "token": token,
+        "lease_expires": lease_end,
+        "expires": lease_end,
+        "attempts": sa.case((forgotten, _SQL_ONE), else_=c.attempts + _SQL_ONE),
+        "error": sa.case((forgotten, sa.null()), else_=c.error),
+        # A claim without a payload keeps the last one.
+        "payload": sa.func.coalesce(payload, old_payload, type_=sa.LargeBinary()),
+        "created_at": sa.case((forgotten, now), else_=c.created_at),
+        "updated_at": now,
+    }
+
+
 class _Statements:
     """Every statement of one store's table, built once with bind parameters
     (and compiled once, by :class:`_Query`), so that a call only executes.
@@ -116,30 +147,6 @@ class _Statements:
             "created_at": _now,
             "updated_at": _now,
         }
-        # A row a claim may take over: failed, its lease ran out, or done and
-        # past its retention.
-        free = sa.or_(
-            c.status == _SQL_FAILED,
-            sa.and_(c.status == _SQL_IN_FLIGHT, c.lease_expires <= _now),
-            sa.and_(c.status == _SQL_DONE, c.expires <= _now),
-        )
-        # A done or failed row past its retention is forgotten: the claim
-        # starts it afresh rather than counting on from it.
-        forgotten = sa.and_(c.status != _SQL_IN_FLIGHT, c.expires <= _now)
-        old_payload = sa.case((forgotten, sa.null()), else_=c.payload)
-        take_over: dict[str, t.Any] = {
-            "status": _SQL_IN_FLIGHT,
-            "token": _token,
-            "lease_expires": _lease_end,
-            "expires": _lease_end,
-            "attempts": sa.case((forgotten, _SQL_ONE), else_=c.attempts + _SQL_ONE),
-            "error": sa.case((forgotten, sa.null()), else_=c.error),
-            # A claim without a payload keeps the last one.
-            "payload": sa.func.coalesce(_payload, old_payload, type_=sa.LargeBinary()),
-            "created_at": sa.case((forgotten, _now), else_=c.created_at),
-            "updated_at": _now,
-        }
-
         #: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE free RETURNING``
         #: the holder: our row when the claim inserted or took over the id, no
         #: row when it changed nothing. ``None`` without ON CONFLICT.
@@ -158,12 +165,17 @@ class _Statements:
         #: and the claim goes round again.
         self.claim: sa.ClauseElement | None = None
         if upsert is not None:
-            upserting: t.Any = (
-                upsert(table)
-                .values(values)
-                .on_conflict_do_update(index_elements=[c.id], set_=take_over, where=free)
-                .returning(*holder)
+            inserting: t.Any = upsert(table).values(values)
+            # The conflict clause reads the claim's values from the row it
+            # proposed (EXCLUDED) rather than from parameters again: each
+            # mention of a parameter is one more for the driver to send.
+            proposed = inserting.excluded
+            free, take_over = _take_over(
+                c, proposed.token, proposed.lease_expires, proposed.payload, proposed.updated_at
             )
+            upserting: t.Any = inserting.on_conflict_do_update(
+                index_elements=[c.id], set_=take_over, where=free
+            ).returning(*holder)
             self.upsert = upserting
             if dialect == "postgresql":
                 claimed = upserting.cte("claimed")
@@ -173,6 +185,7 @@ class _Statements:
                 )
         #: Without ON CONFLICT: insert, and on a duplicate key take over.
         self.insert = sa.insert(table).values(values)
+        free, take_over = _take_over(c, _token, _lease_end, _payload, _now)
         self.take_over = sa.update(table).where(c.id == _event_id, free).values(take_over)
 
         owns = sa.and_(
