@@ -9,7 +9,8 @@ Installed with the package, this module is also a pytest plugin: with an
         assert response.status_code == 200
 
 :class:`StoreContract` is the test suite every dedupe store must pass;
-subclass it with a ``store`` fixture to check your own store.
+subclass it with a ``store`` fixture to check your own store
+(:class:`InspectableStoreContract` for one that can list failed events).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ from .signature import SIGNATURE_HEADER
 from .signature import sign
 from .stores import ClaimStatus
 from .stores import DedupeStore
+from .stores import InspectableStore
 
-__all__ = ["PlointsClient", "StoreContract", "build_event", "ploints_client", "send_event"]
+__all__ = [
+    "InspectableStoreContract",
+    "PlointsClient",
+    "StoreContract",
+    "build_event",
+    "ploints_client",
+    "send_event",
+]
 
 
 class PlointsClient:
@@ -251,3 +260,52 @@ class StoreContract:
             thread.join()
         assert statuses.count(ClaimStatus.CLAIMED) == 1
         assert statuses.count(ClaimStatus.IN_FLIGHT) == 15
+
+
+class InspectableStoreContract(StoreContract):
+    """:class:`StoreContract`, plus what a store that implements
+    :class:`~flask_ploints.stores.InspectableStore` must show: ``get`` and
+    ``failed`` report ids, statuses, attempts and errors. Subclass it the
+    same way.
+    """
+
+    def test_get_reports_the_state_of_an_id(self, store: DedupeStore) -> None:
+        assert isinstance(store, InspectableStore)
+        assert store.get("evt_unknown") is None
+        first = store.claim("evt_1", self.long)
+        store.fail("evt_1", first.token, "boom 1", self.long)
+        again = store.claim("evt_1", self.long)
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert (stored.id, stored.status, stored.attempts, stored.error) == (
+            "evt_1",
+            "in_flight",
+            2,
+            "boom 1",
+        )
+        assert stored.updated_at == pytest.approx(time.time(), abs=5)
+        store.commit("evt_1", again.token, self.long)
+        done = store.get("evt_1")
+        assert done is not None
+        assert (done.status, done.attempts) == ("done", 2)
+
+    def test_failed_lists_the_newest_first(self, store: DedupeStore) -> None:
+        assert isinstance(store, InspectableStore)
+        for number in range(3):
+            claim = store.claim(f"evt_{number}", self.long)
+            store.fail(f"evt_{number}", claim.token, f"boom {number}", self.long)
+            # Some stores keep times to the millisecond.
+            time.sleep(0.005)
+        done = store.claim("evt_done", self.long)
+        store.commit("evt_done", done.token, self.long)
+        again = store.claim("evt_1", self.long)
+        store.fail("evt_1", again.token, "boom again", self.long)
+
+        failed = store.failed()
+        assert [(event.id, event.error, event.attempts) for event in failed] == [
+            ("evt_1", "boom again", 2),
+            ("evt_2", "boom 2", 1),
+            ("evt_0", "boom 0", 1),
+        ]
+        assert {event.status for event in failed} == {"failed"}
+        assert [event.id for event in store.failed(limit=2)] == ["evt_1", "evt_2"]

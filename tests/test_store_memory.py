@@ -8,10 +8,10 @@ from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import NullStore
-from flask_ploints.testing import StoreContract
+from flask_ploints.testing import InspectableStoreContract
 
 
-class TestMemoryStore(StoreContract):
+class TestMemoryStore(InspectableStoreContract):
     @pytest.fixture
     def store(self) -> MemoryStore:
         return MemoryStore()

@@ -8,11 +8,10 @@ import pytest
 import redis
 
 from flask_ploints.stores import ClaimStatus
-from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import RedisStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
-from flask_ploints.testing import StoreContract
+from flask_ploints.testing import InspectableStoreContract
 
 
 def _forget(client: redis.Redis, prefix: str) -> None:
@@ -41,7 +40,7 @@ def store(redis_url: str, prefix: str, client: redis.Redis) -> t.Iterator[RedisS
     store.client.close()
 
 
-class TestRedisStore(StoreContract):
+class TestRedisStore(InspectableStoreContract):
     pass
 
 
@@ -169,42 +168,6 @@ def test_payload_is_kept_while_in_flight_and_once_failed(
     in_flight = lean.get("evt_3")
     assert in_flight is not None
     assert in_flight.payload is None
-
-
-def test_get_and_failed(store: RedisStore) -> None:
-    assert isinstance(store, InspectableStore)
-    assert store.get("evt_unknown") is None
-    for number in range(3):
-        claim = store.claim(f"evt_{number}", 60, b"{}")
-        store.fail(f"evt_{number}", claim.token, f"boom {number}", 60)
-        # Redis times have millisecond resolution.
-        time.sleep(0.005)
-    done = store.claim("evt_done", 60)
-    store.commit("evt_done", done.token, 60)
-
-    again = store.claim("evt_1", 60)
-    stored = store.get("evt_1")
-    assert stored is not None
-    assert (stored.id, stored.status, stored.attempts, stored.error) == (
-        "evt_1",
-        "in_flight",
-        2,
-        "boom 1",
-    )
-    assert stored.updated_at == pytest.approx(time.time(), abs=5)
-    store.fail("evt_1", again.token, "boom again", 60)
-
-    failed = store.failed()
-    assert [(event.id, event.error, event.attempts) for event in failed] == [
-        ("evt_1", "boom again", 2),
-        ("evt_2", "boom 2", 1),
-        ("evt_0", "boom 0", 1),
-    ]
-    assert all(event.status == "failed" for event in failed)
-    assert [event.id for event in store.failed(limit=2)] == ["evt_1", "evt_2"]
-    done_event = store.get("evt_done")
-    assert done_event is not None
-    assert done_event.status == "done"
 
 
 def test_failed_reads_only_its_own_prefix(store: RedisStore, client: redis.Redis) -> None:

@@ -10,12 +10,11 @@ import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
 from flask_ploints.stores import ClaimStatus
-from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
+from flask_ploints.testing import InspectableStoreContract
 from flask_ploints.testing import PlointsClient
-from flask_ploints.testing import StoreContract
 
 from .support import build_app
 
@@ -55,7 +54,7 @@ def any_store(request: pytest.FixtureRequest) -> SQLAlchemyStore:
     return store
 
 
-class TestPostgreSQLStore(StoreContract):
+class TestPostgreSQLStore(InspectableStoreContract):
     @pytest.fixture
     def store(self, postgres_store: SQLAlchemyStore) -> SQLAlchemyStore:
         return postgres_store
@@ -66,7 +65,7 @@ class _PortableStore(SQLAlchemyStore):
     _upserts: t.ClassVar[dict[str, t.Callable[[sa.Table], t.Any]]] = {}
 
 
-class TestPortableClaimOnPostgreSQL(StoreContract):
+class TestPortableClaimOnPostgreSQL(InspectableStoreContract):
     @pytest.fixture
     def store(self, postgres_url: str, unique: str) -> t.Iterator[SQLAlchemyStore]:
         store = _PortableStore.from_url(postgres_url, table_name=unique)
@@ -74,13 +73,13 @@ class TestPortableClaimOnPostgreSQL(StoreContract):
         _close(store)
 
 
-class TestSQLiteFileStore(StoreContract):
+class TestSQLiteFileStore(InspectableStoreContract):
     @pytest.fixture
     def store(self, sqlite_file_store: SQLAlchemyStore) -> SQLAlchemyStore:
         return sqlite_file_store
 
 
-class TestSQLiteMemoryStore(StoreContract):
+class TestSQLiteMemoryStore(InspectableStoreContract):
     @pytest.fixture
     def store(self, sqlite_memory_store: SQLAlchemyStore) -> SQLAlchemyStore:
         return sqlite_memory_store
@@ -157,41 +156,6 @@ def test_inline_dispatch_stores_no_payload(sqlite_memory_store: SQLAlchemyStore)
     stored = sqlite_memory_store.get("evt_inline")
     assert stored is not None
     assert (stored.status, stored.payload) == ("done", None)
-
-
-def test_get_and_failed(any_store: SQLAlchemyStore) -> None:
-    store = any_store
-    assert isinstance(store, InspectableStore)
-    assert store.get("evt_unknown") is None
-    for number in range(3):
-        claim = store.claim(f"evt_{number}", 60)
-        store.fail(f"evt_{number}", claim.token, f"boom {number}", 60)
-    done = store.claim("evt_done", 60)
-    store.commit("evt_done", done.token, 60)
-
-    again = store.claim("evt_1", 60)
-    stored = store.get("evt_1")
-    assert stored is not None
-    assert (stored.id, stored.status, stored.attempts, stored.error) == (
-        "evt_1",
-        "in_flight",
-        2,
-        "boom 1",
-    )
-    assert stored.updated_at == pytest.approx(time.time(), abs=5)
-    store.fail("evt_1", again.token, "boom again", 60)
-
-    failed = store.failed()
-    assert [(event.id, event.error, event.attempts) for event in failed] == [
-        ("evt_1", "boom again", 2),
-        ("evt_2", "boom 2", 1),
-        ("evt_0", "boom 0", 1),
-    ]
-    assert all(event.status == "failed" for event in failed)
-    assert [event.id for event in store.failed(limit=2)] == ["evt_1", "evt_2"]
-    done_event = store.get("evt_done")
-    assert done_event is not None
-    assert done_event.status == "done"
 
 
 def test_an_id_past_its_retention_starts_afresh(sqlite_memory_store: SQLAlchemyStore) -> None:
