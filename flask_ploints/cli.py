@@ -112,11 +112,35 @@ def _load_data(data: str | None, data_file: t.IO[str] | None) -> dict[str, t.Any
     return value
 
 
+def _event_body(
+    event_type: str, data: str | None, data_file: t.IO[str] | None, event_id: str | None
+) -> bytes:
+    return json.dumps(build_event(event_type, _load_data(data, data_file), id=event_id)).encode()
+
+
+_Command = t.TypeVar("_Command", bound=t.Callable[..., t.Any])
+
+
+def _event_options(func: _Command) -> _Command:
+    """The TYPE argument and the options that build the event to deliver."""
+    for decorator in reversed(
+        [
+            click.argument("event_type", metavar="TYPE", callback=_event_type),
+            click.option(
+                "--data", help="The event's data as a JSON object (default: sample data)."
+            ),
+            click.option(
+                "--data-file", type=click.File("r"), help="Read the data from a JSON file."
+            ),
+            click.option("--id", "event_id", help="The event id (default: a fresh one)."),
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
 @ploints.command("send")
-@click.argument("event_type", metavar="TYPE", callback=_event_type)
-@click.option("--data", help="The event's data as a JSON object (default: sample data).")
-@click.option("--data-file", type=click.File("r"), help="Read the data from a JSON file.")
-@click.option("--id", "event_id", help="The event id (default: a fresh one).")
+@_event_options
 @click.option("--url", help="Post over HTTP to this URL instead of to the app in process.")
 @name_option
 def send_command(
@@ -129,7 +153,7 @@ def send_command(
 ) -> None:
     """Sign a sample event of TYPE with the current secret and deliver it."""
     receiver = _receiver(name)
-    body = json.dumps(build_event(event_type, _load_data(data, data_file), id=event_id)).encode()
+    body = _event_body(event_type, data, data_file, event_id)
     status, answer = _post(url, receiver, body)
     click.echo(f"{status} {answer}")
     if not 200 <= status < 300:
@@ -169,7 +193,7 @@ def events_command(name: str) -> None:
 
 
 @ploints.command("simulate")
-@click.argument("event_type", metavar="TYPE", callback=_event_type)
+@_event_options
 @click.option("--url", help="Deliver over HTTP to this URL instead of to the app in process.")
 @click.option(
     "--speed",
@@ -185,17 +209,23 @@ def events_command(name: str) -> None:
     show_default=True,
     help="Count the first K answers as lost (a timeout), even a 2xx, so the event is retried.",
 )
-@click.option("--id", "event_id", help="The event id (default: a fresh one).")
 @name_option
 def simulate_command(
-    event_type: str, url: str | None, speed: float, fail_first: int, event_id: str | None, name: str
+    event_type: str,
+    data: str | None,
+    data_file: t.IO[str] | None,
+    event_id: str | None,
+    url: str | None,
+    speed: float,
+    fail_first: int,
+    name: str,
 ) -> None:
     """Deliver one event the way Ploints does: the same body again on the
     retry schedule (+1 min, +5 min, +30 min, +2 h, +12 h, divided by
     --speed) until an answer counts as a 2xx.
     """
     receiver = _receiver(name)
-    body = json.dumps(build_event(event_type, id=event_id)).encode()
+    body = _event_body(event_type, data, data_file, event_id)
     for attempt, delay in enumerate(RETRY_SCHEDULE, start=1):
         time.sleep(delay / speed)
         status, answer = _post(url, receiver, body)

@@ -78,6 +78,7 @@ def test_send_uses_data_and_data_file(
             ["simulate", "nope.nope"],
             "unknown event type 'nope.nope'; known: points.earned, points.redeemed, customer.created, customer.tier_changed, badge.issued, reward.redeemed, campaign.conversion",
         ),
+        (["simulate", "points.earned", "--data", "[1]"], "--data must be a JSON object"),
         (
             ["purge"],
             "MemoryStore has nothing to purge (Redis and memory entries expire by themselves)",
@@ -187,6 +188,20 @@ def test_simulate_retries_lost_answers_and_dedupe_holds(
         'attempt 3 (sender\'s +300 s): 200 {"received": true, "duplicate": true}\n'
     )
     assert calls == [("points.earned", "evt_sim")]
+
+
+def test_simulate_delivers_the_given_data(webhooks: PlointsWebhooks, app: Flask) -> None:
+    seen: list[dict[str, t.Any]] = []
+
+    @webhooks.on("customer.created")
+    def created(event: Event) -> None:
+        seen.append(dict(event.data))
+
+    data = '{"customerEmail": "lee@example.com", "name": "Lee Chan"}'
+    result = run(app, "simulate", "customer.created", "--data", data, "--speed", "1000000")
+    assert result.exit_code == 0
+    assert result.output == 'attempt 1 (sender\'s +0 s): 200 {"received": true}\n'
+    assert seen == [{"customerEmail": "lee@example.com", "name": "Lee Chan"}]
 
 
 def test_simulate_gives_up_after_the_last_retry(webhooks: PlointsWebhooks, app: Flask) -> None:

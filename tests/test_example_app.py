@@ -4,11 +4,15 @@ fixture.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import typing as t
 from pathlib import Path
 
 import pytest
 from flask import Flask
+from werkzeug.serving import make_server
 
 from example_app import create_app
 from flask_ploints import EVENT_TYPES
@@ -82,3 +86,28 @@ def test_delivery_log_is_for_this_machine_only(example: Flask) -> None:
         "/ploints/deliveries", environ_base={"REMOTE_ADDR": "203.0.113.9"}
     )
     assert response.status_code == 403
+
+
+def test_forged_request_is_refused_over_http(example: Flask) -> None:
+    # The run command's forger runs in the example's own virtualenv, which
+    # has no test extras: it must not need pytest.
+    server = make_server("127.0.0.1", 0, example, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/webhooks/ploints"
+    script = (
+        "import runpy, sys; sys.modules['pytest'] = None; sys.argv = ['forge', sys.argv[1]];"
+        " runpy.run_module('example_app.forge', run_name='__main__')"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parent.parent,
+        )
+    finally:
+        server.shutdown()
+        thread.join()
+    assert (result.returncode, result.stdout) == (0, '401 {"error": "invalid signature"}\n')
