@@ -92,23 +92,28 @@ def test_a_new_event_takes_two_round_trips_and_a_duplicate_one(
         claim = store.claim("evt_1", 60, b'{"id": "evt_1"}')
         assert claim.status is ClaimStatus.CLAIMED
         assert store.commit("evt_1", claim.token, 60) is True
-        assert counted.writes == [["EVALSHA"], ["EVALSHA"]]
+        assert counted.writes == [["SET"], ["EVALSHA"]]
 
         counted.clear()
         assert store.claim("evt_1", 60).status is ClaimStatus.DONE
-        assert counted.writes == [["EVALSHA"]]
+        assert counted.writes == [["SET"]]
 
         in_flight = store.claim("evt_2", 60)
         counted.clear()
         duplicate = store.claim("evt_2", 60)
         assert duplicate.status is ClaimStatus.IN_FLIGHT
         assert 59 < duplicate.retry_after <= 60
-        assert counted.writes == [["EVALSHA"]]
+        assert counted.writes == [["SET"]]
 
         counted.clear()
         assert store.extend("evt_2", in_flight.token, 60) is True
         assert store.fail("evt_2", in_flight.token, "boom", 60) is True
         assert counted.writes == [["EVALSHA"], ["EVALSHA"]]
+
+        # Only an id that failed before takes a second trip, to take it over.
+        counted.clear()
+        assert store.claim("evt_2", 60).status is ClaimStatus.CLAIMED
+        assert counted.writes == [["SET"], ["EVALSHA"]]
     finally:
         store.client.close()
 
@@ -127,7 +132,9 @@ def test_keys_live_as_long_as_the_lease_or_the_retention(
     claim = store.claim("evt_2", 30)
     store.fail("evt_2", claim.token, "Traceback: boom", 120)
     assert 119_000 < client.pttl(f"{prefix}evt_2") <= 120_000
-    assert client.hget(f"{prefix}evt_2", "e") == b"Traceback: boom"
+    failed = store.get("evt_2")
+    assert failed is not None
+    assert (failed.status, failed.error) == ("failed", "Traceback: boom")
 
     claim = store.claim("evt_3", 30)
     store.release("evt_3", claim.token)
@@ -182,7 +189,7 @@ def test_failed_reads_only_its_own_prefix(store: RedisStore, client: redis.Redis
 def test_redis_errors_become_store_errors(
     store: RedisStore, client: redis.Redis, prefix: str
 ) -> None:
-    client.set(f"{prefix}evt_1", "not a hash")
+    client.hset(f"{prefix}evt_1", "not", "a string")
     with pytest.raises(StoreError, match="WRONGTYPE") as caught:
         store.claim("evt_1", 60)
     assert isinstance(caught.value.__cause__, redis.ResponseError)
@@ -237,3 +244,38 @@ def test_store_from_config_builds_a_redis_store(url: str) -> None:
     assert isinstance(default, RedisStore)
     assert default.prefix == "ploints:"
     default.client.close()
+
+
+def test_errors_and_payloads_survive_the_encoding(store: RedisStore) -> None:
+    # The value is a header, then the error's byte length, the error and the
+    # payload: separators and multi-byte characters inside them must not
+    # shift anything.
+    payload = b'{"id": "evt_1", "data": {"note": "a:b\\nc \xc3\xa9\\u00e9"}}\n:12:'
+    error = "Traceback:\n  ValueError: 12:34 caf\u00e9 \u2603\n"
+    first = store.claim("evt_1", 60, payload)
+    assert store.fail("evt_1", first.token, error, 60) is True
+    failed = store.get("evt_1")
+    assert failed is not None
+    assert (failed.status, failed.error, failed.payload, failed.attempts) == (
+        "failed",
+        error,
+        payload,
+        1,
+    )
+
+    # Taken over without a payload: the last one and the error are kept.
+    second = store.claim("evt_1", 60)
+    assert second.status is ClaimStatus.CLAIMED
+    again = store.get("evt_1")
+    assert again is not None
+    assert (again.status, again.error, again.payload, again.attempts) == (
+        "in_flight",
+        error,
+        payload,
+        2,
+    )
+    assert store.extend("evt_1", second.token, 60) is True
+    assert store.commit("evt_1", second.token, 60) is True
+    done = store.get("evt_1")
+    assert done is not None
+    assert (done.status, done.error, done.payload, done.attempts) == ("done", error, None, 2)

@@ -7,6 +7,7 @@ also installs hiredis, picked up by redis-py automatically).
 from __future__ import annotations
 
 import secrets
+import time
 import typing as t
 
 from .base import Claim
@@ -26,115 +27,135 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["RedisStore"]
 
 _DONE = Claim(ClaimStatus.DONE)
+_STATUSES = {b"i": "in_flight", b"d": "done", b"f": "failed"}
 
-# Each event is a hash under ``prefix + event_id``:
-#   s  status: in_flight | done | failed
-#   t  token of the current claim
-#   x  lease (in flight) or retention (done, failed) end, server ms
-#   a  claims since the key was created
-#   u  last change, server ms
-#   e  error of the last fail(), if any
-#   p  payload, kept while in flight and once failed
-# The key's own TTL is the lease or the retention, so Redis forgets expired
-# entries by itself. Times come from the server's clock (TIME), so clients
-# need no synchronised clocks.
+# Each event is one string under ``prefix + event_id``:
+#
+#     <s><token>:<attempts>:<updated ms>:<expires ms>\n<error length>:<error><payload>
+#
+# ``s`` is ``i`` (in flight), ``d`` (done) or ``f`` (failed); the times are
+# the writing client's clock, for inspection and Retry-After only. The key's
+# own TTL is the lease or the retention: Redis forgets an expired entry by
+# itself, and an existing in-flight key is a live lease. A done key keeps
+# the error of an earlier failure but not the payload; one that never
+# failed keeps the times of its claim.
 
-_NOW = """
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-"""
-
-# KEYS[1] event key; ARGV: token, lease ms, payload ('' for none), keep (1/0).
-# Returns {status, ms left on the holder's lease}.
-_CLAIM = (
-    _NOW
-    + """
+# The settle scripts start by reading the key and checking that ARGV[1], the
+# token, holds its live claim; they return 1 when they acted, 0 otherwise.
+# ARGV[2] is the client's time in ms.
+_OWNED = """
 local key = KEYS[1]
-local lease = tonumber(ARGV[2])
-local current = redis.call('HMGET', key, 's', 'x', 'a')
-local status = current[1]
-if status == 'done' then
-    return {'done', 0}
-end
-if status == 'in_flight' then
-    local left = tonumber(current[2]) - now
-    if left > 0 then
-        return {'in_flight', left}
-    end
-end
-local attempts = (tonumber(current[3]) or 0) + 1
-redis.call('HSET', key, 's', 'in_flight', 't', ARGV[1], 'x', now + lease, 'a', attempts, 'u', now)
-if ARGV[4] == '1' and ARGV[3] ~= '' then
-    redis.call('HSET', key, 'p', ARGV[3])
-end
-redis.call('PEXPIRE', key, lease)
-return {'claimed', 0}
-"""
-)
-
-# Every settle script starts by checking that ARGV[1], the token, still owns a
-# live claim; it returns 1 when it acted, 0 otherwise.
-_OWNS = (
-    _NOW
-    + """
-local key = KEYS[1]
-local current = redis.call('HMGET', key, 's', 't', 'x')
-if current[1] ~= 'in_flight' or current[2] ~= ARGV[1] or tonumber(current[3]) <= now then
+local value = redis.call('GET', key)
+local owner = 'i' .. ARGV[1] .. ':'
+if not value or string.sub(value, 1, #owner) ~= owner then
     return 0
 end
 """
-)
-
-# ARGV: token, retention ms.
+# What the scripts that rewrite the value need of it: its attempts, error
+# and payload.
+_PARSED = """
+local now = tonumber(ARGV[2])
+local newline = string.find(value, '\\n', #owner, true)
+local attempts = string.match(value, '^(%d+):', #owner + 1)
+local length, start = string.match(value, '^(%d+):()', newline + 1)
+local err = string.sub(value, start, start + tonumber(length) - 1)
+local function write(status, ms, payload)
+    redis.call('SET', key, status .. ARGV[1] .. ':' .. attempts .. ':' .. now .. ':' .. (now + ms)
+        .. '\\n' .. #err .. ':' .. err .. payload, 'PX', ms)
+end
+local function payload()
+    return string.sub(value, start + tonumber(length))
+end
+"""
+# ARGV: token, now, retention ms. A value with neither error nor payload
+# (the common case) only changes its status letter; its times stay those of
+# the claim.
 _COMMIT = (
-    _OWNS
+    _OWNED
     + """
-local retention = tonumber(ARGV[2])
-redis.call('HSET', key, 's', 'done', 'x', now + retention, 'u', now)
-redis.call('HDEL', key, 'p')
-redis.call('PEXPIRE', key, retention)
+local retention = tonumber(ARGV[3])
+if string.sub(value, -3) == '\\n0:' then
+    redis.call('SETRANGE', key, 0, 'd')
+    redis.call('PEXPIRE', key, retention)
+    return 1
+end
+"""
+    + _PARSED
+    + """
+write('d', retention, '')
 return 1
 """
 )
-
-# ARGV: token.
+# ARGV: token, now.
 _RELEASE = (
-    _OWNS
+    _OWNED
     + """
 redis.call('DEL', key)
 return 1
 """
 )
-
-# ARGV: token, lease ms.
+# ARGV: token, now, lease ms.
 _EXTEND = (
-    _OWNS
+    _OWNED
+    + _PARSED
     + """
-local lease = tonumber(ARGV[2])
-redis.call('HSET', key, 'x', now + lease, 'u', now)
-redis.call('PEXPIRE', key, lease)
+write('i', tonumber(ARGV[3]), payload())
 return 1
 """
 )
-
-# ARGV: token, retention ms, error.
+# ARGV: token, now, retention ms, error.
 _FAIL = (
-    _OWNS
+    _OWNED
+    + _PARSED
     + """
-local retention = tonumber(ARGV[2])
-redis.call('HSET', key, 's', 'failed', 'x', now + retention, 'u', now, 'e', ARGV[3])
-redis.call('PEXPIRE', key, retention)
+err = ARGV[4]
+write('f', tonumber(ARGV[3]), payload())
 return 1
 """
 )
+# A claim that found a failed key takes it over, unless it changed since.
+# ARGV: token, now, lease ms, the value of a fresh claim, payload ('' none).
+# Returns {'claimed' | 'done' | 'in_flight', the holder's expiry in ms}.
+_TAKE_OVER = """
+local key = KEYS[1]
+local lease = tonumber(ARGV[3])
+local value = redis.call('GET', key)
+if not value then
+    redis.call('SET', key, ARGV[4], 'PX', lease)
+    return {'claimed', 0}
+end
+local status, _, attempts, _, expires, length, tail =
+    string.match(value, '^(%a)(%x*):(%d+):(%d+):(%d+)\\n(%d+):(.*)$')
+if status == 'd' then
+    return {'done', 0}
+end
+if status == 'i' then
+    return {'in_flight', tonumber(expires)}
+end
+local now = tonumber(ARGV[2])
+length = tonumber(length)
+local payload = ARGV[5]
+if payload == '' then
+    payload = string.sub(tail, length + 1)
+end
+redis.call('SET', key, 'i' .. ARGV[1] .. ':' .. (tonumber(attempts) + 1) .. ':' .. now .. ':'
+    .. (now + lease) .. '\\n' .. length .. ':' .. string.sub(tail, 1, length) .. payload,
+    'PX', lease)
+return {'claimed', 0}
+"""
 
-_FIELDS = ("s", "a", "e", "p", "u")
+# Enough of a value to hold its header, for listing failed events.
+_HEADER_BYTES = 128
 _SCAN_BATCH = 500
 
 
 def _ms(seconds: float) -> int:
-    # PX and PEXPIRE refuse 0; a non-positive time means "already over".
+    # PX refuses 0; a non-positive time means "already over".
     return max(1, round(seconds * 1000))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _glob_escape(text: str) -> str:
@@ -144,17 +165,24 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisStore:
-    """Remembers event ids in Redis, one hash per id, so every worker process
-    and host shares the same dedupe state.
+    """Remembers event ids in Redis, one string key per id, so every worker
+    process and host shares the same dedupe state.
 
-    Each operation is one Lua script run with ``EVALSHA``: a claim learns the
-    state of the id and takes it in one round trip, so a new event costs two
-    round trips (claim, commit) and a duplicate one; the first call after
-    Redis restarts or forgets its scripts adds one ``SCRIPT LOAD``. redis-py
-    parses replies with hiredis when it is installed. Each key expires by
-    itself: an in-flight key after its lease, a done or failed key after its
-    retention. The failed key keeps the error text, and the payload when
-    ``keep_payloads`` is set; a done key drops the payload.
+    A claim is one plain ``SET key value NX PX lease GET``: it takes a new
+    id, or answers with the current holder, in one round trip. Only a claim
+    of an id that failed before runs a second trip, a Lua script that takes
+    it over. :meth:`commit`, :meth:`release`, :meth:`extend` and
+    :meth:`fail` are one short Lua script each (``EVALSHA``), which acts only
+    while the token holds the live claim, so a worker whose lease ran out
+    cannot overwrite or delete the claim of the one that took the id over.
+    A new event costs two round trips, a duplicate one; the first script
+    call after Redis restarts or forgets its scripts adds one
+    ``SCRIPT LOAD``. redis-py parses replies with hiredis when it is
+    installed.
+
+    Each key expires by itself: an in-flight key after its lease, a done or
+    failed key after its retention. A failed key keeps the error text, and
+    the payload when ``keep_payloads`` is set; a done key drops the payload.
 
     **Redis must not evict these keys.** An evicted key is a forgotten event,
     processed again on the sender's next retry. Run Redis with
@@ -168,10 +196,12 @@ class RedisStore:
     timeouts and a single immediate retry on a broken connection, none on a
     timeout; a client you pass keeps its own settings.
 
-    Every :class:`redis.RedisError` is raised as :class:`.StoreError`. The
-    scripts read the server's clock (``TIME``), so clients need no
-    synchronised clocks; they need Redis 5 or later. The store talks to one
-    Redis server (a primary); Redis Cluster is not supported.
+    Every :class:`redis.RedisError` is raised as :class:`.StoreError`. Leases
+    and retentions are key TTLs, kept by the server, so hosts need no
+    synchronised clocks; the times :meth:`get` and :meth:`failed` show are
+    those of the host that wrote them. It needs Redis 7 or later (``SET``
+    with both ``NX`` and ``GET``), and talks to one Redis server (a
+    primary); Redis Cluster is not supported.
 
     It implements :class:`.InspectableStore`.
 
@@ -194,7 +224,7 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self.keep_payloads = keep_payloads
-        self._claim = client.register_script(_CLAIM)
+        self._take_over = client.register_script(_TAKE_OVER)
         self._commit = client.register_script(_COMMIT)
         self._release = client.register_script(_RELEASE)
         self._extend = client.register_script(_EXTEND)
@@ -234,99 +264,127 @@ class RedisStore:
         return self.prefix + event_id
 
     def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
-        """See :meth:`.DedupeStore.claim`. One round trip."""
+        """See :meth:`.DedupeStore.claim`. One round trip, two when the id
+        failed before.
+        """
         token = secrets.token_hex(8)
-        args = [token, _ms(lease), payload or b"", 1 if self.keep_payloads else 0]
-        answer = self._run(self._claim, event_id, args)
-        status, left = answer[0], int(answer[1])
-        if status == b"claimed":
+        lease_ms = _ms(lease)
+        now = _now_ms()
+        body = payload if payload and self.keep_payloads else b""
+        value = b"i%s:1:%d:%d\n0:%s" % (token.encode(), now, now + lease_ms, body)
+        key = self.key(event_id)
+        try:
+            # With GET, the reply is the value held before, or None.
+            held = t.cast(
+                "bytes | None", self.client.set(key, value, nx=True, px=lease_ms, get=True)
+            )
+            if held is None:
+                return Claim(ClaimStatus.CLAIMED, token)
+            status, expires = held[:1], _expires(held)
+            if status == b"f":
+                answer = self._take_over(keys=[key], args=[token, now, lease_ms, value, body])
+                status, expires = answer[0][:1], int(answer[1])
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        if status == b"c":
             return Claim(ClaimStatus.CLAIMED, token)
-        if status == b"done":
+        if status == b"d":
             return _DONE
-        return Claim(ClaimStatus.IN_FLIGHT, retry_after=left / 1000)
+        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(0, expires - now) / 1000)
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`. One round trip."""
-        return bool(self._run(self._commit, event_id, [token, _ms(retention)]))
+        return self._settle(self._commit, event_id, token, _ms(retention))
 
     def release(self, event_id: str, token: str) -> bool:
         """See :meth:`.DedupeStore.release`. One round trip; the key is
         deleted.
         """
-        return bool(self._run(self._release, event_id, [token]))
+        return self._settle(self._release, event_id, token)
 
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         """See :meth:`.DedupeStore.extend`. One round trip."""
-        return bool(self._run(self._extend, event_id, [token, _ms(lease)]))
+        return self._settle(self._extend, event_id, token, _ms(lease))
 
     def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.fail`. One round trip; the key keeps the
         error for ``retention`` seconds.
         """
-        return bool(self._run(self._fail, event_id, [token, _ms(retention), error]))
+        return self._settle(self._fail, event_id, token, _ms(retention), error.encode())
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`. One round trip."""
         try:
-            values = self.client.hmget(self.key(event_id), _FIELDS)
+            value = t.cast("bytes | None", self.client.get(self.key(event_id)))
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
-        return _stored(event_id, values)
+        return None if value is None else _stored(event_id, value)
 
     def failed(self, limit: int = 100) -> list[StoredEvent]:
         """See :meth:`.InspectableStore.failed`.
 
         Redis keeps no index of failed events, so this scans every key under
-        the prefix with ``SCAN``: it costs O(keys) and is meant for occasional
-        inspection, not for a request path.
+        the prefix with ``SCAN`` and reads the start of each: it costs
+        O(keys) and is meant for occasional inspection, not for a request
+        path.
         """
-        found: list[tuple[float, bytes]] = []
+        found: list[tuple[int, bytes]] = []
         try:
             pattern = _glob_escape(self.prefix) + "*"
-            keys = self.client.scan_iter(match=pattern, count=_SCAN_BATCH, _type="HASH")
+            keys = self.client.scan_iter(match=pattern, count=_SCAN_BATCH, _type="string")
             for batch in _batches(keys, _SCAN_BATCH):
                 with self.client.pipeline(transaction=False) as pipe:
                     for key in batch:
-                        pipe.hmget(key, "s", "u")
-                    answers = pipe.execute()
-                for key, (status, updated) in zip(batch, answers, strict=True):
-                    if status == b"failed":
-                        found.append((float(updated or 0), key))
+                        pipe.getrange(key, 0, _HEADER_BYTES)
+                    headers = pipe.execute()
+                for key, header in zip(batch, headers, strict=True):
+                    if header[:1] == b"f":
+                        found.append((_updated(header), key))
             found.sort(reverse=True)
             newest = [key for _, key in found[: max(limit, 0)]]
-            with self.client.pipeline(transaction=False) as pipe:
-                for key in newest:
-                    pipe.hmget(key, _FIELDS)
-                answers = pipe.execute()
+            values = t.cast("list[bytes | None]", self.client.mget(newest) if newest else [])
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
         size = len(self.prefix.encode())
-        events = []
-        for key, values in zip(newest, answers, strict=True):
-            event = _stored(key[size:].decode("utf-8", "replace"), values)
-            # A key may have expired or been claimed again since the scan.
-            if event is not None and event.status == "failed":
-                events.append(event)
-        return events
+        # A key may have expired or been claimed again since the scan.
+        return [
+            _stored(key[size:].decode("utf-8", "replace"), value)
+            for key, value in zip(newest, values, strict=True)
+            if value is not None and value[:1] == b"f"
+        ]
 
-    def _run(self, script: t.Any, event_id: str, args: list[t.Any]) -> t.Any:
+    def _settle(self, script: t.Any, event_id: str, token: str, *args: t.Any) -> bool:
         try:
-            return script(keys=[self.key(event_id)], args=args)
+            return bool(script(keys=[self.key(event_id)], args=[token, _now_ms(), *args]))
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
 
 
-def _stored(event_id: str, values: t.Sequence[t.Any]) -> StoredEvent | None:
-    status, attempts, error, payload, updated = values
-    if status is None:
-        return None
+def _fields(value: bytes) -> list[bytes]:
+    # The header's fields after the status: token, attempts, updated, expires.
+    return value[1 : value.index(b"\n")].split(b":")
+
+
+def _expires(value: bytes) -> int:
+    return int(_fields(value)[3])
+
+
+def _updated(header: bytes) -> int:
+    return int(_fields(header)[2])
+
+
+def _stored(event_id: str, value: bytes) -> StoredEvent:
+    _, attempts, updated, _ = _fields(value)
+    rest = value[value.index(b"\n") + 1 :]
+    length, _, tail = rest.partition(b":")
+    size = int(length)
     return StoredEvent(
         id=event_id,
-        status=status.decode(),
-        attempts=int(attempts or 0),
-        error=None if error is None else error.decode("utf-8", "replace"),
-        payload=payload,
-        updated_at=int(updated or 0) / 1000,
+        status=_STATUSES[value[:1]],
+        attempts=int(attempts),
+        error=tail[:size].decode("utf-8", "replace") if size else None,
+        payload=tail[size:] or None,
+        updated_at=int(updated) / 1000,
     )
 
 
