@@ -164,8 +164,14 @@ class _Statements:
         #: concurrent claim inserted since may be missing: no row at all,
         #: and the claim goes round again.
         self.claim: sa.ClauseElement | None = None
+        #: ``INSERT ... ON CONFLICT DO NOTHING``: the claim of an id never
+        #: seen, the common case, as cheap as it gets. Only when it inserts
+        #: nothing does :attr:`claim` or :attr:`upsert` follow. ``None``
+        #: without ON CONFLICT.
+        self.insert_new: sa.ClauseElement | None = None
         if upsert is not None:
             inserting: t.Any = upsert(table).values(values)
+            self.insert_new = inserting.on_conflict_do_nothing(index_elements=[c.id])
             # The conflict clause reads the claim's values from the row it
             # proposed (EXCLUDED) rather than from parameters again: each
             # mention of a parameter is one more for the driver to send.
@@ -242,15 +248,16 @@ class SQLAlchemyStore:
     the last :meth:`fail`, the ``payload`` when ``keep_payloads`` is set, and
     ``created_at`` / ``updated_at``.
 
-    Statements run in autocommit mode, without ``BEGIN`` or ``COMMIT``; on
-    PostgreSQL every call is one statement, one round trip:
+    Statements run in autocommit mode, without ``BEGIN`` or ``COMMIT``, one
+    round trip each:
 
-    * A claim is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ...
-      RETURNING``: it inserts a new id, or takes over a row that failed,
-      whose lease ran out, or whose retention passed. On PostgreSQL the same
-      statement also returns the row's holder when it changed nothing, to
-      tell ``DONE`` from ``IN_FLIGHT``; on SQLite a ``SELECT`` follows then.
-      Other databases insert, update on a duplicate key, then select.
+    * A claim of a new id is one ``INSERT ... ON CONFLICT DO NOTHING``. When
+      the id exists, a second statement, ``INSERT ... ON CONFLICT DO UPDATE
+      ... WHERE ... RETURNING``, takes over a row that failed, whose lease
+      ran out, or whose retention passed. On PostgreSQL that statement also
+      returns the row's holder when it changed nothing, to tell ``DONE``
+      from ``IN_FLIGHT``; on SQLite a ``SELECT`` follows then. Other
+      databases insert, update on a duplicate key, then select.
     * :meth:`commit`, :meth:`release`, :meth:`extend` and :meth:`fail` are one
       conditional ``UPDATE`` or ``DELETE`` each, that only match while the
       token owns a live lease.
@@ -418,6 +425,8 @@ class SQLAlchemyStore:
         holder: ours when this claim owns it.
         """
         sql = self._sql
+        if sql.insert_new is not None and cursor.execute(sql.insert_new, params).rowcount == 1:
+            return _Holder(params["claim_token"], IN_FLIGHT, params["lease_end"], 0.0)
         if sql.claim is not None:
             return _holder(cursor.first(sql.claim, params))
         if sql.upsert is not None and self.engine.dialect.insert_returning:
