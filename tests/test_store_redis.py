@@ -279,3 +279,13 @@ def test_errors_and_payloads_survive_the_encoding(store: RedisStore) -> None:
     done = store.get("evt_1")
     assert done is not None
     assert (done.status, done.error, done.payload, done.attempts) == ("done", error, None, 2)
+
+
+def test_a_payload_that_looks_like_an_empty_tail_is_still_dropped(store: RedisStore) -> None:
+    # A commit rewrites the value unless it ends right after its header:
+    # a payload ending in the same bytes must not pass for that.
+    claim = store.claim("evt_1", 60, b'{"id": "evt_1"}\n0:')
+    assert store.commit("evt_1", claim.token, 60) is True
+    done = store.get("evt_1")
+    assert done is not None
+    assert (done.status, done.payload) == ("done", None)

@@ -74,7 +74,7 @@ _COMMIT = (
     _OWNED
     + """
 local retention = tonumber(ARGV[3])
-if string.sub(value, -3) == '\\n0:' then
+if string.find(value, '\\n', #owner, true) == #value - 2 then
     redis.call('SETRANGE', key, 0, 'd')
     redis.call('PEXPIRE', key, retention)
     return 1
