@@ -28,10 +28,16 @@ def require_service(name: str, host: str, port: int) -> None:
     try:
         socket.create_connection((host, port), timeout=1).close()
     except OSError as exc:
-        message = f"{name} is not reachable on {host}:{port} ({exc})"
-        if os.environ.get("PLOINTS_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{message}; PLOINTS_REQUIRE_SERVICES=1 forbids skipping")
-        pytest.skip(message)
+        missing(f"{name} is not reachable on {host}:{port} ({exc})")
+
+
+def missing(reason: str) -> t.NoReturn:
+    """Skip the test for ``reason``, something it needs that this machine
+    lacks; or fail when ``PLOINTS_REQUIRE_SERVICES=1`` (as in CI).
+    """
+    if os.environ.get("PLOINTS_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}; PLOINTS_REQUIRE_SERVICES=1 forbids skipping")
+    pytest.skip(reason)
 
 
 def build_app(

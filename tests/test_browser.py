@@ -34,6 +34,7 @@ from flask_ploints.signature import SIGNATURE_HEADER
 from flask_ploints.signature import sign
 
 from .support import SECRET
+from .support import missing
 
 if t.TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -65,9 +66,7 @@ def _require_chromium() -> None:
         except ImportError:
             problem = "Playwright for Python is not installed (pip install playwright)"
     if problem is not None:
-        if os.environ.get("PLOINTS_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{problem}; PLOINTS_REQUIRE_SERVICES=1 forbids skipping")
-        pytest.skip(problem)
+        missing(problem)
 
 
 class _QuietHandler(WSGIRequestHandler):

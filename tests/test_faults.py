@@ -61,6 +61,7 @@ from flask_ploints.signature import sign
 from .gunicorn_app import SECRET
 from .gunicorn_app import PostgresRecorder
 from .gunicorn_app import RedisRecorder
+from .support import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 URL_PATH = "/webhooks/ploints"
@@ -320,10 +321,7 @@ class RedisServer:
     def __init__(self, log: Path) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
-            message = "redis-server is not installed"
-            if os.environ.get("PLOINTS_REQUIRE_SERVICES") == "1":
-                pytest.fail(f"{message}; PLOINTS_REQUIRE_SERVICES=1 forbids skipping")
-            pytest.skip(message)
+            missing("redis-server is not installed")
         self.binary = binary
         self.port = _free_port()
         self.log_path = log
