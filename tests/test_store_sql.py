@@ -21,6 +21,7 @@ from .support import build_app
 
 def _close(store: SQLAlchemyStore) -> None:
     try:
+        store.close()
         store.table.drop(store.engine, checkfirst=True)
     finally:
         store.engine.dispose()
@@ -247,7 +248,9 @@ def recorded_store(
     store = SQLAlchemyStore.from_url(
         postgres_url,
         table_name=unique,
-        engine_options={"connect_args": {"cursor_factory": recorder.cursor_factory}},
+        engine_options={
+            "connect_args": {"cursor_factory": recorder.cursor_factory, "application_name": unique}
+        },
     )
     store.claim("evt_warm", 60)  # connects and creates the table
     recorder.take()
@@ -280,15 +283,18 @@ def test_calls_are_autocommit_statements(
 def test_a_dead_connection_is_replaced_on_the_spot(
     recorded_store: SQLAlchemyStore, recorder: _Recorder, postgres_url: str
 ) -> None:
-    # The server ends the pooled connection (a restart, an idle timeout);
-    # nothing pings it, and the next call still succeeds, on a new one.
+    # The server ends the store's connections (a restart, an idle timeout);
+    # nothing pings them, and the next call still succeeds, on a new one.
     import psycopg
 
     store = recorded_store
-    with store.engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (store.table.name,),
+        ).fetchone()
+    assert ended is not None and ended[0] >= 1
     time.sleep(0.2)
     recorder.take()
     claim = store.claim("evt_1", 60)
@@ -420,3 +426,33 @@ def test_store_from_config_sends_mysql_to_sqlalchemy() -> None:
 def test_store_from_config_refuses_other_schemes() -> None:
     with pytest.raises(ValueError, match=re.escape("unknown store 'mongodb://127.0.0.1/db'")):
         store_from_config("mongodb://127.0.0.1/db", {})
+
+
+def test_a_store_from_a_url_keeps_its_connection_between_calls(
+    postgres_url: str, unique: str
+) -> None:
+    import psycopg
+
+    store = SQLAlchemyStore.from_url(
+        postgres_url,
+        table_name=unique,
+        engine_options={"connect_args": {"application_name": unique}},
+    )
+    try:
+        for number in range(5):
+            claim = store.claim(f"evt_{number}", 60)
+            assert store.commit(f"evt_{number}", claim.token, 60) is True
+        # One connection served every call, and stays checked out for the
+        # next; the table was created on another, now back in the pool.
+        assert store.engine.pool.checkedout() == 1
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (unique,)
+            ).fetchone()
+        assert row is not None and row[0] <= 2
+        store.close()
+        assert store.engine.pool.checkedout() == 0
+        # Used again after close, it connects again.
+        assert store.claim("evt_again", 60).status is ClaimStatus.CLAIMED
+    finally:
+        _close(store)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import threading
 import time
 import typing as t
+import weakref
 
 from .base import Claim
 from .base import ClaimStatus
@@ -276,7 +278,9 @@ class SQLAlchemyStore:
     recognises its own token on the second run; a :meth:`commit`,
     :meth:`fail` or :meth:`release` checks whether the first run did the
     work. A failure to connect is not retried. An engine with
-    ``pool_pre_ping`` works too, a round trip slower.
+    ``pool_pre_ping`` works too, a round trip slower. A store made by
+    :meth:`from_url` keeps the connections it used between calls (see
+    there); call :meth:`close` to give them back.
 
     **Clocks.** Times are ``time.time()`` of the host that writes them, stored
     as float seconds since the epoch so that every dialect compares them the
@@ -325,6 +329,8 @@ class SQLAlchemyStore:
         # Whether the engine's connections are in autocommit mode already;
         # else each call switches its connection for the time it holds it.
         self._autocommit_engine = False
+        # Connections kept between calls; see from_url.
+        self._held: _Held | None = None
         self._queries: dict[int, _Query] = {}
         self.table = _make_table(table_name)
         self.keep_payloads = keep_payloads
@@ -353,6 +359,13 @@ class SQLAlchemyStore:
         transaction) and not pinged before use: the store retries a call on a
         dead connection instead. No connection is made until the first call.
 
+        Except on SQLite, the store keeps the connections it used checked
+        out of its engine's pool between calls, at most one per thread
+        calling it at the same time (a sync gunicorn worker keeps one), and
+        gives them back in :meth:`close`: a checkout and checkin per call
+        cost about as much as the statement. A call on a kept connection
+        that turns out dead drops all the kept ones.
+
         :param url: a SQLAlchemy database URL.
         :param timeout: seconds to wait to connect; on SQLite, for another
             process's write lock.
@@ -374,7 +387,18 @@ class SQLAlchemyStore:
         # Every connection is in autocommit mode from the start: nothing to
         # switch on each checkout.
         store._autocommit_engine = autocommit
+        if autocommit and store.engine.dialect.name != "sqlite":
+            # The engine is the store's own: it keeps the connections it used
+            # rather than checking each in and out of the pool per call.
+            store._held = _Held(store.engine)
         return store
+
+    def close(self) -> None:
+        """Give back the connections the store keeps between calls. The
+        store connects again if it is used after.
+        """
+        if self._held is not None:
+            self._held.drop()
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -572,6 +596,9 @@ class SQLAlchemyStore:
 
     def _attempt(self, operation: t.Callable[[_Cursor, bool], _T], retry: bool) -> _T:
         dialect = self.engine.dialect
+        held = self._held
+        if held is not None:
+            return self._attempt_held(held, operation, retry)
         try:
             connection = self.engine.raw_connection()
             dbapi_connection = connection.dbapi_connection
@@ -593,6 +620,91 @@ class SQLAlchemyStore:
             # From connecting or switching to autocommit; the statements'
             # own errors come out of _Cursor.execute as SQLAlchemy's.
             raise _wrap(exc, dialect, invalidated=False) from exc
+
+    def _attempt_held(
+        self, held: _Held, operation: t.Callable[[_Cursor, bool], _T], retry: bool
+    ) -> _T:
+        dialect = self.engine.dialect
+        try:
+            connection = held.take()
+        except dialect.loaded_dbapi.Error as exc:
+            raise _wrap(exc, dialect, invalidated=False) from exc
+        try:
+            cursor = _Cursor(self, connection)
+            try:
+                return operation(cursor, retry)
+            finally:
+                cursor.close()
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                # The others are as old, and likely as dead.
+                held.drop()
+            raise
+        finally:
+            held.give_back(connection)
+
+
+#: Connections that a forked process inherited from its parent: kept
+#: referenced and unused, so that neither it nor its garbage collector closes
+#: them under the parent.
+_INHERITED: list[PoolProxiedConnection] = []
+_ALL_HELD: weakref.WeakSet[_Held] = weakref.WeakSet()
+
+
+class _Held:
+    """The connections a store keeps checked out of its engine's pool between
+    calls, the last one used first.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+        # A collected store closes its connections rather than leave them to
+        # the collector: its engine, and the pool they would go back to, may
+        # be on their way out too.
+        weakref.finalize(self, _close_all, self._idle, True)
+        _ALL_HELD.add(self)
+
+    def take(self) -> PoolProxiedConnection:
+        """A kept connection, or a new one from the pool."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._engine.raw_connection()
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        """Keep ``connection`` for the next call, or let it go when dead."""
+        if connection.is_valid:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def drop(self) -> None:
+        """Give every kept connection back to the pool."""
+        _close_all(self._idle)
+
+    def forget(self) -> None:
+        """In a forked child: the kept connections are the parent's."""
+        _INHERITED.extend(self._idle)
+        self._idle.clear()
+
+
+def _close_all(connections: list[PoolProxiedConnection], hard: bool = False) -> None:
+    while connections:
+        connection = connections.pop()
+        with contextlib.suppress(Exception):
+            if hard:
+                # Closes the DBAPI connection, not only the checkout.
+                connection.invalidate()
+            connection.close()
+
+
+def _forget_held() -> None:
+    for held in list(_ALL_HELD):
+        held.forget()
+
+
+os.register_at_fork(after_in_child=_forget_held)
 
 
 class _Query:
