@@ -326,11 +326,10 @@ class SQLAlchemyStore:
         create_table: bool = True,
     ) -> None:
         self.engine = engine
-        # Whether the engine's connections are in autocommit mode already;
-        # else each call switches its connection for the time it holds it.
-        self._autocommit_engine = False
-        # Connections kept between calls; see from_url.
-        self._held: _Held | None = None
+        # Where each call gets its connection: a shared engine's pool, for
+        # the time of the call, switched to autocommit and back; see
+        # from_url for an engine of the store's own.
+        self._connections: _Connections = _PerCall(engine, switch=True)
         self._queries: dict[int, _Query] = {}
         self.table = _make_table(table_name)
         self.keep_payloads = keep_payloads
@@ -384,21 +383,21 @@ class SQLAlchemyStore:
             # No transaction is ever left open to roll back on checkin.
             options.setdefault("pool_reset_on_return", None)
         store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
-        # Every connection is in autocommit mode from the start: nothing to
-        # switch on each checkout.
-        store._autocommit_engine = autocommit
         if autocommit and store.engine.dialect.name != "sqlite":
             # The engine is the store's own: it keeps the connections it used
             # rather than checking each in and out of the pool per call.
-            store._held = _Held(store.engine)
+            store._connections = _Held(store.engine)
+        elif autocommit:
+            # Every connection is in autocommit mode from the start: nothing
+            # to switch on each checkout.
+            store._connections = _PerCall(store.engine, switch=False)
         return store
 
     def close(self) -> None:
         """Give back the connections the store keeps between calls. The
         store connects again if it is used after.
         """
-        if self._held is not None:
-            self._held.drop()
+        self._connections.drop()
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -595,39 +594,13 @@ class SQLAlchemyStore:
             raise _store_error(exc) from exc
 
     def _attempt(self, operation: t.Callable[[_Cursor, bool], _T], retry: bool) -> _T:
+        connections = self._connections
         dialect = self.engine.dialect
-        held = self._held
-        if held is not None:
-            return self._attempt_held(held, operation, retry)
         try:
-            connection = self.engine.raw_connection()
-            dbapi_connection = connection.dbapi_connection
-            assert dbapi_connection is not None  # a checked-out connection has one
-            try:
-                if not self._autocommit_engine:
-                    dialect.set_isolation_level(dbapi_connection, "AUTOCOMMIT")
-                cursor = _Cursor(self, connection)
-                try:
-                    return operation(cursor, retry)
-                finally:
-                    cursor.close()
-            finally:
-                if connection.is_valid and not self._autocommit_engine:
-                    with contextlib.suppress(Exception):
-                        dialect.reset_isolation_level(dbapi_connection)
-                connection.close()
+            connection = connections.take()
         except dialect.loaded_dbapi.Error as exc:
             # From connecting or switching to autocommit; the statements'
             # own errors come out of _Cursor.execute as SQLAlchemy's.
-            raise _wrap(exc, dialect, invalidated=False) from exc
-
-    def _attempt_held(
-        self, held: _Held, operation: t.Callable[[_Cursor, bool], _T], retry: bool
-    ) -> _T:
-        dialect = self.engine.dialect
-        try:
-            connection = held.take()
-        except dialect.loaded_dbapi.Error as exc:
             raise _wrap(exc, dialect, invalidated=False) from exc
         try:
             cursor = _Cursor(self, connection)
@@ -638,10 +611,62 @@ class SQLAlchemyStore:
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 # The others are as old, and likely as dead.
-                held.drop()
+                connections.drop()
             raise
         finally:
-            held.give_back(connection)
+            connections.give_back(connection)
+
+
+class _Connections(t.Protocol):
+    """Where a store's calls get their connections, in autocommit mode."""
+
+    def take(self) -> PoolProxiedConnection:
+        """A connection for one call."""
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        """The call is over with ``connection``."""
+
+    def drop(self) -> None:
+        """Let go of every connection kept for later calls."""
+
+
+class _PerCall:
+    """A connection checked out of the engine's pool for each call.
+
+    :param switch: switch it to autocommit mode for the call, and back
+        (an engine the application shares); else the engine's connections
+        are in autocommit mode already.
+    """
+
+    def __init__(self, engine: Engine, *, switch: bool) -> None:
+        self._engine = engine
+        self._switch = switch
+
+    def take(self) -> PoolProxiedConnection:
+        connection = self._engine.raw_connection()
+        if self._switch:
+            try:
+                self._engine.dialect.set_isolation_level(_dbapi(connection), "AUTOCOMMIT")
+            except BaseException:
+                connection.close()
+                raise
+        return connection
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        if self._switch and connection.is_valid:
+            with contextlib.suppress(Exception):
+                self._engine.dialect.reset_isolation_level(_dbapi(connection))
+        connection.close()
+
+    def drop(self) -> None:
+        # Nothing is kept; the pool replaces connections as old as a dead one.
+        pass
+
+
+def _dbapi(connection: PoolProxiedConnection) -> t.Any:
+    dbapi_connection = connection.dbapi_connection
+    assert dbapi_connection is not None  # a checked-out connection has one
+    return dbapi_connection
 
 
 #: Connections that a forked process inherited from its parent: kept
