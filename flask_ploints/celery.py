@@ -1,57 +1,12 @@
 """Processing events on Celery workers: ``PLOINTS_DISPATCH = "celery"``.
 
-.. code-block:: python
-
-    app = Flask(__name__)
-    celery_init_app(app)  # Flask's "Background Tasks with Celery" pattern
-    app.config["PLOINTS_DISPATCH"] = "celery"
-    webhooks = PlointsWebhooks(app)
-
-The Celery app is ``PLOINTS_CELERY_APP`` (the ``celery_app`` option) when
-set, else ``app.extensions["celery"]``, which must be there before
-:meth:`~flask_ploints.PlointsWebhooks.init_app` runs. The worker imports the
-module that builds the Flask app, so the same handlers are registered there.
-
-**The endpoint** verifies a delivery, claims its id for
-``PLOINTS_CELERY_LEASE`` (default one hour), publishes one task and only then
-answers ``202``. The publish waits for the broker's confirm (py-amqp's
-``confirm_publish``) and each of its steps (connect, send, confirm) for at
-most ``PLOINTS_CELERY_PUBLISH_TIMEOUT`` (default 2 s); it is never retried. If
-it fails the claim is released and the answer is ``503``: Ploints retries the
-delivery, so nothing is lost. While the event waits in the queue or runs, a
-duplicate delivery finds the claim and is answered ``409``.
-
-**The worker** runs the task :data:`TASK_NAME` (``acks_late``,
-``reject_on_worker_lost``, results ignored) in an app context:
-
-1. It renews the lease with the claim's token. If the token no longer owns
-   the claim, the worker claims the id again: when the event was processed
-   or another delivery holds it, the task ends without running anything;
-   when the lease had only run out (the task waited in the queue longer than
-   the lease), the worker owns the id again and goes on.
-2. It runs the instance's handlers, as the endpoint would.
-3. On success it commits the id and sends
-   :data:`~flask_ploints.signals.event_processed`.
-4. When a handler raises, it keeps the claim, renews its lease and queues
-   the next attempt after ``PLOINTS_CELERY_RETRY_BACKOFF`` seconds, doubled
-   at each retry up to ``PLOINTS_CELERY_RETRY_BACKOFF_MAX``. After
-   ``PLOINTS_CELERY_MAX_RETRIES`` retries it gives up: the store records the
-   event as failed with the traceback, an error is logged and
-   :data:`~flask_ploints.signals.handler_failed` is sent. A store that keeps
-   payloads lets :func:`flask_ploints.replay.replay` run it again.
-
-A worker that dies mid-task does not acknowledge the message: the broker
-delivers it again (with the prefork pool the parent rejects it at once; with
-RabbitMQ a dead worker's messages return to the queue when its connection
-drops), and the new run renews the same claim and processes the event.
-
-**At least once, as Celery is.** The handlers must be idempotent: a worker
-that dies after a handler's effect but before the commit runs it again, and
-with ``acks_late`` a worker that loses its broker connection mid-task has its
-message delivered to another worker while it still runs (set Celery's
-``worker_cancel_long_running_tasks_on_connection_loss`` to stop it). A task
-that kills its worker every time (a hard time limit, memory) is delivered
-again and again; a RabbitMQ quorum queue's delivery limit ends that.
+The endpoint claims a delivery's id for ``PLOINTS_CELERY_LEASE``, publishes
+one task :data:`TASK_NAME` with publisher confirms and a short timeout, and
+answers ``202`` (or ``503`` when the broker does not confirm). A worker runs
+the task through :meth:`~flask_ploints.processing.Processor.resume`, retries
+a failing event with backoff, and records it failed when its attempts are
+spent. How it behaves, what it guarantees and how to run it are in
+:doc:`/celery`.
 
 Needs Celery: ``pip install 'flask-ploints[celery]'``. Importing
 :mod:`flask_ploints` never imports this module.
@@ -64,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import typing as t
 import weakref
 from dataclasses import dataclass
@@ -74,18 +28,17 @@ from flask import Flask
 from flask import current_app
 from flask import has_app_context
 
-from . import signals
 from .config import CelerySettings
 from .config import ConfigError
 from .config import Settings
-from .dispatch import DispatchError
+from .errors import DispatchError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
-from .replay import error_text
-from .signals import notify
-from .stores import ClaimStatus
-from .stores import DedupeStore
+from .processing import Outcome
+from .state import Receiver
+from .state import receiver_for
+from .state import receivers
 
 try:
     import celery  # type: ignore[import-untyped]
@@ -97,7 +50,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 if t.TYPE_CHECKING:
-    from .extension import Receiver
     from .stores import Claim
 
 __all__ = ["TASK_NAME", "CeleryDispatcher"]
@@ -316,7 +268,7 @@ def _bind(celery_app: t.Any, app: Flask) -> None:
 
 
 def _serves(app: Flask, celery_app: t.Any, name: str) -> bool:
-    receiver = app.extensions.get("ploints", {}).get(name)
+    receiver = receivers(app).get(name)
     return (
         receiver is not None
         and isinstance(receiver.dispatcher, CeleryDispatcher)
@@ -343,20 +295,21 @@ def _flask_app(celery_app: t.Any, name: str) -> Flask:
 def _process_event(task: t.Any, name: str, body: str, token: str) -> None:
     app = _flask_app(task.app, name)
     with app.app_context():
-        receiver: Receiver = app.extensions["ploints"][name]
-        _Attempt(task, app, receiver, body, token).run()
+        _Attempt(task, app, receiver_for(app, name), body, token).run()
 
 
 class _Attempt:
-    """One run of the task for one event."""
+    """One run of the task for one event: the processor runs it, and this
+    turns its outcome into a retry or the end of the attempts.
+    """
 
     def __init__(self, task: t.Any, app: Flask, receiver: Receiver, body: str, token: str) -> None:
         self.task = task
         self.app = app
-        self.receiver = receiver
+        self.name = receiver.name
+        self.processor = receiver.processor
         self.dispatcher = t.cast(CeleryDispatcher, receiver.dispatcher)
         self.settings = self.dispatcher.settings
-        self.store: DedupeStore = receiver.store
         self.body = body
         self.token = token
         self.retries = int(task.request.retries or 0)
@@ -368,79 +321,31 @@ class _Attempt:
             # Only this package publishes the task, from a verified body.
             logger.error("task %s carries no valid event (%s); dropped", self.task.request.id, exc)
             return
-        try:
-            owned = self._own(event)
-        except Exception as exc:
-            logger.warning("dedupe store failed before event %s (%s) ran", event.id, event.type)
-            self._retry(event, exc, handlers_ran=False)
-            return
-        if not owned:
-            return
-        started = time.perf_counter()
-        try:
-            self.receiver.handlers.run(self.app, event, self.receiver.name)
-        except Exception as exc:
-            self._retry(event, exc, handlers_ran=True, duration=time.perf_counter() - started)
-            return
-        duration = time.perf_counter() - started
-        self._commit(event)
-        logger.info("event %s (%s) processed by a Celery worker", event.id, event.type)
-        notify(
-            signals.event_processed, self.app, self.receiver.name, event=event, duration=duration
-        )
-
-    def _own(self, event: Event) -> bool:
-        if self.store.extend(event.id, self.token, self.settings.lease):
-            return True
-        claim = self.store.claim(event.id, self.settings.lease, event.raw)
-        if claim.status is ClaimStatus.CLAIMED:
-            logger.warning(
-                "event %s (%s): its claim had lapsed (queued longer than PLOINTS_CELERY_LEASE?)"
-                " and was taken again",
-                event.id,
-                event.type,
-            )
-            self.token = claim.token
-            return True
-        state = "processed" if claim.status is ClaimStatus.DONE else "held by another delivery"
-        logger.info("event %s (%s) skipped by the worker: %s", event.id, event.type, state)
-        return False
-
-    def _commit(self, event: Event) -> None:
-        # The handlers have run: a failed commit must not run them again.
-        try:
-            committed = self.store.commit(event.id, self.token, self.receiver.settings.retention)
-        except Exception:
-            logger.exception(
-                "dedupe store failed to commit event %s; a duplicate may process it again", event.id
-            )
-            return
-        if not committed:
-            logger.warning(
-                "event %s (%s) finished after its claim was taken over; it may run twice",
-                event.id,
-                event.type,
-            )
+        result = self.processor.resume(self.app, event, self.token)
+        if result.outcome is Outcome.FAILED:
+            assert result.error is not None
+            self.token = result.token
+            self._retry(event, result.error, handlers_ran=True, duration=result.duration)
+        elif result.outcome is Outcome.UNAVAILABLE:
+            assert result.error is not None
+            self._retry(event, result.error, handlers_ran=False)
 
     def _retry(
-        self, event: Event, exc: Exception, *, handlers_ran: bool, duration: float = 0.0
+        self, event: Event, exc: BaseException, *, handlers_ran: bool, duration: float = 0.0
     ) -> None:
         """Queue the next attempt and raise :class:`celery.exceptions.Retry`,
         or give up when the attempts are spent or the retry cannot be queued.
         """
         attempts = self.retries + 1
-        total = self.settings.max_retries + 1
         note = ""
         if self.retries < self.settings.max_retries:
             delay = self.settings.retry_delay(self.retries)
             try:
-                if handlers_ran and not self.store.extend(
-                    event.id, self.token, self.settings.lease
-                ):
+                if handlers_ran and not self.processor.keep(event, self.token):
                     logger.warning("event %s (%s): claim lost while failing", event.id, event.type)
                     return
                 self.dispatcher._publish(
-                    self.receiver.name,
+                    self.name,
                     event.raw,
                     self.token,
                     pooled=False,
@@ -457,41 +362,18 @@ class _Attempt:
                     event.id,
                     event.type,
                     attempts,
-                    total,
+                    self.settings.max_retries + 1,
                     delay,
                     exc,
                 )
                 raise Retry(exc=exc, when=delay)
-        self._give_up(event, exc, handlers_ran=handlers_ran, duration=duration, note=note)
-
-    def _give_up(
-        self, event: Event, exc: Exception, *, handlers_ran: bool, duration: float, note: str
-    ) -> None:
-        attempts = self.retries + 1
-        try:
-            failed = self.store.fail(
-                event.id, self.token, error_text(exc) + note, self.receiver.settings.retention
-            )
-        except Exception:
-            logger.exception("dedupe store failed to record event %s as failed", event.id)
-            failed = False
-        logger.error(
-            "event %s (%s) failed after %d attempt(s)%s; %s",
-            event.id,
-            event.type,
-            attempts,
-            "" if handlers_ran else " (dedupe store unavailable)",
-            "recorded as failed: replay it with flask_ploints.replay.replay"
-            if failed
-            else "not recorded: have Ploints resend it",
-            exc_info=exc,
+        self.processor.give_up(
+            self.app,
+            event,
+            self.token,
+            exc,
+            attempts=attempts,
+            handlers_ran=handlers_ran,
+            duration=duration,
+            note=note,
         )
-        if handlers_ran:
-            notify(
-                signals.handler_failed,
-                self.app,
-                self.receiver.name,
-                event=event,
-                exception=exc,
-                duration=duration,
-            )

@@ -22,24 +22,20 @@ from flask import Flask
 from flask import current_app
 from flask.cli import AppGroup
 
-from .dispatch import DispatchError
+from .errors import DispatchError
+from .errors import StoreError
 from .events import EVENT_TYPES
 from .replay import replay
 from .samples import build_event
+from .sender import RETRY_SCHEDULE
 from .signals import signal_for
 from .signature import SIGNATURE_HEADER
 from .signature import sign
+from .state import Receiver
+from .state import receiver_for
 from .stores import InspectableStore
-from .stores import StoreError
-
-if t.TYPE_CHECKING:
-    from .extension import Receiver
 
 __all__ = ["ploints"]
-
-#: Seconds between the sender's attempts: the first delivery, then its five
-#: retries.
-RETRY_SCHEDULE: tuple[int, ...] = (0, 60, 5 * 60, 30 * 60, 2 * 3600, 12 * 3600)
 #: The documented API base URL, used by ``register`` unless
 #: ``PLOINTS_API_URL`` says otherwise.
 DEFAULT_API_URL = "https://ploints.space/api/v1"
@@ -60,13 +56,10 @@ def _app() -> Flask:
 
 
 def _receiver(name: str) -> Receiver:
-    receivers = current_app.extensions.get("ploints", {})
-    if name not in receivers:
-        known = ", ".join(sorted(receivers)) or "none"
-        raise click.ClickException(
-            f"no PlointsWebhooks instance named {name!r} on this app (registered: {known})"
-        )
-    return t.cast("Receiver", receivers[name])
+    try:
+        return receiver_for(_app(), name)
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _post(

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 
+from . import sender
+from .errors import ConfigError
+from .errors import PlointsWarning
+
 __all__ = [
     "DEFAULTS",
     "DELIVERY_LOG_DEFAULTS",
@@ -27,11 +31,10 @@ __all__ = [
     "load_settings",
 ]
 
-#: Seconds from a first delivery to the sender's last retry
-#: (1 min + 5 min + 30 min + 2 h + 12 h).
-SENDER_RETRY_SPAN = 60 + 5 * 60 + 30 * 60 + 2 * 3600 + 12 * 3600
-#: Seconds the sender waits for an answer before it counts a timeout.
-SENDER_TIMEOUT = 10.0
+#: :data:`flask_ploints.sender.RETRY_SPAN`, under its earlier name.
+SENDER_RETRY_SPAN = sender.RETRY_SPAN
+#: :data:`flask_ploints.sender.TIMEOUT`, under its earlier name.
+SENDER_TIMEOUT = sender.TIMEOUT
 
 #: Every key with its default, and the keyword argument that overrides it.
 DEFAULTS: dict[str, tuple[str, t.Any]] = {
@@ -68,16 +71,6 @@ DELIVERY_LOG_DEFAULTS: dict[str, t.Any] = {
     "PLOINTS_DELIVERY_LOG_ACCESS": None,
     "PLOINTS_DELIVERY_LOG_RETENTION": timedelta(days=7),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong. The message names the key."""
-
-
-class PlointsWarning(UserWarning):
-    """A setting works but is risky: a development-only store, a retention
-    too short for the sender's retries.
-    """
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import typing as t
 
 from flask import Flask
 
+from .errors import DispatchError
+from .errors import HandlerError
 from .events import Event
 from .events import check_event_types
 from .signals import require_runnable
@@ -23,16 +25,6 @@ from .stores import Claim
 __all__ = ["DispatchError", "Dispatcher", "HandlerError", "Handlers", "SyncDispatcher"]
 
 Handler = t.Callable[[Event], t.Any]
-
-
-class HandlerError(Exception):
-    """A handler raised; the original exception is the ``__cause__``."""
-
-
-class DispatchError(Exception):
-    """The event could not be handed over for processing (a broker down).
-    Nothing ran; the receiver answers ``503``.
-    """
 
 
 class Handlers:

@@ -16,6 +16,8 @@ from datetime import UTC
 from datetime import datetime
 from types import MappingProxyType
 
+from .errors import InvalidEvent
+
 __all__ = ["EVENT_TYPES", "Event", "InvalidEvent", "check_event_types", "parse_event"]
 
 #: The seven event types the sender documents, in the order it lists them.
@@ -53,12 +55,6 @@ def check_event_types(event_types: t.Iterable[str]) -> tuple[str, ...]:
                 f"unknown event type {event_type!r}; known types: {', '.join(EVENT_TYPES)}"
             )
     return event_types
-
-
-class InvalidEvent(ValueError):
-    """A verified body that is not a Ploints event. The message is safe to
-    return to the client: it never quotes the body.
-    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import typing as t
 import warnings
-from dataclasses import dataclass
 
 from flask import Blueprint
 from flask import Flask
-from flask import current_app
 
-from .admin import init_delivery_log
 from .config import DEFAULTS
-from .config import ConfigError
-from .config import PlointsWarning
+from .config import DELIVERY_LOG_DEFAULTS
 from .config import Settings
 from .config import load_settings
 from .dispatch import Dispatcher
 from .dispatch import Handlers
 from .dispatch import SyncDispatcher
+from .errors import ConfigError
+from .errors import PlointsWarning
 from .events import Event
 from .events import check_event_types
 from .payloads import bind
+from .processing import Processor
+from .state import EXTENSION_KEY
+from .state import Receiver
+from .state import receiver_for
+from .state import receivers
 from .stores import DedupeStore
 from .stores import MemoryStore
 from .stores import store_from_config
@@ -33,19 +36,6 @@ _Handler = t.TypeVar("_Handler", bound=t.Callable[[Event], t.Any])
 _Model = t.TypeVar("_Model")
 _TypedHandler: t.TypeAlias = t.Callable[[Event, _Model], t.Any]
 _OPTIONS = frozenset(argument for argument, _ in DEFAULTS.values())
-
-
-@dataclass(frozen=True)
-class Receiver:
-    """What one :class:`PlointsWebhooks` instance set up on one app, kept in
-    ``app.extensions["ploints"][name]``.
-    """
-
-    name: str
-    settings: Settings
-    store: DedupeStore
-    dispatcher: Dispatcher
-    handlers: Handlers
 
 
 class PlointsWebhooks:
@@ -98,39 +88,41 @@ class PlointsWebhooks:
         :raises ConfigError: a setting is missing or wrong; the message names
             the key.
         """
-        receivers: dict[str, Receiver] = app.extensions.setdefault("ploints", {})
-        if self.name in receivers:
+        registered = receivers(app)
+        if self.name in registered:
             raise RuntimeError(
                 f"a PlointsWebhooks instance named {self.name!r} is already registered on this app;"
                 " give a second instance its own name and url"
             )
         for key, (_, default) in DEFAULTS.items():
             app.config.setdefault(key, default)
+        for key, default in DELIVERY_LOG_DEFAULTS.items():
+            app.config.setdefault(key, default)
         settings = load_settings(app.config, self.options)
-        if any(other.settings.url == settings.url for other in receivers.values()):
+        if any(other.settings.url == settings.url for other in registered.values()):
             raise ConfigError(
                 f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
             )
         store = self._make_store(app, settings)
         dispatcher = self._make_dispatcher(app, settings, store)
         self._connect_observers(app, settings)
-        # Once per app, whichever instance comes first: one log and one page
-        # serve every instance, and its rows carry the instance's name.
-        init_delivery_log(app)
+        _init_delivery_log(app)
+        processor = Processor(self.name, settings, store, dispatcher, self.handlers)
         blueprint = Blueprint(self.name, __name__)
         blueprint.add_url_rule(
             settings.url,
             "receive",
-            view_func=WebhookEndpoint(self.name, settings, store, dispatcher).receive,
+            view_func=WebhookEndpoint(self.name, settings, processor).receive,
             methods=WebhookEndpoint.methods,
         )
         app.register_blueprint(blueprint)
-        receivers[self.name] = Receiver(
+        app.extensions.setdefault(EXTENSION_KEY, registered)[self.name] = Receiver(
             name=self.name,
             settings=settings,
             store=store,
             dispatcher=dispatcher,
             handlers=self.handlers,
+            processor=processor,
         )
 
     def _make_store(self, app: Flask, settings: Settings) -> DedupeStore:
@@ -216,12 +208,19 @@ class PlointsWebhooks:
 
         :raises RuntimeError: :meth:`init_app` was not called for the app.
         """
-        if app is None:
-            app = current_app._get_current_object()  # type: ignore[attr-defined]
-        try:
-            return t.cast(Receiver, app.extensions["ploints"][self.name])
-        except KeyError:
-            raise RuntimeError(
-                f"PlointsWebhooks {self.name!r} is not registered on app {app.name!r};"
-                " did you forget to call init_app(app)?"
-            ) from None
+        return receiver_for(app, self.name)
+
+
+def _init_delivery_log(app: Flask) -> None:
+    """Set up the delivery log when ``PLOINTS_DELIVERY_LOG`` is set, once
+    per app whichever instance comes first: one log and one page serve every
+    instance, and its rows carry the instance's name.
+    """
+    if app.config["PLOINTS_DELIVERY_LOG"] in (None, False):
+        return
+    # Imported only now: the package needs SQLAlchemy, an optional extra.
+    try:
+        from .delivery_log import init_delivery_log
+    except ImportError as exc:
+        raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
+    init_delivery_log(app)

@@ -29,16 +29,14 @@ import inspect
 import types
 import typing as t
 
+from .errors import PayloadError
+
 __all__ = ["PayloadError", "PointsEarned", "bind", "convert"]
 
 if t.TYPE_CHECKING:
     from .events import Event
 
 _Model = t.TypeVar("_Model")
-
-
-class PayloadError(ValueError):
-    """Event data does not fit a handler's model."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -26,61 +26,35 @@ Redis and SQL stores do by default; the memory store does not).
 from __future__ import annotations
 
 import enum
-import logging
-import time
-import traceback
-import typing as t
 
 from flask import Flask
 
-from . import signals
-from .dispatch import HandlerError
+from .errors import DispatchError
+from .errors import StoreError
 from .events import parse_event
-from .signals import notify
-from .stores import ClaimStatus
+from .processing import MAX_ERROR
+from .processing import Outcome
+from .processing import Result
+from .processing import error_text
+from .state import receiver_for
+from .stores import EventState
 from .stores import InspectableStore
 
-if t.TYPE_CHECKING:
-    from .extension import Receiver
-
 __all__ = ["MAX_ERROR", "ReplayOutcome", "error_text", "replay", "rerun"]
-
-logger = logging.getLogger("flask_ploints")
-
-#: The most characters of a traceback recorded with a failed event; the
-#: start is cut, since the end names the error.
-MAX_ERROR = 20_000
 
 
 class ReplayOutcome(enum.StrEnum):
     """What :func:`replay` or :func:`rerun` did; its string is the value."""
 
     #: The handlers ran and the id is committed (sync dispatch).
-    PROCESSED = "processed"
+    PROCESSED = Outcome.PROCESSED.value
     #: A task was queued; a worker runs the handlers (Celery dispatch).
-    QUEUED = "queued"
+    QUEUED = Outcome.QUEUED.value
     #: A handler raised again; the store records the event as failed, with
     #: the new traceback.
-    FAILED = "failed"
+    FAILED = Outcome.FAILED.value
     #: The id was processed already; nothing ran.
-    DUPLICATE = "duplicate"
-
-
-def error_text(exc: BaseException) -> str:
-    """Return ``exc``'s traceback as it is recorded with a failed event: at
-    most :data:`MAX_ERROR` characters, from the end.
-    """
-    return "".join(traceback.format_exception(exc))[-MAX_ERROR:]
-
-
-def _receiver(app: Flask, name: str) -> Receiver:
-    try:
-        return t.cast("Receiver", app.extensions["ploints"][name])
-    except KeyError:
-        raise RuntimeError(
-            f"PlointsWebhooks {name!r} is not registered on app {app.name!r};"
-            " did you forget to call init_app(app)?"
-        ) from None
+    DUPLICATE = Outcome.DUPLICATE.value
 
 
 def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
@@ -96,10 +70,11 @@ def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
         the id, or holds it without its payload.
     :raises ValueError: the event is not failed (done, or in flight), or a
         delivery took it between the check and the claim.
-    :raises flask_ploints.dispatch.DispatchError: the task could not be
+    :raises flask_ploints.errors.StoreError: the store is unavailable.
+    :raises flask_ploints.errors.DispatchError: the task could not be
         queued; the event stays failed.
     """
-    receiver = _receiver(app, name)
+    receiver = receiver_for(app, name)
     store = receiver.store
     if not isinstance(store, InspectableStore):
         raise LookupError(
@@ -109,13 +84,13 @@ def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
     stored = store.get(event_id)
     if stored is None:
         raise LookupError(f"event {event_id!r} is not in the dedupe store")
-    if stored.status != "failed":
+    if stored.status is not EventState.FAILED:
         raise ValueError(f"event {event_id!r} is {stored.status}, not failed")
     if stored.payload is None:
         raise LookupError(
             f"event {event_id!r} has no payload in the dedupe store; have Ploints resend it"
         )
-    outcome = _run(app, receiver, stored.payload, stored.error)
+    outcome = _run(app, name, stored.payload, stored.error)
     if outcome is ReplayOutcome.DUPLICATE:
         raise ValueError(f"event {event_id!r} was processed meanwhile")
     return outcome
@@ -134,55 +109,25 @@ def rerun(app: Flask, payload: bytes, name: str = "ploints") -> ReplayOutcome:
     :param name: which :class:`~flask_ploints.PlointsWebhooks` instance.
     :raises RuntimeError: no instance of that name on ``app``.
     :raises ValueError: the body is not a valid event
-        (:class:`~flask_ploints.events.InvalidEvent`), or the event is being
+        (:class:`~flask_ploints.errors.InvalidEvent`), or the event is being
         processed right now.
-    :raises flask_ploints.dispatch.DispatchError: the task could not be
+    :raises flask_ploints.errors.StoreError: the store is unavailable.
+    :raises flask_ploints.errors.DispatchError: the task could not be
         queued.
     """
-    return _run(app, _receiver(app, name), payload, None)
+    return _run(app, name, payload, None)
 
 
-def _run(app: Flask, receiver: Receiver, payload: bytes, error: str | None) -> ReplayOutcome:
-    name = receiver.name
-    store = receiver.store
-    retention = receiver.settings.retention
+def _run(app: Flask, name: str, payload: bytes, error: str | None) -> ReplayOutcome:
+    processor = receiver_for(app, name).processor
     event = parse_event(payload)
-    claim = store.claim(event.id, receiver.dispatcher.lease, payload)
-    if claim.status is ClaimStatus.DONE:
-        notify(signals.duplicate_skipped, app, name, event=event)
-        return ReplayOutcome.DUPLICATE
-    if claim.status is ClaimStatus.IN_FLIGHT:
-        raise ValueError(f"event {event.id!r} is being processed right now")
-    started = time.perf_counter()
     with app.app_context():
-        try:
-            receiver.dispatcher.dispatch(app, event, claim, name)
-        except HandlerError as exc:
-            duration = time.perf_counter() - started
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            store.fail(event.id, claim.token, error_text(cause), retention)
-            logger.error(
-                "event %s (%s) failed again: %s", event.id, event.type, exc, exc_info=cause
-            )
-            notify(
-                signals.handler_failed,
-                app,
-                name,
-                event=event,
-                exception=cause,
-                duration=duration,
-            )
-            return ReplayOutcome.FAILED
-        except BaseException:
-            # Failed, with its payload and the error it had, rather than a
-            # claim that lapses and takes the payload with it.
-            store.fail(event.id, claim.token, error or "not run: could not be queued", retention)
-            raise
-        if not receiver.dispatcher.runs_inline:
-            logger.info("event %s (%s) queued again", event.id, event.type)
-            return ReplayOutcome.QUEUED
-        duration = time.perf_counter() - started
-        store.commit(event.id, claim.token, retention)
-        logger.info("event %s (%s) processed again", event.id, event.type)
-        notify(signals.event_processed, app, name, event=event, duration=duration)
-    return ReplayOutcome.PROCESSED
+        result: Result = processor.rerun(app, event, error)
+    if result.outcome is Outcome.IN_FLIGHT:
+        raise ValueError(f"event {event.id!r} is being processed right now")
+    if result.outcome is Outcome.UNAVAILABLE:
+        assert result.error is not None
+        if isinstance(result.error, StoreError | DispatchError):
+            raise result.error
+        raise StoreError(f"dedupe store: {result.error!r}") from result.error
+    return ReplayOutcome(result.outcome.value)

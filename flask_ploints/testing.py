@@ -28,6 +28,7 @@ from werkzeug.test import TestResponse
 from .samples import build_event
 from .signature import SIGNATURE_HEADER
 from .signature import sign
+from .state import receiver_for
 from .stores import ClaimStatus
 from .stores import DedupeStore
 from .stores import InspectableStore
@@ -51,13 +52,7 @@ class PlointsClient:
     """
 
     def __init__(self, app: Flask, name: str = "ploints") -> None:
-        try:
-            receiver = app.extensions["ploints"][name]
-        except KeyError:
-            raise RuntimeError(
-                f"PlointsWebhooks {name!r} is not registered on app {app.name!r};"
-                " did you forget to call init_app(app)?"
-            ) from None
+        receiver = receiver_for(app, name)
         self.client: FlaskClient = app.test_client()
         self.url: str = receiver.settings.url
         self.secret: str = receiver.settings.secrets[0]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import typing as t
 from datetime import UTC
 from datetime import datetime
@@ -39,17 +38,16 @@ from werkzeug.wsgi import get_content_length
 
 from . import signals
 from .config import Settings
-from .dispatch import Dispatcher
-from .dispatch import DispatchError
-from .dispatch import HandlerError
+from .errors import DispatchError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
+from .processing import Outcome
+from .processing import Processor
+from .processing import Result
 from .signals import notify
 from .signature import SIGNATURE_HEADER
 from .signature import verify
-from .stores import ClaimStatus
-from .stores import DedupeStore
 
 __all__ = ["WebhookEndpoint"]
 
@@ -86,31 +84,34 @@ def _is_json(mimetype: str) -> bool:
 
 class WebhookEndpoint:
     """The endpoint of one :class:`~flask_ploints.PlointsWebhooks` instance
-    on one app; its :meth:`receive` method is the view function.
+    on one app; its :meth:`receive` method is the view function. It checks,
+    reads, verifies and parses a request, hands the event to the
+    :class:`~flask_ploints.processing.Processor`, and answers for the
+    outcome.
 
     A plain object rather than a :class:`flask.views.View`: one instance
     serves every request, and Flask calls the bound method directly.
 
     :param name: the instance's name, passed to every signal.
     :param settings: the instance's checked settings.
-    :param store: where claims are kept.
-    :param dispatcher: what processes a claimed event.
+    :param processor: what claims, runs and settles a verified event.
     """
 
     #: Every method is routed here so that the wrong ones get a JSON ``405``.
     methods: t.ClassVar[tuple[str, ...]] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
-    def __init__(
-        self, name: str, settings: Settings, store: DedupeStore, dispatcher: Dispatcher
-    ) -> None:
+    def __init__(self, name: str, settings: Settings, processor: Processor) -> None:
         self.name = name
         self.settings = settings
-        self.store = store
-        self.dispatcher = dispatcher
-        # Only an event handed to a worker can end up failed in the store,
-        # where its payload is kept for replay; an inline failure releases
-        # the claim, so the store would hold the body for nothing.
-        self._keep_payload = not dispatcher.runs_inline
+        self.processor = processor
+        self._answers: dict[Outcome, t.Callable[[Result], Response]] = {
+            Outcome.PROCESSED: lambda _: _json(200, _PROCESSED),
+            Outcome.DUPLICATE: lambda _: _json(200, _DUPLICATE),
+            Outcome.QUEUED: lambda _: _json(202, _QUEUED),
+            Outcome.IN_FLIGHT: _in_flight,
+            Outcome.FAILED: lambda _: _error(500, "handler failed"),
+            Outcome.UNAVAILABLE: _unavailable,
+        }
 
     def receive(self) -> Response:
         """Answer one delivery."""
@@ -145,60 +146,8 @@ class WebhookEndpoint:
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
 
-        try:
-            payload = event.raw if self._keep_payload else None
-            claim = self.store.claim(event.id, self.dispatcher.lease, payload)
-        except Exception:
-            logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
-            return self._unavailable("dedupe store unavailable")
-        if claim.status is ClaimStatus.DONE:
-            logger.info("event %s (%s) skipped: duplicate", event.id, event.type)
-            notify(signals.duplicate_skipped, app, self.name, event=event)
-            return _json(200, _DUPLICATE)
-        if claim.status is ClaimStatus.IN_FLIGHT:
-            logger.info("event %s (%s) in flight: answered 409", event.id, event.type)
-            retry_after = str(max(1, math.ceil(claim.retry_after)))
-            return _error(409, "event is being processed", {"Retry-After": retry_after})
-
-        started = time.perf_counter()
-        try:
-            self.dispatcher.dispatch(app, event, claim, self.name)
-        except HandlerError as exc:
-            duration = time.perf_counter() - started
-            self._release(event, claim.token)
-            logger.error(
-                "event %s (%s) failed: %s", event.id, event.type, exc, exc_info=exc.__cause__
-            )
-            notify(
-                signals.handler_failed,
-                app,
-                self.name,
-                event=event,
-                exception=exc.__cause__,
-                duration=duration,
-            )
-            return _error(500, "handler failed")
-        except DispatchError:
-            self._release(event, claim.token)
-            logger.exception("event %s (%s) could not be queued", event.id, event.type)
-            return self._unavailable("event queue unavailable")
-        if not self.dispatcher.runs_inline:
-            logger.info("event %s (%s) queued", event.id, event.type)
-            return _json(202, _QUEUED)
-
-        duration = time.perf_counter() - started
-        self._commit(event, claim.token)
-        if duration > self.settings.slow_handler_seconds:
-            logger.warning(
-                "handlers of event %s (%s) took %.1f s; Ploints gives up after 10 s and retries,"
-                " so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
-                event.id,
-                event.type,
-                duration,
-            )
-        logger.info("event %s (%s) processed", event.id, event.type)
-        notify(signals.event_processed, app, self.name, event=event, duration=duration)
-        return _json(200, _PROCESSED)
+        result = self.processor.deliver(app, event)
+        return self._answers[result.outcome](result)
 
     def _check_request(self, req: Request, length: int | None) -> Response | None:
         if req.method != "POST":
@@ -254,29 +203,12 @@ class WebhookEndpoint:
         if age > max_age:
             raise InvalidEvent(f"event is older than PLOINTS_MAX_EVENT_AGE ({max_age:g} s)")
 
-    def _unavailable(self, message: str) -> Response:
-        return _error(503, message, {"Retry-After": str(STORE_RETRY_AFTER)})
 
-    def _release(self, event: Event, token: str) -> None:
-        try:
-            self.store.release(event.id, token)
-        except Exception:
-            # The lease runs out on its own; the retry after that succeeds.
-            logger.exception("dedupe store failed to release event %s", event.id)
+def _in_flight(result: Result) -> Response:
+    retry_after = str(max(1, math.ceil(result.retry_after)))
+    return _error(409, "event is being processed", {"Retry-After": retry_after})
 
-    def _commit(self, event: Event, token: str) -> None:
-        # The handlers have run: answering an error now would make the sender
-        # retry work that is done, so a failed commit is logged, not returned.
-        try:
-            committed = self.store.commit(event.id, token, self.settings.retention)
-        except Exception:
-            logger.exception(
-                "dedupe store failed to commit event %s; a retry may process it again", event.id
-            )
-            return
-        if not committed:
-            logger.warning(
-                "event %s (%s) took longer than PLOINTS_CLAIM_LEASE; another delivery may process it again",
-                event.id,
-                event.type,
-            )
+
+def _unavailable(result: Result) -> Response:
+    what = "event queue" if isinstance(result.error, DispatchError) else "dedupe store"
+    return _error(503, f"{what} unavailable", {"Retry-After": str(STORE_RETRY_AFTER)})

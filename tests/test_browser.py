@@ -27,7 +27,7 @@ from werkzeug.serving import make_server
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints.deliveries import DeliveryLog
+from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.samples import SAMPLE_DATA
 from flask_ploints.samples import build_event
 from flask_ploints.signature import SIGNATURE_HEADER

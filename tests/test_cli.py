@@ -72,7 +72,7 @@ def test_send_uses_data_and_data_file(
         (["send", "points.earned", "--data", "[1]"], "--data must be a JSON object"),
         (
             ["send", "points.earned", "--name", "other"],
-            "no PlointsWebhooks instance named 'other' on this app (registered: ploints)",
+            "PlointsWebhooks 'other' is not registered on app 'ploints_test' (registered: ploints); did you forget to call init_app(app)?",
         ),
         (
             ["simulate", "nope.nope"],

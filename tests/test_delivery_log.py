@@ -19,10 +19,10 @@ from flask.testing import FlaskClient
 from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints.admin import EXTENSION_KEY
-from flask_ploints.admin import delivery_log
-from flask_ploints.deliveries import Delivery
-from flask_ploints.deliveries import DeliveryLog
+from flask_ploints.delivery_log import EXTENSION_KEY
+from flask_ploints.delivery_log import Delivery
+from flask_ploints.delivery_log import DeliveryLog
+from flask_ploints.delivery_log import delivery_log
 from flask_ploints.stores import StoreError
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -273,7 +273,7 @@ def test_list_page_filters(shop: Shop) -> None:
 
 
 def test_list_page_pages_back(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("flask_ploints.admin.PAGE_SIZE", 2)
+    monkeypatch.setattr("flask_ploints.delivery_log.page.PAGE_SIZE", 2)
     for number in range(5):
         shop.sender.send("points.earned", id=f"evt_{number}")
     page = shop.browser.get(PAGE).get_data(as_text=True)

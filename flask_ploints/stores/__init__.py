@@ -24,6 +24,7 @@ from ..config import DEFAULTS
 from .base import Claim
 from .base import ClaimStatus
 from .base import DedupeStore
+from .base import EventState
 from .base import InspectableStore
 from .base import StoredEvent
 from .base import StoreError
@@ -38,6 +39,7 @@ __all__ = [
     "Claim",
     "ClaimStatus",
     "DedupeStore",
+    "EventState",
     "InspectableStore",
     "MemoryStore",
     "NullStore",

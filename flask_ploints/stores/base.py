@@ -23,31 +23,50 @@ import enum
 import typing as t
 from dataclasses import dataclass
 
+from ..errors import StoreError
+
 __all__ = [
     "Claim",
     "ClaimStatus",
     "DedupeStore",
+    "EventState",
     "InspectableStore",
     "StoreError",
     "StoredEvent",
 ]
 
 
-class StoreError(Exception):
-    """The store could not be reached or did not answer. The receiver answers
-    ``503`` so that the sender retries later.
+class EventState(enum.StrEnum):
+    """The state a store keeps for an event id, the same in every store.
+    Being a string enum, each member equals its value (``"failed"``), which
+    is also what the SQL store writes and what the Redis store abbreviates
+    to its first letter.
+
+    .. versionadded:: 0.2
     """
+
+    #: Claimed, and its lease has not run out: processing, or queued.
+    IN_FLIGHT = "in_flight"
+    #: Processed; deliveries of the id are duplicates until its retention
+    #: passes.
+    DONE = "done"
+    #: Given up on (:meth:`DedupeStore.fail`), with its error; the next
+    #: delivery of the id claims it again.
+    FAILED = "failed"
 
 
 class ClaimStatus(enum.Enum):
-    """The outcome of :meth:`DedupeStore.claim`."""
+    """The outcome of :meth:`DedupeStore.claim`: the caller's answer, not a
+    stored state; :attr:`DONE` and :attr:`IN_FLIGHT` mean the id's
+    :class:`EventState` of the same name.
+    """
 
     #: The caller owns the id now and must process it.
     CLAIMED = "claimed"
     #: The id was processed already; skip it.
-    DONE = "done"
+    DONE = EventState.DONE.value
     #: Another caller holds a live lease on the id.
-    IN_FLIGHT = "in_flight"
+    IN_FLIGHT = EventState.IN_FLIGHT.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +140,8 @@ class StoredEvent:
     :meth:`InspectableStore.get` and :meth:`InspectableStore.failed`.
 
     :param id: the event id.
-    :param status: ``"in_flight"``, ``"done"`` or ``"failed"``.
+    :param status: the id's state; it equals its string value
+        (``"in_flight"``, ``"done"`` or ``"failed"``).
     :param attempts: how many times the id was claimed since the store last
         forgot it. A store may forget an in-flight id whose lease ran out (the
         Redis store does), so the count is a lower bound.
@@ -136,7 +156,7 @@ class StoredEvent:
     """
 
     id: str
-    status: str
+    status: EventState
     attempts: int
     error: str | None
     payload: bytes | None

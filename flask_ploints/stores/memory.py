@@ -10,6 +10,7 @@ from collections import deque
 
 from .base import Claim
 from .base import ClaimStatus
+from .base import EventState
 from .base import StoredEvent
 
 __all__ = ["MemoryStore", "NullStore"]
@@ -31,8 +32,7 @@ class _Entry:
         attempts: int = 1,
         error: str | None = None,
     ) -> None:
-        #: ``None`` marks an id given up on by :meth:`MemoryStore.fail`.
-        self.status: ClaimStatus | None = ClaimStatus.IN_FLIGHT
+        self.status = EventState.IN_FLIGHT
         self.token = token
         self.expires = expires
         self.updated = updated
@@ -96,13 +96,13 @@ class MemoryStore:
             error = None
             if entry is not None:
                 if entry.expires > now:
-                    if entry.status is ClaimStatus.DONE:
+                    if entry.status is EventState.DONE:
                         return _DONE
-                    if entry.status is ClaimStatus.IN_FLIGHT:
+                    if entry.status is EventState.IN_FLIGHT:
                         return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
                 # A done or failed entry past its retention counts as never
                 # seen; a lease that ran out was an attempt, and counts.
-                if entry.status is ClaimStatus.IN_FLIGHT or entry.expires > now:
+                if entry.status is EventState.IN_FLIGHT or entry.expires > now:
                     attempts = entry.attempts + 1
                     error = entry.error
             number = next(self._tokens)
@@ -115,7 +115,7 @@ class MemoryStore:
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
-        return self._settle(event_id, token, ClaimStatus.DONE, retention)
+        return self._settle(event_id, token, EventState.DONE, retention)
 
     def release(self, event_id: str, token: str) -> bool:
         """See :meth:`.DedupeStore.release`."""
@@ -127,11 +127,11 @@ class MemoryStore:
 
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         """See :meth:`.DedupeStore.extend`."""
-        return self._settle(event_id, token, ClaimStatus.IN_FLIGHT, lease)
+        return self._settle(event_id, token, EventState.IN_FLIGHT, lease)
 
     def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.fail`. The error is kept with the id."""
-        return self._settle(event_id, token, None, retention, error)
+        return self._settle(event_id, token, EventState.FAILED, retention, error)
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`."""
@@ -148,7 +148,7 @@ class MemoryStore:
             found = [
                 _stored(event_id, entry)
                 for event_id, entry in reversed(self._entries.items())
-                if entry.status is None and entry.expires > now
+                if entry.status is EventState.FAILED and entry.expires > now
             ]
         found.sort(key=lambda stored: stored.updated_at, reverse=True)
         return found[:limit]
@@ -157,7 +157,7 @@ class MemoryStore:
         entry = self._entries.get(event_id)
         if (
             entry is None
-            or entry.status is not ClaimStatus.IN_FLIGHT
+            or entry.status is not EventState.IN_FLIGHT
             or entry.token != token
             or entry.expires <= now
         ):
@@ -168,7 +168,7 @@ class MemoryStore:
         self,
         event_id: str,
         token: str,
-        status: ClaimStatus | None,
+        status: EventState,
         seconds: float,
         error: str | None = None,
     ) -> bool:
@@ -211,7 +211,7 @@ class MemoryStore:
 def _stored(event_id: str, entry: _Entry) -> StoredEvent:
     return StoredEvent(
         id=event_id,
-        status="failed" if entry.status is None else entry.status.value,
+        status=entry.status,
         attempts=entry.attempts,
         error=entry.error,
         payload=None,

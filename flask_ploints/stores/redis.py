@@ -12,6 +12,7 @@ import typing as t
 
 from .base import Claim
 from .base import ClaimStatus
+from .base import EventState
 from .base import StoredEvent
 from .base import StoreError
 
@@ -27,7 +28,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["RedisStore"]
 
 _DONE = Claim(ClaimStatus.DONE)
-_STATUSES = {b"i": "in_flight", b"d": "done", b"f": "failed"}
+# A value starts with the first letter of its state; the Lua scripts below
+# spell the same letters.
+_STATES = {state.value[:1].encode(): state for state in EventState}
+_DONE_LETTER = b"d"
+_FAILED_LETTER = b"f"
+# The take-over script answers "claimed" when it took the id.
+_CLAIMED_LETTER = b"c"
+assert _STATES[_DONE_LETTER] is EventState.DONE and _STATES[_FAILED_LETTER] is EventState.FAILED
 
 # Each event is one string under ``prefix + event_id``:
 #
@@ -281,14 +289,14 @@ class RedisStore:
             if held is None:
                 return Claim(ClaimStatus.CLAIMED, token)
             status, expires = held[:1], _expires(held)
-            if status == b"f":
+            if status == _FAILED_LETTER:
                 answer = self._take_over(keys=[key], args=[token, now, lease_ms, value, body])
                 status, expires = answer[0][:1], int(answer[1])
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
-        if status == b"c":
+        if status == _CLAIMED_LETTER:
             return Claim(ClaimStatus.CLAIMED, token)
-        if status == b"d":
+        if status == _DONE_LETTER:
             return _DONE
         return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(0, expires - now) / 1000)
 
@@ -338,7 +346,7 @@ class RedisStore:
                         pipe.getrange(key, 0, _HEADER_BYTES)
                     headers = pipe.execute()
                 for key, header in zip(batch, headers, strict=True):
-                    if header[:1] == b"f":
+                    if header[:1] == _FAILED_LETTER:
                         found.append((_updated(header), key))
             found.sort(reverse=True)
             newest = [key for _, key in found[: max(limit, 0)]]
@@ -350,7 +358,7 @@ class RedisStore:
         return [
             _stored(key[size:].decode("utf-8", "replace"), value)
             for key, value in zip(newest, values, strict=True)
-            if value is not None and value[:1] == b"f"
+            if value is not None and value[:1] == _FAILED_LETTER
         ]
 
     def _settle(self, script: t.Any, event_id: str, token: str, *args: t.Any) -> bool:
@@ -380,7 +388,7 @@ def _stored(event_id: str, value: bytes) -> StoredEvent:
     size = int(length)
     return StoredEvent(
         id=event_id,
-        status=_STATUSES[value[:1]],
+        status=_STATES[value[:1]],
         attempts=int(attempts),
         error=tail[:size].decode("utf-8", "replace") if size else None,
         payload=tail[size:] or None,

@@ -17,6 +17,7 @@ import weakref
 
 from .base import Claim
 from .base import ClaimStatus
+from .base import EventState
 from .base import StoredEvent
 from .base import StoreError
 
@@ -42,9 +43,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["SQLAlchemyStore", "engine_from_url", "ensure_table"]
 
-IN_FLIGHT = "in_flight"
-DONE = "done"
-FAILED = "failed"
+IN_FLIGHT = EventState.IN_FLIGHT
+DONE = EventState.DONE
+FAILED = EventState.FAILED
 
 _DONE = Claim(ClaimStatus.DONE)
 # A claim goes round again when the row changes under it (released, purged,
@@ -901,7 +902,7 @@ def _stored(row: t.Sequence[t.Any]) -> StoredEvent:
     id, status, attempts, error, payload, updated_at = row
     return StoredEvent(
         id=id,
-        status=status,
+        status=EventState(status),
         attempts=attempts,
         error=error,
         payload=None if payload is None else bytes(payload),

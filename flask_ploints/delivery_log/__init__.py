@@ -1,0 +1,41 @@
+"""The delivery log: every delivery outcome recorded in a SQL table, and a
+page that lists them, shows one event's payload and traceback, and runs a
+failed event again.
+
+Off unless ``PLOINTS_DELIVERY_LOG`` is set; only then does
+:meth:`~flask_ploints.PlointsWebhooks.init_app` import this package (and
+SQLAlchemy with it), record every delivery of the app in a
+:class:`DeliveryLog` and serve the page at ``PLOINTS_DELIVERY_LOG_URL``. It
+refuses to start without an access check (``PLOINTS_DELIVERY_LOG_ACCESS``,
+called before every request of the page; ``False`` answers ``403``) and
+without ``SECRET_KEY``, which signs the session that holds the page's CSRF
+token. See :doc:`/delivery-log`.
+
+.. versionadded:: 0.2
+   The package; :mod:`flask_ploints.deliveries` and
+   :mod:`flask_ploints.admin` of 0.1 are deprecated aliases.
+"""
+
+from __future__ import annotations
+
+from ..errors import DeliveryLogError
+from .configure import init_delivery_log
+from .page import blueprint
+from .state import EXTENSION_KEY
+from .state import DeliveryLogPage
+from .state import delivery_log
+from .storage import OUTCOMES
+from .storage import Delivery
+from .storage import DeliveryLog
+
+__all__ = [
+    "EXTENSION_KEY",
+    "OUTCOMES",
+    "Delivery",
+    "DeliveryLog",
+    "DeliveryLogError",
+    "DeliveryLogPage",
+    "blueprint",
+    "delivery_log",
+    "init_delivery_log",
+]

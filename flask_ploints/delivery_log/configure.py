@@ -1,0 +1,88 @@
+"""Setting the delivery log up on an app from its ``PLOINTS_DELIVERY_LOG_*``
+keys.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+from sqlalchemy.engine import Engine
+
+from ..config import DELIVERY_LOG_DEFAULTS
+from ..config import ConfigError
+from ..config import parse_seconds
+from .page import blueprint
+from .state import EXTENSION_KEY
+from .state import DeliveryLogPage
+from .storage import DeliveryLog
+
+__all__ = ["init_delivery_log"]
+
+
+def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
+    """Set up the delivery log on ``app`` if ``PLOINTS_DELIVERY_LOG`` is set.
+    :meth:`~flask_ploints.PlointsWebhooks.init_app` imports this package and
+    calls it only then, and only the first call on an app does anything, so
+    one log and one page serve every instance.
+
+    :return: the page's state, or ``None`` when the log is off.
+    :raises ConfigError: a setting is missing or wrong (the access check,
+        ``SECRET_KEY``); the message names the key.
+    """
+    state: DeliveryLogPage | None = app.extensions.get(EXTENSION_KEY)
+    if state is not None:
+        return state
+    for key, default in DELIVERY_LOG_DEFAULTS.items():
+        app.config.setdefault(key, default)
+    value = app.config["PLOINTS_DELIVERY_LOG"]
+    if value is None or value is False:
+        return None
+    access = app.config["PLOINTS_DELIVERY_LOG_ACCESS"]
+    if access is None:
+        raise ConfigError(
+            "PLOINTS_DELIVERY_LOG_ACCESS is not set: the delivery log shows payloads and re-runs"
+            " events, so give it a function that returns True only for users allowed to see it"
+        )
+    if not callable(access):
+        raise ConfigError(
+            f"PLOINTS_DELIVERY_LOG_ACCESS must be a function taking no arguments, not {access!r}"
+        )
+    if not app.secret_key:
+        raise ConfigError(
+            "SECRET_KEY is not set: the delivery log keeps its CSRF token in the signed session"
+        )
+    url = app.config["PLOINTS_DELIVERY_LOG_URL"]
+    if not isinstance(url, str) or not url.startswith("/") or url == "/":
+        raise ConfigError(
+            f"PLOINTS_DELIVERY_LOG_URL must be a path starting with '/' (not '/' itself), not {url!r}"
+        )
+    retention = parse_seconds(
+        "PLOINTS_DELIVERY_LOG_RETENTION",
+        app.config["PLOINTS_DELIVERY_LOG_RETENTION"],
+        allow_none=True,
+    )
+    log = _make_log(value, retention)
+    log.connect(app)
+    state = DeliveryLogPage(log=log, access=access, url=url.rstrip("/"))
+    app.extensions[EXTENSION_KEY] = state
+    app.register_blueprint(blueprint, url_prefix=state.url)
+    return state
+
+
+def _make_log(value: object, retention: float | None) -> DeliveryLog:
+    if isinstance(value, DeliveryLog):
+        return value
+    if isinstance(value, Engine):
+        return DeliveryLog(value, retention=retention)
+    if isinstance(value, str) and "://" in value:
+        try:
+            return DeliveryLog.from_url(value, retention=retention)
+        except Exception as exc:
+            # SQLAlchemy's message for a bad URL or a missing driver; it
+            # holds no password (make_url masks it).
+            raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
+    raise ConfigError(
+        "PLOINTS_DELIVERY_LOG must be a database URL, a SQLAlchemy Engine, a DeliveryLog"
+        f" or None, not {type(value).__name__}"
+    )

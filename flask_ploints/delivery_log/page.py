@@ -1,0 +1,221 @@
+"""The delivery log page: recent deliveries, one event's payload and
+traceback, and a button that runs a failed event again.
+
+Every request of the page first passes the app's access check and, for a
+form, the CSRF check. The pages are rendered on the server from the
+templates in ``flask_ploints/delivery_log/templates/ploints/``; an app can
+override them by putting its own ``ploints/*.html`` in its template folder.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+import typing as t
+
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import abort
+from flask import current_app
+from flask import flash
+from flask import g
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import session
+from flask import url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from ..errors import DispatchError
+from ..errors import StoreError
+from ..replay import rerun as rerun_body
+from .state import page_state
+from .storage import OUTCOMES
+from .storage import Delivery
+
+__all__ = ["CSRF_FIELD", "CSRF_SESSION_KEY", "PAGE_SIZE", "blueprint"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: The session key of the CSRF token.
+CSRF_SESSION_KEY = "_ploints_csrf"
+#: The form field of the CSRF token.
+CSRF_FIELD = "csrf_token"
+#: Rows on one page of the list.
+PAGE_SIZE = 50
+
+#: The page's blueprint, registered by
+#: :func:`~flask_ploints.delivery_log.init_delivery_log` under
+#: ``PLOINTS_DELIVERY_LOG_URL``; its templates are ``ploints/*.html``.
+blueprint = Blueprint("ploints_delivery_log", __name__, template_folder="templates")
+
+
+@blueprint.before_request
+def _check_access() -> None:
+    if not page_state().access():
+        abort(403)
+    if request.method == "POST":
+        _check_csrf()
+
+
+def _csrf_token() -> str:
+    token = session.get(CSRF_SESSION_KEY)
+    if not isinstance(token, str) or not token:
+        token = secrets.token_urlsafe(32)
+        session[CSRF_SESSION_KEY] = token
+    return token
+
+
+def _check_csrf() -> None:
+    expected = session.get(CSRF_SESSION_KEY)
+    given = request.form.get(CSRF_FIELD)
+    if not isinstance(expected, str) or not expected or not given:
+        abort(400, "The form's CSRF token is missing: reload the page and try again.")
+    if not hmac.compare_digest(expected.encode(), given.encode()):
+        abort(400, "The form's CSRF token is wrong: reload the page and try again.")
+
+
+@blueprint.after_request
+def _headers(response: Response) -> Response:
+    nonce = g.get("ploints_nonce", "")
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'nonce-{nonce}'; form-action 'self';"
+        " frame-ancestors 'none'; base-uri 'none'"
+    )
+    # Payloads hold customers' data: kept out of caches and other sites.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+@blueprint.errorhandler(HTTPException)
+def _error(error: HTTPException) -> tuple[str, int]:
+    return _render(
+        "ploints/error.html", title=f"{error.code} {error.name}", error=error
+    ), error.code or 500
+
+
+def _format_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 0.0001:
+        return "< 0.1 ms"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _render(template: str, **context: t.Any) -> str:
+    g.ploints_nonce = secrets.token_urlsafe(16)
+    return render_template(
+        template,
+        nonce=g.ploints_nonce,
+        csrf_field=CSRF_FIELD,
+        csrf_token=_csrf_token,
+        format_time=_format_time,
+        format_duration=_format_duration,
+        several_instances=len(current_app.extensions.get("ploints", {})) > 1,
+        **context,
+    )
+
+
+def _choice(name: str, allowed: t.Iterable[str]) -> str | None:
+    value = request.args.get(name) or None
+    return value if value is None or value in allowed else None
+
+
+@blueprint.get("", strict_slashes=False)
+def index() -> str:
+    """The list of recent deliveries, newest first, filtered by the query
+    parameters ``type`` and ``outcome``; ``before`` (a row id) pages back.
+    """
+    log = page_state().log
+    event_types = log.event_types()
+    event_type = _choice("type", event_types)
+    outcome = _choice("outcome", OUTCOMES)
+    before = request.args.get("before", type=int)
+    rows = log.recent(PAGE_SIZE + 1, event_type, outcome, before=before)
+    older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
+    return _render(
+        "ploints/deliveries.html",
+        title="Deliveries",
+        deliveries=rows[:PAGE_SIZE],
+        event_types=event_types,
+        outcomes=OUTCOMES,
+        event_type=event_type,
+        outcome=outcome,
+        older=older,
+        paged=before is not None,
+    )
+
+
+def _pretty(payload: bytes) -> str:
+    try:
+        return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    except ValueError:
+        return payload.decode("utf-8", "replace")
+
+
+@blueprint.get("/<int:delivery_id>")
+def detail(delivery_id: int) -> str:
+    """One delivery: its payload, its traceback, the other deliveries of the
+    same event, and the re-run button when it failed.
+    """
+    log = page_state().log
+    delivery = log.get(delivery_id) or abort(404)
+    history: list[Delivery] = []
+    if delivery.event_id is not None:
+        history = log.recent(PAGE_SIZE, event_id=delivery.event_id)
+    return _render(
+        "ploints/delivery.html",
+        title=delivery.event_id or f"Delivery {delivery.id}",
+        delivery=delivery,
+        payload=None if delivery.payload is None else _pretty(delivery.payload),
+        history=history,
+    )
+
+
+@blueprint.post("/<int:delivery_id>/rerun")
+def rerun(delivery_id: int) -> BaseResponse:
+    """Run a failed delivery's event again, through the same claim, handlers
+    and commit as a delivery; the outcome is flashed and recorded in the log.
+    """
+    delivery = page_state().log.get(delivery_id) or abort(404)
+    back = redirect(url_for(".detail", delivery_id=delivery_id), 303)
+    if delivery.outcome != "failed" or delivery.payload is None:
+        flash("Only a failed delivery can be re-run.", "error")
+        return back
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        outcome = rerun_body(app, delivery.payload, name=delivery.name)
+    except (RuntimeError, ValueError) as exc:
+        # The instance is gone from the app, the body no longer parses, or a
+        # delivery of the event is running right now.
+        flash(f"Re-run of {delivery.event_id} refused: {exc}", "error")
+        return back
+    except (StoreError, DispatchError):
+        logger.exception("re-run of event %s could not start", delivery.event_id)
+        flash(
+            f"Re-run of {delivery.event_id} did not start: the dedupe store or the queue is"
+            " unavailable. Nothing ran; try again later.",
+            "error",
+        )
+        return back
+    category = "error" if outcome == "failed" else "message"
+    flash(f"Re-run of {delivery.event_id}: {outcome}.", category)
+    return back

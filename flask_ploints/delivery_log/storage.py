@@ -1,0 +1,425 @@
+"""The delivery log: one row per delivery outcome, for the delivery log page.
+
+A :class:`DeliveryLog` listens to the lifecycle signals of one app and writes
+a row for each answer the endpoint gives: ``processed``, ``duplicate``,
+``failed`` (with the handler's traceback) and ``rejected`` (with the reason
+only). Rows of verified, well-formed events keep the raw body, so that a
+failed event can be run again from the page; a rejected request's body is
+never stored, because it is unverified.
+
+Needs SQLAlchemy 2: ``pip install 'flask-ploints[sqlalchemy]'``.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import traceback
+import typing as t
+from dataclasses import dataclass
+
+from flask import Flask
+
+from .. import signals
+from ..errors import DeliveryLogError
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..stores.sql import engine_from_url
+    from ..stores.sql import ensure_table
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the delivery log needs SQLAlchemy 2; install it with:"
+        " pip install 'flask-ploints[sqlalchemy]'"
+    ) from exc
+
+if t.TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from ..events import Event
+
+__all__ = ["OUTCOMES", "Delivery", "DeliveryLog", "DeliveryLogError"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: Every outcome a row can record, in the order the page lists them.
+OUTCOMES: tuple[str, ...] = ("processed", "duplicate", "failed", "rejected")
+
+#: Longest reason kept; reasons are short fixed strings of the receiver.
+MAX_REASON = 500
+#: Longest traceback kept, in characters: the end is kept, where the error is.
+MAX_TRACEBACK = 64 * 1024
+# A purge runs from record() at most this often, so that rows past the
+# retention go without a periodic job and a busy endpoint does not pay for a
+# DELETE on every delivery.
+_PURGE_INTERVAL = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One recorded delivery outcome.
+
+    :param id: the row's id, increasing with time.
+    :param received_at: when the delivery arrived, in seconds since the
+        epoch.
+    :param name: the :class:`~flask_ploints.PlointsWebhooks` instance that
+        answered it.
+    :param event_id: the event id; ``None`` for a rejected request.
+    :param event_type: the event type; ``None`` for a rejected request.
+    :param outcome: one of :data:`OUTCOMES`.
+    :param reason: why a request was rejected, or the last line of a
+        failure; ``None`` otherwise.
+    :param payload: the raw body of a verified event; never kept for a
+        rejected request.
+    :param traceback: the handler's traceback, for ``failed``.
+    :param duration: seconds spent in the handlers, for ``processed`` and
+        ``failed``.
+
+    .. versionadded:: 0.1
+    """
+
+    id: int
+    received_at: float
+    name: str
+    event_id: str | None
+    event_type: str | None
+    outcome: str
+    reason: str | None
+    payload: bytes | None
+    traceback: str | None
+    duration: float | None
+
+
+def _make_table(name: str) -> sa.Table:
+    table = sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        # Float seconds since the epoch, as in SQLAlchemyStore: compared the
+        # same way by every dialect.
+        sa.Column("received_at", sa.Double(), nullable=False),
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("event_id", sa.String(255), nullable=True),
+        sa.Column("event_type", sa.String(128), nullable=True),
+        sa.Column("outcome", sa.String(16), nullable=False),
+        sa.Column("reason", sa.String(MAX_REASON), nullable=True),
+        sa.Column("payload", sa.LargeBinary(), nullable=True),
+        sa.Column("traceback", sa.Text(), nullable=True),
+        sa.Column("duration", sa.Double(), nullable=True),
+    )
+    sa.Index(f"ix_{name}_received_at", table.c.received_at)
+    sa.Index(f"ix_{name}_event_id", table.c.event_id)
+    return table
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:MAX_REASON] if lines else ""
+
+
+class DeliveryLog:
+    """Records every delivery outcome of an app in one table of a SQL
+    database (PostgreSQL and SQLite are tested), and reads them back for the
+    delivery log page.
+
+    .. code-block:: python
+
+        log = DeliveryLog.from_url("postgresql://db/app")
+        log.connect(app)
+        log.recent(20, outcome="failed")
+
+    Writing is part of answering a delivery: each row is one ``INSERT`` in
+    the request. A write that fails is logged and dropped, so the log can
+    never change what the endpoint answers.
+
+    :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
+        be shared.
+    :param table_name: the table to keep deliveries in.
+    :param retention: seconds a row is kept; :meth:`record` purges older
+        rows at most every ten minutes. ``None`` keeps them until
+        :meth:`purge` is called.
+    :param create_table: create the table (if missing) on first use; else
+        call :meth:`create_table` or create it with your migrations.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        table_name: str = "ploints_deliveries",
+        retention: float | None = 7 * 86400.0,
+        create_table: bool = True,
+    ) -> None:
+        if retention is not None and retention <= 0:
+            raise ValueError(f"retention must be positive seconds or None, not {retention!r}")
+        self.engine = engine
+        self.table = _make_table(table_name)
+        self.retention = retention
+        self._needs_table = create_table
+        self._create_lock = threading.Lock()
+        self._next_purge = 0.0
+        self._lock: t.ContextManager[t.Any] = (
+            # SQLite has one writer at a time (one shared connection when in
+            # memory): threads queue here rather than on busy timeouts.
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        engine_options: t.Mapping[str, t.Any] | None = None,
+        **kwargs: t.Any,
+    ) -> DeliveryLog:
+        """Build a log with its own engine for ``url``, made as
+        :meth:`.SQLAlchemyStore.from_url` makes one (see
+        :func:`~flask_ploints.stores.sql.engine_from_url`). No connection is
+        made until the first call.
+
+        :param url: a SQLAlchemy database URL.
+        :param timeout: seconds to wait to connect.
+        :param engine_options: more keyword arguments for
+            :func:`sqlalchemy.create_engine`.
+        :param kwargs: passed to the constructor (``table_name``,
+            ``retention``, ``create_table``).
+        """
+        return cls(engine_from_url(url, timeout=timeout, engine_options=engine_options), **kwargs)
+
+    def create_table(self) -> None:
+        """Create the table and its index unless they exist.
+
+        :raises DeliveryLogError: the database refused.
+        """
+        with self._create_lock:
+            self._create_table()
+
+    def _create_table(self) -> None:
+        try:
+            with self._lock:
+                ensure_table(self.engine, self.table)
+        except SQLAlchemyError as exc:
+            raise _log_error(exc) from None
+        self._needs_table = False
+
+    def connect(self, app: Flask) -> None:
+        """Record the deliveries of ``app``, of every
+        :class:`~flask_ploints.PlointsWebhooks` instance on it (rows carry
+        the instance's name), by connecting to the lifecycle signals for
+        this app only.
+        """
+
+        def processed(sender: Flask, *, name: str, event: Event, duration: float) -> None:
+            self._safely(
+                "processed", name=name, event=event, duration=duration, started_before=duration
+            )
+
+        def duplicate(sender: Flask, *, name: str, event: Event, **extra: t.Any) -> None:
+            self._safely("duplicate", name=name, event=event)
+
+        def failed(
+            sender: Flask,
+            *,
+            name: str,
+            event: Event,
+            exception: BaseException | None,
+            duration: float,
+            **extra: t.Any,
+        ) -> None:
+            text = "".join(traceback.format_exception(exception)) if exception else None
+            reason = _last_line(text) if text else None
+            self._safely(
+                "failed",
+                name=name,
+                event=event,
+                reason=reason,
+                traceback=text,
+                duration=duration,
+                started_before=duration,
+            )
+
+        def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
+            self._safely("rejected", name=name, reason=reason)
+
+        signals.event_processed.connect(processed, sender=app, weak=False)
+        signals.duplicate_skipped.connect(duplicate, sender=app, weak=False)
+        signals.handler_failed.connect(failed, sender=app, weak=False)
+        signals.signature_rejected.connect(rejected, sender=app, weak=False)
+        signals.payload_rejected.connect(rejected, sender=app, weak=False)
+
+    def _safely(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
+        # A blinker receiver that raises stops the receivers after it
+        # (metrics, the app's own), so the error ends here.
+        try:
+            self.record(outcome, received_at=time.time() - started_before, **fields)
+        except Exception:
+            logger.exception("the delivery log failed to record a %s delivery", outcome)
+
+    def record(
+        self,
+        outcome: str,
+        *,
+        name: str,
+        event: Event | None = None,
+        reason: str | None = None,
+        traceback: str | None = None,
+        duration: float | None = None,
+        received_at: float | None = None,
+    ) -> int:
+        """Write one row and return its id. The lifecycle signals call it
+        once :meth:`connect` has run; call it yourself for deliveries made
+        some other way.
+
+        :param outcome: one of :data:`OUTCOMES`.
+        :param name: the instance that answered.
+        :param event: the verified event, whose id, type and raw body are
+            kept; ``None`` for a rejected request.
+        :param reason: why it was rejected or failed; cut to
+            :data:`MAX_REASON` characters.
+        :param traceback: the handler's traceback; its last
+            :data:`MAX_TRACEBACK` characters are kept.
+        :param duration: seconds spent in the handlers.
+        :param received_at: when the delivery arrived; default, now.
+        :raises ValueError: an unknown outcome, or a rejected row with an
+            event.
+        :raises DeliveryLogError: the database refused.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; known: {', '.join(OUTCOMES)}")
+        if outcome == "rejected" and event is not None:
+            raise ValueError("a rejected delivery is unverified: record its reason, not its body")
+        now = time.time()
+        values = {
+            "received_at": now if received_at is None else received_at,
+            "name": name,
+            "event_id": None if event is None else event.id,
+            "event_type": None if event is None else event.type,
+            "outcome": outcome,
+            "reason": None if reason is None else reason[:MAX_REASON],
+            "payload": None if event is None else event.raw,
+            "traceback": None if traceback is None else traceback[-MAX_TRACEBACK:],
+            "duration": duration,
+        }
+        with self._begin() as conn:
+            result = conn.execute(sa.insert(self.table).values(values))
+            key = result.inserted_primary_key
+        if self.retention is not None and now >= self._next_purge:
+            self._next_purge = now + _PURGE_INTERVAL
+            self.purge(self.retention, now=now)
+        return int(key[0]) if key is not None else 0
+
+    def recent(
+        self,
+        limit: int = 100,
+        event_type: str | None = None,
+        outcome: str | None = None,
+        *,
+        event_id: str | None = None,
+        before: int | None = None,
+    ) -> list[Delivery]:
+        """Return up to ``limit`` deliveries, newest first.
+
+        :param event_type: only this event type.
+        :param outcome: only this outcome.
+        :param event_id: only the deliveries of this event.
+        :param before: only rows whose id is smaller, to page back.
+        :raises DeliveryLogError: the database refused.
+        """
+        c = self.table.c
+        statement = sa.select(self.table).order_by(c.id.desc()).limit(max(limit, 0))
+        if event_type is not None:
+            statement = statement.where(c.event_type == event_type)
+        if outcome is not None:
+            statement = statement.where(c.outcome == outcome)
+        if event_id is not None:
+            statement = statement.where(c.event_id == event_id)
+        if before is not None:
+            statement = statement.where(c.id < before)
+        with self._begin() as conn:
+            rows = conn.execute(statement).all()
+        return [_delivery(row) for row in rows]
+
+    def get(self, delivery_id: int) -> Delivery | None:
+        """Return one delivery, or ``None`` if there is no such row (or it
+        was purged).
+
+        :raises DeliveryLogError: the database refused.
+        """
+        statement = sa.select(self.table).where(self.table.c.id == delivery_id)
+        with self._begin() as conn:
+            row = conn.execute(statement).first()
+        return None if row is None else _delivery(row)
+
+    def event_types(self) -> list[str]:
+        """Return the event types that have rows, sorted.
+
+        :raises DeliveryLogError: the database refused.
+        """
+        c = self.table.c
+        statement = (
+            sa.select(c.event_type)
+            .where(c.event_type.is_not(None))
+            .distinct()
+            .order_by(c.event_type)
+        )
+        with self._begin() as conn:
+            return [row.event_type for row in conn.execute(statement)]
+
+    def purge(self, older_than_seconds: float, *, now: float | None = None) -> int:
+        """Delete the rows received more than ``older_than_seconds`` ago and
+        return how many.
+
+        :param now: the time to purge as of; default, the current time.
+        :raises DeliveryLogError: the database refused.
+        """
+        now = time.time() if now is None else now
+        statement = sa.delete(self.table).where(self.table.c.received_at < now - older_than_seconds)
+        with self._begin() as conn:
+            return conn.execute(statement).rowcount
+
+    @contextlib.contextmanager
+    def _begin(self) -> t.Iterator[Connection]:
+        if self._needs_table:
+            with self._create_lock:
+                if self._needs_table:
+                    self._create_table()
+        try:
+            with self._lock, self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise _log_error(exc) from None
+
+
+def _log_error(exc: SQLAlchemyError) -> DeliveryLogError:
+    # The driver's message only, raised without its cause: SQLAlchemy's
+    # exception echoes the statement's parameters, which hold payloads, and
+    # the receiver logs this error with its traceback.
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        return DeliveryLogError(f"database: {type(orig).__name__}: {orig}".strip())
+    return DeliveryLogError(f"database: {type(exc).__name__}: {exc}")
+
+
+def _delivery(row: sa.Row[t.Any]) -> Delivery:
+    return Delivery(
+        id=row.id,
+        received_at=row.received_at,
+        name=row.name,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        outcome=row.outcome,
+        reason=row.reason,
+        payload=None if row.payload is None else bytes(row.payload),
+        traceback=row.traceback,
+        duration=row.duration,
+    )

@@ -1,0 +1,433 @@
+"""Processing an event: claim its id, run its handlers, settle the claim,
+notify, and say what happened.
+
+Every way an event is processed goes through one :class:`Processor` per
+:class:`~flask_ploints.PlointsWebhooks` instance and app:
+
+- a delivery to the endpoint, :meth:`Processor.deliver`;
+- a replay of a failed event or a re-run from the delivery log,
+  :meth:`Processor.rerun`;
+- a Celery worker's attempt, :meth:`Processor.resume`, then
+  :meth:`Processor.keep` before a retry or :meth:`Processor.give_up`.
+
+The callers only translate: the endpoint maps the :class:`Outcome` to an
+HTTP status, replay to its return value, the worker to a retry. The three
+differ in one thing, what a handler failure does to the claim. A delivery
+releases it, so the sender's retry runs the event again; a replay records
+the event failed with its traceback, so it can be found and replayed; a
+worker keeps it while it retries, and records it failed when it gives up.
+
+Handlers run inside the :class:`HandlerScope` of the store and of the
+dispatcher, when they offer one: the one place where a store that must
+commit the handlers' writes with its own (a database transaction) or a
+dispatcher that must set up around them (a trace span) wraps them.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+import traceback
+import typing as t
+from dataclasses import dataclass
+
+from flask import Flask
+
+from . import sender
+from . import signals
+from .config import Settings
+from .dispatch import Dispatcher
+from .dispatch import Handlers
+from .errors import DispatchError
+from .errors import HandlerError
+from .events import Event
+from .signals import notify
+from .stores import Claim
+from .stores import ClaimStatus
+from .stores import DedupeStore
+
+__all__ = ["MAX_ERROR", "HandlerScope", "Outcome", "Processor", "Result", "error_text"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: The most characters of a traceback recorded with a failed event; the
+#: start is cut, since the end names the error.
+MAX_ERROR = 20_000
+
+# Not a handler failure: the process is going away. The claim is released
+# on the way out, so the sender's retry need not wait for the lease.
+_PROCESS_EXITS = (KeyboardInterrupt, SystemExit)
+
+
+class Outcome(enum.StrEnum):
+    """What processing an event did; its string is the value."""
+
+    #: The handlers ran and the id is committed.
+    PROCESSED = "processed"
+    #: Handed to a worker, which runs the handlers and settles the claim.
+    QUEUED = "queued"
+    #: The id was processed already; nothing ran.
+    DUPLICATE = "duplicate"
+    #: Another delivery or worker holds the id now; nothing ran.
+    IN_FLIGHT = "in_flight"
+    #: A handler raised.
+    FAILED = "failed"
+    #: The dedupe store or the queue could not be reached; nothing ran.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of processing one event, with what its caller needs to
+    answer for it.
+    """
+
+    outcome: Outcome
+    #: With :attr:`Outcome.IN_FLIGHT`, seconds left on the holder's lease
+    #: when the store knows them, else ``0``.
+    retry_after: float = 0.0
+    #: With :attr:`Outcome.FAILED`, what the handler raised; with
+    #: :attr:`Outcome.UNAVAILABLE`, the store's or the dispatcher's error.
+    error: BaseException | None = None
+    #: Seconds spent in the handlers.
+    duration: float = 0.0
+    #: With :attr:`Outcome.FAILED` from :meth:`Processor.resume`, the token
+    #: of the claim the worker still holds.
+    token: str = ""
+
+
+@t.runtime_checkable
+class HandlerScope(t.Protocol):
+    """A store or dispatcher that wraps the handlers of every event it is
+    used for. The scope is entered just before the first handler and left
+    after the last, with the exception of a handler that raised, before the
+    claim is settled.
+    """
+
+    def handler_scope(self, event: Event) -> t.ContextManager[None]:
+        """Return the context manager to run ``event``'s handlers in."""
+
+
+def error_text(exc: BaseException) -> str:
+    """Return ``exc``'s traceback as it is recorded with a failed event: at
+    most :data:`MAX_ERROR` characters, from the end.
+    """
+    return "".join(traceback.format_exception(exc))[-MAX_ERROR:]
+
+
+_PROCESSED = Result(Outcome.PROCESSED)
+_QUEUED = Result(Outcome.QUEUED)
+_DUPLICATE = Result(Outcome.DUPLICATE)
+
+
+class Processor:
+    """Claims, runs, settles and notifies for one instance on one app.
+
+    :param name: the instance's name, passed to every signal.
+    :param settings: the instance's checked settings.
+    :param store: where the instance's event ids are claimed.
+    :param dispatcher: where claimed events are processed: inline, or
+        handed to a worker.
+    :param handlers: the instance's handlers, which a worker runs.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        store: DedupeStore,
+        dispatcher: Dispatcher,
+        handlers: Handlers,
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.dispatcher = dispatcher
+        self.handlers = handlers
+        self._retention = settings.retention
+        self._slow = settings.slow_handler_seconds
+        # Only an event handed to a worker can end up failed in the store,
+        # where its payload is kept for replay; an inline failure releases
+        # the claim, so the store would hold the body for nothing.
+        self._keep_payload = not dispatcher.runs_inline
+        self._scopes = tuple(
+            part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
+        )
+
+    def deliver(self, app: Flask, event: Event) -> Result:
+        """Process a delivery: claim its id, then run it here or hand it
+        to a worker. A handler failure releases the claim, so the sender's
+        retry runs the event again.
+
+        :return: any :class:`Outcome`.
+        """
+        try:
+            claim = self.store.claim(
+                event.id, self.dispatcher.lease, event.raw if self._keep_payload else None
+            )
+        except Exception as exc:
+            logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
+            return Result(Outcome.UNAVAILABLE, error=exc)
+        if claim.status is not ClaimStatus.CLAIMED:
+            return self._not_claimed(app, event, claim)
+        if not self.dispatcher.runs_inline:
+            return self._hand_over(app, event, claim)
+
+        error, duration = self._run(
+            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
+        )
+        if error is not None:
+            self._release(event, claim.token)
+            logger.error(
+                "event %s (%s) failed: a handler raised %s",
+                event.id,
+                event.type,
+                type(error).__name__,
+                exc_info=error,
+            )
+            return self._failed(app, event, error, duration)
+        self._commit(event, claim.token)
+        if duration > self._slow:
+            logger.warning(
+                "handlers of event %s (%s) took %.1f s; Ploints gives up after %g s and retries,"
+                " so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
+                event.id,
+                event.type,
+                duration,
+                sender.TIMEOUT,
+            )
+        logger.info("event %s (%s) processed", event.id, event.type)
+        notify(signals.event_processed, app, self.name, event=event, duration=duration)
+        return _PROCESSED
+
+    def rerun(self, app: Flask, event: Event, previous_error: str | None = None) -> Result:
+        """Process an event again outside a delivery (a replay, the delivery
+        log's button), through the same claim, dispatcher and settling. A
+        handler failure records the event failed, with its traceback and
+        payload, so it can be found and replayed again.
+
+        :param previous_error: the error recorded when the event last failed;
+            kept if the event cannot be handed to a worker now.
+        :return: any :class:`Outcome`.
+        """
+        try:
+            claim = self.store.claim(event.id, self.dispatcher.lease, event.raw)
+        except Exception as exc:
+            return Result(Outcome.UNAVAILABLE, error=exc)
+        if claim.status is not ClaimStatus.CLAIMED:
+            return self._not_claimed(app, event, claim)
+        if not self.dispatcher.runs_inline:
+            try:
+                self.dispatcher.dispatch(app, event, claim, self.name)
+            except BaseException as exc:
+                # Failed, with its payload and the error it had, rather than
+                # a claim that lapses and takes the payload with it.
+                self._fail(event, claim.token, previous_error or "not run: could not be queued")
+                if isinstance(exc, DispatchError):
+                    return Result(Outcome.UNAVAILABLE, error=exc)
+                raise
+            logger.info("event %s (%s) queued again", event.id, event.type)
+            return _QUEUED
+
+        error, duration = self._run(
+            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
+        )
+        if error is not None:
+            self._fail(event, claim.token, error_text(error))
+            logger.error(
+                "event %s (%s) failed again: a handler raised %s",
+                event.id,
+                event.type,
+                type(error).__name__,
+                exc_info=error,
+            )
+            return self._failed(app, event, error, duration)
+        self._commit(event, claim.token)
+        logger.info("event %s (%s) processed again", event.id, event.type)
+        notify(signals.event_processed, app, self.name, event=event, duration=duration)
+        return _PROCESSED
+
+    def resume(self, app: Flask, event: Event, token: str) -> Result:
+        """Run a queued event on a worker, holding the claim the endpoint
+        took with ``token``. If that claim lapsed (the task waited longer
+        than the lease), the id is claimed again; if it was processed or is
+        held by another delivery meanwhile, nothing runs.
+
+        A handler failure keeps the claim: the worker either retries, after
+        :meth:`keep`, or ends with :meth:`give_up`.
+
+        :return: :attr:`~Outcome.PROCESSED`, :attr:`~Outcome.DUPLICATE`,
+            :attr:`~Outcome.IN_FLIGHT`, :attr:`~Outcome.FAILED` (with the
+            token now held) or :attr:`~Outcome.UNAVAILABLE` (the store).
+        """
+        lease = self.dispatcher.lease
+        try:
+            if not self.store.extend(event.id, token, lease):
+                claim = self.store.claim(event.id, lease, event.raw)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    state = "processed" if claim.status is ClaimStatus.DONE else "held elsewhere"
+                    logger.info(
+                        "event %s (%s) skipped by the worker: %s", event.id, event.type, state
+                    )
+                    return (
+                        _DUPLICATE
+                        if claim.status is ClaimStatus.DONE
+                        else Result(Outcome.IN_FLIGHT)
+                    )
+                logger.warning(
+                    "event %s (%s): its claim had lapsed (queued longer than PLOINTS_CELERY_LEASE?)"
+                    " and was taken again",
+                    event.id,
+                    event.type,
+                )
+                token = claim.token
+        except Exception as exc:
+            logger.warning("dedupe store failed before event %s (%s) ran", event.id, event.type)
+            return Result(Outcome.UNAVAILABLE, error=exc)
+
+        error, duration = self._run(event, token, self.handlers.run, app, event, self.name)
+        if error is not None:
+            return Result(Outcome.FAILED, error=error, duration=duration, token=token)
+        self._commit(event, token)
+        logger.info("event %s (%s) processed by a worker", event.id, event.type)
+        notify(signals.event_processed, app, self.name, event=event, duration=duration)
+        return _PROCESSED
+
+    def keep(self, event: Event, token: str) -> bool:
+        """Renew a worker's claim for the wait before its next attempt.
+
+        :return: ``False`` when ``token`` no longer holds the claim.
+        :raises flask_ploints.errors.StoreError: the store is unavailable.
+        """
+        return self.store.extend(event.id, token, self.dispatcher.lease)
+
+    def give_up(
+        self,
+        app: Flask,
+        event: Event,
+        token: str,
+        error: BaseException,
+        *,
+        attempts: int,
+        handlers_ran: bool,
+        duration: float = 0.0,
+        note: str = "",
+    ) -> bool:
+        """End a worker's attempts: record the event failed with ``error``'s
+        traceback, log it, and send
+        :data:`~flask_ploints.signals.handler_failed` if the handlers ran.
+
+        :param attempts: how many attempts were made, for the log.
+        :param handlers_ran: ``False`` when the store failed before the
+            handlers could run.
+        :param note: appended to the recorded traceback.
+        :return: whether the store recorded the failure.
+        """
+        failed = self._fail(event, token, error_text(error) + note)
+        logger.error(
+            "event %s (%s) failed after %d attempt(s)%s; %s",
+            event.id,
+            event.type,
+            attempts,
+            "" if handlers_ran else " (dedupe store unavailable)",
+            "recorded as failed: replay it with flask_ploints.replay.replay"
+            if failed
+            else "not recorded: have Ploints resend it",
+            exc_info=error,
+        )
+        if handlers_ran:
+            self._failed(app, event, error, duration)
+        return failed
+
+    def _not_claimed(self, app: Flask, event: Event, claim: Claim) -> Result:
+        if claim.status is ClaimStatus.DONE:
+            logger.info("event %s (%s) skipped: duplicate", event.id, event.type)
+            notify(signals.duplicate_skipped, app, self.name, event=event)
+            return _DUPLICATE
+        logger.info("event %s (%s) skipped: in flight", event.id, event.type)
+        return Result(Outcome.IN_FLIGHT, retry_after=claim.retry_after)
+
+    def _hand_over(self, app: Flask, event: Event, claim: Claim) -> Result:
+        try:
+            self.dispatcher.dispatch(app, event, claim, self.name)
+        except DispatchError as exc:
+            self._release(event, claim.token)
+            logger.exception("event %s (%s) could not be queued", event.id, event.type)
+            return Result(Outcome.UNAVAILABLE, error=exc)
+        logger.info("event %s (%s) queued", event.id, event.type)
+        return _QUEUED
+
+    def _run(
+        self, event: Event, token: str, run: t.Callable[..., object], *args: t.Any
+    ) -> tuple[BaseException | None, float]:
+        """Call ``run(*args)`` inside the handler scopes, and return what it
+        raised (``None`` when nothing) and the seconds it took. A process
+        exit releases the claim and goes on.
+        """
+        started = time.perf_counter()
+        try:
+            if self._scopes:
+                with contextlib.ExitStack() as stack:
+                    for scope in self._scopes:
+                        stack.enter_context(scope(event))
+                    run(*args)
+            else:
+                run(*args)
+        except HandlerError as exc:
+            error: BaseException | None = exc.__cause__ or exc
+        except _PROCESS_EXITS:
+            self._release(event, token)
+            raise
+        except BaseException as exc:
+            # Whatever is not a process exit is the handler's failure, an
+            # async handler's CancelledError included.
+            error = exc
+        else:
+            error = None
+        return error, time.perf_counter() - started
+
+    def _failed(self, app: Flask, event: Event, error: BaseException, duration: float) -> Result:
+        notify(
+            signals.handler_failed,
+            app,
+            self.name,
+            event=event,
+            exception=error,
+            duration=duration,
+        )
+        return Result(Outcome.FAILED, error=error, duration=duration)
+
+    def _commit(self, event: Event, token: str) -> None:
+        # The handlers have run: answering an error now would make the sender
+        # retry work that is done, so a failed commit is logged, not returned.
+        try:
+            committed = self.store.commit(event.id, token, self._retention)
+        except Exception:
+            logger.exception(
+                "dedupe store failed to commit event %s; a retry may process it again", event.id
+            )
+            return
+        if not committed:
+            logger.warning(
+                "event %s (%s) finished after its claim lapsed (handlers slower than the lease);"
+                " another delivery may process it again",
+                event.id,
+                event.type,
+            )
+
+    def _release(self, event: Event, token: str) -> None:
+        try:
+            self.store.release(event.id, token)
+        except Exception:
+            # The lease runs out on its own; the retry after that succeeds.
+            logger.exception("dedupe store failed to release event %s", event.id)
+
+    def _fail(self, event: Event, token: str, error: str) -> bool:
+        try:
+            return self.store.fail(event.id, token, error, self._retention)
+        except Exception:
+            logger.exception("dedupe store failed to record event %s as failed", event.id)
+            return False
