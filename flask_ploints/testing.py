@@ -34,6 +34,7 @@ from .stores import DedupeStore
 from .stores import InspectableStore
 
 __all__ = [
+    "FakeClock",
     "InspectableStoreContract",
     "PlointsClient",
     "StoreContract",
@@ -118,6 +119,26 @@ def ploints_client(app: Flask) -> PlointsClient:
     return PlointsClient(app)
 
 
+class FakeClock:
+    """A clock in seconds since the epoch that moves only when told, for the
+    ``clock`` argument of a store under test.
+
+    :param start: its first reading; default, the current time.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward."""
+        self.now += seconds
+
+
 class StoreContract:
     """The behaviour every dedupe store must show, as a pytest test class.
 
@@ -129,8 +150,15 @@ class StoreContract:
             def store(self):
                 return MyStore(...)
 
-    The tests sleep past short leases, so a store must honour leases and
-    retentions with a precision of about 100 ms.
+    Time passes in the tests through :meth:`advance`. A store that takes a
+    clock gets the :meth:`clock` fixture, and time then passes at once::
+
+            @pytest.fixture
+            def store(self, clock):
+                return MyStore(..., clock=clock)
+
+    Otherwise the tests sleep past short leases, so the store must honour
+    leases and retentions with a precision of about 100 ms.
     """
 
     #: Seconds used as a lease or retention that runs out during a test.
@@ -138,8 +166,27 @@ class StoreContract:
     #: Seconds used as a lease or retention that does not.
     long = 60.0
 
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        """A :class:`FakeClock` for the ``store`` fixture to give its store;
+        :meth:`advance` then moves it instead of sleeping.
+        """
+        self._clock = FakeClock()
+        return self._clock
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the store: move the :meth:`clock` when
+        the ``store`` fixture took it, else sleep. Override it for a store
+        whose time also runs somewhere else (a server's key expiry).
+        """
+        clock: FakeClock | None = self.__dict__.get("_clock")
+        if clock is None:
+            time.sleep(seconds)
+        else:
+            clock.advance(seconds)
+
     def _expire(self) -> None:
-        time.sleep(self.short + 0.3)
+        self.advance(self.short + 0.3)
 
     def test_first_claim_owns_the_id(self, store: DedupeStore) -> None:
         claim = store.claim("evt_1", self.long)
@@ -290,7 +337,7 @@ class InspectableStoreContract(StoreContract):
             claim = store.claim(f"evt_{number}", self.long)
             store.fail(f"evt_{number}", claim.token, f"boom {number}", self.long)
             # Some stores keep times to the millisecond.
-            time.sleep(0.005)
+            self.advance(0.01)
         done = store.claim("evt_done", self.long)
         store.commit("evt_done", done.token, self.long)
         again = store.claim("evt_1", self.long)

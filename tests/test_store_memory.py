@@ -8,13 +8,14 @@ from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import NullStore
+from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract
 
 
 class TestMemoryStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self) -> MemoryStore:
-        return MemoryStore()
+    def store(self, clock: FakeClock) -> MemoryStore:
+        return MemoryStore(clock=clock)
 
 
 class _Clock:
