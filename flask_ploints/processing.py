@@ -119,9 +119,34 @@ def error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))[-MAX_ERROR:]
 
 
+class _Settle(enum.Enum):
+    """What a failed delivery (release: the sender retries) or re-run (fail:
+    recorded for a replay) does to its claim.
+    """
+
+    RELEASE = enum.auto()
+    FAIL = enum.auto()
+
+
 _PROCESSED = Result(Outcome.PROCESSED)
 _QUEUED = Result(Outcome.QUEUED)
 _DUPLICATE = Result(Outcome.DUPLICATE)
+_IN_FLIGHT = Result(Outcome.IN_FLIGHT)
+
+
+_SLOW = (
+    "took %.1f s in its handlers; Ploints gives up after %g s and retries, so move slow work"
+    " to async dispatch (PLOINTS_DISPATCH = 'celery')"
+)
+_NOT_COMMITTED = "processed, but the dedupe store failed to commit it; a retry may process it again"
+_LAPSED = "processed after its claim lapsed (slower than its lease); a retry may process it again"
+
+
+def _log(level: int, event: Event, message: str, *args: object, **kwargs: t.Any) -> None:
+    # Every record about an event starts with its id and type, in one place.
+    logger.log(
+        level, "event %s (%s) " + message, event.id, event.type, *args, stacklevel=2, **kwargs
+    )
 
 
 class Processor:
@@ -164,44 +189,8 @@ class Processor:
 
         :return: any :class:`Outcome`.
         """
-        try:
-            claim = self.store.claim(
-                event.id, self.dispatcher.lease, event.raw if self._keep_payload else None
-            )
-        except Exception as exc:
-            logger.exception("dedupe store failed to claim event %s (%s)", event.id, event.type)
-            return Result(Outcome.UNAVAILABLE, error=exc)
-        if claim.status is not ClaimStatus.CLAIMED:
-            return self._not_claimed(app, event, claim)
-        if not self.dispatcher.runs_inline:
-            return self._hand_over(app, event, claim)
-
-        error, duration = self._run(
-            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
-        )
-        if error is not None:
-            self._release(event, claim.token)
-            logger.error(
-                "event %s (%s) failed: a handler raised %s",
-                event.id,
-                event.type,
-                type(error).__name__,
-                exc_info=error,
-            )
-            return self._failed(app, event, error, duration)
-        self._commit(event, claim.token)
-        if duration > self._slow:
-            logger.warning(
-                "handlers of event %s (%s) took %.1f s; Ploints gives up after %g s and retries,"
-                " so move slow work to async dispatch (PLOINTS_DISPATCH = 'celery')",
-                event.id,
-                event.type,
-                duration,
-                sender.TIMEOUT,
-            )
-        logger.info("event %s (%s) processed", event.id, event.type)
-        notify(signals.event_processed, app, self.name, event=event, duration=duration)
-        return _PROCESSED
+        payload = event.raw if self._keep_payload else None
+        return self._process(app, event, payload, _Settle.RELEASE, None)
 
     def rerun(self, app: Flask, event: Event, previous_error: str | None = None) -> Result:
         """Process an event again outside a delivery (a replay, the delivery
@@ -213,42 +202,7 @@ class Processor:
             kept if the event cannot be handed to a worker now.
         :return: any :class:`Outcome`.
         """
-        try:
-            claim = self.store.claim(event.id, self.dispatcher.lease, event.raw)
-        except Exception as exc:
-            return Result(Outcome.UNAVAILABLE, error=exc)
-        if claim.status is not ClaimStatus.CLAIMED:
-            return self._not_claimed(app, event, claim)
-        if not self.dispatcher.runs_inline:
-            try:
-                self.dispatcher.dispatch(app, event, claim, self.name)
-            except BaseException as exc:
-                # Failed, with its payload and the error it had, rather than
-                # a claim that lapses and takes the payload with it.
-                self._fail(event, claim.token, previous_error or "not run: could not be queued")
-                if isinstance(exc, DispatchError):
-                    return Result(Outcome.UNAVAILABLE, error=exc)
-                raise
-            logger.info("event %s (%s) queued again", event.id, event.type)
-            return _QUEUED
-
-        error, duration = self._run(
-            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
-        )
-        if error is not None:
-            self._fail(event, claim.token, error_text(error))
-            logger.error(
-                "event %s (%s) failed again: a handler raised %s",
-                event.id,
-                event.type,
-                type(error).__name__,
-                exc_info=error,
-            )
-            return self._failed(app, event, error, duration)
-        self._commit(event, claim.token)
-        logger.info("event %s (%s) processed again", event.id, event.type)
-        notify(signals.event_processed, app, self.name, event=event, duration=duration)
-        return _PROCESSED
+        return self._process(app, event, event.raw, _Settle.FAIL, previous_error)
 
     def resume(self, app: Flask, event: Event, token: str) -> Result:
         """Run a queued event on a worker, holding the claim the endpoint
@@ -268,33 +222,18 @@ class Processor:
             if not self.store.extend(event.id, token, lease):
                 claim = self.store.claim(event.id, lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
-                    state = "processed" if claim.status is ClaimStatus.DONE else "held elsewhere"
-                    logger.info(
-                        "event %s (%s) skipped by the worker: %s", event.id, event.type, state
-                    )
-                    return (
-                        _DUPLICATE
-                        if claim.status is ClaimStatus.DONE
-                        else Result(Outcome.IN_FLIGHT)
-                    )
-                logger.warning(
-                    "event %s (%s): its claim had lapsed (queued longer than PLOINTS_CELERY_LEASE?)"
-                    " and was taken again",
-                    event.id,
-                    event.type,
-                )
+                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
+                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
+                _log(logging.WARNING, event, "claimed again: its claim lapsed in the queue")
                 token = claim.token
         except Exception as exc:
-            logger.warning("dedupe store failed before event %s (%s) ran", event.id, event.type)
+            _log(logging.WARNING, event, "not run: the dedupe store failed")
             return Result(Outcome.UNAVAILABLE, error=exc)
 
         error, duration = self._run(event, token, self.handlers.run, app, event, self.name)
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
-        self._commit(event, token)
-        logger.info("event %s (%s) processed by a worker", event.id, event.type)
-        notify(signals.event_processed, app, self.name, event=event, duration=duration)
-        return _PROCESSED
+        return self._processed(app, event, token, duration)
 
     def keep(self, event: Event, token: str) -> bool:
         """Renew a worker's claim for the wait before its next attempt.
@@ -317,20 +256,17 @@ class Processor:
         note: str = "",
     ) -> bool:
         """End a worker's attempts: record the event failed with ``error``'s
-        traceback, log it, and send
-        :data:`~flask_ploints.signals.handler_failed` if the handlers ran.
+        traceback and ``note``, log it, and send
+        :data:`~flask_ploints.signals.handler_failed` if the handlers ran
+        (not when the store failed before them).
 
-        :param attempts: how many attempts were made, for the log.
-        :param handlers_ran: ``False`` when the store failed before the
-            handlers could run.
-        :param note: appended to the recorded traceback.
         :return: whether the store recorded the failure.
         """
         failed = self._fail(event, token, error_text(error) + note)
-        logger.error(
-            "event %s (%s) failed after %d attempt(s)%s; %s",
-            event.id,
-            event.type,
+        _log(
+            logging.ERROR,
+            event,
+            "failed after %d attempt(s)%s; %s",
             attempts,
             "" if handlers_ran else " (dedupe store unavailable)",
             "recorded as failed: replay it with flask_ploints.replay.replay"
@@ -344,21 +280,65 @@ class Processor:
 
     def _not_claimed(self, app: Flask, event: Event, claim: Claim) -> Result:
         if claim.status is ClaimStatus.DONE:
-            logger.info("event %s (%s) skipped: duplicate", event.id, event.type)
+            _log(logging.INFO, event, "skipped: duplicate")
             notify(signals.duplicate_skipped, app, self.name, event=event)
             return _DUPLICATE
-        logger.info("event %s (%s) skipped: in flight", event.id, event.type)
+        _log(logging.INFO, event, "skipped: in flight")
         return Result(Outcome.IN_FLIGHT, retry_after=claim.retry_after)
 
-    def _hand_over(self, app: Flask, event: Event, claim: Claim) -> Result:
+    def _process(
+        self,
+        app: Flask,
+        event: Event,
+        payload: bytes | None,
+        settle: _Settle,
+        previous_error: str | None,
+    ) -> Result:
         try:
-            self.dispatcher.dispatch(app, event, claim, self.name)
-        except DispatchError as exc:
-            self._release(event, claim.token)
-            logger.exception("event %s (%s) could not be queued", event.id, event.type)
+            claim = self.store.claim(event.id, self.dispatcher.lease, payload)
+        except Exception as exc:
+            _log(logging.ERROR, event, "not claimed: the dedupe store failed", exc_info=True)
             return Result(Outcome.UNAVAILABLE, error=exc)
-        logger.info("event %s (%s) queued", event.id, event.type)
-        return _QUEUED
+        if claim.status is not ClaimStatus.CLAIMED:
+            return self._not_claimed(app, event, claim)
+        if not self.dispatcher.runs_inline:
+            try:
+                self.dispatcher.dispatch(app, event, claim, self.name)
+            except BaseException as exc:
+                # A re-run stays failed with the error it had, rather than a
+                # claim that lapses and takes the payload with it.
+                self._settle(event, claim.token, settle, previous_error or "not run: not queued")
+                if not isinstance(exc, DispatchError):
+                    raise
+                _log(logging.ERROR, event, "could not be queued", exc_info=True)
+                return Result(Outcome.UNAVAILABLE, error=exc)
+            _log(logging.INFO, event, "queued")
+            return _QUEUED
+
+        error, duration = self._run(
+            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
+        )
+        if error is not None:
+            self._settle(event, claim.token, settle, error)
+            _log(logging.ERROR, event, "failed: a handler raised %r", error, exc_info=error)
+            return self._failed(app, event, error, duration)
+        if duration > self._slow:
+            _log(logging.WARNING, event, _SLOW, duration, sender.TIMEOUT)
+        return self._processed(app, event, claim.token, duration)
+
+    def _processed(self, app: Flask, event: Event, token: str, duration: float) -> Result:
+        self._commit(event, token)
+        _log(logging.INFO, event, "processed")
+        notify(signals.event_processed, app, self.name, event=event, duration=duration)
+        return _PROCESSED
+
+    def _settle(
+        self, event: Event, token: str, settle: _Settle, error: str | BaseException
+    ) -> None:
+        if settle is _Settle.RELEASE:
+            self._release(event, token)
+        else:
+            self._fail(event, token, error if isinstance(error, str) else error_text(error))
 
     def _run(
         self, event: Event, token: str, run: t.Callable[..., object], *args: t.Any
@@ -391,12 +371,7 @@ class Processor:
 
     def _failed(self, app: Flask, event: Event, error: BaseException, duration: float) -> Result:
         notify(
-            signals.handler_failed,
-            app,
-            self.name,
-            event=event,
-            exception=error,
-            duration=duration,
+            signals.handler_failed, app, self.name, event=event, exception=error, duration=duration
         )
         return Result(Outcome.FAILED, error=error, duration=duration)
 
@@ -406,28 +381,23 @@ class Processor:
         try:
             committed = self.store.commit(event.id, token, self._retention)
         except Exception:
-            logger.exception(
-                "dedupe store failed to commit event %s; a retry may process it again", event.id
-            )
+            _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
             return
         if not committed:
-            logger.warning(
-                "event %s (%s) finished after its claim lapsed (handlers slower than the lease);"
-                " another delivery may process it again",
-                event.id,
-                event.type,
-            )
+            _log(logging.WARNING, event, _LAPSED)
 
     def _release(self, event: Event, token: str) -> None:
         try:
             self.store.release(event.id, token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
-            logger.exception("dedupe store failed to release event %s", event.id)
+            _log(logging.ERROR, event, "not released: the dedupe store failed", exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str) -> bool:
         try:
             return self.store.fail(event.id, token, error, self._retention)
         except Exception:
-            logger.exception("dedupe store failed to record event %s as failed", event.id)
+            _log(
+                logging.ERROR, event, "not recorded failed: the dedupe store failed", exc_info=True
+            )
             return False

@@ -1,0 +1,147 @@
+"""The package's shape: no import cycles (type-only and function-level
+imports included), one module that claims event ids, small modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "flask_ploints"
+#: The longest a module may be, in lines.
+MAX_LINES = 400
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = importer.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Each module's imports of the package's own modules, wherever the
+    import statement stands.
+    """
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_package, node)
+                # "from . import signals" imports a module; "from .x import y"
+                # imports x (and y, when y is a module).
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                # A module's own packages are imported before it anyway.
+                if target and not (name == target or name.startswith(target + ".")):
+                    graph[name].add(target)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        if name in done:
+            return None
+        for target in sorted(graph[name]):
+            found = visit(target, [*path, name])
+            if found is not None:
+                return found
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        found = visit(name, [])
+        if found is not None:
+            return found
+    return None
+
+
+def test_the_import_graph_is_read() -> None:
+    graph = _imports(_modules())
+    assert "flask_ploints.state" in graph["flask_ploints.views"] or (
+        "flask_ploints.processing" in graph["flask_ploints.views"]
+    )
+    assert graph["flask_ploints.errors"] == set()
+    assert graph["flask_ploints.sender"] == set()
+    # Type-only and function-level imports count.
+    assert "flask_ploints.delivery_log" in graph["flask_ploints.extension"]
+    assert "flask_ploints.celery" in graph["flask_ploints.extension"]
+
+
+def test_a_cycle_is_found() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles() -> None:
+    assert _cycle(_imports(_modules())) is None
+
+
+@pytest.mark.parametrize(
+    "lower",
+    [
+        "flask_ploints.errors",
+        "flask_ploints.sender",
+        "flask_ploints.events",
+        "flask_ploints.stores",
+        "flask_ploints.dispatch",
+        "flask_ploints.processing",
+        "flask_ploints.state",
+        "flask_ploints.views",
+        "flask_ploints.celery",
+        "flask_ploints.replay",
+        "flask_ploints.delivery_log",
+        "flask_ploints.cli",
+        "flask_ploints.testing",
+    ],
+)
+def test_nothing_below_the_extension_imports_it(lower: str) -> None:
+    graph = _imports(_modules())
+    below = [name for name in graph if name == lower or name.startswith(lower + ".")]
+    assert below
+    for name in below:
+        assert "flask_ploints.extension" not in graph[name], name
+
+
+def test_one_module_claims_event_ids() -> None:
+    callers = set()
+    for name, path in _modules().items():
+        if name.startswith("flask_ploints.stores") or name == "flask_ploints.testing":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "claim"
+            ):
+                callers.add(name)
+    assert callers == {"flask_ploints.processing"}
+
+
+def test_modules_are_small() -> None:
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert {name: size for name, size in sizes.items() if size > MAX_LINES} == {}
