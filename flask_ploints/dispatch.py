@@ -1,5 +1,5 @@
-"""Running the handlers of an event: who is called, in which order, and how
-a failure is reported to the view.
+"""Running the handlers of an event: who is called, in which order, and
+where: inline, or handed to a worker.
 
 A dispatcher is the step between a claimed event and the answer. The
 :class:`SyncDispatcher` runs the handlers inside the request; a dispatcher
@@ -91,9 +91,10 @@ class Dispatcher(t.Protocol):
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
         """Process ``event`` or hand it over.
 
-        :raises HandlerError: a handler raised; the view releases the claim.
-        :raises DispatchError: the event could not be handed over; the view
-            releases the claim.
+        :raises DispatchError: the event could not be handed over; nothing
+            ran.
+        :raises Exception: what a handler raised, as it is or as the
+            ``__cause__`` of a :class:`HandlerError`: a handler failure.
         """
 
 
@@ -111,8 +112,7 @@ class SyncDispatcher:
         self.lease = lease
 
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
-        """Run the handlers; see :meth:`Handlers.run`."""
-        try:
-            self.handlers.run(app, event, name)
-        except Exception as exc:
-            raise HandlerError(f"a handler of {event.type} raised {type(exc).__name__}") from exc
+        """Run the handlers; see :meth:`Handlers.run`. A handler's exception
+        propagates as it is.
+        """
+        self.handlers.run(app, event, name)

@@ -292,7 +292,10 @@ def test_commit_failure_after_handlers_still_answers_200(
     response = PlointsClient(app).send("points.earned", id="evt_1")
     assert response.status_code == 200
     assert calls == [("points.earned", "evt_1")]
-    assert "event evt_1 (points.earned) processed, but the dedupe store failed to commit it" in caplog.text
+    assert (
+        "event evt_1 (points.earned) processed, but the dedupe store failed to commit it"
+        in caplog.text
+    )
 
 
 def test_no_dedupe_with_store_none(calls: list[tuple[str, str]], webhooks: PlointsWebhooks) -> None:
