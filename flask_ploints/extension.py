@@ -57,11 +57,15 @@ class PlointsWebhooks:
     :param app: the app to set up now; or call :meth:`init_app` later.
     :param name: names this instance's blueprint, its state in
         ``app.extensions["ploints"]`` and the ``name`` argument of signals.
-    :param options: ``secret``, ``url``, ``store``, ``retention``, ``lease``,
-        ``max_bytes``, ``require_https``, ``max_event_age``,
-        ``slow_handler_share``, ``celery_app`` and the other ``celery_*``
-        options of :mod:`flask_ploints.celery`; each overrides its config
-        key on every app.
+    :param options: one keyword per config key, each overriding its key on
+        every app: ``secret``, ``url``, ``store``, ``retention``, ``lease``,
+        ``dispatch``, ``max_bytes``, ``require_https``, ``max_event_age``,
+        ``slow_handler_share``, ``memory_store_max_entries``,
+        ``redis_prefix``, ``metrics``, ``sql_table``, ``celery_app``,
+        ``celery_queue``, ``celery_lease``, ``celery_publish_timeout``,
+        ``celery_max_retries``, ``celery_retry_backoff`` and
+        ``celery_retry_backoff_max``; see :doc:`/configuration`. The
+        delivery log's keys are per app and have none.
     :raises TypeError: an unknown option.
     """
 

@@ -4,6 +4,8 @@ every mistake, at start-up.
 
 from __future__ import annotations
 
+import re
+import typing as t
 import warnings
 from datetime import timedelta
 
@@ -13,6 +15,7 @@ from flask import Flask
 from flask_ploints import ConfigError
 from flask_ploints import PlointsWarning
 from flask_ploints import PlointsWebhooks
+from flask_ploints.config import DEFAULTS
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import NullStore
 
@@ -157,16 +160,30 @@ def test_memory_store_is_quiet_in_testing() -> None:
 
 
 def test_store_instance_and_import_path() -> None:
+    _factory_calls.clear()
     store = MemoryStore(max_entries=5)
     app = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_DEDUPE_STORE=store)
     PlointsWebhooks(app)
     assert app.extensions["ploints"]["ploints"].store is store
-    other = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_DEDUPE_STORE="tests.test_config:make_store")
-    PlointsWebhooks(other)
+    other = _app(
+        PLOINTS_WEBHOOK_SECRET=SECRET,
+        PLOINTS_DEDUPE_STORE="tests.test_config:make_store",
+        SECRET_KEY="not for stores",
+    )
+    PlointsWebhooks(other, redis_prefix="from-argument:")
     assert other.extensions["ploints"]["ploints"].store.max_entries == 7
+    # The factory gets the instance's PLOINTS_* keys, keyword overrides
+    # applied, and nothing else of the app's config.
+    [config] = _factory_calls
+    assert set(config) == set(DEFAULTS)
+    assert config["PLOINTS_REDIS_PREFIX"] == "from-argument:"
 
 
-def make_store(config: object) -> MemoryStore:
+_factory_calls: list[t.Mapping[str, object]] = []
+
+
+def make_store(config: t.Mapping[str, object]) -> MemoryStore:
+    _factory_calls.append(config)
     return MemoryStore(max_entries=7)
 
 
@@ -185,3 +202,10 @@ def test_store_options_take_keyword_overrides() -> None:
 def test_store_names_must_be_strings(key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key} must be a non-empty string"):
         PlointsWebhooks(_app(PLOINTS_WEBHOOK_SECRET=SECRET, **{key: ""}))
+
+
+def test_the_documented_options_are_the_config_keys_arguments() -> None:
+    doc = PlointsWebhooks.__doc__ or ""
+    section = doc[doc.index(":param options:") : doc.index(":raises")]
+    documented = set(re.findall(r"``(\w+)``", section))
+    assert documented == {argument for argument, _ in DEFAULTS.values()}
