@@ -1,4 +1,6 @@
-"""The webhook endpoint: verify, parse, claim, dispatch, commit, answer.
+"""The webhook endpoint: check, read, verify and parse a request, hand the
+event to the :class:`~flask_ploints.processing.Processor` (claim, dispatch,
+settle), and answer for its outcome.
 
 Every request a client can send ends in one of these answers, always JSON:
 
