@@ -12,8 +12,11 @@ import math
 import typing as t
 import warnings
 from dataclasses import dataclass
+from dataclasses import field
 from datetime import timedelta
 from types import MappingProxyType
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 from . import sender
 from .errors import ConfigError
@@ -29,12 +32,17 @@ __all__ = [
     "PlointsWarning",
     "Settings",
     "load_settings",
+    "redact",
 ]
 
 #: :data:`flask_ploints.sender.RETRY_SPAN`, under its earlier name.
 SENDER_RETRY_SPAN = sender.RETRY_SPAN
 #: :data:`flask_ploints.sender.TIMEOUT`, under its earlier name.
 SENDER_TIMEOUT = sender.TIMEOUT
+
+#: The longest ``PLOINTS_SQL_TABLE``: its longest index name,
+#: ``ix_<table>_status_updated``, must fit in 63 characters.
+MAX_TABLE_NAME = 63 - len("ix__status_updated")
 
 #: Every key with its default, and the keyword argument that overrides it.
 DEFAULTS: dict[str, tuple[str, t.Any]] = {
@@ -115,12 +123,13 @@ class Settings:
 
     #: Every key's value after overrides, for stores and dispatchers that
     #: read their own options.
-    values: t.Mapping[str, t.Any]
+    values: t.Mapping[str, t.Any] = field(repr=False)
     #: Accepted secrets; the first is the current one, used for signing.
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...] = field(repr=False)
     url: str
-    #: The raw ``PLOINTS_DEDUPE_STORE`` value, resolved by the extension.
-    store: object
+    #: The raw ``PLOINTS_DEDUPE_STORE`` value, resolved by the extension;
+    #: left out of the ``repr``, since a URL may hold a password.
+    store: object = field(repr=False)
     retention: float
     lease: float
     max_bytes: int
@@ -160,10 +169,37 @@ def _secrets(value: object) -> tuple[str, ...]:
         raise ConfigError(f"{key} is not set: set it to the secret Ploints gave for this endpoint")
     secrets = (value,) if isinstance(value, str) else value
     if not isinstance(secrets, (list, tuple)) or not all(
-        isinstance(secret, str) and secret for secret in secrets
+        isinstance(secret, str) and secret.strip() for secret in secrets
     ):
-        raise ConfigError(f"{key} must be a non-empty string or a list of non-empty strings")
+        raise ConfigError(
+            f"{key} must be a string or a list of strings, none empty or only whitespace"
+        )
+    for secret in secrets:
+        try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            # Said without the secret: it is signed as UTF-8, which a lone
+            # surrogate cannot be, so every delivery would fail.
+            raise ConfigError(f"{key} is not valid UTF-8 (a lone surrogate)") from None
     return tuple(secrets)
+
+
+def redact(value: object) -> str:
+    """Return ``value`` as a config error may quote it: a URL without its
+    password, anything else that is not a plain name by its type only.
+
+    .. versionadded:: 0.2
+    """
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = parts.username or ""
+            value = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 64 and value.isprintable():
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _celery_settings(get: t.Callable[[str], t.Any]) -> CelerySettings:
@@ -207,6 +243,31 @@ def _celery_settings(get: t.Callable[[str], t.Any]) -> CelerySettings:
     return settings
 
 
+def _max_event_age(value: object, retention: float) -> float | None:
+    key = "PLOINTS_MAX_EVENT_AGE"
+    if value is False:
+        return None
+    if value is None:
+        # A body older than the retention may carry an id the store has
+        # forgotten: replayed, it would run again.
+        return retention
+    max_age = parse_seconds(key, value)
+    assert max_age is not None
+    if max_age <= SENDER_RETRY_SPAN:
+        raise ConfigError(
+            f"{key} must exceed the sender's retry span of {SENDER_RETRY_SPAN} s,"
+            " or its last retries are rejected"
+        )
+    if max_age > retention:
+        warnings.warn(
+            f"{key} is longer than PLOINTS_DEDUPE_RETENTION: a signed body captured once can be"
+            " replayed and run again after its id is forgotten",
+            PlointsWarning,
+            stacklevel=5,
+        )
+    return max_age
+
+
 def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any]) -> Settings:
     """Check and convert the settings of one instance.
 
@@ -240,17 +301,17 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         )
     lease = parse_seconds("PLOINTS_CLAIM_LEASE", get("PLOINTS_CLAIM_LEASE"))
     assert lease is not None
+    if lease < sender.TIMEOUT:
+        raise ConfigError(
+            f"PLOINTS_CLAIM_LEASE must be at least the sender's {sender.TIMEOUT:g} s timeout: a"
+            " claim that lapses while the sender still waits lets a retry run the event twice"
+        )
     max_bytes = get("PLOINTS_WEBHOOK_MAX_BYTES")
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
         raise ConfigError(
             f"PLOINTS_WEBHOOK_MAX_BYTES must be a positive integer, not {max_bytes!r}"
         )
-    max_age = parse_seconds("PLOINTS_MAX_EVENT_AGE", get("PLOINTS_MAX_EVENT_AGE"), allow_none=True)
-    if max_age is not None and max_age <= SENDER_RETRY_SPAN:
-        raise ConfigError(
-            f"PLOINTS_MAX_EVENT_AGE must exceed the sender's retry span of {SENDER_RETRY_SPAN} s,"
-            " or its last retries are rejected"
-        )
+    max_age = _max_event_age(get("PLOINTS_MAX_EVENT_AGE"), retention)
     share = get("PLOINTS_SLOW_HANDLER_SHARE")
     if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
         raise ConfigError(f"PLOINTS_SLOW_HANDLER_SHARE must be a number in (0, 1], not {share!r}")
@@ -261,7 +322,12 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         )
     for key in ("PLOINTS_REDIS_PREFIX", "PLOINTS_SQL_TABLE"):
         if not isinstance(get(key), str) or not get(key):
-            raise ConfigError(f"{key} must be a non-empty string, not {get(key)!r}")
+            raise ConfigError(f"{key} must be a non-empty string, not {redact(get(key))}")
+    if len(get("PLOINTS_SQL_TABLE")) > MAX_TABLE_NAME:
+        raise ConfigError(
+            f"PLOINTS_SQL_TABLE must be at most {MAX_TABLE_NAME} characters, so that its index"
+            " names fit PostgreSQL's and MySQL's limit of 63"
+        )
     return Settings(
         values=MappingProxyType(values),
         secrets=_secrets(get("PLOINTS_WEBHOOK_SECRET")),

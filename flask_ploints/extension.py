@@ -118,6 +118,8 @@ class PlointsWebhooks:
             "receive",
             view_func=WebhookEndpoint(self.name, settings, processor).receive,
             methods=WebhookEndpoint.methods,
+            # OPTIONS too gets the endpoint's JSON 405, not Flask's answer.
+            provide_automatic_options=False,
         )
         app.register_blueprint(blueprint)
         app.extensions.setdefault(EXTENSION_KEY, registered)[self.name] = Receiver(

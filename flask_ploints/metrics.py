@@ -30,6 +30,7 @@ import weakref
 from flask import Flask
 
 from . import signals
+from .config import redact
 from .events import EVENT_TYPES
 
 try:
@@ -157,5 +158,5 @@ def connect_metrics(app: Flask, setting: object) -> None:
         setting.connect(app)
     else:
         raise ValueError(
-            f"PLOINTS_METRICS must be True, False or a Metrics instance, not {setting!r}"
+            f"PLOINTS_METRICS must be True, False or a Metrics instance, not {redact(setting)}"
         )

@@ -99,8 +99,16 @@ class WebhookEndpoint:
     :param processor: what claims, runs and settles a verified event.
     """
 
-    #: Every method is routed here so that the wrong ones get a JSON ``405``.
-    methods: t.ClassVar[tuple[str, ...]] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    #: Every method of the HTTP method registry is routed here, so that each
+    #: one but POST gets a JSON ``405`` rather than werkzeug's HTML page.
+    methods: t.ClassVar[tuple[str, ...]] = (
+        *("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY"),
+        *("ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL", "LINK"),
+        *("LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE"),
+        *("MOVE", "ORDERPATCH", "PRI", "PROPFIND", "PROPPATCH", "REBIND", "REPORT", "SEARCH"),
+        *("UNBIND", "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF"),
+        "VERSION-CONTROL",
+    )
 
     def __init__(self, name: str, settings: Settings, processor: Processor) -> None:
         self.name = name

@@ -95,7 +95,15 @@ MISTAKES = {
     "secret_empty_list": ({"PLOINTS_WEBHOOK_SECRET": []}, "PLOINTS_WEBHOOK_SECRET is not set"),
     "secret_list_with_blank": (
         {"PLOINTS_WEBHOOK_SECRET": [SECRET, ""]},
-        "PLOINTS_WEBHOOK_SECRET must be a non-empty string or a list",
+        "PLOINTS_WEBHOOK_SECRET must be a string or a list of strings, none empty or only whitespace",
+    ),
+    "secret_whitespace": (
+        {"PLOINTS_WEBHOOK_SECRET": " \t\n"},
+        "PLOINTS_WEBHOOK_SECRET must be a string or a list of strings, none empty or only whitespace",
+    ),
+    "secret_lone_surrogate": (
+        {"PLOINTS_WEBHOOK_SECRET": [SECRET, "whsec_\udc80"]},
+        "PLOINTS_WEBHOOK_SECRET is not valid UTF-8 (a lone surrogate)",
     ),
     "secret_bytes": ({"PLOINTS_WEBHOOK_SECRET": b"whsec"}, "PLOINTS_WEBHOOK_SECRET must be"),
     "url_relative": ({"PLOINTS_WEBHOOK_URL": "hooks"}, "PLOINTS_WEBHOOK_URL must be a path"),
@@ -108,6 +116,10 @@ MISTAKES = {
         "PLOINTS_DEDUPE_RETENTION must exceed the sender's retry span of 52560 s",
     ),
     "lease_zero": ({"PLOINTS_CLAIM_LEASE": 0}, "PLOINTS_CLAIM_LEASE must be positive"),
+    "lease_under_the_sender_timeout": (
+        {"PLOINTS_CLAIM_LEASE": 9.5},
+        "PLOINTS_CLAIM_LEASE must be at least the sender's 10 s timeout",
+    ),
     "max_bytes_float": (
         {"PLOINTS_WEBHOOK_MAX_BYTES": 1.5},
         "PLOINTS_WEBHOOK_MAX_BYTES must be a positive",
@@ -117,6 +129,18 @@ MISTAKES = {
     "store_unknown": (
         {"PLOINTS_DEDUPE_STORE": "mongo"},
         "PLOINTS_DEDUPE_STORE: unknown store 'mongo'",
+    ),
+    "store_unknown_scheme_with_password": (
+        {"PLOINTS_DEDUPE_STORE": "mongodb://app:hunter2@db/0"},
+        "PLOINTS_DEDUPE_STORE: unknown store 'mongodb://app:***@db/0'",
+    ),
+    "store_unknown_sql_driver": (
+        {"PLOINTS_DEDUPE_STORE": "postgresql+nodriver://app:hunter2@db/app"},
+        "PLOINTS_DEDUPE_STORE: cannot use 'postgresql+nodriver://app:***@db/app': NoSuchModuleError",
+    ),
+    "sql_table_too_long": (
+        {"PLOINTS_SQL_TABLE": "t" * 46},
+        "PLOINTS_SQL_TABLE must be at most 45 characters",
     ),
     "store_number": ({"PLOINTS_DEDUPE_STORE": 3}, "PLOINTS_DEDUPE_STORE must be a store"),
     "store_bad_import": (
@@ -209,3 +233,49 @@ def test_the_documented_options_are_the_config_keys_arguments() -> None:
     section = doc[doc.index(":param options:") : doc.index(":raises")]
     documented = set(re.findall(r"``(\w+)``", section))
     assert documented == {argument for argument, _ in DEFAULTS.values()}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"PLOINTS_DEDUPE_STORE": "mongodb://app:hunter2@db/0"},
+        {"PLOINTS_DEDUPE_STORE": "postgresql+nodriver://app:hunter2@db/app"},
+        {"PLOINTS_METRICS": "https://metrics:hunter2@push.example"},
+        {"PLOINTS_WEBHOOK_SECRET": ["whsec_hunter2", "whsec_\udc80"]},
+    ],
+)
+def test_config_errors_never_quote_secrets(config: dict[str, object]) -> None:
+    app = _app(**{"PLOINTS_WEBHOOK_SECRET": SECRET, **config})
+    with pytest.raises(ConfigError) as info:
+        PlointsWebhooks(app)
+    assert "hunter2" not in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    app = _app(
+        PLOINTS_WEBHOOK_SECRET=["whsec_hunter2", "whsec_old_hunter3"],
+        PLOINTS_DEDUPE_STORE=None,
+    )
+    webhooks = PlointsWebhooks(app)
+    receiver = webhooks.receiver(app)
+    for text in (repr(receiver), repr(receiver.settings), repr(webhooks)):
+        assert "hunter" not in text
+
+
+def test_max_event_age_follows_the_retention_by_default() -> None:
+    app = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_DEDUPE_RETENTION=timedelta(days=3))
+    assert PlointsWebhooks(app).receiver(app).settings.max_event_age == 3 * 86400
+
+
+def test_max_event_age_false_turns_the_check_off() -> None:
+    app = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_MAX_EVENT_AGE=False)
+    assert PlointsWebhooks(app).receiver(app).settings.max_event_age is None
+
+
+def test_max_event_age_past_the_retention_warns() -> None:
+    app = _app(PLOINTS_WEBHOOK_SECRET=SECRET, PLOINTS_MAX_EVENT_AGE=timedelta(days=30))
+    with pytest.warns(
+        PlointsWarning, match="^PLOINTS_MAX_EVENT_AGE is longer than PLOINTS_DEDUPE_RETENTION"
+    ):
+        PlointsWebhooks(app)

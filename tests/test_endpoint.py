@@ -16,6 +16,7 @@ from flask_ploints.signature import sign
 from flask_ploints.stores import MemoryStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
+from flask_ploints.views import WebhookEndpoint
 
 from .support import SECRET
 from .support import build_app
@@ -103,12 +104,25 @@ def test_https_required_accepts_https() -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize(
+    "method", [m for m in WebhookEndpoint.methods if m not in ("POST", "HEAD")]
+)
 def test_405_not_post(app: Flask, method: str) -> None:
     response = app.test_client().open(URL, method=method)
     assert response.status_code == 405
     assert response.headers["Allow"] == "POST"
     assert response.get_json() == {"error": "method not allowed"}
+
+
+def test_405_head_has_no_body(app: Flask) -> None:
+    response = app.test_client().head(URL)
+    assert (response.status_code, response.headers["Allow"], response.data) == (405, "POST", b"")
+
+
+def test_the_registry_methods_include_options_trace_and_webdav() -> None:
+    assert {"OPTIONS", "TRACE", "PROPFIND", "MKCOL", "LOCK", "COPY", "MOVE"} <= set(
+        WebhookEndpoint.methods
+    )
 
 
 def test_409_in_flight_duplicate(webhooks: PlointsWebhooks, app: Flask) -> None:

@@ -15,7 +15,7 @@ What the tests show, for each store:
 * ``test_two_servers_share_the_store``: the same with the deliveries spread
   over two servers on two ports (two hosts in miniature).
 * ``test_worker_killed_mid_handler``: a worker SIGKILLed inside a handler
-  leaves a claim that holds (``409``) until ``PLOINTS_CLAIM_LEASE`` (2 s)
+  leaves a claim that holds (``409``) until ``PLOINTS_CLAIM_LEASE`` (10 s)
   runs out; the next retry then processes the event, exactly once.
 * ``test_store_outage``: while the store is down every delivery is answered
   ``503`` within 3 s and nothing runs; once it is back the retries process
@@ -464,7 +464,7 @@ def test_two_servers_share_the_store(backend: Backend, servers: t.Callable[..., 
 
 
 def test_worker_killed_mid_handler(backend: Backend, servers: t.Callable[..., Gunicorn]) -> None:
-    lease = 2.0
+    lease = 10.0  # the least PLOINTS_CLAIM_LEASE allows: the sender's timeout
     server = servers(backend.env(lease=lease))
     body = event_body("evt_killed", hang=60)
     first: list[Answer] = []

@@ -103,7 +103,15 @@ def test_signed_garbage_gets_400_and_runs_nothing(body: bytes) -> None:
 @settings(max_examples=100, deadline=None)
 @given(
     data=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
-    event_id=st.text(min_size=1, max_size=255),
+    event_id=st.text(
+        # Every storable id: no control characters, lone surrogates or line
+        # separators (those are a 400, see test_events.py).
+        alphabet=st.characters(
+            blacklist_categories=("Cc", "Cs"), blacklist_characters="\u2028\u2029"
+        ),
+        min_size=1,
+        max_size=255,
+    ),
 )
 def test_any_well_formed_event_is_processed_once(data: dict[str, object], event_id: str) -> None:
     app, webhooks = build_app()
@@ -115,3 +123,29 @@ def test_any_well_formed_event_is_processed_once(data: dict[str, object], event_
     assert client.post("/webhooks/ploints", data=body, headers=headers).status_code == 200
     assert client.post("/webhooks/ploints", data=body, headers=headers).status_code == 200
     assert ran == [event_id]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    event_id=st.text(min_size=1, max_size=255).filter(
+        lambda text: any(
+            ord(char) < 0x20
+            or 0x7F <= ord(char) <= 0x9F
+            or 0xD800 <= ord(char) <= 0xDFFF
+            or char in "\u2028\u2029"
+            for char in text
+        )
+    ),
+)
+def test_an_unstorable_id_is_a_400_never_a_503(event_id: str) -> None:
+    app, webhooks = build_app()
+    ran: list[str] = []
+    webhooks.on_any(lambda event: ran.append(event.id))
+    body = json.dumps(build_event("points.earned", id=event_id)).encode()
+    headers = {"Content-Type": "application/json", "X-Ploints-Signature": sign(body, SECRET)}
+    response = app.test_client().post("/webhooks/ploints", data=body, headers=headers)
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": "field 'id' holds a control character or a lone surrogate"
+    }
+    assert ran == []

@@ -28,6 +28,9 @@ def _with(**changes: object) -> bytes:
 
 _DROP = object()
 
+_NOT_RFC3339 = "field 'timestamp' is not an RFC 3339 date and time"
+_CONTROL = "field %r holds a control character or a lone surrogate"
+
 BAD_BODIES: dict[str, tuple[bytes, str]] = {
     "not_utf8": (b'{"id": "\xff"}', "body is not UTF-8"),
     "utf16": ('{"id": "evt_1"}'.encode("utf-16"), "body is not UTF-8"),
@@ -67,14 +70,31 @@ BAD_BODIES: dict[str, tuple[bytes, str]] = {
     "type_not_string": (_with(type=["points.earned"]), "field 'type' must be a string"),
     "type_too_long": (_with(type="t" * 129), "field 'type' is longer than 128 characters"),
     "timestamp_number": (_with(timestamp=1718447400), "field 'timestamp' must be a string"),
-    "timestamp_garbage": (
-        _with(timestamp="yesterday"),
-        "field 'timestamp' is not an ISO 8601 date and time",
+    "timestamp_garbage": (_with(timestamp="yesterday"), _NOT_RFC3339),
+    "timestamp_impossible": (_with(timestamp="2025-02-30T10:00:00Z"), _NOT_RFC3339),
+    "timestamp_date_only": (_with(timestamp="2025-06-15"), _NOT_RFC3339),
+    "timestamp_week_date": (_with(timestamp="2025-W24-7T10:30:00Z"), _NOT_RFC3339),
+    "timestamp_basic_format": (_with(timestamp="20250615T103000Z"), _NOT_RFC3339),
+    "timestamp_no_seconds": (_with(timestamp="2025-06-15T10:30Z"), _NOT_RFC3339),
+    "timestamp_trailing_newline": (
+        _with(timestamp="2025-06-15T10:30:00Z\n"),
+        _CONTROL % "timestamp",
     ),
-    "timestamp_impossible": (
-        _with(timestamp="2025-02-30T10:00:00Z"),
-        "field 'timestamp' is not an ISO 8601 date and time",
+    "timestamp_trailing_nul": (_with(timestamp="2025-06-15T10:30:00Z\x00"), _CONTROL % "timestamp"),
+    "timestamp_wide_digits": (_with(timestamp="\uff12025-06-15T10:30:00Z"), _NOT_RFC3339),
+    "id_lone_surrogate": (
+        _with().replace(b'"evt_1"', b'"evt_\\ud800"'),
+        _CONTROL % "id",
     ),
+    "type_lone_surrogate": (
+        _with().replace(b'"points.earned"', b'"points.\\udfff"'),
+        _CONTROL % "type",
+    ),
+    "id_nul": (_with(id="evt\x001"), _CONTROL % "id"),
+    "id_newline": (_with(id="evt_1\nINFO forged line"), _CONTROL % "id"),
+    "id_c1_control": (_with(id="evt_\x85"), _CONTROL % "id"),
+    "id_line_separator": (_with(id="evt_\u2028"), _CONTROL % "id"),
+    "type_tab": (_with(type="points.\tearned"), _CONTROL % "type"),
     "data_null": (_with(data=None), "field 'data' must be an object"),
     "data_list": (_with(data=[1]), "field 'data' must be an object"),
     "data_bool": (_with(data=True), "field 'data' must be an object"),
@@ -121,6 +141,23 @@ def test_parse_event_builds_an_immutable_event() -> None:
         event.data["amount"] = 1  # type: ignore[index]
     with pytest.raises(AttributeError):
         event.id = "evt_2"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "timestamp, expected",
+    [
+        ("2025-06-15T10:30:00Z", datetime(2025, 6, 15, 10, 30, tzinfo=UTC)),
+        ("2025-06-15t10:30:00z", datetime(2025, 6, 15, 10, 30, tzinfo=UTC)),
+        ("2025-06-15 10:30:00+00:00", datetime(2025, 6, 15, 10, 30, tzinfo=UTC)),
+        ("2025-06-15T10:30:00.123456789Z", datetime(2025, 6, 15, 10, 30, 0, 123456, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_forms_are_accepted(timestamp: str, expected: datetime) -> None:
+    assert parse_event(_with(timestamp=timestamp)).timestamp == expected
+
+
+def test_ids_beyond_ascii_are_accepted() -> None:
+    assert parse_event(_with(id="évènement-1 🎉")).id == "évènement-1 🎉"
 
 
 def test_timestamp_offsets_are_kept_and_naive_means_utc() -> None:

@@ -21,6 +21,7 @@ from werkzeug.utils import ImportStringError
 from werkzeug.utils import import_string
 
 from ..config import DEFAULTS
+from ..config import redact
 from .base import Claim
 from .base import ClaimStatus
 from .base import DedupeStore
@@ -102,14 +103,25 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
         if scheme.split("+", 1)[0] in _SQL_BACKENDS:
             from .sql import SQLAlchemyStore
 
-            return SQLAlchemyStore.from_url(value, table_name=_option(config, "PLOINTS_SQL_TABLE"))
+            try:
+                return SQLAlchemyStore.from_url(
+                    value, table_name=_option(config, "PLOINTS_SQL_TABLE")
+                )
+            except ImportError:
+                raise
+            except Exception as exc:
+                # An unknown driver or a malformed URL; SQLAlchemy's message
+                # names the driver, never the password.
+                raise ValueError(
+                    f"PLOINTS_DEDUPE_STORE: cannot use {redact(value)}: {type(exc).__name__}: {exc}"
+                ) from None
     if "://" not in value and "." in value:
         try:
             factory = import_string(value.replace(":", "."))
         except ImportStringError:
-            raise ValueError(f"PLOINTS_DEDUPE_STORE: cannot import {value!r}") from None
+            raise ValueError(f"PLOINTS_DEDUPE_STORE: cannot import {redact(value)}") from None
         store = factory(config)
         if not isinstance(store, DedupeStore):
-            raise ValueError(f"PLOINTS_DEDUPE_STORE: {value!r} did not return a dedupe store")
+            raise ValueError(f"PLOINTS_DEDUPE_STORE: {redact(value)} did not return a dedupe store")
         return store
-    raise ValueError(f"PLOINTS_DEDUPE_STORE: unknown store {value!r}")
+    raise ValueError(f"PLOINTS_DEDUPE_STORE: unknown store {redact(value)}")
