@@ -5,7 +5,9 @@ as a subprocess on a queue only it uses (the ``unique`` fixture), with a
 Redis store under its own prefix, and removes the worker, the queue and the
 keys afterwards. The handler records its starts and effects in Redis (see
 :mod:`tests.celery_app`), where every process can see them. Every wait is
-bounded.
+bounded, and none is a fixed sleep: to show that something did not happen,
+a test queues one more event and waits until the worker processed it, by
+which time anything queued before it has run.
 
 What the tests show:
 
@@ -241,20 +243,37 @@ def _assert_in_flight(response: TestResponse) -> None:
     assert 3000 < int(response.headers["Retry-After"]) <= 3600
 
 
+def _drain(client: PlointsClient, recorder: Recorder) -> None:
+    """Queue one more event, ``evt_drain``, and wait until a worker processed
+    it. A solo worker that prefetches one message takes them in the order
+    they were queued, so whatever was queued before has run by then.
+    """
+    _assert_queued(client.send("customer.created", id="evt_drain"))
+    _until(
+        lambda: recorder.count("event_processed").get("evt_drain") == 1,
+        "the worker to process evt_drain",
+    )
+
+
 def test_queued_then_processed_once(
     workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
 ) -> None:
     app, client = sender
-    workers.start()
+    # Queued before the worker starts: see test_failing_handler_gives_up_then_replays.
     _assert_queued(client.send("points.earned", id="evt_happy"))
+    workers.start()
     _until(lambda: recorder.count("event_processed") == {"evt_happy": 1}, "the event_processed")
     assert recorder.count("effects") == {"evt_happy": 1}
     stored = _store(app).get("evt_happy")
     assert stored is not None
     assert stored.status == "done"
     _assert_duplicate(client.send("points.earned", id="evt_happy"))
-    time.sleep(0.3)
-    assert recorder.count("starts") == {"evt_happy": 1}
+    _drain(client, recorder)
+    assert recorder.count("starts") == {"evt_happy": 1, "evt_drain": 1}
+    assert recorder.count("event_processed") == {"evt_happy": 1, "evt_drain": 1}
+    stored = _store(app).get("evt_happy")
+    assert stored is not None
+    assert (stored.status, stored.attempts) == ("done", 1)
 
 
 def test_duplicate_while_queued_or_running(
@@ -347,8 +366,9 @@ def test_worker_killed(
     _until(lambda: recorder.count("event_processed") == {"evt_kill": 1}, "the commit")
     assert recorder.count("starts") == {"evt_kill": 2}
     _assert_duplicate(client.send("points.earned", id="evt_kill"))
-    time.sleep(0.3)
-    assert recorder.count("effects") == {"evt_kill": 1}
+    _drain(client, recorder)
+    assert recorder.count("effects") == {"evt_kill": 1, "evt_drain": 1}
+    assert recorder.count("starts") == {"evt_kill": 2, "evt_drain": 1}
 
 
 def test_pool_child_killed(
