@@ -5,7 +5,9 @@ as a subprocess on a queue only it uses (the ``unique`` fixture), with a
 Redis store under its own prefix, and removes the worker, the queue and the
 keys afterwards. The handler records its starts and effects in Redis (see
 :mod:`tests.celery_app`), where every process can see them. Every wait is
-bounded.
+bounded, and none is a fixed sleep: to show that something did not happen,
+a test queues one more event and waits until the worker processed it, by
+which time anything queued before it has run.
 
 What the tests show:
 
@@ -27,8 +29,9 @@ What the tests show:
   once; after the fix, :func:`~flask_ploints.replay.replay` queues it again
   and a worker processes it.
 
-The tests without a worker check the settings, the task's options and
-:func:`~flask_ploints.replay.replay` with sync dispatch.
+The tests without a worker check the settings, the task's options and a
+:func:`~flask_ploints.replay.replay` whose task cannot be queued; replay
+with sync dispatch is tested in ``tests/test_replay.py``.
 """
 
 from __future__ import annotations
@@ -51,17 +54,13 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_ploints import ConfigError
-from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints.celery import TASK_NAME
 from flask_ploints.celery import CeleryDispatcher
 from flask_ploints.dispatch import DispatchError
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
-from flask_ploints.replay import rerun
 from flask_ploints.stores import InspectableStore
-from flask_ploints.stores import MemoryStore
-from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.testing import PlointsClient
 
 from .celery_app import Recorder
@@ -241,20 +240,37 @@ def _assert_in_flight(response: TestResponse) -> None:
     assert 3000 < int(response.headers["Retry-After"]) <= 3600
 
 
+def _drain(client: PlointsClient, recorder: Recorder) -> None:
+    """Queue one more event, ``evt_drain``, and wait until a worker processed
+    it. A solo worker that prefetches one message takes them in the order
+    they were queued, so whatever was queued before has run by then.
+    """
+    _assert_queued(client.send("customer.created", id="evt_drain"))
+    _until(
+        lambda: recorder.count("event_processed").get("evt_drain") == 1,
+        "the worker to process evt_drain",
+    )
+
+
 def test_queued_then_processed_once(
     workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
 ) -> None:
     app, client = sender
-    workers.start()
+    # Queued before the worker starts: see test_failing_handler_gives_up_then_replays.
     _assert_queued(client.send("points.earned", id="evt_happy"))
+    workers.start()
     _until(lambda: recorder.count("event_processed") == {"evt_happy": 1}, "the event_processed")
     assert recorder.count("effects") == {"evt_happy": 1}
     stored = _store(app).get("evt_happy")
     assert stored is not None
     assert stored.status == "done"
     _assert_duplicate(client.send("points.earned", id="evt_happy"))
-    time.sleep(0.3)
-    assert recorder.count("starts") == {"evt_happy": 1}
+    _drain(client, recorder)
+    assert recorder.count("starts") == {"evt_happy": 1, "evt_drain": 1}
+    assert recorder.count("event_processed") == {"evt_happy": 1, "evt_drain": 1}
+    stored = _store(app).get("evt_happy")
+    assert stored is not None
+    assert (stored.status, stored.attempts) == ("done", 1)
 
 
 def test_duplicate_while_queued_or_running(
@@ -347,8 +363,9 @@ def test_worker_killed(
     _until(lambda: recorder.count("event_processed") == {"evt_kill": 1}, "the commit")
     assert recorder.count("starts") == {"evt_kill": 2}
     _assert_duplicate(client.send("points.earned", id="evt_kill"))
-    time.sleep(0.3)
-    assert recorder.count("effects") == {"evt_kill": 1}
+    _drain(client, recorder)
+    assert recorder.count("effects") == {"evt_kill": 1, "evt_drain": 1}
+    assert recorder.count("starts") == {"evt_kill": 2, "evt_drain": 1}
 
 
 def test_pool_child_killed(
@@ -529,24 +546,7 @@ def test_retry_delays() -> None:
     assert settings.retry_delay(10_000) == 100
 
 
-# replay and rerun with sync dispatch.
-
-
-@pytest.fixture
-def sql_app(tmp_path: Path) -> t.Iterator[tuple[Flask, list[str], dict[str, bool]]]:
-    store = SQLAlchemyStore.from_url(f"sqlite:///{tmp_path / 'events.db'}")
-    app, webhooks = build_app({"PLOINTS_DEDUPE_STORE": store})
-    handled: list[str] = []
-    state = {"broken": True}
-
-    @webhooks.on_any
-    def handle(event: Event) -> None:
-        if state["broken"]:
-            raise RuntimeError(f"still broken on {event.id}")
-        handled.append(event.id)
-
-    yield app, handled, state
-    store.engine.dispose()
+# replay when the task cannot be queued.
 
 
 def _fail(app: Flask, event_id: str) -> None:
@@ -557,54 +557,6 @@ def _fail(app: Flask, event_id: str) -> None:
     store = app.extensions["ploints"]["ploints"].store
     claim = store.claim(event_id, 30, body.encode())
     assert store.fail(event_id, claim.token, "RuntimeError: first failure", 86400)
-
-
-def test_replay_with_sync_dispatch(sql_app: tuple[Flask, list[str], dict[str, bool]]) -> None:
-    app, handled, state = sql_app
-    _fail(app, "evt_1")
-    assert replay(app, "evt_1") == ReplayOutcome.FAILED
-    stored = _store(app).get("evt_1")
-    assert stored is not None
-    assert stored.status == "failed"
-    assert stored.error is not None
-    assert stored.error.endswith("RuntimeError: still broken on evt_1\n")
-
-    state["broken"] = False
-    outcome = replay(app, "evt_1")
-    assert outcome == ReplayOutcome.PROCESSED
-    assert f"{outcome}" == "processed"
-    assert handled == ["evt_1"]
-    stored = _store(app).get("evt_1")
-    assert stored is not None
-    assert stored.status == "done"
-    _assert_duplicate(PlointsClient(app).send("points.earned", id="evt_1"))
-    assert rerun(app, stored.payload or b"") == ReplayOutcome.DUPLICATE
-    assert handled == ["evt_1"]
-
-
-def test_replay_refusals(sql_app: tuple[Flask, list[str], dict[str, bool]]) -> None:
-    app, handled, _ = sql_app
-    with pytest.raises(LookupError, match=r"^event 'evt_unknown' is not in the dedupe store$"):
-        replay(app, "evt_unknown")
-    store = _store(app)
-    claim = app.extensions["ploints"]["ploints"].store.claim("evt_busy", 30, b"{}")
-    with pytest.raises(ValueError, match=r"^event 'evt_busy' is in_flight, not failed$"):
-        replay(app, "evt_busy")
-    assert store.get("evt_busy") is not None
-    assert claim.token
-    with pytest.raises(RuntimeError, match="PlointsWebhooks 'partner' is not registered"):
-        replay(app, "evt_1", name="partner")
-    assert handled == []
-
-
-def test_replay_needs_a_kept_payload() -> None:
-    app, _ = build_app({"PLOINTS_DEDUPE_STORE": MemoryStore()})
-    _fail(app, "evt_1")
-    with pytest.raises(LookupError, match=r"^event 'evt_1' has no payload in the dedupe store"):
-        replay(app, "evt_1")
-    null, _ = build_app({"PLOINTS_DEDUPE_STORE": None})
-    with pytest.raises(LookupError, match=r"NullStore.*cannot be replayed"):
-        replay(null, "evt_1")
 
 
 def test_replay_that_cannot_be_queued_stays_failed(

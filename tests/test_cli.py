@@ -5,6 +5,7 @@ Ploints API is a local HTTP server answering in the documented shape.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
 from werkzeug.serving import make_server
@@ -25,6 +27,12 @@ from flask_ploints import PlointsWebhooks
 from flask_ploints import on
 from flask_ploints.cli import ploints
 from flask_ploints.signature import sign
+from flask_ploints.stores import ClaimStatus
+from flask_ploints.stores import InspectableStore
+from flask_ploints.stores import RedisStore
+from flask_ploints.stores import SQLAlchemyStore
+from flask_ploints.testing import FakeClock
+from flask_ploints.testing import build_event
 
 from .support import SECRET
 from .support import build_app
@@ -221,6 +229,213 @@ def test_simulate_gives_up_after_the_last_retry(webhooks: PlointsWebhooks, app: 
         "Error: the sender gave up after 6 attempts; the event is marked failed\n"
     )
     assert len(attempts) == 6
+
+
+# failed, replay and purge, on stores that keep failed events.
+
+#: When the Redis store's clock starts: 2025-06-15 15:06:40 UTC.
+START = 1_750_000_000.0
+#: A time as ``failed`` prints it, from a store without a clock of ours.
+WHEN = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ"
+
+
+class Kept(t.NamedTuple):
+    """A store that keeps failed events, and the clock of its times when it
+    takes one.
+    """
+
+    store: InspectableStore
+    clock: FakeClock | None
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def kept(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> t.Iterator[Kept]:
+    if request.param == "sqlite":
+        sql = SQLAlchemyStore.from_url("sqlite:///" + str(tmp_path / "x.db"))
+        yield Kept(sql, None)
+        sql.close()
+        sql.engine.dispose()
+        return
+    redis_url: str = request.getfixturevalue("redis_url")
+    clock = FakeClock(START)
+    store = RedisStore.from_url(redis_url, prefix=f"{unique}:", clock=clock)
+    yield Kept(store, clock)
+    keys = list(store.client.scan_iter(match=f"{unique}:*", count=500))
+    if keys:
+        store.client.delete(*keys)
+    store.client.close()
+
+
+@pytest.fixture
+def broken(webhooks: PlointsWebhooks) -> dict[str, bool]:
+    """Makes every handler of ``webhooks`` raise while ``["on"]`` is true."""
+    state = {"on": True}
+
+    @webhooks.on_any
+    def breaks(event: Event) -> None:
+        if state["on"]:
+            raise RuntimeError(f"still broken on {event.id}")
+
+    return state
+
+
+@pytest.fixture
+def kept_app(
+    kept: Kept, webhooks: PlointsWebhooks, calls: list[tuple[str, str]], broken: dict[str, bool]
+) -> Flask:
+    # calls records an event before broken raises: every run is in calls.
+    return build_app({"PLOINTS_DEDUPE_STORE": kept.store}, webhooks)[0]
+
+
+def _failed(store: InspectableStore, event_id: str, *errors: str) -> None:
+    """Leave ``event_id`` failed in ``store`` after one claim per error, as a
+    worker that gave up does.
+    """
+    body = json.dumps(build_event("points.earned", id=event_id)).encode()
+    for error in errors:
+        claim = store.claim(event_id, 60, body)
+        assert claim.status is ClaimStatus.CLAIMED
+        assert store.fail(event_id, claim.token, error, 3600) is True
+
+
+def _traceback(last: str) -> str:
+    return f'Traceback (most recent call last):\n  File "app.py", line 1, in award\n{last}\n'
+
+
+def test_failed_with_nothing_failed(kept: Kept, kept_app: Flask) -> None:
+    done = kept.store.claim("evt_done", 60)
+    kept.store.commit("evt_done", done.token, 3600)
+    result = run(kept_app, "failed")
+    assert (result.exit_code, result.output) == (0, "no failed events\n")
+
+
+def test_failed_lists_the_newest_first(kept: Kept, kept_app: Flask) -> None:
+    _failed(kept.store, "evt_1", _traceback("RuntimeError: boom"))
+    if kept.clock is not None:
+        kept.clock.advance(60)
+    _failed(kept.store, "evt_2", _traceback("ValueError: bad amount"))
+    if kept.clock is not None:
+        kept.clock.advance(60)
+    _failed(kept.store, "evt_1", _traceback("RuntimeError: boom"), "KeyError: 'x'\n\n")
+    done = kept.store.claim("evt_done", 60)
+    kept.store.commit("evt_done", done.token, 3600)
+
+    result = run(kept_app, "failed")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    if kept.clock is not None:
+        assert lines == [
+            "evt_1  2025-06-15 15:08:40Z  attempts=3  KeyError: 'x'",
+            "evt_2  2025-06-15 15:07:40Z  attempts=1  ValueError: bad amount",
+        ]
+    else:
+        assert len(lines) == 2
+        assert re.fullmatch(rf"evt_1  {WHEN}  attempts=3  KeyError: 'x'", lines[0])
+        assert re.fullmatch(rf"evt_2  {WHEN}  attempts=1  ValueError: bad amount", lines[1])
+
+    result = run(kept_app, "failed", "--limit", "1")
+    assert (result.exit_code, result.output.splitlines()) == (0, lines[:1])
+
+
+def test_failed_needs_a_store_that_keeps_them() -> None:
+    app = build_app({"PLOINTS_DEDUPE_STORE": None})[0]
+    assert_one_line_error(
+        run(app, "failed"),
+        "NullStore does not keep failed events; use SQLAlchemyStore or RedisStore",
+    )
+
+
+def test_replay_runs_a_failed_event_again(
+    kept: Kept, kept_app: Flask, calls: list[tuple[str, str]], broken: dict[str, bool]
+) -> None:
+    _failed(kept.store, "evt_1", "RuntimeError: first failure")
+
+    result = run(kept_app, "replay", "evt_1")
+    assert (result.exit_code, result.output) == (0, "evt_1: failed\n")
+    assert calls == [("points.earned", "evt_1")]
+    stored = kept.store.get("evt_1")
+    assert stored is not None
+    assert (stored.status, stored.attempts) == ("failed", 2)
+    assert stored.error is not None
+    assert stored.error.endswith("RuntimeError: still broken on evt_1\n")
+
+    broken["on"] = False
+    result = run(kept_app, "replay", "evt_1")
+    assert (result.exit_code, result.output) == (0, "evt_1: processed\n")
+    assert calls == [("points.earned", "evt_1")] * 2
+    stored = kept.store.get("evt_1")
+    assert stored is not None
+    assert (stored.status, stored.attempts) == ("done", 3)
+
+    assert_one_line_error(run(kept_app, "replay", "evt_1"), "event 'evt_1' is done, not failed")
+    assert calls == [("points.earned", "evt_1")] * 2
+
+
+def test_replay_of_an_unknown_id(kept_app: Flask, calls: list[tuple[str, str]]) -> None:
+    result = run(kept_app, "replay", "evt_nope")
+    assert_one_line_error(result, "event 'evt_nope' is not in the dedupe store")
+    assert calls == []
+
+
+def test_replay_of_an_event_in_flight(
+    kept: Kept, kept_app: Flask, calls: list[tuple[str, str]]
+) -> None:
+    kept.store.claim("evt_1", 60, b"{}")
+    result = run(kept_app, "replay", "evt_1")
+    assert_one_line_error(result, "event 'evt_1' is in_flight, not failed")
+    assert calls == []
+
+
+def test_replay_with_the_store_down() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.5)
+    try:
+        app = build_app({"PLOINTS_DEDUPE_STORE": store})[0]
+        result = run(app, "replay", "evt_1")
+    finally:
+        store.client.close()
+    assert_one_line_error(result, "the dedupe store is unavailable; try again later")
+
+
+def test_purge_deletes_the_expired_rows(tmp_path: Path) -> None:
+    store = SQLAlchemyStore.from_url("sqlite:///" + str(tmp_path / "x.db"))
+    try:
+        app = build_app({"PLOINTS_DEDUPE_STORE": store})[0]
+        # A retention of 0 expires a row as it is written: purge, later,
+        # finds it past.
+        for event_id in ("evt_old_1", "evt_old_2"):
+            claim = store.claim(event_id, 60)
+            assert store.commit(event_id, claim.token, 0) is True
+        claim = store.claim("evt_old_failed", 60)
+        assert store.fail("evt_old_failed", claim.token, "boom", 0) is True
+        claim = store.claim("evt_kept", 60)
+        assert store.commit("evt_kept", claim.token, 3600) is True
+        store.claim("evt_in_flight", 60)
+
+        def ids() -> list[str]:
+            with store.engine.connect() as connection:
+                rows = connection.execute(sa.select(store.table.c.id).order_by(store.table.c.id))
+                return [row.id for row in rows]
+
+        assert len(ids()) == 5
+        result = run(app, "purge")
+        assert (result.exit_code, result.output) == (0, "purged 3 expired event(s)\n")
+        assert ids() == ["evt_in_flight", "evt_kept"]
+        result = run(app, "purge")
+        assert (result.exit_code, result.output) == (0, "purged 0 expired event(s)\n")
+    finally:
+        store.close()
+        store.engine.dispose()
+
+
+def test_purge_of_a_store_that_expires_by_itself(kept: Kept, kept_app: Flask) -> None:
+    if isinstance(kept.store, SQLAlchemyStore):
+        result = run(kept_app, "purge")
+        assert (result.exit_code, result.output) == (0, "purged 0 expired event(s)\n")
+        return
+    assert_one_line_error(
+        run(kept_app, "purge"),
+        "RedisStore has nothing to purge (Redis and memory entries expire by themselves)",
+    )
 
 
 class PlointsAPI(BaseHTTPRequestHandler):

@@ -11,6 +11,7 @@ from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import RedisStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
+from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract
 
 
@@ -40,8 +41,41 @@ def store(redis_url: str, prefix: str, client: redis.Redis) -> t.Iterator[RedisS
     store.client.close()
 
 
+# Takes ARGV[1] ms off the TTL of each key, and deletes a key with no time
+# left, as Redis would have once that time passed; keys without a TTL stay.
+_SHIFT_TTLS = """
+local ms = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+    local left = redis.call('PTTL', key)
+    if left > ms then
+        redis.call('PEXPIRE', key, left - ms)
+    elseif left >= 0 then
+        redis.call('DEL', key)
+    end
+end
+return #KEYS
+"""
+
+
 class TestRedisStore(InspectableStoreContract):
-    pass
+    @pytest.fixture
+    def store(
+        self, redis_url: str, prefix: str, client: redis.Redis, clock: FakeClock
+    ) -> t.Iterator[RedisStore]:
+        self._client = client
+        self._prefix = prefix
+        store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+        yield store
+        store.client.close()
+
+    def advance(self, seconds: float) -> None:
+        """Move the store's clock, and bring the expiry of every key of the
+        test that much closer in Redis, which then expires them itself.
+        """
+        super().advance(seconds)
+        keys = list(self._client.scan_iter(match=self._prefix + "*", count=500))
+        if keys:
+            self._client.eval(_SHIFT_TTLS, len(keys), *keys, round(seconds * 1000))
 
 
 class _Counted:
@@ -289,3 +323,27 @@ def test_a_payload_that_looks_like_an_empty_tail_is_still_dropped(store: RedisSt
     done = store.get("evt_1")
     assert done is not None
     assert (done.status, done.payload) == ("done", None)
+
+
+def test_the_times_written_come_from_the_clock(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        claim = store.claim("evt_1", 60, b'{"id": "evt_1"}')
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert stored.updated_at == 1_700_000_000.0
+
+        clock.advance(15)
+        in_flight = store.claim("evt_1", 60)
+        assert (in_flight.status, in_flight.retry_after) == (ClaimStatus.IN_FLIGHT, 45.0)
+        assert store.fail("evt_1", claim.token, "boom", 120) is True
+        failed = store.get("evt_1")
+        assert failed is not None
+        assert (failed.status, failed.updated_at) == ("failed", 1_700_000_015.0)
+        # The TTL is Redis's own: the clock does not move it.
+        assert 119_000 < client.pttl(f"{prefix}evt_1") <= 120_000
+    finally:
+        store.client.close()

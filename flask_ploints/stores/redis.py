@@ -162,10 +162,6 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _glob_escape(text: str) -> str:
     for special in "\\*?[]":
         text = text.replace(special, "\\" + special)
@@ -206,8 +202,9 @@ class RedisStore:
 
     Every :class:`redis.RedisError` is raised as :class:`.StoreError`. Leases
     and retentions are key TTLs, kept by the server, so hosts need no
-    synchronised clocks; the times :meth:`get` and :meth:`failed` show are
-    those of the host that wrote them. It needs Redis 7 or later (``SET``
+    synchronised clocks; the times :meth:`get` and :meth:`failed` show, and
+    the ``Retry-After`` of an in-flight claim, are read from the ``clock`` of
+    the host that wrote them. It needs Redis 7 or later (``SET``
     with both ``NX`` and ``GET``), and talks to one Redis server (a
     primary); Redis Cluster is not supported.
 
@@ -218,8 +215,14 @@ class RedisStore:
     :param prefix: put before every event id to make its key.
     :param keep_payloads: keep the raw body of in-flight and failed events,
         for replay. Done events never keep it, to spare Redis memory.
+    :param clock: returns the current time in seconds since the epoch, for
+        the times the store writes into its values; default
+        :func:`time.time`. The TTLs are kept by Redis and do not read it.
+        Tests pass a :class:`~flask_ploints.testing.FakeClock`.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``clock`` parameter.
     """
 
     def __init__(
@@ -228,10 +231,12 @@ class RedisStore:
         *,
         prefix: str = "ploints:",
         keep_payloads: bool = True,
+        clock: t.Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.keep_payloads = keep_payloads
+        self._clock = clock
         self._take_over = client.register_script(_TAKE_OVER)
         self._commit = client.register_script(_COMMIT)
         self._release = client.register_script(_RELEASE)
@@ -246,6 +251,7 @@ class RedisStore:
         prefix: str = "ploints:",
         timeout: float = 2.0,
         keep_payloads: bool = True,
+        clock: t.Callable[[], float] = time.time,
     ) -> RedisStore:
         """Build a store with its own client for ``url`` (``redis://``,
         ``rediss://`` or ``unix://``). No connection is made until the first
@@ -255,6 +261,7 @@ class RedisStore:
         :param prefix: put before every event id to make its key.
         :param timeout: seconds to wait to connect, and for each answer.
         :param keep_payloads: see :class:`RedisStore`.
+        :param clock: see :class:`RedisStore`.
         """
         client = redis.Redis.from_url(
             url,
@@ -265,7 +272,7 @@ class RedisStore:
             # within the timeout rather than after redis-py's ten retries.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        return cls(client, prefix=prefix, keep_payloads=keep_payloads)
+        return cls(client, prefix=prefix, keep_payloads=keep_payloads, clock=clock)
 
     def key(self, event_id: str) -> str:
         """Return the Redis key of ``event_id``."""
@@ -277,7 +284,7 @@ class RedisStore:
         """
         token = secrets.token_hex(8)
         lease_ms = _ms(lease)
-        now = _now_ms()
+        now = self._now_ms()
         body = payload if payload and self.keep_payloads else b""
         value = b"i%s:1:%d:%d\n0:%s" % (token.encode(), now, now + lease_ms, body)
         key = self.key(event_id)
@@ -361,9 +368,12 @@ class RedisStore:
             if value is not None and value[:1] == _FAILED_LETTER
         ]
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
     def _settle(self, script: t.Any, event_id: str, token: str, *args: t.Any) -> bool:
         try:
-            return bool(script(keys=[self.key(event_id)], args=[token, _now_ms(), *args]))
+            return bool(script(keys=[self.key(event_id)], args=[token, self._now_ms(), *args]))
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
 
