@@ -89,12 +89,63 @@ def test_send_uses_data_and_data_file(
         (["simulate", "points.earned", "--data", "[1]"], "--data must be a JSON object"),
         (
             ["purge"],
-            "MemoryStore has nothing to purge (Redis and memory entries expire by themselves)",
+            "MemoryStore has nothing to purge: its entries expire by themselves, or it keeps none",
+        ),
+        (
+            ["send", "points.earned", "--url", "file:///etc/passwd"],
+            "--url must be an http:// or https:// URL, not 'file:///etc/passwd'",
+        ),
+        (
+            ["send", "points.earned", "--url", "localhost:5000/webhooks/ploints"],
+            "--url must be an http:// or https:// URL, not 'localhost:5000/webhooks/ploints'",
+        ),
+        (
+            ["send", "points.earned", "--url", "http://[::1/webhooks"],
+            "--url: not a valid URL (Invalid IPv6 URL)",
+        ),
+        (
+            ["send", "points.earned", "--url", "http://127.0.0.1:99999/"],
+            "--url: not a valid URL (Port out of range 0-65535)",
+        ),
+        (
+            ["send", "points.earned", "--data", '{"a": ' + "[" * 40 + "]" * 40 + "}"],
+            "not a valid event: JSON nested deeper than 32 levels",
+        ),
+        (
+            ["send", "points.earned", "--data", '{"amount": NaN}'],
+            "not a valid event: NaN is not valid JSON",
+        ),
+        (
+            ["send", "points.earned", "--id", "evt\n1"],
+            "not a valid event: field 'id' holds a control character or a lone surrogate",
+        ),
+        (
+            ["simulate", "points.earned", "--speed", "nan"],
+            "--speed must be a finite number, not nan",
+        ),
+        (
+            ["simulate", "points.earned", "--speed", "inf"],
+            "--speed must be a finite number, not inf",
         ),
     ],
 )
 def test_misuse_is_a_one_line_error(app: Flask, args: list[str], message: str) -> None:
     assert_one_line_error(run(app, *args), message)
+
+
+def test_data_nested_past_the_interpreter_is_a_one_line_error(app: Flask) -> None:
+    result = run(app, "send", "points.earned", "--data", "[" * 100_000)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --data is not valid JSON: maximum recursion depth")
+    assert result.output.count("\n") == 1
+
+
+def test_data_file_that_is_not_utf8_is_a_one_line_error(app: Flask, tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_bytes(b'{"badge": "\xff\xfe"}')
+    assert_one_line_error(
+        run(app, "send", "badge.issued", "--data-file", str(path)), "--data-file is not UTF-8"
+    )
 
 
 def test_send_with_both_data_options_is_refused(app: Flask, tmp_path: Path) -> None:
@@ -351,7 +402,8 @@ def test_replay_runs_a_failed_event_again(
     _failed(kept.store, "evt_1", "RuntimeError: first failure")
 
     result = run(kept_app, "replay", "evt_1")
-    assert (result.exit_code, result.output) == (0, "evt_1: failed\n")
+    # Failed again: said, and a non-zero status for scripts.
+    assert (result.exit_code, result.output) == (1, "evt_1: failed\n")
     assert calls == [("points.earned", "evt_1")]
     stored = kept.store.get("evt_1")
     assert stored is not None
@@ -434,7 +486,7 @@ def test_purge_of_a_store_that_expires_by_itself(kept: Kept, kept_app: Flask) ->
         return
     assert_one_line_error(
         run(kept_app, "purge"),
-        "RedisStore has nothing to purge (Redis and memory entries expire by themselves)",
+        "RedisStore has nothing to purge: its entries expire by themselves, or it keeps none",
     )
 
 
@@ -450,6 +502,10 @@ class PlointsAPI(BaseHTTPRequestHandler):
         )
         if self.headers["Authorization"] == "Bearer slow":
             time.sleep(2)
+        odd = ODD_ANSWERS.get(self.headers["Authorization"])
+        if odd is not None:
+            self._answer(*odd)
+            return
         if self.headers["Authorization"] != "Bearer key_good":
             self._answer(401, {"success": False, "error": "Invalid API key"})
             return
@@ -461,9 +517,11 @@ class PlointsAPI(BaseHTTPRequestHandler):
         }
         self._answer(200, {"success": True, "data": data})
 
-    def _answer(self, status: int, payload: dict[str, t.Any]) -> None:
-        raw = json.dumps(payload).encode()
+    def _answer(self, status: int, payload: t.Any, location: str | None = None) -> None:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
+        if location is not None:
+            self.send_header("Location", location)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
@@ -471,6 +529,21 @@ class PlointsAPI(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: t.Any) -> None:
         pass
+
+
+#: Answers the fake API gives for some keys, as (status, payload[, location]).
+ODD_ANSWERS: dict[str, tuple[t.Any, ...]] = {
+    "Bearer garbage": (200, b"<html>not json</html>"),
+    "Bearer deep": (200, b"[" * 100_000),
+    "Bearer nested": (200, {"success": True, "data": {"id": {"x": 1}, "secret": ["whsec_a"]}}),
+    "Bearer no_data": (200, {"success": True, "data": "wh_1"}),
+    "Bearer newline": (200, {"data": {"id": "wh_1", "secret": "whsec_a\nforged line"}}),
+    "Bearer events_text": (
+        200,
+        {"data": {"id": "wh_1", "secret": "whsec_a", "events": "points.earned"}},
+    ),
+    "Bearer url_number": (200, {"data": {"id": "wh_1", "secret": "whsec_a", "url": 7}}),
+}
 
 
 @pytest.fixture
@@ -605,3 +678,83 @@ def test_the_group_is_registered_through_the_entry_point(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == '200 {"received": true}\n'
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("garbage", "Ploints answered with something that is not JSON"),
+        ("deep", "Ploints answered with something that is not JSON"),
+        ("nested", "Ploints answered without a webhook id and secret"),
+        ("no_data", "Ploints answered without a webhook id and secret"),
+        ("newline", "Ploints answered without a webhook id and secret"),
+        ("events_text", "Ploints answered with webhook events that are not strings"),
+        ("url_number", "Ploints answered with a webhook url that is not a string"),
+    ],
+)
+def test_register_refuses_answers_of_another_shape(api: str, key: str, message: str) -> None:
+    result = run(
+        _api_app(api, key), "register", "--url", "https://x.example/h", "--events", "badge.issued"
+    )
+    assert_one_line_error(result, message)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.ploints.example/api/v1", "http://10.0.0.1/api/v1", "ftp://127.0.0.1/api/v1"],
+)
+def test_register_sends_the_key_over_https_only(url: str) -> None:
+    result = run(
+        _api_app(url, "key_good"),
+        "register",
+        "--url",
+        "https://x.example/h",
+        "--events",
+        "badge.issued",
+    )
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert result.output.startswith("Error: PLOINTS_API_URL must ")
+
+
+class _Elsewhere(BaseHTTPRequestHandler):
+    """Another origin, recording the Authorization headers it is sent."""
+
+    seen: t.ClassVar[list[str | None]] = []
+
+    def do_POST(self) -> None:
+        _Elsewhere.seen.append(self.headers["Authorization"])
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        pass
+
+
+def test_register_follows_no_redirect_and_never_sends_the_key_elsewhere(api: str) -> None:
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), _Elsewhere)
+    thread = threading.Thread(target=elsewhere.serve_forever, daemon=True)
+    thread.start()
+    _Elsewhere.seen = []
+    try:
+        target = f"http://127.0.0.1:{elsewhere.server_address[1]}/steal"
+        ODD_ANSWERS["Bearer redirect"] = (307, {}, target)
+        result = run(
+            _api_app(api, "redirect"),
+            "register",
+            "--url",
+            "https://x.example/h",
+            "--events",
+            "badge.issued",
+        )
+    finally:
+        ODD_ANSWERS.pop("Bearer redirect", None)
+        elsewhere.shutdown()
+        elsewhere.server_close()
+        thread.join(5)
+    assert_one_line_error(
+        result,
+        "Ploints answered 307: a redirect, not followed: the API key goes to PLOINTS_API_URL only",
+    )
+    assert _Elsewhere.seen == []

@@ -1,0 +1,86 @@
+"""The commands on what the dedupe store keeps: ``failed``, ``replay`` and
+``purge``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ..errors import DispatchError
+from ..errors import StoreError
+from ..replay import ReplayOutcome
+from ..replay import replay
+from ..state import Receiver
+from ..stores import InspectableStore
+from .group import current_flask_app
+from .group import name_option
+from .group import ploints
+from .group import receiver_named
+
+__all__ = ["failed_command", "purge_command", "replay_command"]
+
+
+def _inspectable(receiver: Receiver) -> InspectableStore:
+    store = receiver.store
+    if not isinstance(store, InspectableStore):
+        raise click.ClickException(
+            f"{type(store).__name__} does not keep failed events; use SQLAlchemyStore or RedisStore"
+        )
+    return store
+
+
+@ploints.command("failed")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@name_option
+def failed_command(limit: int, name: str) -> None:
+    """List events that ended failed (after async dispatch gave up)."""
+    try:
+        failed = _inspectable(receiver_named(name)).failed(limit)
+    except StoreError:
+        raise click.ClickException("the dedupe store is unavailable; try again later") from None
+    if not failed:
+        click.echo("no failed events")
+    for stored in failed:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stored.updated_at))
+        last = (stored.error or "").strip().splitlines()[-1:] or [""]
+        click.echo(f"{stored.id}  {when}Z  attempts={stored.attempts}  {last[0]}")
+
+
+@ploints.command("replay")
+@click.argument("event_id", metavar="ID")
+@name_option
+def replay_command(event_id: str, name: str) -> None:
+    """Run a failed event's handlers again from its stored payload."""
+    try:
+        outcome = replay(current_flask_app(), event_id, name=name)
+    except (LookupError, ValueError) as error:
+        raise click.ClickException(str(error.args[0] if error.args else error)) from None
+    except DispatchError:
+        raise click.ClickException("the event queue is unavailable; try again later") from None
+    except StoreError:
+        raise click.ClickException("the dedupe store is unavailable; try again later") from None
+    click.echo(f"{event_id}: {outcome}")
+    if outcome is ReplayOutcome.FAILED:
+        # A script must tell a replay that failed again from one that worked.
+        sys.exit(1)
+
+
+@ploints.command("purge")
+@name_option
+def purge_command(name: str) -> None:
+    """Delete processed and failed ids whose retention has passed."""
+    store = receiver_named(name).store
+    purge = getattr(store, "purge", None)
+    if purge is None:
+        raise click.ClickException(
+            f"{type(store).__name__} has nothing to purge: its entries expire by themselves,"
+            " or it keeps none"
+        )
+    try:
+        count = purge()
+    except StoreError:
+        raise click.ClickException("the dedupe store is unavailable; try again later") from None
+    click.echo(f"purged {count} expired event(s)")
