@@ -169,44 +169,13 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisStore:
-    """Remembers event ids in Redis, one string key per id, so every worker
-    process and host shares the same dedupe state.
-
-    A claim is one plain ``SET key value NX PX lease GET``: it takes a new
-    id, or answers with the current holder, in one round trip. Only a claim
-    of an id that failed before runs a second trip, a Lua script that takes
-    it over. :meth:`commit`, :meth:`release`, :meth:`extend` and
-    :meth:`fail` are one short Lua script each (``EVALSHA``), which acts only
-    while the token holds the live claim, so a worker whose lease ran out
-    cannot overwrite or delete the claim of the one that took the id over.
-    A new event costs two round trips, a duplicate one; the first script
-    call after Redis restarts or forgets its scripts adds one
-    ``SCRIPT LOAD``. redis-py parses replies with hiredis when it is
-    installed.
-
-    Each key expires by itself: an in-flight key after its lease, a done or
-    failed key after its retention. A failed key keeps the error text, and
-    the payload when ``keep_payloads`` is set; a done key drops the payload.
-
-    **Redis must not evict these keys.** An evicted key is a forgotten event,
-    processed again on the sender's next retry. Run Redis with
-    ``maxmemory-policy noeviction``, or give the store a Redis (or database)
-    that nothing evicts from.
-
-    **One client per process.** The store uses its client's connection pool
-    from every thread; build one store per process (the extension does) and
-    share it. With redis-py's defaults (5 s timeouts, ten retries) a dead
-    Redis holds each request for long, so :meth:`from_url` sets short socket
-    timeouts and a single immediate retry on a broken connection, none on a
-    timeout; a client you pass keeps its own settings.
-
-    Every :class:`redis.RedisError` is raised as :class:`.StoreError`. Leases
-    and retentions are key TTLs, kept by the server, so hosts need no
-    synchronised clocks; the times :meth:`get` and :meth:`failed` show, and
-    the ``Retry-After`` of an in-flight claim, are read from the ``clock`` of
-    the host that wrote them. It needs Redis 7 or later (``SET``
-    with both ``NX`` and ``GET``), and talks to one Redis server (a
-    primary); Redis Cluster is not supported.
+    """Remembers event ids in Redis, one string key per id with its lease or
+    retention as the key's TTL, so every worker process and host shares the
+    same dedupe state. A new event costs two round trips (``SET NX PX GET``,
+    then a token-checked commit script), a duplicate one. Every
+    :class:`redis.RedisError` is raised as :class:`.StoreError`. Redis 7 or
+    later, one server (no Cluster), and **no eviction** of these keys; see
+    :doc:`/stores` for how it works and how to run it.
 
     It implements :class:`.InspectableStore`.
 
