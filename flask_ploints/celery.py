@@ -32,10 +32,13 @@ from .config import CelerySettings
 from .config import ConfigError
 from .config import Settings
 from .errors import DispatchError
+from .errors import PlointsError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
 from .processing import Outcome
+from .signature import sign
+from .signature import verify
 from .state import Receiver
 from .state import receiver_for
 from .state import receivers
@@ -57,7 +60,9 @@ __all__ = ["TASK_NAME", "CeleryDispatcher"]
 logger = logging.getLogger("flask_ploints")
 
 #: The name of the task registered on the Celery app. Its arguments are the
-#: instance's name, the event's raw body as a string and the claim's token.
+#: instance's name, the event's raw body as a string, the claim's token, and
+#: the proof that the endpoint verified the body: its HMAC-SHA256 under the
+#: instance's current secret, as the sender signs it.
 TASK_NAME = "flask_ploints.process_event"
 
 
@@ -155,13 +160,19 @@ class CeleryDispatcher:
 
     :param celery_app: the Celery app to publish to and register the task on.
     :param settings: the instance's ``PLOINTS_CELERY_*`` settings.
+    :param secret: the instance's current secret, which signs each task's
+        body so that the worker runs only what an endpoint verified.
+
+    .. versionchanged:: 0.2
+        The ``secret`` parameter; tasks carry their proof.
     """
 
     runs_inline = False
 
-    def __init__(self, celery_app: t.Any, settings: CelerySettings) -> None:
+    def __init__(self, celery_app: t.Any, settings: CelerySettings, secret: str) -> None:
         self.celery_app = celery_app
         self.settings = settings
+        self._secret = secret
         #: ``PLOINTS_CELERY_LEASE``: the claim covers the wait in the queue,
         #: not only the handlers.
         self.lease = settings.lease
@@ -190,7 +201,7 @@ class CeleryDispatcher:
             raise ConfigError(
                 f"{where} must be a celery.Celery instance, not {type(celery_app).__name__}"
             )
-        dispatcher = cls(celery_app, settings.celery)
+        dispatcher = cls(celery_app, settings.celery, settings.secrets[0])
         _bind(celery_app, app)
         return dispatcher
 
@@ -218,7 +229,7 @@ class CeleryDispatcher:
             options["queue"] = self.settings.queue
         # The body is valid UTF-8 (parse_event checked it), so the string
         # encodes back to the exact bytes that were signed.
-        args = (name, raw.decode("utf-8"), token)
+        args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
         self._publisher.publish(self.task, args, pooled=pooled, **options)
 
 
@@ -292,10 +303,10 @@ def _flask_app(celery_app: t.Any, name: str) -> Flask:
     )
 
 
-def _process_event(task: t.Any, name: str, body: str, token: str) -> None:
+def _process_event(task: t.Any, name: str, body: str, token: str, proof: str | None = None) -> None:
     app = _flask_app(task.app, name)
     with app.app_context():
-        _Attempt(task, app, receiver_for(app, name), body, token).run()
+        _Attempt(task, app, receiver_for(app, name), body, token).run(proof)
 
 
 class _Attempt:
@@ -310,16 +321,32 @@ class _Attempt:
         self.processor = receiver.processor
         self.dispatcher = t.cast(CeleryDispatcher, receiver.dispatcher)
         self.settings = self.dispatcher.settings
+        self.secrets = receiver.settings.secrets
         self.body = body
         self.token = token
         self.retries = int(task.request.retries or 0)
 
-    def run(self) -> None:
+    def run(self, proof: str | None) -> None:
+        raw = self.body.encode("utf-8")
         try:
-            event = parse_event(self.body.encode("utf-8"))
+            event = parse_event(raw)
         except InvalidEvent as exc:
             # Only this package publishes the task, from a verified body.
             logger.error("task %s carries no valid event (%s); dropped", self.task.request.id, exc)
+            return
+        if not verify(raw, proof, self.secrets):
+            # Not published by an endpoint of this app (injected into the
+            # broker), or by one with another secret: nothing runs. The
+            # claim's holder, if the token is its own, records the event
+            # failed with its payload, so a real event can be replayed.
+            self.processor.give_up(
+                self.app,
+                event,
+                self.token,
+                PlointsError("the task carries no proof that an endpoint verified its body"),
+                attempts=self.retries + 1,
+                handlers_ran=False,
+            )
             return
         result = self.processor.resume(self.app, event, self.token)
         if result.outcome is Outcome.FAILED:

@@ -268,7 +268,7 @@ class Processor:
             event,
             "failed after %d attempt(s)%s; %s",
             attempts,
-            "" if handlers_ran else " (dedupe store unavailable)",
+            "" if handlers_ran else " (its handlers did not run)",
             "recorded as failed: replay it with flask_ploints.replay.replay"
             if failed
             else "not recorded: have Ploints resend it",

@@ -60,8 +60,10 @@ from flask_ploints.celery import CeleryDispatcher
 from flask_ploints.dispatch import DispatchError
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
+from flask_ploints.signature import sign
 from flask_ploints.stores import InspectableStore
 from flask_ploints.testing import PlointsClient
+from flask_ploints.testing import build_event
 
 from .celery_app import Recorder
 from .celery_app import create_app
@@ -571,3 +573,66 @@ def test_replay_that_cannot_be_queued_stays_failed(
     stored = _store(app).get("evt_1")
     assert stored is not None
     assert (stored.status, stored.error) == ("failed", "RuntimeError: first failure")
+
+
+def _inject(app: Flask, args: tuple[t.Any, ...]) -> None:
+    """Publish a task the way someone with access to the broker could,
+    bypassing the endpoint.
+    """
+    celery_app = app.extensions["celery"]
+    queue = app.config["PLOINTS_CELERY_QUEUE"]
+    with celery_app.connection_for_write() as connection:
+        celery_app.send_task(TASK_NAME, args=args, queue=queue, connection=connection)
+
+
+@pytest.mark.parametrize("proof", [None, "0" * 64, "not hex"])
+def test_a_task_injected_into_the_broker_runs_nothing(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder, proof: str | None
+) -> None:
+    app, client = sender
+    body = json.dumps(build_event("points.earned", id="evt_forged")).encode()
+    args: tuple[t.Any, ...] = ("ploints", body.decode(), "a-guessed-token")
+    _inject(app, args if proof is None else (*args, proof))
+    workers.start()
+    _drain(client, recorder)
+    assert recorder.count("starts") == {"evt_drain": 1}
+    assert _store(app).get("evt_forged") is None
+    # The real event with the same id is still processed when it comes.
+    _assert_queued(client.send("points.earned", id="evt_forged"))
+    _until(lambda: recorder.count("effects").get("evt_forged") == 1, "the real evt_forged")
+
+
+def test_a_task_signed_with_another_secret_runs_nothing(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    app, client = sender
+    body = json.dumps(build_event("points.earned", id="evt_other")).encode()
+    _inject(app, ("ploints", body.decode(), "token", sign(body, "whsec_someone_else")))
+    workers.start()
+    _drain(client, recorder)
+    assert recorder.count("starts") == {"evt_drain": 1}
+
+
+def test_a_task_without_proof_on_a_real_claim_is_recorded_failed_for_replay(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    """A task queued by an older version (no proof) for an event it claimed
+    is not run, but recorded failed with its payload, so it can be replayed.
+    """
+    app, client = sender
+    body = json.dumps(build_event("points.earned", id="evt_old")).encode()
+    store = _store(app)
+    claim = store.claim("evt_old", 3600, body)  # type: ignore[attr-defined]
+    _inject(app, ("ploints", body.decode(), claim.token))
+    workers.start()
+    _drain(client, recorder)
+    assert "evt_old" not in recorder.count("starts")
+    stored = store.get("evt_old")
+    assert stored is not None
+    assert stored.status == "failed"
+    assert stored.error is not None
+    assert stored.error.endswith(
+        "PlointsError: the task carries no proof that an endpoint verified its body\n"
+    )
+    assert replay(app, "evt_old") is ReplayOutcome.QUEUED
+    _until(lambda: recorder.count("effects").get("evt_old") == 1, "the replayed evt_old")
