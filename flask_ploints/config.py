@@ -49,6 +49,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_WEBHOOK_SECRET": ("secret", None),
     "PLOINTS_WEBHOOK_URL": ("url", "/webhooks/ploints"),
     "PLOINTS_DEDUPE_STORE": ("store", "memory"),
+    "PLOINTS_DEDUPE_NAMESPACE": ("namespace", None),
     "PLOINTS_DEDUPE_RETENTION": ("retention", timedelta(days=7)),
     "PLOINTS_CLAIM_LEASE": ("lease", timedelta(seconds=30)),
     "PLOINTS_DISPATCH": ("dispatch", "sync"),
@@ -130,6 +131,9 @@ class Settings:
     #: The raw ``PLOINTS_DEDUPE_STORE`` value, resolved by the extension;
     #: left out of the ``repr``, since a URL may hold a password.
     store: object = field(repr=False)
+    #: What keeps this instance's ids apart from another's in a shared
+    #: store; ``None`` for the instance's name ("" for the default one).
+    namespace: str | None
     retention: float
     lease: float
     max_bytes: int
@@ -243,6 +247,12 @@ def _celery_settings(get: t.Callable[[str], t.Any]) -> CelerySettings:
     return settings
 
 
+def _namespace(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"PLOINTS_DEDUPE_NAMESPACE must be a string or None, not {redact(value)}")
+    return value
+
+
 def _max_event_age(value: object, retention: float) -> float | None:
     key = "PLOINTS_MAX_EVENT_AGE"
     if value is False:
@@ -333,6 +343,7 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         secrets=_secrets(get("PLOINTS_WEBHOOK_SECRET")),
         url=url,
         store=get("PLOINTS_DEDUPE_STORE"),
+        namespace=_namespace(get("PLOINTS_DEDUPE_NAMESPACE")),
         retention=retention,
         lease=lease,
         max_bytes=max_bytes,

@@ -58,7 +58,7 @@ class PlointsWebhooks:
     :param name: names this instance's blueprint, its state in
         ``app.extensions["ploints"]`` and the ``name`` argument of signals.
     :param options: one keyword per config key, each overriding its key on
-        every app: ``secret``, ``url``, ``store``, ``retention``, ``lease``,
+        every app: ``secret``, ``url``, ``store``, ``namespace``, ``retention``, ``lease``,
         ``dispatch``, ``max_bytes``, ``require_https``, ``max_event_age``,
         ``slow_handler_share``, ``memory_store_max_entries``,
         ``redis_prefix``, ``metrics``, ``sql_table``, ``celery_app``,

@@ -758,3 +758,18 @@ def test_register_follows_no_redirect_and_never_sends_the_key_elsewhere(api: str
         "Ploints answered 307: a redirect, not followed: the API key goes to PLOINTS_API_URL only",
     )
     assert _Elsewhere.seen == []
+
+
+def test_failed_lists_this_instances_events_only(tmp_path: Path) -> None:
+    main = PlointsWebhooks()
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": f"sqlite:///{tmp_path / 'shared.db'}"}, main)
+    PlointsWebhooks(app, name="partner", url="/partner", secret="whsec_partner")
+    store = app.extensions["ploints"]["ploints"].store
+    for key in ("evt_main", "partner\x1fevt_partner"):
+        claim = store.claim(key, 60)
+        store.fail(key, claim.token, "RuntimeError: boom", 3600)
+
+    main_lines = run(app, "failed").output.splitlines()
+    partner_lines = run(app, "failed", "--name", "partner").output.splitlines()
+    assert [line.split()[0] for line in main_lines] == ["evt_main"]
+    assert [line.split()[0] for line in partner_lines] == ["evt_partner"]

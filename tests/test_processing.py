@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import typing as t
 
 import pytest
 from flask import Flask
 
+from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
@@ -241,3 +243,81 @@ def test_a_failed_worker_attempt_keeps_the_claim_until_it_gives_up(
     assert [
         (kwargs["name"], kwargs["event"], type(kwargs["exception"])) for kwargs in failures
     ] == [("ploints", event, ValueError)]
+
+
+def _two_accounts(
+    store: object, **partner: t.Any
+) -> tuple[Flask, PlointsWebhooks, PlointsWebhooks]:
+    """The documented two-account setup: two instances on one app and one
+    store.
+    """
+    main = PlointsWebhooks()
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": store}, main)
+    other = PlointsWebhooks(app, name="partner", url="/partner", secret="whsec_partner", **partner)
+    return app, main, other
+
+
+def _send(app: Flask, name: str, event_id: str) -> int:
+    return PlointsClient(app, name).send("points.earned", id=event_id).status_code
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_instances_sharing_a_store_keep_their_ids_apart(
+    kind: str, request: pytest.FixtureRequest, unique: str
+) -> None:
+    store: object = MemoryStore()
+    if kind == "redis":
+        store = request.getfixturevalue("redis_url")
+    config = {"redis_prefix": f"{unique}:"} if kind == "redis" else {}
+    main = PlointsWebhooks(**config)
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": store}, main)
+    partner = PlointsWebhooks(app, name="partner", url="/partner", secret="whsec_partner", **config)
+    seen: list[tuple[str, str]] = []
+    main.on_any(lambda event: seen.append(("ploints", event.id)))
+    partner.on_any(lambda event: seen.append(("partner", event.id)))
+
+    assert [_send(app, "partner", "evt_X"), _send(app, "ploints", "evt_X")] == [200, 200]
+    assert [_send(app, "partner", "evt_X"), _send(app, "ploints", "evt_X")] == [200, 200]
+    assert seen == [("partner", "evt_X"), ("ploints", "evt_X")]
+    if kind == "redis":
+        receiver_for(app).store.client.delete(  # type: ignore[attr-defined]
+            f"{unique}:evt_X", f"{unique}:partner\x1fevt_X"
+        )
+
+
+def test_one_account_cannot_spell_another_accounts_key() -> None:
+    app, _, partner = _two_accounts(MemoryStore())
+    ran: list[str] = []
+    partner.on_any(lambda event: ran.append(event.id))
+    # Whoever holds the main secret signs ids of their choosing; none of
+    # them reaches the partner's keys.
+    assert _send(app, "ploints", "partner:evt_X") == 200
+    assert _send(app, "ploints", "partner\x1fevt_X") == 400
+    assert _send(app, "partner", "evt_X") == 200
+    assert ran == ["evt_X"]
+
+
+def test_keys_of_the_default_and_other_instances() -> None:
+    app, _, _ = _two_accounts(MemoryStore())
+    main = receiver_for(app).processor
+    partner = receiver_for(app, "partner").processor
+    assert (main.key("evt_1"), partner.key("evt_1")) == ("evt_1", "partner\x1fevt_1")
+    assert (main.event_id("evt_1"), partner.event_id("partner\x1fevt_1")) == ("evt_1", "evt_1")
+    assert (main.event_id("partner\x1fevt_1"), partner.event_id("evt_1")) == (None, None)
+    long_id = "e" * 255
+    assert partner.key(long_id) == "partner\x1f#" + hashlib.sha256(long_id.encode()).hexdigest()
+    assert len(partner.key(long_id)) <= 255
+    assert main.key(long_id) == long_id
+
+
+def test_the_namespace_can_be_set_or_turned_off() -> None:
+    app, _, _ = _two_accounts(MemoryStore(), namespace="")
+    assert receiver_for(app, "partner").processor.key("evt_1") == "evt_1"
+    other, _, _ = _two_accounts(MemoryStore(), namespace="acme")
+    assert receiver_for(other, "partner").processor.key("evt_1") == "acme\x1fevt_1"
+
+
+@pytest.mark.parametrize("namespace", ["a\x1fb", "n" * 65, 7])
+def test_a_bad_namespace_names_the_key(namespace: object) -> None:
+    with pytest.raises(ConfigError, match=r"^PLOINTS_DEDUPE_NAMESPACE"):
+        _two_accounts(MemoryStore(), namespace=namespace)

@@ -37,16 +37,21 @@ def _inspectable(receiver: Receiver) -> InspectableStore:
 @name_option
 def failed_command(limit: int, name: str) -> None:
     """List events that ended failed (after async dispatch gave up)."""
+    receiver = receiver_named(name)
     try:
-        failed = _inspectable(receiver_named(name)).failed(limit)
+        failed = _inspectable(receiver).failed(limit)
     except StoreError:
         raise click.ClickException("the dedupe store is unavailable; try again later") from None
-    if not failed:
+    # A store shared by several instances lists theirs too.
+    mine = [(receiver.processor.event_id(stored.id), stored) for stored in failed]
+    if not any(event_id is not None for event_id, _ in mine):
         click.echo("no failed events")
-    for stored in failed:
+    for event_id, stored in mine:
+        if event_id is None:
+            continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stored.updated_at))
         last = (stored.error or "").strip().splitlines()[-1:] or [""]
-        click.echo(f"{stored.id}  {when}Z  attempts={stored.attempts}  {last[0]}")
+        click.echo(f"{event_id}  {when}Z  attempts={stored.attempts}  {last[0]}")
 
 
 @ploints.command("replay")
