@@ -187,6 +187,8 @@ def test_an_existing_engine_can_be_shared(postgres_url: str, unique: str) -> Non
 
 
 def test_an_unreachable_database_fails_fast(unique: str) -> None:
+    import psycopg
+
     store = SQLAlchemyStore.from_url(
         "postgresql+psycopg://postgres@127.0.0.1:1/test", table_name=unique
     )
@@ -194,7 +196,8 @@ def test_an_unreachable_database_fails_fast(unique: str) -> None:
     try:
         with pytest.raises(StoreError) as caught:
             store.claim("evt_1", 60)
-        assert isinstance(caught.value.__cause__, sa.exc.OperationalError)
+        # The driver's own exception, not SQLAlchemy's echo of the statement.
+        assert isinstance(caught.value.__cause__, psycopg.OperationalError)
         with pytest.raises(StoreError):
             store.get("evt_1")
     finally:
@@ -456,3 +459,90 @@ def test_a_store_from_a_url_keeps_its_connection_between_calls(
         assert store.claim("evt_again", 60).status is ClaimStatus.CLAIMED
     finally:
         _close(store)
+
+
+def test_statements_run_as_sqlalchemy_would_run_them(any_store: SQLAlchemyStore) -> None:
+    # The store runs its compiled statements on the DBAPI cursor itself:
+    # each sends the SQL and parameters that SQLAlchemy's own execution
+    # sends, and reads the same rows. An IN list, expanded per call, too.
+    from flask_ploints.stores.sql.dbapi import Cursor
+    from flask_ploints.stores.sql.dbapi import DriverError
+    from flask_ploints.stores.sql.dbapi import Query
+
+    store = any_store
+    claim = store.claim("evt_1", 60, b"{}")
+    store.fail("evt_1", claim.token, "boom", 60)
+    store.claim("evt_2", 60, b"{}")
+    now = time.time()
+    values = {
+        "event_id": "evt_1",
+        "claim_token": "not-the-token",
+        "now": now,
+        "lease_end": now + 60,
+        "keep_until": now + 60,
+        "body": b"{}",
+        "reason": "boom",
+        "abandoned_before": now - 86400,
+        "limit": 10,
+        "ids": ["evt_1", "evt_2", "evt_3"],
+    }
+    statements = store._sql.all()
+    statements["in_list"] = sa.select(store.table.c.id).where(
+        store.table.c.id.in_(sa.bindparam("ids", expanding=True))
+    )
+    # An engine of transactions, rolled back: both ways see the same rows.
+    engine = sa.create_engine(store.engine.url, poolclass=sa.pool.NullPool)
+    dialect = engine.dialect
+    sent: list[tuple[str, t.Any]] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def record(conn: t.Any, cursor: t.Any, statement: str, parameters: t.Any, *args: t.Any) -> None:
+        sent.append((statement, parameters))
+
+    try:
+        for name, statement in statements.items():
+            compiled = statement.compile(dialect=dialect)
+            params = {key: values[key] for key in compiled.params if key in values}
+            with engine.connect() as conn:
+                try:
+                    result = conn.execution_options(preserve_rowcount=True).execute(
+                        statement, params
+                    )
+                    core = (
+                        [tuple(row) for row in result] if result.returns_rows else result.rowcount
+                    )
+                except sa.exc.DBAPIError as exc:
+                    core = type(exc.orig)
+                conn.rollback()
+            raw = engine.raw_connection()
+            try:
+                cursor = Cursor(raw, dialect, {})
+                try:
+                    fast = cursor.execute(statement, params)
+                    ours = (
+                        [tuple(row) for row in fast.fetchall()]
+                        if fast.description
+                        else fast.rowcount
+                    )
+                except DriverError as exc:
+                    ours = type(exc.orig)
+                cursor.close()
+                raw.rollback()
+            finally:
+                raw.close()
+            assert ours == core, name
+            assert _plain(sent[-1]) == _plain(Query(statement, dialect).bind(params)), name
+    finally:
+        engine.dispose()
+
+
+def _plain(sent: tuple[str, t.Any]) -> tuple[str, t.Any]:
+    # psycopg's Binary wrapper compares by identity; compare what it wraps.
+    sql, parameters = sent
+
+    def plain(value: t.Any) -> t.Any:
+        return (type(value), value.obj) if type(value).__name__ == "Binary" else value
+
+    if isinstance(parameters, dict):
+        return sql, {key: plain(value) for key, value in parameters.items()}
+    return sql, tuple(plain(value) for value in parameters)

@@ -1,0 +1,143 @@
+"""Where a store's call gets its connection, in autocommit mode: checked out
+of a shared engine's pool for the call (:class:`PerCall`), or kept by the
+store between calls (:class:`Kept`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import typing as t
+import weakref
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import PoolProxiedConnection
+
+from .dbapi import checkout
+from .dbapi import set_autocommit
+from .dbapi import unset_autocommit
+
+__all__ = ["Connections", "Kept", "PerCall"]
+
+
+class Connections(t.Protocol):
+    """Where a store's calls get their connections, in autocommit mode."""
+
+    def take(self, *, check: bool = False) -> PoolProxiedConnection:
+        """A connection for one call.
+
+        :param check: the call's last connection was dead: do not trust
+            the pool's others without a ping.
+        :raises DriverError: connecting failed.
+        :raises StoreError: no connection came free in time.
+        """
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        """The call is over with ``connection``."""
+
+    def drop(self, *, dead: bool = False) -> None:
+        """Let go of every connection kept for later calls.
+
+        :param dead: one of them was found dead, so the others likely are:
+            close them rather than give them back to the pool.
+        """
+
+
+class PerCall:
+    """A connection checked out of the engine's pool for each call.
+
+    :param switch: switch it to autocommit mode for the call, and back (an
+        engine the application shares); else the engine's connections are
+        in autocommit mode already.
+    """
+
+    def __init__(self, engine: Engine, *, switch: bool) -> None:
+        self._engine = engine
+        self._switch = switch
+
+    def take(self, *, check: bool = False) -> PoolProxiedConnection:
+        connection = checkout(self._engine, check=check)
+        if self._switch:
+            try:
+                set_autocommit(connection, self._engine.dialect)
+            except BaseException:
+                connection.close()
+                raise
+        return connection
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        if self._switch:
+            unset_autocommit(connection, self._engine.dialect)
+        connection.close()
+
+    def drop(self, *, dead: bool = False) -> None:
+        # Nothing is kept; a checked take() replaces the pool's dead ones.
+        pass
+
+
+#: Connections that a forked process inherited from its parent: kept
+#: referenced and unused, so that neither it nor its garbage collector closes
+#: them under the parent.
+_INHERITED: list[PoolProxiedConnection] = []
+_ALL_KEPT: weakref.WeakSet[Kept] = weakref.WeakSet()
+
+
+class Kept:
+    """The connections a store keeps checked out of its own engine's pool
+    between calls, the last one given back used first: a checkout and
+    checkin per call cost about as much as the statement.
+
+    :param engine: the store's engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+        # A collected store closes its connections rather than leave them to
+        # the collector: its engine, and the pool they would go back to, may
+        # be on their way out too.
+        weakref.finalize(self, _close_all, self._idle, True)
+        _ALL_KEPT.add(self)
+
+    def take(self, *, check: bool = False) -> PoolProxiedConnection:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return checkout(self._engine, check=check)
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        if connection.is_valid:
+            self._idle.append(connection)
+        else:
+            _close(connection)
+
+    def drop(self, *, dead: bool = False) -> None:
+        _close_all(self._idle, dead)
+
+    def forget(self) -> None:
+        """In a forked child: the kept connections are the parent's, and no
+        call of the child is in progress.
+        """
+        _INHERITED.extend(self._idle)
+        self._idle.clear()
+
+
+def _close(connection: PoolProxiedConnection, hard: bool = False) -> None:
+    with contextlib.suppress(Exception):
+        if hard:
+            # Closes the DBAPI connection, not only the checkout.
+            connection.invalidate()
+        connection.close()
+
+
+def _close_all(connections: list[PoolProxiedConnection], hard: bool = False) -> None:
+    while connections:
+        _close(connections.pop(), hard)
+
+
+def _forget_kept() -> None:
+    for kept in list(_ALL_KEPT):
+        kept.forget()
+
+
+os.register_at_fork(after_in_child=_forget_kept)

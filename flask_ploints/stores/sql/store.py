@@ -1,0 +1,382 @@
+"""The dedupe store in a SQL database: :class:`SQLAlchemyStore`."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Engine
+
+from ..base import Claim
+from ..base import ClaimStatus
+from ..base import EventState
+from ..base import StoredEvent
+from ..base import StoreError
+from .connections import Connections
+from .connections import Kept
+from .connections import PerCall
+from .dbapi import Cursor
+from .dbapi import DriverError
+from .dbapi import Query
+from .statements import Holder
+from .statements import Statements
+from .statements import holder
+from .statements import make_table
+from .statements import stored
+from .tables import ManagedTable
+from .tables import engine_from_url
+
+__all__ = ["SQLAlchemyStore"]
+
+_IN_FLIGHT = EventState.IN_FLIGHT
+_DONE = EventState.DONE
+_FAILED = EventState.FAILED
+_CLAIMED_DONE = Claim(ClaimStatus.DONE)
+# A claim goes round again when the row changes under it (released, purged,
+# or inserted by a concurrent claim after the statement's snapshot); more
+# than a few rounds means something is wrong.
+_CLAIM_ROUNDS = 5
+_T = t.TypeVar("_T")
+
+
+class SQLAlchemyStore:
+    """Remembers event ids in one table of a SQL database, so every worker
+    process and host shares the same dedupe state. Tested on PostgreSQL
+    (psycopg 3) and SQLite; other databases SQLAlchemy supports should work.
+
+    One row per event id: its ``status`` (``in_flight``, ``done``,
+    ``failed``), the ``token`` of the current claim, when the lease ends
+    (``lease_expires``) and when a done or failed row is forgotten
+    (``expires``), how many times it was claimed (``attempts``), the error of
+    the last :meth:`fail`, the ``payload`` when ``keep_payloads`` is set, and
+    ``created_at`` / ``updated_at``.
+
+    Statements run in autocommit mode, without ``BEGIN`` or ``COMMIT``, one
+    round trip each:
+
+    * A claim of a new id is one ``INSERT ... ON CONFLICT DO NOTHING``. When
+      the id exists, a second statement, ``INSERT ... ON CONFLICT DO UPDATE
+      ... WHERE ... RETURNING``, takes over a row that failed, whose lease
+      ran out, or whose retention passed. On PostgreSQL that statement also
+      returns the row's holder when it changed nothing, to tell ``DONE``
+      from ``IN_FLIGHT``; on SQLite a ``SELECT`` follows then. Other
+      databases insert, update on a duplicate key, then select.
+    * :meth:`commit`, :meth:`release`, :meth:`extend` and :meth:`fail` are one
+      conditional ``UPDATE`` or ``DELETE`` each, that only match while the
+      token owns a live lease.
+
+    SQLAlchemy builds and compiles the statements, once per store, and pools
+    the connections; the store runs the compiled SQL on the DBAPI cursor
+    itself, because SQLAlchemy's execution layer costs more per call than the
+    database does for these one-row statements. So engine events
+    (``before_cursor_execute``, ``echo``) do not see the store's statements.
+
+    **Connections** are not checked before use (no ``pool_pre_ping``, which
+    costs a round trip per call): a call whose pooled connection turns out
+    dead (the database restarted, a proxy dropped it) drops the pool's
+    connections as old as it, as SQLAlchemy does, and runs once more on a new
+    connection. A claim that reached the database before its connection died
+    recognises its own token on the second run; a :meth:`commit`,
+    :meth:`fail` or :meth:`release` checks whether the first run did the
+    work. A failure to connect is not retried. An engine with
+    ``pool_pre_ping`` works too, a round trip slower. A store made by
+    :meth:`from_url` keeps the connections it used between calls (see
+    there); call :meth:`close` to give them back.
+
+    **Clocks.** Times are ``time.time()`` of the host that writes them, stored
+    as float seconds since the epoch so that every dialect compares them the
+    same way. Hosts sharing a table need synchronised clocks (NTP); a host
+    whose clock runs ahead expires leases early.
+
+    **Rows are not deleted by themselves.** Expired rows are taken over by the
+    next claim of their id, but rows of ids never seen again stay until
+    :meth:`purge` removes them: call it from a periodic job.
+
+    **SQLite** allows one writer at a time: the store serialises its own
+    calls with a lock, and :meth:`from_url` sets a busy timeout for other
+    processes. An in-memory database (``sqlite://``) lives in one connection,
+    shared by all threads, and dies with the process.
+
+    Every :class:`sqlalchemy.exc.SQLAlchemyError` is raised as
+    :class:`.StoreError`. It implements :class:`.InspectableStore`.
+
+    :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
+        be shared. The store switches a connection to autocommit mode for
+        the time of a call, and back.
+    :param table_name: the table to keep event ids in.
+    :param keep_payloads: keep each event's raw body, for replay.
+    :param create_table: create the table (if missing) on first use; else
+        call :meth:`create_table` or create it with your migrations.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Dialects that claim with ``INSERT ... ON CONFLICT``, with their
+    #: ``insert`` construct; others insert, then update.
+    _upserts: t.ClassVar[dict[str, t.Callable[[sa.Table], t.Any]]] = {
+        "postgresql": postgresql.insert,
+        "sqlite": sqlite.insert,
+    }
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        table_name: str = "ploints_events",
+        keep_payloads: bool = True,
+        create_table: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.table = make_table(table_name)
+        self.keep_payloads = keep_payloads
+        self._connections: Connections = PerCall(engine, switch=True)
+        self._queries: dict[int, Query] = {}
+        dialect = engine.dialect.name
+        self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
+        self._table = ManagedTable(engine, self.table, create=create_table, error=StoreError)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        engine_options: t.Mapping[str, t.Any] | None = None,
+        **kwargs: t.Any,
+    ) -> SQLAlchemyStore:
+        """Build a store with its own engine for ``url`` (see
+        :func:`engine_from_url`), except that its connections are in
+        ``AUTOCOMMIT`` mode and not pinged before use: the store runs a call
+        again on a dead connection instead. No connection is made until the
+        first call.
+
+        Except on SQLite, the store keeps the connections it used checked
+        out of its engine's pool between calls, at most one per thread
+        calling it at the same time, and gives them back in :meth:`close`.
+
+        :param url: a SQLAlchemy database URL.
+        :param timeout: seconds to wait to connect; on SQLite, for another
+            process's write lock.
+        :param engine_options: more keyword arguments for
+            :func:`sqlalchemy.create_engine`; they win over the above.
+        :param kwargs: passed to the constructor (``table_name``,
+            ``keep_payloads``, ``create_table``).
+        """
+        options: dict[str, t.Any] = {
+            "pool_pre_ping": False,
+            "isolation_level": "AUTOCOMMIT",
+            **(engine_options or {}),
+        }
+        autocommit = options["isolation_level"] == "AUTOCOMMIT"
+        if autocommit:
+            # No transaction is ever left open to roll back on checkin.
+            options.setdefault("pool_reset_on_return", None)
+        store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
+        if autocommit and store.engine.dialect.name != "sqlite":
+            store._connections = Kept(store.engine)
+        elif autocommit:
+            store._connections = PerCall(store.engine, switch=False)
+        return store
+
+    def close(self) -> None:
+        """Give back the connections the store keeps between calls. The
+        store connects again if it is used after.
+        """
+        self._connections.drop()
+
+    def create_table(self) -> None:
+        """Create the table and its index unless they exist.
+
+        :raises StoreError: the database refused.
+        """
+        self._table.create()
+
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
+        """See :meth:`.DedupeStore.claim`. The payload is kept when
+        ``keep_payloads`` is set; a new claim without one keeps the last.
+        """
+        token = secrets.token_hex(8)
+        params: dict[str, t.Any] = {
+            "event_id": event_id,
+            "claim_token": token,
+            "body": payload if self.keep_payloads else None,
+        }
+        for _ in range(_CLAIM_ROUNDS):
+            now = params["now"] = time.time()
+            params["lease_end"] = now + lease
+            found = self._run(lambda cursor, _retry: self._claim(cursor, params))
+            if found is None:
+                # Released or purged between the statements: go round again.
+                continue
+            # Our token: the claim inserted or took over the row, now or in
+            # a first run whose connection died before the answer came back.
+            if found.token == token and found.status == _IN_FLIGHT:
+                return Claim(ClaimStatus.CLAIMED, token)
+            if found.status == _DONE and found.expires > now:
+                return _CLAIMED_DONE
+            if found.status == _IN_FLIGHT and found.lease_expires > now:
+                return Claim(ClaimStatus.IN_FLIGHT, retry_after=found.lease_expires - now)
+        raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
+
+    def _claim(self, cursor: Cursor, params: dict[str, t.Any]) -> Holder | None:
+        """Insert the row, or take it over when it is free; return the row's
+        holder: ours when this claim owns it.
+        """
+        sql = self._sql
+        ours = Holder(params["claim_token"], _IN_FLIGHT, params["lease_end"], 0.0)
+        if sql.insert_new is not None and cursor.execute(sql.insert_new, params).rowcount == 1:
+            return ours
+        if sql.claim is not None:
+            return holder(cursor.first(sql.claim, params))
+        if sql.upsert is not None and self.engine.dialect.insert_returning:
+            found = holder(cursor.first(sql.upsert, params))
+            if found is not None:
+                return found
+        else:
+            # In autocommit mode the failed INSERT leaves the connection usable.
+            try:
+                cursor.execute(sql.insert, params)
+                return ours
+            except DriverError as exc:
+                if not exc.duplicate:
+                    raise
+            if cursor.execute(sql.take_over, params).rowcount == 1:
+                return ours
+        return holder(cursor.first(sql.holder, params))
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.commit`."""
+        now = time.time()
+        return self._settle(
+            self._sql.commit,
+            {"event_id": event_id, "claim_token": token, "now": now, "keep_until": now + retention},
+            lambda found: found is not None and (found.token, found.status) == (token, _DONE),
+        )
+
+    def release(self, event_id: str, token: str) -> bool:
+        """See :meth:`.DedupeStore.release`. The row is deleted."""
+        return self._settle(
+            self._sql.release,
+            {"event_id": event_id, "claim_token": token, "now": time.time()},
+            lambda found: found is None,
+        )
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        """See :meth:`.DedupeStore.extend`."""
+        now = time.time()
+        # Run again after a first run that did extend, it matches again.
+        return self._settle(
+            self._sql.extend,
+            {"event_id": event_id, "claim_token": token, "now": now, "lease_end": now + lease},
+            None,
+        )
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.fail`. The row keeps the error for
+        ``retention`` seconds.
+        """
+        now = time.time()
+        params = {
+            "event_id": event_id,
+            "claim_token": token,
+            "now": now,
+            "keep_until": now + retention,
+            "reason": error,
+        }
+        return self._settle(
+            self._sql.fail,
+            params,
+            lambda found: found is not None and (found.token, found.status) == (token, _FAILED),
+        )
+
+    def _settle(
+        self,
+        statement: sa.ClauseElement,
+        params: dict[str, t.Any],
+        done_before: t.Callable[[Holder | None], bool] | None,
+    ) -> bool:
+        """Run a conditional ``UPDATE`` or ``DELETE``: ``True`` when it matched.
+
+        :param done_before: when the statement runs a second time (its first
+            connection died) and matches nothing, whether the row shows that
+            the first run did the work before the connection died.
+        """
+
+        def settle(cursor: Cursor, retry: bool) -> bool:
+            if cursor.execute(statement, params).rowcount == 1:
+                return True
+            if not retry or done_before is None:
+                return False
+            return done_before(holder(cursor.first(self._sql.holder, params)))
+
+        return self._run(settle)
+
+    def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
+        """Delete the rows the store no longer needs, and return how many.
+
+        Those are done and failed rows past their retention, and in-flight
+        rows whose lease ended more than ``in_flight_grace`` seconds ago (their
+        process died; the sender's next retry would claim them anew). Run it
+        from a periodic job; the receiver never calls it.
+
+        :param now: the time to purge as of, in seconds since the epoch;
+            default, the current time.
+        :param in_flight_grace: how long to keep an abandoned in-flight row,
+            for inspection.
+        """
+        now = time.time() if now is None else now
+        params = {"now": now, "abandoned_before": now - in_flight_grace}
+        count: int = self._run(
+            lambda cursor, _retry: cursor.execute(self._sql.purge, params).rowcount
+        )
+        return count
+
+    def get(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`.InspectableStore.get`."""
+        params = {"event_id": event_id, "now": time.time()}
+        row = self._run(lambda cursor, _retry: cursor.first(self._sql.get, params))
+        return None if row is None else stored(row)
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """See :meth:`.InspectableStore.failed`. Uses the index on
+        ``(status, updated_at)``.
+        """
+        params = {"now": time.time(), "limit": max(limit, 0)}
+        rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
+        return [stored(row) for row in rows]
+
+    def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
+        """Call ``operation(cursor, retry)`` on a connection in autocommit
+        mode; when the connection turns out dead, once more, with ``retry``
+        set, on a checked one. A failure to connect is not retried, so an
+        unreachable database fails within one connect timeout.
+        """
+        self._table.ready()
+        with self._table.errors(), self._table.lock:
+            try:
+                return self._attempt(operation, False)
+            except DriverError as exc:
+                if not exc.dead:
+                    raise
+            return self._attempt(operation, True)
+
+    def _attempt(self, operation: t.Callable[[Cursor, bool], _T], retry: bool) -> _T:
+        connections = self._connections
+        connection = connections.take(check=retry)
+        try:
+            cursor = Cursor(connection, self.engine.dialect, self._queries)
+            try:
+                return operation(cursor, retry)
+            finally:
+                cursor.close()
+        except DriverError as exc:
+            if exc.dead:
+                # The others are as old, and likely as dead.
+                connections.drop(dead=True)
+            raise
+        finally:
+            connections.give_back(connection)
