@@ -13,6 +13,7 @@ from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
+from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract
 from flask_ploints.testing import PlointsClient
 
@@ -57,8 +58,12 @@ def any_store(request: pytest.FixtureRequest) -> SQLAlchemyStore:
 
 class TestPostgreSQLStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, postgres_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return postgres_store
+    def store(
+        self, postgres_url: str, unique: str, clock: FakeClock
+    ) -> t.Iterator[SQLAlchemyStore]:
+        store = SQLAlchemyStore.from_url(postgres_url, table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 class _PortableStore(SQLAlchemyStore):
@@ -68,22 +73,29 @@ class _PortableStore(SQLAlchemyStore):
 
 class TestPortableClaimOnPostgreSQL(InspectableStoreContract):
     @pytest.fixture
-    def store(self, postgres_url: str, unique: str) -> t.Iterator[SQLAlchemyStore]:
-        store = _PortableStore.from_url(postgres_url, table_name=unique)
+    def store(
+        self, postgres_url: str, unique: str, clock: FakeClock
+    ) -> t.Iterator[SQLAlchemyStore]:
+        store = _PortableStore.from_url(postgres_url, table_name=unique, clock=clock)
         yield store
         _close(store)
 
 
 class TestSQLiteFileStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, sqlite_file_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return sqlite_file_store
+    def store(self, tmp_path: Path, unique: str, clock: FakeClock) -> t.Iterator[SQLAlchemyStore]:
+        url = f"sqlite:///{tmp_path / 'events.db'}"
+        store = SQLAlchemyStore.from_url(url, table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 class TestSQLiteMemoryStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, sqlite_memory_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return sqlite_memory_store
+    def store(self, unique: str, clock: FakeClock) -> t.Iterator[SQLAlchemyStore]:
+        store = SQLAlchemyStore.from_url("sqlite://", table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 def _ids(store: SQLAlchemyStore) -> set[str]:
@@ -159,17 +171,21 @@ def test_inline_dispatch_stores_no_payload(sqlite_memory_store: SQLAlchemyStore)
     assert (stored.status, stored.payload) == ("done", None)
 
 
-def test_an_id_past_its_retention_starts_afresh(sqlite_memory_store: SQLAlchemyStore) -> None:
-    store = sqlite_memory_store
+def test_an_id_past_its_retention_starts_afresh(unique: str) -> None:
+    clock = FakeClock()
+    store = SQLAlchemyStore.from_url("sqlite://", table_name=unique, clock=clock)
     claim = store.claim("evt_1", 60, b"first")
     store.fail("evt_1", claim.token, "boom", 0.05)
-    time.sleep(0.1)
-    assert store.get("evt_1") is None
-    assert store.failed() == []
-    assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
-    stored = store.get("evt_1")
-    assert stored is not None
-    assert (stored.attempts, stored.error, stored.payload) == (1, None, None)
+    clock.advance(0.1)
+    try:
+        assert store.get("evt_1") is None
+        assert store.failed() == []
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert (stored.attempts, stored.error, stored.payload) == (1, None, None)
+    finally:
+        _close(store)
 
 
 def test_an_existing_engine_can_be_shared(postgres_url: str, unique: str) -> None:

@@ -87,7 +87,7 @@ class SQLAlchemyStore:
     :meth:`from_url` keeps the connections it used between calls (see
     there); call :meth:`close` to give them back.
 
-    **Clocks.** Times are ``time.time()`` of the host that writes them, stored
+    **Clocks.** Times are the ``clock`` of the host that writes them, stored
     as float seconds since the epoch so that every dialect compares them the
     same way. Hosts sharing a table need synchronised clocks (NTP); a host
     whose clock runs ahead expires leases early.
@@ -111,8 +111,12 @@ class SQLAlchemyStore:
     :param keep_payloads: keep each event's raw body, for replay.
     :param create_table: create the table (if missing) on first use; else
         call :meth:`create_table` or create it with your migrations.
+    :param clock: the time in seconds since the epoch, for every time the
+        store writes or compares; default, :func:`time.time`.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``clock`` parameter.
     """
 
     #: Dialects that claim with ``INSERT ... ON CONFLICT``, with their
@@ -129,10 +133,12 @@ class SQLAlchemyStore:
         table_name: str = "ploints_events",
         keep_payloads: bool = True,
         create_table: bool = True,
+        clock: t.Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.table = make_table(table_name)
         self.keep_payloads = keep_payloads
+        self._clock = clock
         self._connections: Connections = PerCall(engine, switch=True)
         self._queries: dict[int, Query] = {}
         dialect = engine.dialect.name
@@ -164,7 +170,7 @@ class SQLAlchemyStore:
         :param engine_options: more keyword arguments for
             :func:`sqlalchemy.create_engine`; they win over the above.
         :param kwargs: passed to the constructor (``table_name``,
-            ``keep_payloads``, ``create_table``).
+            ``keep_payloads``, ``create_table``, ``clock``).
         """
         options: dict[str, t.Any] = {
             "pool_pre_ping": False,
@@ -206,7 +212,7 @@ class SQLAlchemyStore:
             "body": payload if self.keep_payloads else None,
         }
         for _ in range(_CLAIM_ROUNDS):
-            now = params["now"] = time.time()
+            now = params["now"] = self._clock()
             params["lease_end"] = now + lease
             found = self._run(lambda cursor, _retry: self._claim(cursor, params))
             if found is None:
@@ -250,7 +256,7 @@ class SQLAlchemyStore:
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
-        now = time.time()
+        now = self._clock()
         return self._settle(
             self._sql.commit,
             {"event_id": event_id, "claim_token": token, "now": now, "keep_until": now + retention},
@@ -261,13 +267,13 @@ class SQLAlchemyStore:
         """See :meth:`.DedupeStore.release`. The row is deleted."""
         return self._settle(
             self._sql.release,
-            {"event_id": event_id, "claim_token": token, "now": time.time()},
+            {"event_id": event_id, "claim_token": token, "now": self._clock()},
             lambda found: found is None,
         )
 
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         """See :meth:`.DedupeStore.extend`."""
-        now = time.time()
+        now = self._clock()
         # Run again after a first run that did extend, it matches again.
         return self._settle(
             self._sql.extend,
@@ -279,7 +285,7 @@ class SQLAlchemyStore:
         """See :meth:`.DedupeStore.fail`. The row keeps the error for
         ``retention`` seconds.
         """
-        now = time.time()
+        now = self._clock()
         params = {
             "event_id": event_id,
             "claim_token": token,
@@ -324,11 +330,11 @@ class SQLAlchemyStore:
         from a periodic job; the receiver never calls it.
 
         :param now: the time to purge as of, in seconds since the epoch;
-            default, the current time.
+            default, the store's clock.
         :param in_flight_grace: how long to keep an abandoned in-flight row,
             for inspection.
         """
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         params = {"now": now, "abandoned_before": now - in_flight_grace}
         count: int = self._run(
             lambda cursor, _retry: cursor.execute(self._sql.purge, params).rowcount
@@ -337,7 +343,7 @@ class SQLAlchemyStore:
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`."""
-        params = {"event_id": event_id, "now": time.time()}
+        params = {"event_id": event_id, "now": self._clock()}
         row = self._run(lambda cursor, _retry: cursor.first(self._sql.get, params))
         return None if row is None else stored(row)
 
@@ -345,7 +351,7 @@ class SQLAlchemyStore:
         """See :meth:`.InspectableStore.failed`. Uses the index on
         ``(status, updated_at)``.
         """
-        params = {"now": time.time(), "limit": max(limit, 0)}
+        params = {"now": self._clock(), "limit": max(limit, 0)}
         rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
         return [stored(row) for row in rows]
 
