@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -562,3 +563,67 @@ def _plain(sent: tuple[str, t.Any]) -> tuple[str, t.Any]:
     if isinstance(parameters, dict):
         return sql, {key: plain(value) for key, value in parameters.items()}
     return sql, tuple(plain(value) for value in parameters)
+
+
+def test_many_threads_share_the_kept_connections(postgres_url: str, unique: str) -> None:
+    # More threads than the pool's size plus overflow (5 + 10), as a
+    # gthread server has: none waits long on the pool while kept
+    # connections sit idle, and the store never holds more than the pool.
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    store.create_table()
+    threads = 50
+    start = threading.Barrier(threads)
+    durations: list[float] = []
+    errors: list[BaseException] = []
+
+    def deliver(number: int) -> None:
+        start.wait()
+        started = time.monotonic()
+        try:
+            claim = store.claim(f"evt_{number}", 60)
+            assert claim.status is ClaimStatus.CLAIMED
+            assert store.commit(f"evt_{number}", claim.token, 60) is True
+        except BaseException as exc:
+            errors.append(exc)
+        durations.append(time.monotonic() - started)
+
+    try:
+        workers = [threading.Thread(target=deliver, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert errors == []
+        assert len(durations) == threads
+        assert max(durations) < 2.0
+        assert len(store._connections) <= 15  # type: ignore[arg-type]
+        assert store.engine.pool.checkedout() <= 15
+        store.close()
+        assert store.engine.pool.checkedout() == 0
+        assert _ids(store) == {f"evt_{number}" for number in range(threads)}
+    finally:
+        _close(store)
+
+
+def test_a_call_waits_for_a_free_connection_within_the_timeout(
+    postgres_url: str, unique: str
+) -> None:
+    store = SQLAlchemyStore.from_url(
+        postgres_url,
+        table_name=unique,
+        timeout=0.5,
+        engine_options={"pool_size": 1, "max_overflow": 0},
+    )
+    try:
+        store.create_table()
+        held = store._connections.take()  # another call, still running
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=re.escape("no connection came free within 0.5 s")):
+            store.claim("evt_1", 60)
+        assert 0.5 <= time.monotonic() - started < 1.5
+        # Given back, it serves the next call.
+        store._connections.give_back(held)
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        assert store.engine.pool.checkedout() == 1
+    finally:
+        _close(store)

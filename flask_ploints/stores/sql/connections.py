@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import typing as t
 import weakref
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
+from ..base import StoreError
 from .dbapi import checkout
 from .dbapi import set_autocommit
 from .dbapi import unset_autocommit
@@ -87,12 +90,24 @@ class Kept:
     between calls, the last one given back used first: a checkout and
     checkin per call cost about as much as the statement.
 
+    A call takes a kept connection, or checks a new one out while the store
+    holds fewer than ``limit``; else it waits for one to be given back, at
+    most ``wait`` seconds. Kept connections never sit idle while a thread
+    waits on the pool for one.
+
     :param engine: the store's engine.
+    :param limit: the most connections to hold, idle and in use: the pool's
+        size plus its overflow; ``None`` for no limit.
+    :param wait: the most seconds a call waits for a connection to come free.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, limit: int | None, wait: float) -> None:
         self._engine = engine
+        self._limit = limit
+        self._wait = wait
         self._idle: list[PoolProxiedConnection] = []
+        self._in_use = 0
+        self._freed = threading.Condition(threading.Lock())
         # A collected store closes its connections rather than leave them to
         # the collector: its engine, and the pool they would go back to, may
         # be on their way out too.
@@ -100,19 +115,44 @@ class Kept:
         _ALL_KEPT.add(self)
 
     def take(self, *, check: bool = False) -> PoolProxiedConnection:
+        deadline: float | None = None
+        with self._freed:
+            while not self._idle:
+                if self._limit is None or self._in_use < self._limit:
+                    break
+                if deadline is None:
+                    deadline = time.monotonic() + self._wait
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(
+                        f"database: no connection came free within {self._wait:g} s"
+                        f" ({self._limit} in use)"
+                    )
+                self._freed.wait(left)
+            self._in_use += 1
+            if self._idle:
+                return self._idle.pop()
         try:
-            return self._idle.pop()
-        except IndexError:
             return checkout(self._engine, check=check)
+        except BaseException:
+            with self._freed:
+                self._in_use -= 1
+                self._freed.notify()
+            raise
 
     def give_back(self, connection: PoolProxiedConnection) -> None:
-        if connection.is_valid:
-            self._idle.append(connection)
-        else:
-            _close(connection)
+        with self._freed:
+            self._in_use -= 1
+            if connection.is_valid:
+                self._idle.append(connection)
+            else:
+                # Back to the pool before another call checks one out.
+                _close(connection)
+            self._freed.notify()
 
     def drop(self, *, dead: bool = False) -> None:
-        _close_all(self._idle, dead)
+        with self._freed:
+            _close_all(self._idle, dead)
 
     def forget(self) -> None:
         """In a forked child: the kept connections are the parent's, and no
@@ -120,6 +160,14 @@ class Kept:
         """
         _INHERITED.extend(self._idle)
         self._idle.clear()
+        self._in_use = 0
+        # Another thread of the parent may have held it at the fork.
+        self._freed = threading.Condition(threading.Lock())
+
+    def __len__(self) -> int:
+        """How many connections the store holds, idle and in use."""
+        with self._freed:
+            return len(self._idle) + self._in_use
 
 
 def _close(connection: PoolProxiedConnection, hard: bool = False) -> None:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine import make_url
 
 from ..base import Claim
 from ..base import ClaimStatus
@@ -161,20 +162,26 @@ class SQLAlchemyStore:
         first call.
 
         Except on SQLite, the store keeps the connections it used checked
-        out of its engine's pool between calls, at most one per thread
-        calling it at the same time, and gives them back in :meth:`close`.
+        out of its engine's pool between calls, at most the pool's size
+        plus its overflow (15 by default), and gives them back in
+        :meth:`close`. A call waits at most ``timeout`` seconds for one to
+        come free, then raises :class:`.StoreError`.
 
         :param url: a SQLAlchemy database URL.
-        :param timeout: seconds to wait to connect; on SQLite, for another
-            process's write lock.
+        :param timeout: seconds to wait to connect, and for a free
+            connection; on SQLite, for another process's write lock.
         :param engine_options: more keyword arguments for
             :func:`sqlalchemy.create_engine`; they win over the above.
         :param kwargs: passed to the constructor (``table_name``,
             ``keep_payloads``, ``create_table``, ``clock``).
         """
+        on_sqlite = make_url(url).get_backend_name() == "sqlite"
         options: dict[str, t.Any] = {
             "pool_pre_ping": False,
             "isolation_level": "AUTOCOMMIT",
+            # Bounds a checkout while the pool is full with connections of
+            # store.engine's other users; SQLite's StaticPool takes none.
+            **({} if on_sqlite else {"pool_timeout": timeout}),
             **(engine_options or {}),
         }
         autocommit = options["isolation_level"] == "AUTOCOMMIT"
@@ -182,8 +189,10 @@ class SQLAlchemyStore:
             # No transaction is ever left open to roll back on checkin.
             options.setdefault("pool_reset_on_return", None)
         store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
-        if autocommit and store.engine.dialect.name != "sqlite":
-            store._connections = Kept(store.engine)
+        if autocommit and not on_sqlite:
+            size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
+            limit = None if size <= 0 or overflow < 0 else size + overflow
+            store._connections = Kept(store.engine, limit=limit, wait=timeout)
         elif autocommit:
             store._connections = PerCall(store.engine, switch=False)
         return store
