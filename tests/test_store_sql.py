@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -625,5 +626,29 @@ def test_a_call_waits_for_a_free_connection_within_the_timeout(
         store._connections.give_back(held)
         assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
         assert store.engine.pool.checkedout() == 1
+    finally:
+        _close(store)
+
+
+def test_a_forked_child_leaves_the_parents_connections_alone(
+    postgres_url: str, unique: str
+) -> None:
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    try:
+        claim = store.claim("evt_parent", 60)  # creates the table, keeps one
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                child = store.claim("evt_child", 60)
+                code = 0 if store.commit("evt_child", child.token, 60) else 1
+                store.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's kept connection still answers, and sees the child's row.
+        assert store.commit("evt_parent", claim.token, 60) is True
+        assert store.claim("evt_child", 60).status is ClaimStatus.DONE
     finally:
         _close(store)

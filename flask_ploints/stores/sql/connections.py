@@ -160,6 +160,8 @@ class Kept:
         """
         _INHERITED.extend(self._idle)
         self._idle.clear()
+        # Nor the pool's: the child gets a new one, the parent's is left be.
+        self._engine.dispose(close=False)
         self._in_use = 0
         # Another thread of the parent may have held it at the fork.
         self._freed = threading.Condition(threading.Lock())
