@@ -45,65 +45,11 @@ _T = t.TypeVar("_T")
 
 
 class SQLAlchemyStore:
-    """Remembers event ids in one table of a SQL database, so every worker
-    process and host shares the same dedupe state. Tested on PostgreSQL
-    (psycopg 3) and SQLite; other databases SQLAlchemy supports should work.
-
-    One row per event id: its ``status`` (``in_flight``, ``done``,
-    ``failed``), the ``token`` of the current claim, when the lease ends
-    (``lease_expires``) and when a done or failed row is forgotten
-    (``expires``), how many times it was claimed (``attempts``), the error of
-    the last :meth:`fail`, the ``payload`` when ``keep_payloads`` is set, and
-    ``created_at`` / ``updated_at``.
-
-    Statements run in autocommit mode, without ``BEGIN`` or ``COMMIT``, one
-    round trip each:
-
-    * A claim of a new id is one ``INSERT ... ON CONFLICT DO NOTHING``. When
-      the id exists, a second statement, ``INSERT ... ON CONFLICT DO UPDATE
-      ... WHERE ... RETURNING``, takes over a row that failed, whose lease
-      ran out, or whose retention passed. On PostgreSQL that statement also
-      returns the row's holder when it changed nothing, to tell ``DONE``
-      from ``IN_FLIGHT``; on SQLite a ``SELECT`` follows then. Other
-      databases insert, update on a duplicate key, then select.
-    * :meth:`commit`, :meth:`release`, :meth:`extend` and :meth:`fail` are one
-      conditional ``UPDATE`` or ``DELETE`` each, that only match while the
-      token owns a live lease.
-
-    SQLAlchemy builds and compiles the statements, once per store, and pools
-    the connections; the store runs the compiled SQL on the DBAPI cursor
-    itself, because SQLAlchemy's execution layer costs more per call than the
-    database does for these one-row statements. So engine events
-    (``before_cursor_execute``, ``echo``) do not see the store's statements.
-
-    **Connections** are not checked before use (no ``pool_pre_ping``, which
-    costs a round trip per call): a call whose pooled connection turns out
-    dead (the database restarted, a proxy dropped it) drops the pool's
-    connections as old as it, as SQLAlchemy does, and runs once more on a new
-    connection. A claim that reached the database before its connection died
-    recognises its own token on the second run; a :meth:`commit`,
-    :meth:`fail` or :meth:`release` checks whether the first run did the
-    work. A failure to connect is not retried. An engine with
-    ``pool_pre_ping`` works too, a round trip slower. A store made by
-    :meth:`from_url` keeps the connections it used between calls (see
-    there); call :meth:`close` to give them back.
-
-    **Clocks.** Times are the ``clock`` of the host that writes them, stored
-    as float seconds since the epoch so that every dialect compares them the
-    same way. Hosts sharing a table need synchronised clocks (NTP); a host
-    whose clock runs ahead expires leases early.
-
-    **Rows are not deleted by themselves.** Expired rows are taken over by the
-    next claim of their id, but rows of ids never seen again stay until
-    :meth:`purge` removes them: call it from a periodic job.
-
-    **SQLite** allows one writer at a time: the store serialises its own
-    calls with a lock, and :meth:`from_url` sets a busy timeout for other
-    processes. An in-memory database (``sqlite://``) lives in one connection,
-    shared by all threads, and dies with the process.
-
-    Every :class:`sqlalchemy.exc.SQLAlchemyError` is raised as
-    :class:`.StoreError`. It implements :class:`.InspectableStore`.
+    """Remembers event ids in one table of a SQL database, shared by every
+    worker process and host; tested on PostgreSQL (psycopg 3) and SQLite.
+    It implements :class:`.InspectableStore` and raises every database error
+    as :class:`.StoreError`. :doc:`/sql-store` describes its table,
+    statements, connections and clocks.
 
     :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
         be shared. The store switches a connection to autocommit mode for
@@ -156,16 +102,10 @@ class SQLAlchemyStore:
         **kwargs: t.Any,
     ) -> SQLAlchemyStore:
         """Build a store with its own engine for ``url`` (see
-        :func:`engine_from_url`), except that its connections are in
-        ``AUTOCOMMIT`` mode and not pinged before use: the store runs a call
-        again on a dead connection instead. No connection is made until the
-        first call.
-
-        Except on SQLite, the store keeps the connections it used checked
-        out of its engine's pool between calls, at most the pool's size
-        plus its overflow (15 by default), and gives them back in
-        :meth:`close`. A call waits at most ``timeout`` seconds for one to
-        come free, then raises :class:`.StoreError`.
+        :func:`engine_from_url`), in ``AUTOCOMMIT`` mode and without pings.
+        Except on SQLite, it keeps the connections it used between calls, at
+        most the pool's size plus overflow, until :meth:`close`; see
+        :doc:`/sql-store`. No connection is made until the first call.
 
         :param url: a SQLAlchemy database URL.
         :param timeout: seconds to wait to connect, and for a free
