@@ -12,15 +12,21 @@ import time
 import typing as t
 import weakref
 
+from sqlalchemy.engine import Dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
 from ..base import StoreError
+from .dbapi import Cursor
+from .dbapi import DriverError
+from .dbapi import Query
 from .dbapi import checkout
 from .dbapi import set_autocommit
 from .dbapi import unset_autocommit
 
-__all__ = ["Connections", "Kept", "PerCall"]
+__all__ = ["Connections", "Kept", "PerCall", "pool_limit", "run"]
+
+_T = t.TypeVar("_T")
 
 
 class Connections(t.Protocol):
@@ -44,6 +50,45 @@ class Connections(t.Protocol):
         :param dead: one of them was found dead, so the others likely are:
             close them rather than give them back to the pool.
         """
+
+
+def run(
+    connections: Connections,
+    dialect: Dialect,
+    queries: dict[int, Query],
+    operation: t.Callable[[Cursor, bool], _T],
+) -> _T:
+    """Call ``operation(cursor, retry)`` on a connection of ``connections``;
+    when it turns out dead, once more, with ``retry`` set, on a checked one.
+    A failure to connect is not retried, so an unreachable database fails
+    within one connect timeout.
+
+    :param queries: the compiled statements, see :class:`.Cursor`.
+    :raises DriverError: the driver refused.
+    """
+    for retry in (False, True):
+        connection = connections.take(check=retry)
+        try:
+            cursor = Cursor(connection, dialect, queries)
+            try:
+                return operation(cursor, retry)
+            finally:
+                cursor.close()
+        except DriverError as exc:
+            if not exc.dead or retry:
+                raise
+            # The others are as old, and likely as dead.
+            connections.drop(dead=True)
+        finally:
+            connections.give_back(connection)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def pool_limit(size: int, overflow: int) -> int | None:
+    """The most connections a pool of ``size`` and ``overflow`` hands out,
+    as :func:`sqlalchemy.create_engine` takes them; ``None`` for no limit.
+    """
+    return None if size <= 0 or overflow < 0 else size + overflow
 
 
 class PerCall:

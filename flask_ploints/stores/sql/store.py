@@ -20,6 +20,8 @@ from ..base import StoreError
 from .connections import Connections
 from .connections import Kept
 from .connections import PerCall
+from .connections import pool_limit
+from .connections import run
 from .dbapi import Cursor
 from .dbapi import DriverError
 from .dbapi import Query
@@ -130,8 +132,7 @@ class SQLAlchemyStore:
             options.setdefault("pool_reset_on_return", None)
         store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
         if autocommit and not on_sqlite:
-            size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
-            limit = None if size <= 0 or overflow < 0 else size + overflow
+            limit = pool_limit(options.get("pool_size", 5), options.get("max_overflow", 10))
             store._connections = Kept(store.engine, limit=limit, wait=timeout)
         elif autocommit:
             store._connections = PerCall(store.engine, switch=False)
@@ -305,33 +306,6 @@ class SQLAlchemyStore:
         return [stored(row) for row in rows]
 
     def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
-        """Call ``operation(cursor, retry)`` on a connection in autocommit
-        mode; when the connection turns out dead, once more, with ``retry``
-        set, on a checked one. A failure to connect is not retried, so an
-        unreachable database fails within one connect timeout.
-        """
         self._table.ready()
         with self._table.errors(), self._table.lock:
-            try:
-                return self._attempt(operation, False)
-            except DriverError as exc:
-                if not exc.dead:
-                    raise
-            return self._attempt(operation, True)
-
-    def _attempt(self, operation: t.Callable[[Cursor, bool], _T], retry: bool) -> _T:
-        connections = self._connections
-        connection = connections.take(check=retry)
-        try:
-            cursor = Cursor(connection, self.engine.dialect, self._queries)
-            try:
-                return operation(cursor, retry)
-            finally:
-                cursor.close()
-        except DriverError as exc:
-            if exc.dead:
-                # The others are as old, and likely as dead.
-                connections.drop(dead=True)
-            raise
-        finally:
-            connections.give_back(connection)
+            return run(self._connections, self.engine.dialect, self._queries, operation)
