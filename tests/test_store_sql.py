@@ -652,3 +652,29 @@ def test_a_forked_child_leaves_the_parents_connections_alone(
         assert store.claim("evt_child", 60).status is ClaimStatus.DONE
     finally:
         _close(store)
+
+
+def test_a_shared_engine_replaces_its_dead_connections(postgres_url: str, unique: str) -> None:
+    # The server ends every connection of a shared engine's pool: the call
+    # on the first one runs again on one it pinged, not on the next dead one.
+    import psycopg
+
+    engine = sa.create_engine(postgres_url, connect_args={"application_name": unique})
+    store = SQLAlchemyStore(engine, table_name=unique)
+    try:
+        store.create_table()
+        connections = [engine.raw_connection() for _ in range(3)]
+        for connection in connections:
+            connection.close()  # three idle in the pool
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (unique,),
+            )
+        time.sleep(0.2)
+        claim = store.claim("evt_1", 60)
+        assert claim.status is ClaimStatus.CLAIMED
+        assert store.commit("evt_1", claim.token, 60) is True
+    finally:
+        _close(store)

@@ -22,8 +22,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = ["Cursor", "DriverError", "Query", "checkout", "set_autocommit", "unset_autocommit"]
 
-#: How many pooled connections a checkout after a disconnect tries before
-#: it gives up; each one found dead is replaced on its next checkout.
+#: How many pooled connections a checkout after a disconnect pings, each
+#: one found dead invalidated (reconnected on its next checkout), before it
+#: takes the next one unchecked.
 _MAX_DEAD = 32
 
 
