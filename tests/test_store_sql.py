@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -13,6 +15,7 @@ from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
+from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract
 from flask_ploints.testing import PlointsClient
 
@@ -57,8 +60,12 @@ def any_store(request: pytest.FixtureRequest) -> SQLAlchemyStore:
 
 class TestPostgreSQLStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, postgres_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return postgres_store
+    def store(
+        self, postgres_url: str, unique: str, clock: FakeClock
+    ) -> t.Iterator[SQLAlchemyStore]:
+        store = SQLAlchemyStore.from_url(postgres_url, table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 class _PortableStore(SQLAlchemyStore):
@@ -68,22 +75,29 @@ class _PortableStore(SQLAlchemyStore):
 
 class TestPortableClaimOnPostgreSQL(InspectableStoreContract):
     @pytest.fixture
-    def store(self, postgres_url: str, unique: str) -> t.Iterator[SQLAlchemyStore]:
-        store = _PortableStore.from_url(postgres_url, table_name=unique)
+    def store(
+        self, postgres_url: str, unique: str, clock: FakeClock
+    ) -> t.Iterator[SQLAlchemyStore]:
+        store = _PortableStore.from_url(postgres_url, table_name=unique, clock=clock)
         yield store
         _close(store)
 
 
 class TestSQLiteFileStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, sqlite_file_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return sqlite_file_store
+    def store(self, tmp_path: Path, unique: str, clock: FakeClock) -> t.Iterator[SQLAlchemyStore]:
+        url = f"sqlite:///{tmp_path / 'events.db'}"
+        store = SQLAlchemyStore.from_url(url, table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 class TestSQLiteMemoryStore(InspectableStoreContract):
     @pytest.fixture
-    def store(self, sqlite_memory_store: SQLAlchemyStore) -> SQLAlchemyStore:
-        return sqlite_memory_store
+    def store(self, unique: str, clock: FakeClock) -> t.Iterator[SQLAlchemyStore]:
+        store = SQLAlchemyStore.from_url("sqlite://", table_name=unique, clock=clock)
+        yield store
+        _close(store)
 
 
 def _ids(store: SQLAlchemyStore) -> set[str]:
@@ -159,17 +173,21 @@ def test_inline_dispatch_stores_no_payload(sqlite_memory_store: SQLAlchemyStore)
     assert (stored.status, stored.payload) == ("done", None)
 
 
-def test_an_id_past_its_retention_starts_afresh(sqlite_memory_store: SQLAlchemyStore) -> None:
-    store = sqlite_memory_store
+def test_an_id_past_its_retention_starts_afresh(unique: str) -> None:
+    clock = FakeClock()
+    store = SQLAlchemyStore.from_url("sqlite://", table_name=unique, clock=clock)
     claim = store.claim("evt_1", 60, b"first")
     store.fail("evt_1", claim.token, "boom", 0.05)
-    time.sleep(0.1)
-    assert store.get("evt_1") is None
-    assert store.failed() == []
-    assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
-    stored = store.get("evt_1")
-    assert stored is not None
-    assert (stored.attempts, stored.error, stored.payload) == (1, None, None)
+    clock.advance(0.1)
+    try:
+        assert store.get("evt_1") is None
+        assert store.failed() == []
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert (stored.attempts, stored.error, stored.payload) == (1, None, None)
+    finally:
+        _close(store)
 
 
 def test_an_existing_engine_can_be_shared(postgres_url: str, unique: str) -> None:
@@ -187,6 +205,8 @@ def test_an_existing_engine_can_be_shared(postgres_url: str, unique: str) -> Non
 
 
 def test_an_unreachable_database_fails_fast(unique: str) -> None:
+    import psycopg
+
     store = SQLAlchemyStore.from_url(
         "postgresql+psycopg://postgres@127.0.0.1:1/test", table_name=unique
     )
@@ -194,7 +214,8 @@ def test_an_unreachable_database_fails_fast(unique: str) -> None:
     try:
         with pytest.raises(StoreError) as caught:
             store.claim("evt_1", 60)
-        assert isinstance(caught.value.__cause__, sa.exc.OperationalError)
+        # The driver's own exception, not SQLAlchemy's echo of the statement.
+        assert isinstance(caught.value.__cause__, psycopg.OperationalError)
         with pytest.raises(StoreError):
             store.get("evt_1")
     finally:
@@ -454,5 +475,206 @@ def test_a_store_from_a_url_keeps_its_connection_between_calls(
         assert store.engine.pool.checkedout() == 0
         # Used again after close, it connects again.
         assert store.claim("evt_again", 60).status is ClaimStatus.CLAIMED
+    finally:
+        _close(store)
+
+
+def test_statements_run_as_sqlalchemy_would_run_them(any_store: SQLAlchemyStore) -> None:
+    # The store runs its compiled statements on the DBAPI cursor itself:
+    # each sends the SQL and parameters that SQLAlchemy's own execution
+    # sends, and reads the same rows. An IN list, expanded per call, too.
+    from flask_ploints.stores.sql.dbapi import Cursor
+    from flask_ploints.stores.sql.dbapi import DriverError
+    from flask_ploints.stores.sql.dbapi import Query
+
+    store = any_store
+    claim = store.claim("evt_1", 60, b"{}")
+    store.fail("evt_1", claim.token, "boom", 60)
+    store.claim("evt_2", 60, b"{}")
+    now = time.time()
+    values = {
+        "event_id": "evt_1",
+        "claim_token": "not-the-token",
+        "now": now,
+        "lease_end": now + 60,
+        "keep_until": now + 60,
+        "body": b"{}",
+        "reason": "boom",
+        "abandoned_before": now - 86400,
+        "limit": 10,
+        "ids": ["evt_1", "evt_2", "evt_3"],
+    }
+    statements = store._sql.all()
+    statements["in_list"] = sa.select(store.table.c.id).where(
+        store.table.c.id.in_(sa.bindparam("ids", expanding=True))
+    )
+    # An engine of transactions, rolled back: both ways see the same rows.
+    engine = sa.create_engine(store.engine.url, poolclass=sa.pool.NullPool)
+    dialect = engine.dialect
+    sent: list[tuple[str, t.Any]] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def record(conn: t.Any, cursor: t.Any, statement: str, parameters: t.Any, *args: t.Any) -> None:
+        sent.append((statement, parameters))
+
+    try:
+        for name, statement in statements.items():
+            compiled = statement.compile(dialect=dialect)
+            params = {key: values[key] for key in compiled.params if key in values}
+            with engine.connect() as conn:
+                try:
+                    result = conn.execution_options(preserve_rowcount=True).execute(
+                        statement, params
+                    )
+                    core = (
+                        [tuple(row) for row in result] if result.returns_rows else result.rowcount
+                    )
+                except sa.exc.DBAPIError as exc:
+                    core = type(exc.orig)
+                conn.rollback()
+            raw = engine.raw_connection()
+            try:
+                cursor = Cursor(raw, dialect, {})
+                try:
+                    fast = cursor.execute(statement, params)
+                    ours = (
+                        [tuple(row) for row in fast.fetchall()]
+                        if fast.description
+                        else fast.rowcount
+                    )
+                except DriverError as exc:
+                    ours = type(exc.orig)
+                cursor.close()
+                raw.rollback()
+            finally:
+                raw.close()
+            assert ours == core, name
+            assert _plain(sent[-1]) == _plain(Query(statement, dialect).bind(params)), name
+    finally:
+        engine.dispose()
+
+
+def _plain(sent: tuple[str, t.Any]) -> tuple[str, t.Any]:
+    # psycopg's Binary wrapper compares by identity; compare what it wraps.
+    sql, parameters = sent
+
+    def plain(value: t.Any) -> t.Any:
+        return (type(value), value.obj) if type(value).__name__ == "Binary" else value
+
+    if isinstance(parameters, dict):
+        return sql, {key: plain(value) for key, value in parameters.items()}
+    return sql, tuple(plain(value) for value in parameters)
+
+
+def test_many_threads_share_the_kept_connections(postgres_url: str, unique: str) -> None:
+    # More threads than the pool's size plus overflow (5 + 10), as a
+    # gthread server has: none waits long on the pool while kept
+    # connections sit idle, and the store never holds more than the pool.
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    store.create_table()
+    threads = 50
+    start = threading.Barrier(threads)
+    durations: list[float] = []
+    errors: list[BaseException] = []
+
+    def deliver(number: int) -> None:
+        start.wait()
+        started = time.monotonic()
+        try:
+            claim = store.claim(f"evt_{number}", 60)
+            assert claim.status is ClaimStatus.CLAIMED
+            assert store.commit(f"evt_{number}", claim.token, 60) is True
+        except BaseException as exc:
+            errors.append(exc)
+        durations.append(time.monotonic() - started)
+
+    try:
+        workers = [threading.Thread(target=deliver, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert errors == []
+        assert len(durations) == threads
+        assert max(durations) < 2.0
+        assert len(store._connections) <= 15  # type: ignore[arg-type]
+        assert store.engine.pool.checkedout() <= 15
+        store.close()
+        assert store.engine.pool.checkedout() == 0
+        assert _ids(store) == {f"evt_{number}" for number in range(threads)}
+    finally:
+        _close(store)
+
+
+def test_a_call_waits_for_a_free_connection_within_the_timeout(
+    postgres_url: str, unique: str
+) -> None:
+    store = SQLAlchemyStore.from_url(
+        postgres_url,
+        table_name=unique,
+        timeout=0.5,
+        engine_options={"pool_size": 1, "max_overflow": 0},
+    )
+    try:
+        store.create_table()
+        held = store._connections.take()  # another call, still running
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=re.escape("no connection came free within 0.5 s")):
+            store.claim("evt_1", 60)
+        assert 0.5 <= time.monotonic() - started < 1.5
+        # Given back, it serves the next call.
+        store._connections.give_back(held)
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        assert store.engine.pool.checkedout() == 1
+    finally:
+        _close(store)
+
+
+def test_a_forked_child_leaves_the_parents_connections_alone(
+    postgres_url: str, unique: str
+) -> None:
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    try:
+        claim = store.claim("evt_parent", 60)  # creates the table, keeps one
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                child = store.claim("evt_child", 60)
+                code = 0 if store.commit("evt_child", child.token, 60) else 1
+                store.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's kept connection still answers, and sees the child's row.
+        assert store.commit("evt_parent", claim.token, 60) is True
+        assert store.claim("evt_child", 60).status is ClaimStatus.DONE
+    finally:
+        _close(store)
+
+
+def test_a_shared_engine_replaces_its_dead_connections(postgres_url: str, unique: str) -> None:
+    # The server ends every connection of a shared engine's pool: the call
+    # on the first one runs again on one it pinged, not on the next dead one.
+    import psycopg
+
+    engine = sa.create_engine(postgres_url, connect_args={"application_name": unique})
+    store = SQLAlchemyStore(engine, table_name=unique)
+    try:
+        store.create_table()
+        connections = [engine.raw_connection() for _ in range(3)]
+        for connection in connections:
+            connection.close()  # three idle in the pool
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (unique,),
+            )
+        time.sleep(0.2)
+        claim = store.claim("evt_1", 60)
+        assert claim.status is ClaimStatus.CLAIMED
+        assert store.commit("evt_1", claim.token, 60) is True
     finally:
         _close(store)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import traceback
 import typing as t
@@ -30,10 +29,9 @@ from ..errors import DeliveryLogError
 try:
     import sqlalchemy as sa
     from sqlalchemy.engine import Engine
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from ..stores.sql import engine_from_url
-    from ..stores.sql import ensure_table
+    from ..stores.sql.tables import ManagedTable
+    from ..stores.sql.tables import engine_from_url
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the delivery log needs SQLAlchemy 2; install it with:"
@@ -164,14 +162,8 @@ class DeliveryLog:
         self.engine = engine
         self.table = _make_table(table_name)
         self.retention = retention
-        self._needs_table = create_table
-        self._create_lock = threading.Lock()
         self._next_purge = 0.0
-        self._lock: t.ContextManager[t.Any] = (
-            # SQLite has one writer at a time (one shared connection when in
-            # memory): threads queue here rather than on busy timeouts.
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
+        self._table = ManagedTable(engine, self.table, create=create_table, error=DeliveryLogError)
 
     @classmethod
     def from_url(
@@ -201,16 +193,7 @@ class DeliveryLog:
 
         :raises DeliveryLogError: the database refused.
         """
-        with self._create_lock:
-            self._create_table()
-
-    def _create_table(self) -> None:
-        try:
-            with self._lock:
-                ensure_table(self.engine, self.table)
-        except SQLAlchemyError as exc:
-            raise _log_error(exc) from None
-        self._needs_table = False
+        self._table.create()
 
     def connect(self, app: Flask) -> None:
         """Record the deliveries of ``app``, of every
@@ -389,25 +372,9 @@ class DeliveryLog:
 
     @contextlib.contextmanager
     def _begin(self) -> t.Iterator[Connection]:
-        if self._needs_table:
-            with self._create_lock:
-                if self._needs_table:
-                    self._create_table()
-        try:
-            with self._lock, self.engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise _log_error(exc) from None
-
-
-def _log_error(exc: SQLAlchemyError) -> DeliveryLogError:
-    # The driver's message only, raised without its cause: SQLAlchemy's
-    # exception echoes the statement's parameters, which hold payloads, and
-    # the receiver logs this error with its traceback.
-    orig = getattr(exc, "orig", None)
-    if orig is not None:
-        return DeliveryLogError(f"database: {type(orig).__name__}: {orig}".strip())
-    return DeliveryLogError(f"database: {type(exc).__name__}: {exc}")
+        self._table.ready()
+        with self._table.errors(), self._table.lock, self.engine.begin() as conn:
+            yield conn
 
 
 def _delivery(row: sa.Row[t.Any]) -> Delivery:

@@ -1,0 +1,161 @@
+"""The SQL plumbing that the store and the delivery log share: engines from
+URLs, tables created on first use, SQLite's one writer, and database errors
+raised as the caller's own exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from ...errors import PlointsError
+from .dbapi import DriverError
+
+__all__ = ["ManagedTable", "database_error", "engine_from_url", "ensure_table"]
+
+
+def engine_from_url(
+    url: str, *, timeout: float = 2.0, engine_options: t.Mapping[str, t.Any] | None = None
+) -> Engine:
+    """Build an engine for ``url`` the way :meth:`SQLAlchemyStore.from_url`
+    does, for other tables of flask-ploints (the delivery log) to share. No
+    connection is made until the first use.
+
+    A ``postgresql://`` (or ``postgres://``) URL without a driver uses
+    psycopg 3. An in-memory SQLite URL (``sqlite://``) gets a
+    :class:`~sqlalchemy.pool.StaticPool`, so that every thread sees the
+    same database. Connections are checked before use (``pool_pre_ping``).
+
+    :param url: a SQLAlchemy database URL.
+    :param timeout: seconds to wait to connect; on SQLite, for another
+        process's write lock.
+    :param engine_options: more keyword arguments for
+        :func:`sqlalchemy.create_engine`; they win over the above.
+
+    .. versionadded:: 0.1
+    """
+    parsed = make_url(_with_driver(url))
+    options: dict[str, t.Any] = {"pool_pre_ping": True}
+    connect_args: dict[str, t.Any] = {}
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        connect_args["connect_timeout"] = max(2, math.ceil(timeout))
+    elif backend in ("mysql", "mariadb"):
+        connect_args["connect_timeout"] = max(1, math.ceil(timeout))
+    elif backend == "sqlite":
+        connect_args["timeout"] = timeout
+        connect_args["check_same_thread"] = False
+        if parsed.database in (None, "", ":memory:"):
+            options["poolclass"] = StaticPool
+    extra = dict(engine_options or {})
+    connect_args.update(extra.pop("connect_args", {}))
+    options["connect_args"] = connect_args
+    options.update(extra)
+    return sa.create_engine(parsed, **options)
+
+
+def _with_driver(url: str) -> str:
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def ensure_table(engine: Engine, table: sa.Table) -> None:
+    """Create ``table`` and its indexes in ``engine``'s database unless they
+    exist, also when another process creates them at the same time.
+
+    :raises sqlalchemy.exc.SQLAlchemyError: the database refused.
+    """
+    try:
+        table.create(engine, checkfirst=True)
+    except SQLAlchemyError:
+        # Another process created it between the check and the create; the
+        # second check sees it.
+        table.create(engine, checkfirst=True)
+
+
+_E = t.TypeVar("_E", bound=PlointsError)
+
+
+def database_error(exc: SQLAlchemyError | DriverError, error: type[_E]) -> _E:
+    """``exc`` as an ``error`` with the driver's message only: SQLAlchemy's
+    own message echoes the statement's parameters, which hold payloads.
+    Raise it from :func:`driver_exception`.
+    """
+    orig = driver_exception(exc)
+    return error(f"database: {type(orig).__name__}: {orig}".strip())
+
+
+def driver_exception(exc: SQLAlchemyError | DriverError) -> BaseException:
+    """The driver's exception under ``exc``, or ``exc`` when there is none."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+class ManagedTable:
+    """A table used by one component, created (if missing) on its first use,
+    with the lock that serialises its writes on SQLite.
+
+    :param engine: the engine of the table's database.
+    :param table: the table.
+    :param create: create it on first use.
+    :param error: the component's exception, raised for every database error.
+    """
+
+    def __init__(
+        self, engine: Engine, table: sa.Table, *, create: bool, error: type[PlointsError]
+    ) -> None:
+        self.engine = engine
+        self.table = table
+        self.error = error
+        self._needs_table = create
+        self._create_lock = threading.Lock()
+        #: Held around every use of the database. SQLite has one writer at a
+        #: time (and one shared connection when in memory): threads queue
+        #: here rather than on busy timeouts.
+        self.lock: t.ContextManager[t.Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
+
+    def ready(self) -> None:
+        """Create the table if it is the first use.
+
+        :raises PlointsError: the component's error; the database refused.
+        """
+        if self._needs_table:
+            with self._create_lock:
+                if self._needs_table:
+                    self._create()
+
+    def create(self) -> None:
+        """Create the table and its indexes unless they exist.
+
+        :raises PlointsError: the component's error; the database refused.
+        """
+        with self._create_lock:
+            self._create()
+
+    def _create(self) -> None:
+        with self.errors(), self.lock:
+            ensure_table(self.engine, self.table)
+        self._needs_table = False
+
+    @contextlib.contextmanager
+    def errors(self) -> t.Iterator[None]:
+        """Raise the database errors of the block as the component's error,
+        from the driver's exception.
+        """
+        try:
+            yield
+        except (SQLAlchemyError, DriverError) as exc:
+            raise database_error(exc, self.error) from driver_exception(exc)
