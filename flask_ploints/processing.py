@@ -2,15 +2,10 @@
 notify, and say what happened.
 
 Every way an event is processed goes through one :class:`Processor` per
-:class:`~flask_ploints.PlointsWebhooks` instance and app:
-
-- a delivery to the endpoint, :meth:`Processor.deliver`;
-- a replay of a failed event or a re-run from the delivery log,
-  :meth:`Processor.rerun`;
-- a Celery worker's attempt, :meth:`Processor.resume`, then
-  :meth:`Processor.keep` before a retry or :meth:`Processor.give_up`.
-
-The callers only translate: the endpoint maps the :class:`Outcome` to an
+instance and app: a delivery (:meth:`~Processor.deliver`), a replay or a
+re-run from the delivery log (:meth:`~Processor.rerun`), and a Celery
+worker's attempt (:meth:`~Processor.resume`, then :meth:`~Processor.keep`
+or :meth:`~Processor.give_up`). The callers only translate: the endpoint maps the :class:`Outcome` to an
 HTTP status, replay to its return value, the worker to a retry. The three
 differ in one thing, what a handler failure does to the claim. A delivery
 releases it, so the sender's retry runs the event again; a replay records
@@ -29,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import time
 import traceback
@@ -43,10 +37,10 @@ from . import signals
 from .config import Settings
 from .dispatch import Dispatcher
 from .dispatch import Handlers
-from .errors import ConfigError
 from .errors import DispatchError
 from .errors import HandlerError
 from .events import Event
+from .namespace import Namespace
 from .signals import notify
 from .stores import Claim
 from .stores import ClaimStatus
@@ -59,16 +53,6 @@ logger = logging.getLogger("flask_ploints")
 #: The most characters of a traceback recorded with a failed event; the
 #: start is cut, since the end names the error.
 MAX_ERROR = 20_000
-
-#: The longest key a store is given: SQL stores keep 255 characters.
-MAX_KEY_LENGTH = 255
-#: The longest ``PLOINTS_DEDUPE_NAMESPACE``.
-MAX_NAMESPACE = 64
-#: The name of the instance whose event ids are their own keys, as in 0.1.
-DEFAULT_NAME = "ploints"
-# Between a namespace and an event id: the parser refuses control
-# characters in ids, so no id of one instance can spell another's key.
-_SEPARATOR = "\x1f"
 
 # Not a handler failure: the process is going away. The claim is released
 # on the way out, so the sender's retry need not wait for the lease.
@@ -190,40 +174,12 @@ class Processor:
         # where its payload is kept for replay; an inline failure releases
         # the claim, so the store would hold the body for nothing.
         self._keep_payload = not dispatcher.runs_inline
-        namespace = settings.namespace
-        if namespace is None:
-            namespace = "" if name == DEFAULT_NAME else name
-        if _SEPARATOR in namespace or len(namespace) > MAX_NAMESPACE:
-            raise ConfigError(
-                f"PLOINTS_DEDUPE_NAMESPACE (default: the instance's name) must be at most"
-                f" {MAX_NAMESPACE} characters without U+001F, not {namespace!r}"
-            )
-        self._prefix = namespace + _SEPARATOR if namespace else ""
+        #: How the instance's event ids become store keys.
+        self.namespace = Namespace(name, settings.namespace)
+        self._key = self.namespace.key
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
-
-    def key(self, event_id: str) -> str:
-        """Return the key the store keeps ``event_id`` under: the id itself
-        for the default instance, else the namespace, a separator no event id
-        may hold (U+001F), and the id; a key past the stores' 255 characters
-        ends in the id's SHA-256 instead.
-        """
-        if not self._prefix:
-            return event_id
-        key = self._prefix + event_id
-        if len(key) > MAX_KEY_LENGTH:
-            key = self._prefix + "#" + hashlib.sha256(event_id.encode()).hexdigest()
-        return key
-
-    def event_id(self, key: str) -> str | None:
-        """Return the event id a store key of this instance stands for, or
-        ``None`` for another instance's key. A hashed key is returned as it
-        is.
-        """
-        if not self._prefix:
-            return None if _SEPARATOR in key else key
-        return key[len(self._prefix) :] if key.startswith(self._prefix) else None
 
     def deliver(self, app: Flask, event: Event) -> Result:
         """Process a delivery: claim its id, then run it here or hand it
@@ -253,17 +209,14 @@ class Processor:
         than the lease), the id is claimed again; if it was processed or is
         held by another delivery meanwhile, nothing runs.
 
-        A handler failure keeps the claim: the worker either retries, after
-        :meth:`keep`, or ends with :meth:`give_up`.
-
-        :return: :attr:`~Outcome.PROCESSED`, :attr:`~Outcome.DUPLICATE`,
-            :attr:`~Outcome.IN_FLIGHT`, :attr:`~Outcome.FAILED` (with the
-            token now held) or :attr:`~Outcome.UNAVAILABLE` (the store).
+        A handler failure keeps the claim (:attr:`~Outcome.FAILED`, with the
+        token now held): the worker retries after :meth:`keep`, or ends
+        with :meth:`give_up`.
         """
         lease = self.dispatcher.lease
         try:
-            if not self.store.extend(self.key(event.id), token, lease):
-                claim = self.store.claim(self.key(event.id), lease, event.raw)
+            if not self.store.extend(self._key(event.id), token, lease):
+                claim = self.store.claim(self._key(event.id), lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
                     _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
                     return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
@@ -284,7 +237,7 @@ class Processor:
         :return: ``False`` when ``token`` no longer holds the claim.
         :raises flask_ploints.errors.StoreError: the store is unavailable.
         """
-        return self.store.extend(self.key(event.id), token, self.dispatcher.lease)
+        return self.store.extend(self._key(event.id), token, self.dispatcher.lease)
 
     def give_up(
         self,
@@ -338,7 +291,7 @@ class Processor:
         previous_error: str | None,
     ) -> Result:
         try:
-            claim = self.store.claim(self.key(event.id), self.dispatcher.lease, payload)
+            claim = self.store.claim(self._key(event.id), self.dispatcher.lease, payload)
         except Exception as exc:
             _log(logging.ERROR, event, "not claimed: the dedupe store failed", exc_info=True)
             return Result(Outcome.UNAVAILABLE, error=exc)
@@ -422,7 +375,7 @@ class Processor:
         # The handlers have run: answering an error now would make the sender
         # retry work that is done, so a failed commit is logged, not returned.
         try:
-            committed = self.store.commit(self.key(event.id), token, self._retention)
+            committed = self.store.commit(self._key(event.id), token, self._retention)
         except Exception:
             _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
             return
@@ -431,14 +384,14 @@ class Processor:
 
     def _release(self, event: Event, token: str) -> None:
         try:
-            self.store.release(self.key(event.id), token)
+            self.store.release(self._key(event.id), token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
             _log(logging.ERROR, event, "not released: the dedupe store failed", exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str) -> bool:
         try:
-            return self.store.fail(self.key(event.id), token, error, self._retention)
+            return self.store.fail(self._key(event.id), token, error, self._retention)
         except Exception:
             _log(
                 logging.ERROR, event, "not recorded failed: the dedupe store failed", exc_info=True

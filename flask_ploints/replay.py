@@ -81,7 +81,7 @@ def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
             f"the dedupe store of {name!r} ({type(store).__name__}) does not show the events it"
             " holds, so failed events cannot be replayed; use RedisStore or SQLAlchemyStore"
         )
-    stored = store.get(receiver.processor.key(event_id))
+    stored = store.get(receiver.processor.namespace.key(event_id))
     if stored is None:
         raise LookupError(f"event {event_id!r} is not in the dedupe store")
     if stored.status is not EventState.FAILED:

@@ -299,8 +299,8 @@ def test_one_account_cannot_spell_another_accounts_key() -> None:
 
 def test_keys_of_the_default_and_other_instances() -> None:
     app, _, _ = _two_accounts(MemoryStore())
-    main = receiver_for(app).processor
-    partner = receiver_for(app, "partner").processor
+    main = receiver_for(app).processor.namespace
+    partner = receiver_for(app, "partner").processor.namespace
     assert (main.key("evt_1"), partner.key("evt_1")) == ("evt_1", "partner\x1fevt_1")
     assert (main.event_id("evt_1"), partner.event_id("partner\x1fevt_1")) == ("evt_1", "evt_1")
     assert (main.event_id("partner\x1fevt_1"), partner.event_id("evt_1")) == (None, None)
@@ -312,9 +312,9 @@ def test_keys_of_the_default_and_other_instances() -> None:
 
 def test_the_namespace_can_be_set_or_turned_off() -> None:
     app, _, _ = _two_accounts(MemoryStore(), namespace="")
-    assert receiver_for(app, "partner").processor.key("evt_1") == "evt_1"
+    assert receiver_for(app, "partner").processor.namespace.key("evt_1") == "evt_1"
     other, _, _ = _two_accounts(MemoryStore(), namespace="acme")
-    assert receiver_for(other, "partner").processor.key("evt_1") == "acme\x1fevt_1"
+    assert receiver_for(other, "partner").processor.namespace.key("evt_1") == "acme\x1fevt_1"
 
 
 @pytest.mark.parametrize("namespace", ["a\x1fb", "n" * 65, 7])

@@ -43,7 +43,7 @@ def failed_command(limit: int, name: str) -> None:
     except StoreError:
         raise click.ClickException("the dedupe store is unavailable; try again later") from None
     # A store shared by several instances lists theirs too.
-    mine = [(receiver.processor.event_id(stored.id), stored) for stored in failed]
+    mine = [(receiver.processor.namespace.event_id(stored.id), stored) for stored in failed]
     if not any(event_id is not None for event_id, _ in mine):
         click.echo("no failed events")
     for event_id, stored in mine:
