@@ -1,0 +1,117 @@
+"""The endpoint's side: :class:`CeleryDispatcher` hands each claimed event
+to a Celery worker.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import celery  # type: ignore[import-untyped]
+from flask import Flask
+
+from ..config import CelerySettings
+from ..config import ConfigError
+from ..config import Settings
+from ..errors import DispatchError
+from ..events import Event
+from ..signature import sign
+from .publisher import Publisher
+from .task import bind
+from .task import task_for
+
+if t.TYPE_CHECKING:
+    from ..stores import Claim
+
+__all__ = ["CeleryDispatcher"]
+
+
+class CeleryDispatcher:
+    """Hands each claimed event to a Celery worker; see the module.
+
+    Built by the extension when ``PLOINTS_DISPATCH`` is ``"celery"``; the
+    Celery app gets the task :data:`TASK_NAME` once, whatever the number of
+    instances or Flask apps using it.
+
+    :param celery_app: the Celery app to publish to and register the task on.
+    :param settings: the instance's ``PLOINTS_CELERY_*`` settings.
+    :param secret: the instance's current secret, which signs each task's
+        body so that the worker runs only what an endpoint verified.
+
+    .. versionchanged:: 0.2
+        The ``secret`` parameter; tasks carry their proof.
+    """
+
+    runs_inline = False
+
+    def __init__(self, celery_app: t.Any, settings: CelerySettings, secret: str) -> None:
+        self.celery_app = celery_app
+        self.settings = settings
+        self._secret = secret
+        #: ``PLOINTS_CELERY_LEASE``: the claim covers the wait in the queue,
+        #: not only the handlers.
+        self.lease = settings.lease
+        self.task = task_for(celery_app)
+        self._publisher = Publisher(celery_app, settings.publish_timeout)
+
+    @classmethod
+    def from_app(cls, app: Flask, settings: Settings) -> CeleryDispatcher:
+        """Build the dispatcher of one instance on ``app``, with the Celery
+        app of ``PLOINTS_CELERY_APP`` or else ``app.extensions["celery"]``.
+
+        :raises ConfigError: neither is set, or it is not a Celery app.
+        """
+        celery_app = settings.celery.app
+        where = "PLOINTS_CELERY_APP"
+        if celery_app is None:
+            celery_app = app.extensions.get("celery")
+            where = 'app.extensions["celery"]'
+        if celery_app is None:
+            raise ConfigError(
+                "PLOINTS_DISPATCH is 'celery' but there is no Celery app: set PLOINTS_CELERY_APP"
+                ' to your celery.Celery instance, or put it in app.extensions["celery"] before'
+                " init_app (as Flask's celery_init_app does)"
+            )
+        if not isinstance(celery_app, celery.Celery):
+            raise ConfigError(
+                f"{where} must be a celery.Celery instance, not {type(celery_app).__name__}"
+            )
+        dispatcher = cls(celery_app, settings.celery, settings.secrets[0])
+        bind(celery_app, app)
+        return dispatcher
+
+    def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
+        """Publish the event's task and wait for the broker to confirm it.
+
+        :raises DispatchError: the broker could not be reached, refused the
+            message or did not confirm it in time.
+        """
+        try:
+            self._publish(name, event.raw, claim.token, pooled=True)
+        except Exception as exc:
+            raise DispatchError(f"could not queue event {event.id} on Celery: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Close the broker connections this dispatcher keeps for publishing.
+        A later delivery opens new ones.
+        """
+        self._publisher.close()
+
+    def republish(self, name: str, raw: bytes, token: str, **options: t.Any) -> None:
+        """Publish an event's task again, for a worker's retry, on a new
+        connection that cannot have gone stale.
+
+        :raises Exception: whatever the broker client raised.
+        """
+        self._publish(name, raw, token, pooled=False, **options)
+
+    def _publish(
+        self, name: str, raw: bytes, token: str, *, pooled: bool, **options: t.Any
+    ) -> None:
+        if self.settings.queue is not None:
+            options["queue"] = self.settings.queue
+        # The body is valid UTF-8 (parse_event checked it), so the string
+        # encodes back to the exact bytes that were signed.
+        args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
+        self._publisher.publish(self.task, args, pooled=pooled, **options)
