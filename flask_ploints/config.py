@@ -61,6 +61,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
     "PLOINTS_METRICS": ("metrics", False),
     "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
+    "PLOINTS_SQL_TIMEOUT": ("sql_timeout", 2.0),
     "PLOINTS_CELERY_APP": ("celery_app", None),
     "PLOINTS_CELERY_QUEUE": ("celery_queue", None),
     "PLOINTS_CELERY_LEASE": ("celery_lease", timedelta(hours=1)),
@@ -79,6 +80,7 @@ DELIVERY_LOG_DEFAULTS: dict[str, t.Any] = {
     "PLOINTS_DELIVERY_LOG_URL": "/ploints/deliveries",
     "PLOINTS_DELIVERY_LOG_ACCESS": None,
     "PLOINTS_DELIVERY_LOG_RETENTION": timedelta(days=7),
+    "PLOINTS_DELIVERY_LOG_TIMEOUT": 1.0,
 }
 
 
@@ -333,6 +335,14 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
     for key in ("PLOINTS_REDIS_PREFIX", "PLOINTS_SQL_TABLE"):
         if not isinstance(get(key), str) or not get(key):
             raise ConfigError(f"{key} must be a non-empty string, not {redact(get(key))}")
+    sql_timeout = parse_seconds("PLOINTS_SQL_TIMEOUT", get("PLOINTS_SQL_TIMEOUT"))
+    assert sql_timeout is not None
+    if sql_timeout > sender.TIMEOUT / 4:
+        raise ConfigError(
+            f"PLOINTS_SQL_TIMEOUT must be at most {sender.TIMEOUT / 4:g} s: a call may wait that"
+            " long for a connection, to connect and for its statement, and the sender gives up"
+            f" after {sender.TIMEOUT:g} s"
+        )
     if len(get("PLOINTS_SQL_TABLE")) > MAX_TABLE_NAME:
         raise ConfigError(
             f"PLOINTS_SQL_TABLE must be at most {MAX_TABLE_NAME} characters, so that its index"

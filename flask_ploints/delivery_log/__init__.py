@@ -24,9 +24,9 @@ from .page import blueprint
 from .state import EXTENSION_KEY
 from .state import DeliveryLogPage
 from .state import delivery_log
-from .storage import OUTCOMES
-from .storage import Delivery
 from .storage import DeliveryLog
+from .table import OUTCOMES
+from .table import Delivery
 
 __all__ = [
     "EXTENSION_KEY",

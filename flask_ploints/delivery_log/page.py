@@ -37,8 +37,8 @@ from ..errors import DispatchError
 from ..errors import StoreError
 from ..replay import rerun as rerun_body
 from .state import page_state
-from .storage import OUTCOMES
-from .storage import Delivery
+from .table import OUTCOMES
+from .table import Delivery
 
 __all__ = ["CSRF_FIELD", "CSRF_SESSION_KEY", "PAGE_SIZE", "blueprint"]
 

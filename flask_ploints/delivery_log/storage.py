@@ -19,17 +19,23 @@ import logging
 import time
 import traceback
 import typing as t
-from dataclasses import dataclass
 
 from flask import Flask
 
 from .. import signals
 from ..errors import DeliveryLogError
+from .table import MAX_REASON
+from .table import MAX_TRACEBACK
+from .table import OUTCOMES
+from .table import Delivery
+from .table import delivery
+from .table import make_table
 
 try:
     import sqlalchemy as sa
     from sqlalchemy.engine import Engine
 
+    from ..stores.sql.deadline import deadline
     from ..stores.sql.tables import ManagedTable
     from ..stores.sql.tables import engine_from_url
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -47,74 +53,12 @@ __all__ = ["OUTCOMES", "Delivery", "DeliveryLog", "DeliveryLogError"]
 
 logger = logging.getLogger("flask_ploints")
 
-#: Every outcome a row can record, in the order the page lists them.
-OUTCOMES: tuple[str, ...] = ("processed", "duplicate", "failed", "rejected")
-
-#: Longest reason kept; reasons are short fixed strings of the receiver.
-MAX_REASON = 500
-#: Longest traceback kept, in characters: the end is kept, where the error is.
-MAX_TRACEBACK = 64 * 1024
+#: Seconds the log skips its rows after a write failed.
+PAUSE = 30.0
 # A purge runs from record() at most this often, so that rows past the
 # retention go without a periodic job and a busy endpoint does not pay for a
 # DELETE on every delivery.
 _PURGE_INTERVAL = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One recorded delivery outcome.
-
-    :param id: the row's id, increasing with time.
-    :param received_at: when the delivery arrived, in seconds since the
-        epoch.
-    :param name: the :class:`~flask_ploints.PlointsWebhooks` instance that
-        answered it.
-    :param event_id: the event id; ``None`` for a rejected request.
-    :param event_type: the event type; ``None`` for a rejected request.
-    :param outcome: one of :data:`OUTCOMES`.
-    :param reason: why a request was rejected, or the last line of a
-        failure; ``None`` otherwise.
-    :param payload: the raw body of a verified event; never kept for a
-        rejected request.
-    :param traceback: the handler's traceback, for ``failed``.
-    :param duration: seconds spent in the handlers, for ``processed`` and
-        ``failed``.
-
-    .. versionadded:: 0.1
-    """
-
-    id: int
-    received_at: float
-    name: str
-    event_id: str | None
-    event_type: str | None
-    outcome: str
-    reason: str | None
-    payload: bytes | None
-    traceback: str | None
-    duration: float | None
-
-
-def _make_table(name: str) -> sa.Table:
-    table = sa.Table(
-        name,
-        sa.MetaData(),
-        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        # Float seconds since the epoch, as in SQLAlchemyStore: compared the
-        # same way by every dialect.
-        sa.Column("received_at", sa.Double(), nullable=False),
-        sa.Column("name", sa.String(128), nullable=False),
-        sa.Column("event_id", sa.String(255), nullable=True),
-        sa.Column("event_type", sa.String(128), nullable=True),
-        sa.Column("outcome", sa.String(16), nullable=False),
-        sa.Column("reason", sa.String(MAX_REASON), nullable=True),
-        sa.Column("payload", sa.LargeBinary(), nullable=True),
-        sa.Column("traceback", sa.Text(), nullable=True),
-        sa.Column("duration", sa.Double(), nullable=True),
-    )
-    sa.Index(f"ix_{name}_received_at", table.c.received_at)
-    sa.Index(f"ix_{name}_event_id", table.c.event_id)
-    return table
 
 
 def _last_line(text: str) -> str:
@@ -134,8 +78,10 @@ class DeliveryLog:
         log.recent(20, outcome="failed")
 
     Writing is part of answering a delivery: each row is one ``INSERT`` in
-    the request. A write that fails is logged and dropped, so the log can
-    never change what the endpoint answers.
+    the request, bounded by ``timeout``. A write that fails is logged and
+    dropped, and the log then skips its rows for :data:`PAUSE` seconds, so
+    the log can never change what the endpoint answers, nor hold it for
+    longer than one timeout.
 
     :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
         be shared.
@@ -145,8 +91,13 @@ class DeliveryLog:
         :meth:`purge` is called.
     :param create_table: create the table (if missing) on first use; else
         call :meth:`create_table` or create it with your migrations.
+    :param timeout: the most seconds one use of the database may take on a
+        network database before its connection is cut; ``None`` for no
+        bound.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``timeout`` parameter, and the pause after a failed write.
     """
 
     def __init__(
@@ -156,13 +107,16 @@ class DeliveryLog:
         table_name: str = "ploints_deliveries",
         retention: float | None = 7 * 86400.0,
         create_table: bool = True,
+        timeout: float | None = 1.0,
     ) -> None:
         if retention is not None and retention <= 0:
             raise ValueError(f"retention must be positive seconds or None, not {retention!r}")
         self.engine = engine
-        self.table = _make_table(table_name)
+        self.table = make_table(table_name)
         self.retention = retention
+        self.timeout = timeout
         self._next_purge = 0.0
+        self._paused_until = 0.0
         self._table = ManagedTable(engine, self.table, create=create_table, error=DeliveryLogError)
 
     @classmethod
@@ -180,13 +134,18 @@ class DeliveryLog:
         made until the first call.
 
         :param url: a SQLAlchemy database URL.
-        :param timeout: seconds to wait to connect.
+        :param timeout: seconds to wait to connect, and for each use of the
+            database.
         :param engine_options: more keyword arguments for
             :func:`sqlalchemy.create_engine`.
         :param kwargs: passed to the constructor (``table_name``,
             ``retention``, ``create_table``).
         """
-        return cls(engine_from_url(url, timeout=timeout, engine_options=engine_options), **kwargs)
+        # No ping before each use: a ping of a database that stopped
+        # answering would wait outside the use's deadline.
+        options = {"pool_pre_ping": False, "pool_timeout": timeout, **(engine_options or {})}
+        engine = engine_from_url(url, timeout=timeout, engine_options=options)
+        return cls(engine, timeout=timeout, **kwargs)
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -243,10 +202,20 @@ class DeliveryLog:
     def _safely(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
         # A blinker receiver that raises stops the receivers after it
         # (metrics, the app's own), so the error ends here.
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
         try:
             self.record(outcome, received_at=time.time() - started_before, **fields)
         except Exception:
-            logger.exception("the delivery log failed to record a %s delivery", outcome)
+            # The next deliveries would meet the same database: they skip
+            # their rows rather than each wait for it.
+            self._paused_until = now + PAUSE
+            logger.exception(
+                "the delivery log failed to record a %s delivery; it skips its rows for %g s",
+                outcome,
+                PAUSE,
+            )
 
     def record(
         self,
@@ -330,7 +299,7 @@ class DeliveryLog:
             statement = statement.where(c.id < before)
         with self._begin() as conn:
             rows = conn.execute(statement).all()
-        return [_delivery(row) for row in rows]
+        return [delivery(row) for row in rows]
 
     def get(self, delivery_id: int) -> Delivery | None:
         """Return one delivery, or ``None`` if there is no such row (or it
@@ -341,7 +310,7 @@ class DeliveryLog:
         statement = sa.select(self.table).where(self.table.c.id == delivery_id)
         with self._begin() as conn:
             row = conn.execute(statement).first()
-        return None if row is None else _delivery(row)
+        return None if row is None else delivery(row)
 
     def event_types(self) -> list[str]:
         """Return the event types that have rows, sorted.
@@ -373,20 +342,11 @@ class DeliveryLog:
     @contextlib.contextmanager
     def _begin(self) -> t.Iterator[Connection]:
         self._table.ready()
-        with self._table.errors(), self._table.lock, self.engine.begin() as conn:
+        with (
+            self._table.errors(),
+            self._table.lock,
+            self.engine.connect() as conn,
+            deadline(conn.connection.dbapi_connection, self.timeout),
+            conn.begin(),
+        ):
             yield conn
-
-
-def _delivery(row: sa.Row[t.Any]) -> Delivery:
-    return Delivery(
-        id=row.id,
-        received_at=row.received_at,
-        name=row.name,
-        event_id=row.event_id,
-        event_type=row.event_type,
-        outcome=row.outcome,
-        reason=row.reason,
-        payload=None if row.payload is None else bytes(row.payload),
-        traceback=row.traceback,
-        duration=row.duration,
-    )

@@ -105,7 +105,9 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
 
             try:
                 return SQLAlchemyStore.from_url(
-                    value, table_name=_option(config, "PLOINTS_SQL_TABLE")
+                    value,
+                    table_name=_option(config, "PLOINTS_SQL_TABLE"),
+                    timeout=_option(config, "PLOINTS_SQL_TIMEOUT"),
                 )
             except ImportError:
                 raise

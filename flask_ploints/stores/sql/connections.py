@@ -57,28 +57,32 @@ def run(
     dialect: Dialect,
     queries: dict[int, Query],
     operation: t.Callable[[Cursor, bool], _T],
+    timeout: float | None = None,
 ) -> _T:
     """Call ``operation(cursor, retry)`` on a connection of ``connections``;
     when it turns out dead, once more, with ``retry`` set, on a checked one.
     A failure to connect is not retried, so an unreachable database fails
-    within one connect timeout.
+    within one connect timeout; nor is a statement past ``timeout``, so a
+    database that stopped answering fails within it.
 
     :param queries: the compiled statements, see :class:`.Cursor`.
-    :raises DriverError: the driver refused.
+    :param timeout: the most seconds one statement may take.
+    :raises DriverError: the driver refused, or did not answer in time.
     """
     for retry in (False, True):
         connection = connections.take(check=retry)
         try:
-            cursor = Cursor(connection, dialect, queries)
+            cursor = Cursor(connection, dialect, queries, timeout)
             try:
                 return operation(cursor, retry)
             finally:
                 cursor.close()
         except DriverError as exc:
-            if not exc.dead or retry:
+            if exc.dead:
+                # The others are as old, and likely as dead or as stuck.
+                connections.drop(dead=True)
+            if not exc.dead or exc.timed_out or retry:
                 raise
-            # The others are as old, and likely as dead.
-            connections.drop(dead=True)
         finally:
             connections.give_back(connection)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -99,12 +103,13 @@ class PerCall:
         in autocommit mode already.
     """
 
-    def __init__(self, engine: Engine, *, switch: bool) -> None:
+    def __init__(self, engine: Engine, *, switch: bool, timeout: float | None = None) -> None:
         self._engine = engine
         self._switch = switch
+        self._timeout = timeout
 
     def take(self, *, check: bool = False) -> PoolProxiedConnection:
-        connection = checkout(self._engine, check=check)
+        connection = checkout(self._engine, check=check, timeout=self._timeout)
         if self._switch:
             try:
                 set_autocommit(connection, self._engine.dialect)
@@ -143,7 +148,8 @@ class Kept:
     :param engine: the store's engine.
     :param limit: the most connections to hold, idle and in use: the pool's
         size plus its overflow; ``None`` for no limit.
-    :param wait: the most seconds a call waits for a connection to come free.
+    :param wait: the most seconds a call waits for a connection to come
+        free, and a ping may take.
     """
 
     def __init__(self, engine: Engine, *, limit: int | None, wait: float) -> None:
@@ -178,7 +184,7 @@ class Kept:
             if self._idle:
                 return self._idle.pop()
         try:
-            return checkout(self._engine, check=check)
+            return checkout(self._engine, check=check, timeout=self._wait)
         except BaseException:
             with self._freed:
                 self._in_use -= 1

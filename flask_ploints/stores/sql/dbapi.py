@@ -20,6 +20,8 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from .deadline import deadline
+
 __all__ = ["Cursor", "DriverError", "Query", "checkout", "set_autocommit", "unset_autocommit"]
 
 #: How many pooled connections a checkout after a disconnect pings, each
@@ -36,13 +38,23 @@ class DriverError(Exception):
     :param dead: the connection is dead (invalidated already): the call may
         run again on another one.
     :param duplicate: a unique or primary key violation.
+    :param timed_out: the statement ran past its deadline and its connection
+        was cut: the database is not answering, so the call is not run again.
     """
 
-    def __init__(self, orig: Exception, *, dead: bool = False, duplicate: bool = False) -> None:
+    def __init__(
+        self,
+        orig: Exception,
+        *,
+        dead: bool = False,
+        duplicate: bool = False,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(f"{type(orig).__name__}: {orig}")
         self.orig = orig
-        self.dead = dead
+        self.dead = dead or timed_out
         self.duplicate = duplicate
+        self.timed_out = timed_out
 
 
 def _driver_error(
@@ -110,6 +122,8 @@ class Cursor:
     :param dialect: its engine's dialect.
     :param queries: the compiled statements by ``id()`` of the statement,
         filled on first use (once the dialect knows the server).
+    :param timeout: the most seconds one statement may take; ``None`` for
+        no bound. See :mod:`.deadline`.
     """
 
     def __init__(
@@ -117,10 +131,12 @@ class Cursor:
         connection: PoolProxiedConnection,
         dialect: Dialect,
         queries: dict[int, Query],
+        timeout: float | None = None,
     ) -> None:
         self._connection = connection
         self._dialect = dialect
         self._queries = queries
+        self._timeout = timeout
         try:
             self._cursor = connection.cursor()
         except dialect.loaded_dbapi.Error as exc:
@@ -134,9 +150,14 @@ class Cursor:
         query = self._queries.get(id(statement))
         if query is None:
             query = self._queries[id(statement)] = Query(statement, self._dialect)
+        sql, values = query.bind(params)
         try:
-            self._cursor.execute(*query.bind(params))
+            with deadline(self._connection.dbapi_connection, self._timeout) as guard:
+                self._cursor.execute(sql, values)
         except self._dialect.loaded_dbapi.Error as exc:
+            if guard.fired:
+                self._connection.invalidate(exc)
+                raise DriverError(exc, timed_out=True) from exc
             raise _driver_error(exc, self._dialect, self._connection, self._cursor) from exc
         return self._cursor
 
@@ -156,11 +177,14 @@ def _dbapi(connection: PoolProxiedConnection) -> t.Any:
     return dbapi_connection
 
 
-def checkout(engine: Engine, *, check: bool = False) -> PoolProxiedConnection:
+def checkout(
+    engine: Engine, *, check: bool = False, timeout: float | None = None
+) -> PoolProxiedConnection:
     """A connection out of ``engine``'s pool.
 
     :param check: ping it first, and replace one found dead: after a
         disconnect, the pool's other connections are likely dead too.
+    :param timeout: the most seconds a ping may take.
     :raises DriverError: connecting failed.
     """
     dialect = engine.dialect
@@ -172,7 +196,9 @@ def checkout(engine: Engine, *, check: bool = False) -> PoolProxiedConnection:
         if not check:
             return connection
         try:
-            if dialect.do_ping(_dbapi(connection)):
+            with deadline(_dbapi(connection), timeout):
+                alive = dialect.do_ping(_dbapi(connection))
+            if alive:
                 return connection
             connection.invalidate()
         except dialect.loaded_dbapi.Error as exc:

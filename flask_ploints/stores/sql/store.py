@@ -62,10 +62,13 @@ class SQLAlchemyStore:
         call :meth:`create_table` or create it with your migrations.
     :param clock: the time in seconds since the epoch, for every time the
         store writes or compares; default, :func:`time.time`.
+    :param statement_timeout: the most seconds one statement may take on a
+        network database before its connection is cut and the call raises
+        :class:`.StoreError`; ``None`` for no bound. See :doc:`/sql-store`.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-        The ``clock`` parameter.
+        The ``clock`` and ``statement_timeout`` parameters.
     """
 
     #: Dialects that claim with ``INSERT ... ON CONFLICT``, with their
@@ -83,12 +86,14 @@ class SQLAlchemyStore:
         keep_payloads: bool = True,
         create_table: bool = True,
         clock: t.Callable[[], float] = time.time,
+        statement_timeout: float | None = 2.0,
     ) -> None:
         self.engine = engine
         self.table = make_table(table_name)
         self.keep_payloads = keep_payloads
         self._clock = clock
-        self._connections: Connections = PerCall(engine, switch=True)
+        self._timeout = statement_timeout
+        self._connections: Connections = PerCall(engine, switch=True, timeout=statement_timeout)
         self._queries: dict[int, Query] = {}
         dialect = engine.dialect.name
         self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
@@ -110,8 +115,9 @@ class SQLAlchemyStore:
         :doc:`/sql-store`. No connection is made until the first call.
 
         :param url: a SQLAlchemy database URL.
-        :param timeout: seconds to wait to connect, and for a free
-            connection; on SQLite, for another process's write lock.
+        :param timeout: seconds to wait to connect, for a free connection,
+            and (unless ``statement_timeout`` is given) for a statement; on
+            SQLite, for another process's write lock.
         :param engine_options: more keyword arguments for
             :func:`sqlalchemy.create_engine`; they win over the above.
         :param kwargs: passed to the constructor (``table_name``,
@@ -130,12 +136,13 @@ class SQLAlchemyStore:
         if autocommit:
             # No transaction is ever left open to roll back on checkin.
             options.setdefault("pool_reset_on_return", None)
+        kwargs.setdefault("statement_timeout", timeout)
         store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
         if autocommit and not on_sqlite:
             limit = pool_limit(options.get("pool_size", 5), options.get("max_overflow", 10))
             store._connections = Kept(store.engine, limit=limit, wait=timeout)
         elif autocommit:
-            store._connections = PerCall(store.engine, switch=False)
+            store._connections = PerCall(store.engine, switch=False, timeout=store._timeout)
         return store
 
     def close(self) -> None:
@@ -308,4 +315,6 @@ class SQLAlchemyStore:
     def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
         self._table.ready()
         with self._table.errors(), self._table.lock:
-            return run(self._connections, self.engine.dialect, self._queries, operation)
+            return run(
+                self._connections, self.engine.dialect, self._queries, operation, self._timeout
+            )
