@@ -22,16 +22,30 @@ What the tests show:
 * ``test_postgresql_url_store_under_many_threads`` (xfail, a library bug):
   with the store the extension builds from the URL, 64 deliveries at once
   to gthread leave some without an answer for 30 s.
+* The production shape (``proxied`` fixture): nginx terminating TLS with a
+  certificate made by ``openssl`` at test time, in front of gunicorn
+  (gthread), the app with ``PLOINTS_REQUIRE_HTTPS`` and ``ProxyFix``.
+  Gunicorn is told to trust no proxy (``--forwarded-allow-ips``), so the
+  ``X-Forwarded-Proto`` header reaches the app only through ``ProxyFix``.
+  Deliveries through nginx over HTTPS are ``200``; the same request
+  straight to gunicorn over plain HTTP is ``403``; curl (``--data-binary
+  @file``, chunked, ``Expect: 100-continue``) and Node's ``fetch`` signing
+  with ``node:crypto`` as the sender's example does get ``200`` through
+  nginx, a Node request with a wrong signature ``401``; curl's chunked body
+  straight to gunicorn goes through the endpoint's chunked path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import http.client
 import importlib.util
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -39,6 +53,7 @@ import subprocess
 import sys
 import time
 import typing as t
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -513,3 +528,344 @@ def test_postgresql_url_store_under_many_threads(
     slowest = max(answers, key=lambda answer: answer.seconds)
     assert Counter(answer.status for answer in answers) == {200: 64}, slowest
     assert slowest.seconds < SLOWEST, slowest
+
+
+# --- the production shape: nginx terminating TLS in front of gunicorn -------
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+# Ignored (with a warning) unless started as root; as root, workers keep the
+# rights to this private directory.
+user {user} {group};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+events {{
+    worker_connections 128;
+}}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 10s;
+        }}
+    }}
+}}
+"""
+
+
+def _program(name: str, *fallbacks: str) -> str:
+    """The path of a program the tests drive, or skip (fail in CI)."""
+    for candidate in (name, *fallbacks):
+        found = shutil.which(candidate)
+        if found is not None:
+            return found
+    missing(f"{name} is not installed (Debian package: see .ci/run)")
+
+
+@dataclass
+class Proxied:
+    """nginx on :attr:`https_port` in front of gunicorn on :attr:`http_port`."""
+
+    https_port: int
+    http_port: int
+    cert: Path
+    context: ssl.SSLContext
+    namespace: Namespace
+    directory: Path
+
+    @property
+    def https_url(self) -> str:
+        """The endpoint through nginx."""
+        return f"https://127.0.0.1:{self.https_port}{URL_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """The endpoint straight on gunicorn."""
+        return f"http://127.0.0.1:{self.http_port}{URL_PATH}"
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
+    openssl = _program("openssl")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def module_namespace() -> t.Iterator[Namespace]:
+    """Redis names for the module's shared servers; removed after."""
+    yield from _namespace(f"ploints_test_{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="module")
+def proxied(
+    tmp_path_factory: pytest.TempPathFactory, module_namespace: Namespace
+) -> t.Iterator[Proxied]:
+    """One nginx and one gunicorn for the module's production-shape tests
+    (each uses ids of its own); both stopped, and the keys removed, after.
+    """
+    nginx = _program("nginx", "/usr/sbin/nginx")
+    directory = tmp_path_factory.mktemp("proxied")
+    cert, key = _certificate(directory)
+    context = ssl.create_default_context(cafile=str(cert))
+    started: list[Server] = []
+    try:
+        http_port = _free_port()
+        # gthread, trusting no proxy: gunicorn would otherwise honour
+        # X-Forwarded-Proto from loopback itself; here only ProxyFix does.
+        command = _gunicorn(
+            http_port,
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "32",
+            "--forwarded-allow-ips",
+            "192.0.2.1",
+        )
+        gunicorn = Server(
+            "gunicorn-behind-nginx",
+            command,
+            {**module_namespace.env(), "PLOINTS_SERVERS_BEHIND_PROXY": "1"},
+            directory / "gunicorn.log",
+        )
+        started.append(gunicorn)
+        gunicorn.wait_until(lambda: _answers_get(http_port))
+
+        https_port = _free_port()
+        conf = directory / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                user=pwd.getpwuid(os.getuid()).pw_name,
+                group=grp.getgrgid(os.getgid()).gr_name,
+                prefix=directory,
+                port=https_port,
+                upstream=http_port,
+                cert=cert,
+                key=key,
+            )
+        )
+        proxy = Server(
+            "nginx",
+            [nginx, "-e", str(directory / "error.log"), "-p", f"{directory}/", "-c", str(conf)],
+            {},
+            directory / "nginx.log",
+        )
+        started.append(proxy)
+        proxy.wait_until(lambda: _answers_get(https_port, context=context))
+        yield Proxied(https_port, http_port, cert, context, module_namespace, directory)
+    finally:
+        for server in reversed(started):
+            server.stop()
+        (directory / "error.log").touch()
+        print(f"--- nginx error.log ---\n{(directory / 'error.log').read_text()[-4000:]}")
+        for server in started:
+            print(f"--- {server.name} ---\n{server.output()}")
+
+
+def test_https_through_nginx(proxied: Proxied) -> None:
+    body = event_body("evt_https")
+    first = post(proxied.https_port, "evt_https", body, context=proxied.context)
+    assert (first.status, first.content_type, first.json()) == (200, "application/json", PROCESSED)
+    again = post(proxied.https_port, "evt_https", body, context=proxied.context)
+    assert (again.status, again.json()) == (200, DUPLICATE)
+    assert proxied.namespace.effects()["evt_https"] == 1
+
+
+def test_plain_http_straight_to_gunicorn_is_403(proxied: Proxied) -> None:
+    body = event_body("evt_plain")
+    plain = post(proxied.http_port, "evt_plain", body)
+    assert (plain.status, plain.content_type) == (403, "application/json"), plain
+    assert plain.json() == {"error": "HTTPS required"}
+    assert "evt_plain" not in proxied.namespace.effects()
+    # The very same request through nginx passes: what differs is nginx's
+    # X-Forwarded-Proto, read by ProxyFix.
+    through = post(proxied.https_port, "evt_plain", body, context=proxied.context)
+    assert (through.status, through.json()) == (200, PROCESSED)
+    assert proxied.namespace.effects()["evt_plain"] == 1
+
+
+def curl(
+    url: str, body_file: Path, signature: str, cacert: Path, *options: str
+) -> tuple[int, t.Any, str]:
+    """POST ``body_file`` with curl; return the status, the parsed body and
+    curl's verbose log (what went over the wire).
+    """
+    output = body_file.with_suffix(".answer")
+    result = subprocess.run(
+        [
+            _program("curl"),
+            "--silent",
+            "--show-error",
+            "--verbose",
+            "--http1.1",
+            "--max-time",
+            str(int(CLIENT_TIMEOUT)),
+            "--cacert",
+            str(cacert),
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            f"X-Ploints-Signature: {signature}",
+            "--data-binary",
+            f"@{body_file}",
+            "--output",
+            str(output),
+            "--write-out",
+            "%{http_code}",
+            *options,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT + 5,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout), json.loads(output.read_bytes()), result.stderr
+
+
+#: Each way curl sends, and what it shows in curl's verbose log.
+CURL_WAYS: dict[str, tuple[list[str], str]] = {
+    "data-binary": ([], "> Content-Length: "),
+    "chunked": (["-H", "Transfer-Encoding: chunked"], "> Transfer-Encoding: chunked"),
+    "expect-100-continue": (["-H", "Expect: 100-continue"], "< HTTP/1.1 100 Continue"),
+}
+
+
+@pytest.mark.parametrize("way", list(CURL_WAYS))
+def test_curl_through_nginx(proxied: Proxied, way: str) -> None:
+    options, evidence = CURL_WAYS[way]
+    event_id = f"evt_curl_{way.replace('-', '_')}"
+    body = event_body(event_id, description="Café ☕ in one UTF-8 body")
+    body_file = proxied.directory / f"{event_id}.json"
+    body_file.write_bytes(body)
+    signature = sign(body, SECRET)
+    status, answer, log = curl(proxied.https_url, body_file, signature, proxied.cert, *options)
+    assert (status, answer) == (200, PROCESSED), log
+    assert evidence in log
+    if way == "chunked":
+        assert "> Content-Length" not in log
+    status, answer, log = curl(proxied.https_url, body_file, signature, proxied.cert, *options)
+    assert (status, answer) == (200, DUPLICATE), log
+    assert proxied.namespace.effects()[event_id] == 1
+
+
+def test_curl_chunked_straight_to_gunicorn(proxied: Proxied) -> None:
+    # nginx buffers a chunked body and forwards it with a Content-Length;
+    # straight to gunicorn the endpoint reads the chunked body itself. The
+    # app wants HTTPS, so curl sends the header nginx would.
+    body = event_body("evt_chunked_direct")
+    body_file = proxied.directory / "chunked_direct.json"
+    body_file.write_bytes(body)
+    options = ["-H", "Transfer-Encoding: chunked", "-H", "X-Forwarded-Proto: https"]
+    good, wrong = sign(body, SECRET), sign(body, "whsec_wrong")
+    status, answer, log = curl(proxied.http_url, body_file, good, proxied.cert, *options)
+    assert (status, answer) == (200, PROCESSED), log
+    assert "> Transfer-Encoding: chunked" in log
+    assert "> Content-Length" not in log
+    status, answer, log = curl(proxied.http_url, body_file, wrong, proxied.cert, *options)
+    assert (status, answer) == (401, {"error": "invalid signature"}), log
+    status, answer, log = curl(proxied.http_url, body_file, good, proxied.cert, *options)
+    assert (status, answer) == (200, DUPLICATE), log
+    assert proxied.namespace.effects()["evt_chunked_direct"] == 1
+
+
+#: The sender's Node example: the body is the string it signs and sends.
+NODE_SENDER = """\
+import crypto from "node:crypto";
+
+const [url, secret, id] = process.argv.slice(2);
+const rawBody = JSON.stringify({
+  id,
+  type: "points.earned",
+  timestamp: new Date().toISOString(),
+  data: { customerEmail: "jane@example.com", amount: 50, description: "Café ☕" },
+});
+const signature = crypto.createHmac("sha256", secret).update(rawBody).digest("hex");
+const response = await fetch(url, {
+  method: "POST",
+  headers: { "Content-Type": "application/json", "X-Ploints-Signature": signature },
+  body: rawBody,
+  signal: AbortSignal.timeout(10000),
+});
+console.log(JSON.stringify({
+  status: response.status,
+  contentType: response.headers.get("content-type"),
+  body: await response.json(),
+}));
+"""
+
+
+def node_send(proxied: Proxied, secret: str, event_id: str) -> dict[str, t.Any]:
+    """Run the Node sender against nginx, trusting the test's certificate."""
+    node = _program("node", "nodejs")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    if int(version.stdout.strip().lstrip("v").split(".")[0]) < 18:
+        missing(f"Node {version.stdout.strip()} has no global fetch; Node >= 18 is needed")
+    script = proxied.directory / "sender.mjs"
+    script.write_text(NODE_SENDER, encoding="utf-8")
+    result = subprocess.run(
+        [node, str(script), proxied.https_url, secret, event_id],
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT + 5,
+        env={**os.environ, "NODE_EXTRA_CA_CERTS": str(proxied.cert)},
+    )
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, t.Any] = json.loads(result.stdout)
+    return answer
+
+
+def test_node_fetch_through_nginx(proxied: Proxied) -> None:
+    assert node_send(proxied, SECRET, "evt_node") == {
+        "status": 200,
+        "contentType": "application/json",
+        "body": PROCESSED,
+    }
+    assert node_send(proxied, "whsec_wrong", "evt_node_forged") == {
+        "status": 401,
+        "contentType": "application/json",
+        "body": {"error": "invalid signature"},
+    }
+    effects = proxied.namespace.effects()
+    assert (effects["evt_node"], effects["evt_node_forged"]) == (1, 0)
