@@ -11,10 +11,6 @@ server and every test:
 ``PLOINTS_SERVERS_EFFECTS``
     a Redis URL; the handler appends each event id it processes to the list
     ``NAMESPACE:fx`` there, so effects are counted across processes.
-``PLOINTS_SERVERS_SQL_POOL``
-    with a database URL as the store: build the ``SQLAlchemyStore`` here,
-    its engine's pool this many connections (no overflow), rather than let
-    the extension build it from the URL with SQLAlchemy's default pool.
 ``PLOINTS_SERVERS_BEHIND_PROXY``
     ``1``: ``PLOINTS_REQUIRE_HTTPS`` on and the app wrapped in werkzeug's
     ``ProxyFix(x_proto=1, x_for=1)``, as behind nginx.
@@ -53,16 +49,7 @@ def create_app() -> Flask:
     """Build the app from the ``PLOINTS_SERVERS_*`` environment variables."""
     namespace = os.environ["PLOINTS_SERVERS_NAMESPACE"]
     behind_proxy = os.environ.get("PLOINTS_SERVERS_BEHIND_PROXY") == "1"
-    store: t.Any = os.environ["PLOINTS_SERVERS_STORE"]
-    pool = os.environ.get("PLOINTS_SERVERS_SQL_POOL")
-    if pool:
-        from flask_ploints.stores.sql import SQLAlchemyStore
-
-        store = SQLAlchemyStore.from_url(
-            store,
-            table_name=f"{namespace}_store",
-            engine_options={"pool_size": int(pool), "max_overflow": 0},
-        )
+    store = os.environ["PLOINTS_SERVERS_STORE"]
     app = Flask("ploints_servers")
     app.config.update(
         PLOINTS_WEBHOOK_SECRET=SECRET,
