@@ -1,6 +1,6 @@
 """Exactly-once processing under faults, against real gunicorn servers.
 
-Each test starts ``gunicorn`` (sync workers) on free loopback ports with
+Each test starts ``gunicorn`` (sync workers, or gthread) on free loopback ports with
 :mod:`tests.gunicorn_app`, whose handler records every time it processes an
 event in a place all worker processes share: the real Redis for the Redis
 store, a table in the real PostgreSQL for the SQL store. Every test runs with
@@ -12,6 +12,10 @@ What the tests show, for each store:
 * ``test_burst_on_four_workers``: 1,000 deliveries (40 ids x 25 copies,
   shuffled) fired 64 at a time at 4 workers sharing the store are answered
   only ``200`` or ``409``, and each id is processed exactly once.
+* ``test_burst_on_threaded_workers``: 600 deliveries (200 ids x 3 copies)
+  fired 64 at a time at gunicorn ``gthread`` (2 workers x 32 threads, more
+  threads than the SQL store's pool of 5 + 10) are answered only ``200`` or
+  ``409``, none slower than 5 s, and each id is processed exactly once.
 * ``test_two_servers_share_the_store``: the same with the deliveries spread
   over two servers on two ports (two hosts in miniature).
 * ``test_worker_killed_mid_handler``: a worker SIGKILLed inside a handler
@@ -105,16 +109,21 @@ class Gunicorn:
     :param log: where gunicorn's output goes.
     """
 
-    def __init__(self, env: dict[str, str], workers: int, log: Path) -> None:
+    def __init__(self, env: dict[str, str], workers: int, log: Path, threads: int = 1) -> None:
         self.port = _free_port()
         self.log_path = log
         self._log = log.open("wb")
+        # Each server its own control socket directory: gunicorn's default,
+        # ~/.gunicorn, is one path for every server on the machine.
+        runtime = log.parent / f"runtime-{self.port}"
+        runtime.mkdir()
         command = [
             sys.executable,
             "-m",
             "gunicorn",
             "--workers",
             str(workers),
+            *(["--worker-class", "gthread", "--threads", str(threads)] if threads > 1 else []),
             "--bind",
             f"127.0.0.1:{self.port}",
             # A worker sleeping in a handler must be killed by the test, not
@@ -128,7 +137,7 @@ class Gunicorn:
         self.process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**os.environ, **env},
+            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -413,8 +422,8 @@ def servers(tmp_path: Path) -> t.Iterator[t.Callable[..., Gunicorn]]:
     """
     started: list[Gunicorn] = []
 
-    def start(env: dict[str, str], workers: int = 4) -> Gunicorn:
-        server = Gunicorn(env, workers, tmp_path / f"gunicorn-{len(started)}.log")
+    def start(env: dict[str, str], workers: int = 4, threads: int = 1) -> Gunicorn:
+        server = Gunicorn(env, workers, tmp_path / f"gunicorn-{len(started)}.log", threads)
         started.append(server)
         return server
 
@@ -444,6 +453,24 @@ def test_burst_on_four_workers(backend: Backend, servers: t.Callable[..., Gunico
     assert set(statuses) <= {200, 409}, statuses
     assert all(a.retry_after for a in answers if a.status == 409)
     assert backend.recorder.effects() == dict.fromkeys(names, 1)
+    _settle(server.port, names)
+    assert backend.recorder.effects() == dict.fromkeys(names, 1)
+
+
+def test_burst_on_threaded_workers(backend: Backend, servers: t.Callable[..., Gunicorn]) -> None:
+    # gthread, 2 workers x 32 threads: more threads in one process than the
+    # SQL store's pool (5 + 10) holds connections.
+    server = servers(backend.env(), workers=2, threads=32)
+    names, bodies = copies("evt_threads", ids=200, each=3, seed=5)
+    started = time.monotonic()
+    answers = fire([server.port], bodies, concurrency=64)
+    statuses = _statuses(answers)
+    assert set(statuses) <= {200, 409}, statuses
+    assert all(a.retry_after for a in answers if a.status == 409)
+    assert backend.recorder.effects() == dict.fromkeys(names, 1)
+    # No answer came near the sender's 10 s timeout.
+    assert time.monotonic() - started < WAIT
+    assert max(answer.seconds for answer in answers) < 5.0
     _settle(server.port, names)
     assert backend.recorder.effects() == dict.fromkeys(names, 1)
 
