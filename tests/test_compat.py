@@ -4,6 +4,7 @@ get through, and the app's own routes stay protected.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from flask import Response
+from flask import request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFProtect
@@ -139,6 +142,108 @@ def test_limiter_limit_applied_to_the_endpoint_on_purpose(ploints_first: bool) -
     limiter.limit("5 per minute")(app.blueprints["ploints"])
     statuses = [_deliver(app, f"evt_{number}").status_code for number in range(6)]
     assert statuses == [200] * 5 + [429]
+
+
+# Reading the body before or after the view
+
+
+@pytest.mark.parametrize(
+    "read",
+    [lambda: request.get_data(), lambda: request.get_json()],
+    ids=["get_data", "get_json"],
+)
+def test_before_request_reading_the_body(read: t.Callable[[], t.Any]) -> None:
+    app = _own_app()
+    webhooks = PlointsWebhooks(app)
+    handled = _handled(webhooks)
+    seen: list[t.Any] = []
+
+    @app.before_request
+    def log_body() -> None:
+        seen.append(read())
+
+    body = _body("evt_1")
+    response = _deliver(app, body=body)
+    assert response.status_code == 200
+    assert handled == ["evt_1"]
+    assert seen == [body if isinstance(seen[0], bytes) else json.loads(body)]
+    forged = _deliver(app, "evt_2", signature="0" * 64)
+    assert forged.status_code == 401
+    assert handled == ["evt_1"]
+
+
+def test_after_request_reading_the_body() -> None:
+    app = _own_app()
+    PlointsWebhooks(app)
+    seen: list[bytes] = []
+
+    @app.after_request
+    def log_body(response: Response) -> Response:
+        seen.append(request.get_data())
+        return response
+
+    body = _body("evt_1")
+    assert _deliver(app, body=body).status_code == 200
+    assert seen == [body]
+
+
+class _Buffering:
+    """Reads the body whole into a ``BytesIO``, as logging middleware does."""
+
+    def __init__(self, wsgi_app: t.Any, seen: list[bytes]) -> None:
+        self.wsgi_app = wsgi_app
+        self.seen = seen
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        self.seen.append(body)
+        environ["wsgi.input"] = io.BytesIO(body)
+        return self.wsgi_app(environ, start_response)
+
+
+class _ReadOnlyStream:
+    """A stream of its own with ``read`` only, as instrumenting middleware
+    wraps ``wsgi.input``.
+    """
+
+    def __init__(self, wrapped: t.IO[bytes], seen: list[bytes]) -> None:
+        self.wrapped = wrapped
+        self.seen = seen
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.wrapped.read(size)
+        self.seen.append(chunk)
+        return chunk
+
+
+class _Wrapping:
+    def __init__(self, wsgi_app: t.Any, seen: list[bytes]) -> None:
+        self.wsgi_app = wsgi_app
+        self.seen = seen
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+        environ["wsgi.input"] = _ReadOnlyStream(environ["wsgi.input"], self.seen)
+        return self.wsgi_app(environ, start_response)
+
+
+@pytest.mark.parametrize("middleware", [_Buffering, _Wrapping], ids=["buffering", "wrapping"])
+def test_middleware_wrapping_wsgi_input(middleware: type[t.Any]) -> None:
+    app = _own_app()
+    webhooks = PlointsWebhooks(app)
+    handled = _handled(webhooks)
+    seen: list[bytes] = []
+    app.wsgi_app = middleware(app.wsgi_app, seen)  # type: ignore[method-assign]
+    body = _body("evt_1")
+    assert _deliver(app, body=body).status_code == 200
+    assert handled == ["evt_1"]
+    assert b"".join(seen) == body
+
+
+def test_app_max_content_length_does_not_apply_to_the_endpoint() -> None:
+    # The endpoint has its own limit, PLOINTS_WEBHOOK_MAX_BYTES.
+    app = _own_app(MAX_CONTENT_LENGTH=10)
+    PlointsWebhooks(app)
+    assert _deliver(app).status_code == 200
 
 
 # Optional packages stay unimported
