@@ -13,12 +13,21 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import sentry_sdk
 from flask import Flask
 from flask import Response
 from flask import request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from flask_login import LoginManager
+from flask_login import login_required
+from flask_talisman import Talisman
 from flask_wtf.csrf import CSRFProtect
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.integrations.flask import FlaskIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.transport import Transport
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.test import TestResponse
 
 from flask_ploints import Event
@@ -244,6 +253,195 @@ def test_app_max_content_length_does_not_apply_to_the_endpoint() -> None:
     app = _own_app(MAX_CONTENT_LENGTH=10)
     PlointsWebhooks(app)
     assert _deliver(app).status_code == 200
+
+
+# Flask-Talisman
+
+
+@ORDERS
+def test_talisman_deliveries_over_https(ploints_first: bool) -> None:
+    app = _own_app()
+    webhooks = PlointsWebhooks()
+    handled = _handled(webhooks)
+    _setup(app, webhooks, lambda app: Talisman(app), ploints_first)
+    response = _deliver(app, base_url=HTTPS)
+    assert response.status_code == 200
+    assert response.get_json() == {"received": True}
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" in response.headers
+    plain = _deliver(app, "evt_2")
+    assert plain.status_code == 302
+    assert plain.headers["Location"] == f"{HTTPS}{URL}"
+    assert handled == ["evt_1"]
+    own = app.test_client().get("/page")
+    assert own.status_code == 302
+    assert own.headers["Location"] == f"{HTTPS}/page"
+
+
+# Flask-Login
+
+
+def _login_manager(app: Flask) -> LoginManager:
+    manager = LoginManager(app)
+
+    @manager.user_loader
+    def load_user(user_id: str) -> None:
+        return None
+
+    return manager
+
+
+@ORDERS
+def test_login_manager_leaves_deliveries_alone(ploints_first: bool) -> None:
+    app = _own_app()
+
+    @app.get("/account")
+    @login_required
+    def account() -> str:
+        return "account"
+
+    webhooks = PlointsWebhooks()
+    handled = _handled(webhooks)
+    _setup(app, webhooks, _login_manager, ploints_first)
+    assert _deliver(app).status_code == 200
+    assert handled == ["evt_1"]
+    assert app.test_client().get("/account").status_code == 401
+
+
+# sentry-sdk
+
+
+class _ListTransport(Transport):
+    """Keeps every envelope instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.envelopes: list[Envelope] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+
+
+@pytest.fixture
+def sentry() -> t.Iterator[_ListTransport]:
+    transport = _ListTransport()
+    sentry_sdk.init(
+        transport=transport,
+        # Only what the test is about: the other default integrations patch
+        # the standard library for the rest of the process.
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        integrations=[FlaskIntegration(), LoggingIntegration()],
+        auto_session_tracking=False,
+    )
+    yield transport
+    sentry_sdk.get_client().close()
+    sentry_sdk.get_global_scope().set_client(None)
+
+
+def _sentry_events(transport: _ListTransport) -> list[dict[str, t.Any]]:
+    sentry_sdk.flush()
+    return [
+        item.payload.json
+        for envelope in transport.envelopes
+        for item in envelope.items
+        if item.type == "event" and item.payload.json is not None
+    ]
+
+
+def test_sentry_captures_a_handler_failure_once(sentry: _ListTransport) -> None:
+    app = _own_app()
+    webhooks = PlointsWebhooks(app)
+
+    @webhooks.on("points.earned")
+    def fail(event: Event) -> None:
+        raise RuntimeError("database is down")
+
+    body = _body("evt_1")
+    response = _deliver(app, body=body)
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "handler failed"}
+    [event] = _sentry_events(sentry)
+    [exception] = event["exception"]["values"]
+    assert (exception["type"], exception["value"]) == ("RuntimeError", "database is down")
+    assert event["logger"] == "flask_ploints"
+    # Sentry read the body after the view, and got the verified one.
+    assert event["request"]["data"] == json.loads(body)
+
+
+def test_sentry_sends_nothing_for_a_delivery(sentry: _ListTransport) -> None:
+    app = _own_app()
+    PlointsWebhooks(app)
+    assert _deliver(app).status_code == 200
+    assert _deliver(app, "evt_2", signature="0" * 64).status_code == 401
+    sentry_sdk.flush()
+    assert sentry.envelopes == []
+
+
+# werkzeug's ProxyFix
+
+
+def test_proxy_fix_with_https_required() -> None:
+    app = _own_app(PLOINTS_REQUIRE_HTTPS=True)
+    PlointsWebhooks(app)
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1)  # type: ignore[method-assign]
+    assert _deliver(app, headers={"X-Forwarded-Proto": "https"}).status_code == 200
+    plain = _deliver(app, "evt_2")
+    assert plain.status_code == 403
+    assert plain.get_json() == {"error": "HTTPS required"}
+
+
+# All of them
+
+
+def test_kitchen_sink(sentry: _ListTransport) -> None:
+    app = _own_app(PLOINTS_REQUIRE_HTTPS=True)
+
+    @app.get("/account")
+    @login_required
+    def account() -> str:
+        return "account"
+
+    CSRFProtect(app)
+    _limiter().init_app(app)
+    webhooks = PlointsWebhooks(app)
+    handled = _handled(webhooks)
+    Talisman(app)
+    _login_manager(app)
+    logged: list[bytes] = []
+
+    @app.before_request
+    def log_body() -> None:
+        logged.append(request.get_data())
+
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1)  # type: ignore[method-assign]
+    proxied = {"X-Forwarded-Proto": "https"}
+
+    body = _body("evt_0")
+    first = _deliver(app, body=body, headers=proxied)
+    assert first.status_code == 200
+    assert first.get_json() == {"received": True}
+    assert "Strict-Transport-Security" in first.headers
+    assert logged == [body]
+    statuses = [_deliver(app, f"evt_{n}", headers=proxied).status_code for n in range(1, 20)]
+    assert statuses == [200] * 19
+    duplicate = _deliver(app, body=body, headers=proxied)
+    assert duplicate.status_code == 200
+    assert duplicate.get_json() == {"received": True, "duplicate": True}
+    forged = _deliver(app, "evt_forged", signature="0" * 64, headers=proxied)
+    assert forged.status_code == 401
+    assert handled == [f"evt_{n}" for n in range(20)]
+
+    client = app.test_client()
+    form = client.post("/form", data={"name": "x"}, base_url=HTTPS)
+    assert form.status_code == 400
+    assert b"The CSRF token is missing." in form.data
+    assert client.get("/account", base_url=HTTPS).status_code == 401
+    assert client.get("/account").status_code == 302
+    pages = [client.get("/page", base_url=HTTPS).status_code for _ in range(3)]
+    assert pages == [200, 200, 429]
+    assert _sentry_events(sentry) == []
 
 
 # Optional packages stay unimported
