@@ -32,7 +32,7 @@ from flask import Blueprint
 from flask import Flask
 from flask import current_app
 
-__all__ = ["exempt_from_protections", "exempt_on_first_delivery"]
+__all__ = ["exempt_from_csrf", "exempt_from_protections", "exempt_on_first_delivery"]
 
 
 def exempt_from_protections(app: Flask, blueprint: Blueprint) -> None:
@@ -43,9 +43,7 @@ def exempt_from_protections(app: Flask, blueprint: Blueprint) -> None:
     Limits applied to the blueprint on purpose (``limiter.limit(...)(bp)``,
     ``limiter.shared_limit(...)(bp)``) still apply.
     """
-    csrf = app.extensions.get("csrf")
-    if csrf is not None and _instance_of(csrf, "flask_wtf.csrf", "CSRFProtect"):
-        csrf.exempt(blueprint)
+    exempt_from_csrf(app, blueprint)
     for limiter in app.extensions.get("limiter", ()):
         if _instance_of(limiter, "flask_limiter", "Limiter"):
             # Imported already, by whoever made the limiter.
@@ -54,6 +52,15 @@ def exempt_from_protections(app: Flask, blueprint: Blueprint) -> None:
             # Not META: Flask-Limiter then ignores the blueprint's own limits
             # too, and those are how a user limits deliveries on purpose.
             limiter.exempt(blueprint, flags=ExemptionScope.DEFAULT | ExemptionScope.APPLICATION)
+
+
+def exempt_from_csrf(app: Flask, blueprint: Blueprint) -> None:
+    """Exempt ``blueprint`` from the CSRF check of Flask-WTF, if ``app``
+    has one. Calling it again is harmless.
+    """
+    csrf = app.extensions.get("csrf")
+    if csrf is not None and _instance_of(csrf, "flask_wtf.csrf", "CSRFProtect"):
+        csrf.exempt(blueprint)
 
 
 def exempt_on_first_delivery(blueprint: Blueprint) -> None:

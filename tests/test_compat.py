@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import typing as t
@@ -32,12 +33,14 @@ from werkzeug.test import TestResponse
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.samples import build_event
 from flask_ploints.signature import sign
 
 from .support import SECRET
 
 URL = "/webhooks/ploints"
+LOG = "/ploints/deliveries"
 HTTPS = "https://localhost"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +123,40 @@ def test_csrf_protect_leaves_deliveries_alone(ploints_first: bool) -> None:
     own = app.test_client().post("/form", data={"name": "x"})
     assert own.status_code == 400
     assert b"The CSRF token is missing." in own.data
+
+
+def _delivery_log_app(tmp_path: Path, ploints_first: bool) -> tuple[Flask, DeliveryLog]:
+    app = _own_app(PLOINTS_DELIVERY_LOG_ACCESS=lambda: True)
+    log = DeliveryLog.from_url(f"sqlite:///{tmp_path / 'log.db'}")
+    app.config["PLOINTS_DELIVERY_LOG"] = log
+    webhooks = PlointsWebhooks()
+
+    @webhooks.on("points.earned")
+    def fail(event: Event) -> None:
+        raise RuntimeError("database is down")
+
+    _setup(app, webhooks, CSRFProtect().init_app, ploints_first)
+    return app, log
+
+
+@ORDERS
+def test_csrf_protect_leaves_the_delivery_log_to_its_own_token(
+    tmp_path: Path, ploints_first: bool
+) -> None:
+    app, log = _delivery_log_app(tmp_path, ploints_first)
+    assert _deliver(app).status_code == 500
+    (failed,) = log.recent()
+    browser = app.test_client()
+    page = browser.get(f"{LOG}/{failed.id}").get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match is not None
+    refused = browser.post(f"{LOG}/{failed.id}/rerun", data={})
+    assert refused.status_code == 400
+    assert "CSRF token is missing: reload the page" in refused.get_data(as_text=True)
+    rerun = browser.post(f"{LOG}/{failed.id}/rerun", data={"csrf_token": match.group(1)})
+    assert rerun.status_code == 303
+    assert [row.outcome for row in log.recent()] == ["failed", "failed"]
+    log.engine.dispose()
 
 
 # Flask-Limiter
