@@ -8,6 +8,8 @@ import warnings
 from flask import Blueprint
 from flask import Flask
 
+from .compat import exempt_from_protections
+from .compat import exempt_on_first_delivery
 from .config import DEFAULTS
 from .config import DELIVERY_LOG_DEFAULTS
 from .config import Settings
@@ -121,7 +123,11 @@ class PlointsWebhooks:
             # OPTIONS too gets the endpoint's JSON 405, not Flask's answer.
             provide_automatic_options=False,
         )
+        # A delivery is signed and carries no CSRF token: app-wide CSRF
+        # checks and rate limits set up before or after this one skip it.
+        exempt_on_first_delivery(blueprint)
         app.register_blueprint(blueprint)
+        exempt_from_protections(app, blueprint)
         app.extensions.setdefault(EXTENSION_KEY, registered)[self.name] = Receiver(
             name=self.name,
             settings=settings,

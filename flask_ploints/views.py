@@ -35,6 +35,7 @@ from flask import Request
 from flask import Response
 from flask import current_app
 from flask import request
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
 
@@ -174,22 +175,27 @@ class WebhookEndpoint:
     def _read_body(self, req: Request, length: int | None) -> bytes | None:
         """The body, or ``None`` when it is over the limit. A body shorter
         than its ``Content-Length`` (the client went away) comes back short.
+
+        Read through werkzeug and cached on the request, so that whatever
+        reads it before or after the view (a ``before_request`` that logs
+        it, an ``after_request``, an error reporter) gets these same bytes,
+        and the view gets the bytes such a hook read first.
         """
-        if length is not None:
-            # Checked against the limit already. WSGI lets an application
-            # read exactly CONTENT_LENGTH bytes from wsgi.input; werkzeug's
-            # wrapping stream would cost more than verifying the body.
-            raw: bytes = req.environ["wsgi.input"].read(length) if length else b""
-            return raw
-        # Chunked, or no length given: werkzeug stops at the limit without
-        # raising, so one byte more than allowed is asked for to tell a body
-        # of exactly the limit from a longer one.
         limit = self.settings.max_bytes
-        req.max_content_length = limit + 1
+        # This endpoint's limit, not the app's MAX_CONTENT_LENGTH. A body of
+        # known length was checked against it already; for a chunked one
+        # werkzeug stops at the limit without raising, so one byte more is
+        # allowed to tell a body of exactly the limit from a longer one.
+        req.max_content_length = limit if length is not None else limit + 1
         try:
-            raw = req.get_data(cache=False)
+            raw = req.get_data(cache=True)
         except RequestEntityTooLarge:
             return None
+        except ClientDisconnected:
+            if length is None:
+                raise
+            # Fewer bytes than Content-Length: werkzeug keeps none of them.
+            return b""
         return raw if len(raw) <= limit else None
 
     def _too_large(self) -> Response:

@@ -33,6 +33,7 @@ from flask import url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
+from ..compat import exempt_from_csrf
 from ..errors import DispatchError
 from ..errors import StoreError
 from ..replay import rerun as rerun_body
@@ -55,6 +56,15 @@ PAGE_SIZE = 50
 #: :func:`~flask_ploints.delivery_log.init_delivery_log` under
 #: ``PLOINTS_DELIVERY_LOG_URL``; its templates are ``ploints/*.html``.
 blueprint = Blueprint("ploints_delivery_log", __name__, template_folder="templates")
+
+
+@blueprint.url_value_preprocessor
+def _exempt_from_app_csrf(endpoint: str | None, values: dict[str, t.Any] | None) -> None:
+    # The page checks its own token (_check_csrf); Flask-WTF's CSRFProtect,
+    # if the app has one, would refuse that token. A URL value preprocessor
+    # runs before every before_request function, the CSRFProtect's included;
+    # on every request, since this one blueprint serves every app.
+    exempt_from_csrf(current_app._get_current_object(), blueprint)  # type: ignore[attr-defined]
 
 
 @blueprint.before_request
