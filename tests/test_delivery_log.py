@@ -254,9 +254,16 @@ def test_token_of_another_session_is_refused(shop: Shop) -> None:
 def test_list_page_filters(shop: Shop) -> None:
     _deliver_one_of_each(shop)
     page = shop.browser.get(PAGE).get_data(as_text=True)
-    assert page.count('<span class="badge ') == 5
-    assert "invalid signature" in page and "evt_forged" not in page
+    # Rejected requests are listed only when filtered for, and counted.
+    assert page.count('<span class="badge ') == 3
+    assert "invalid signature" not in page and "evt_forged" not in page
+    assert "2 rejected requests in the last 24 hours are not listed here" in page
     assert '<option value="customer.created">customer.created</option>' in page
+
+    page = shop.browser.get(f"{PAGE}/?outcome=rejected").get_data(as_text=True)
+    assert page.count('<span class="badge rejected">') == 2
+    assert "invalid signature" in page and "evt_forged" not in page
+    assert "not listed here" not in page
 
     page = shop.browser.get(f"{PAGE}/?outcome=failed").get_data(as_text=True)
     assert page.count('<span class="badge ') == 1
@@ -269,7 +276,43 @@ def test_list_page_filters(shop: Shop) -> None:
     assert "No deliveries match these filters." in page
     # An unknown value is ignored rather than answered with an error.
     page = shop.browser.get(f"{PAGE}/?outcome=nonsense").get_data(as_text=True)
-    assert page.count('<span class="badge ') == 5
+    assert page.count('<span class="badge ') == 3
+
+
+def test_a_flood_of_forged_requests_cannot_push_deliveries_off_the_page(shop: Shop) -> None:
+    assert shop.sender.send("points.earned", id="evt_real").status_code == 200
+    forged = json.dumps(build_event("points.earned", id="evt_forged")).encode()
+    for _ in range(120):
+        assert shop.sender.post(forged, signature="0" * 64).status_code == 401
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert "evt_real" in page
+    assert "120 rejected requests in the last 24 hours are not listed here" in page
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/0",
+        "/9223372036854775808",
+        "/99999999999999999999999999",
+        "/?before=9223372036854775808",
+        "/?before=-1",
+        "/?before=0",
+        "/?before=abc",
+    ],
+)
+def test_ids_and_cursors_out_of_range_are_404(shop: Shop, path: str) -> None:
+    shop.sender.send("points.earned", id="evt_1")
+    response = shop.browser.get(PAGE + path)
+    assert response.status_code == 404
+    assert "404 Not Found" in response.get_data(as_text=True)
+
+
+def test_the_largest_id_is_looked_up(shop: Shop) -> None:
+    shop.sender.send("points.earned", id="evt_1")
+    assert shop.browser.get(f"{PAGE}/9223372036854775807").status_code == 404
+    response = shop.browser.post(f"{PAGE}/99999999999999999999/rerun")
+    assert response.status_code in (400, 404)
 
 
 def test_list_page_pages_back(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:

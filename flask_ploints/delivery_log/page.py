@@ -31,13 +31,16 @@ from flask import request
 from flask import session
 from flask import url_for
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from ..compat import exempt_from_csrf
+from ..errors import DeliveryLogError
 from ..errors import DispatchError
 from ..errors import StoreError
 from ..replay import rerun as rerun_body
 from .state import page_state
+from .table import MAX_ID
 from .table import OUTCOMES
 from .table import Delivery
 
@@ -51,6 +54,8 @@ CSRF_SESSION_KEY = "_ploints_csrf"
 CSRF_FIELD = "csrf_token"
 #: Rows on one page of the list.
 PAGE_SIZE = 50
+#: Seconds back that the list counts the rejected requests it hides.
+REJECTED_WINDOW = 24 * 3600
 
 #: The page's blueprint, registered by
 #: :func:`~flask_ploints.delivery_log.init_delivery_log` under
@@ -107,6 +112,16 @@ def _headers(response: Response) -> Response:
     return response
 
 
+@blueprint.errorhandler(DeliveryLogError)
+def _unavailable(error: DeliveryLogError) -> tuple[str, int]:
+    logger.error("the delivery log page could not read its database: %s", error)
+    return _render(
+        "ploints/error.html",
+        title="503 Service Unavailable",
+        error=ServiceUnavailable("The delivery log's database is unavailable; try again later."),
+    ), 503
+
+
 @blueprint.errorhandler(HTTPException)
 def _error(error: HTTPException) -> tuple[str, int]:
     return _render(
@@ -149,18 +164,44 @@ def _choice(name: str, allowed: t.Iterable[str]) -> str | None:
     return value if value is None or value in allowed else None
 
 
+def _checked(delivery_id: int) -> int:
+    checked = _row_id(delivery_id)
+    assert checked is not None
+    return checked
+
+
+def _row_id(value: int | str | None) -> int | None:
+    """A row id from the URL, or a ``404`` for one no row can have."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        abort(404)
+    if not 1 <= number <= MAX_ID:
+        abort(404)
+    return number
+
+
 @blueprint.get("", strict_slashes=False)
 def index() -> str:
     """The list of recent deliveries, newest first, filtered by the query
     parameters ``type`` and ``outcome``; ``before`` (a row id) pages back.
+    Rejected requests are listed only when filtered for, so that a flood of
+    forged ones cannot push real deliveries off the page; the page says how
+    many there were in the last day.
     """
     log = page_state().log
     event_types = log.event_types()
     event_type = _choice("type", event_types)
     outcome = _choice("outcome", OUTCOMES)
-    before = request.args.get("before", type=int)
-    rows = log.recent(PAGE_SIZE + 1, event_type, outcome, before=before)
+    before = _row_id(request.args.get("before"))
+    shown = None if outcome is not None else [name for name in OUTCOMES if name != "rejected"]
+    rows = log.recent(PAGE_SIZE + 1, event_type, outcome, before=before, outcomes=shown)
     older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
+    hidden = 0
+    if outcome is None and event_type is None:
+        hidden = log.count("rejected", since=time.time() - REJECTED_WINDOW)
     return _render(
         "ploints/deliveries.html",
         title="Deliveries",
@@ -171,6 +212,7 @@ def index() -> str:
         outcome=outcome,
         older=older,
         paged=before is not None,
+        hidden_rejected=hidden,
     )
 
 
@@ -187,7 +229,7 @@ def detail(delivery_id: int) -> str:
     same event, and the re-run button when it failed.
     """
     log = page_state().log
-    delivery = log.get(delivery_id) or abort(404)
+    delivery = log.get(_checked(delivery_id)) or abort(404)
     history: list[Delivery] = []
     if delivery.event_id is not None:
         history = log.recent(PAGE_SIZE, event_id=delivery.event_id)
@@ -205,7 +247,7 @@ def rerun(delivery_id: int) -> BaseResponse:
     """Run a failed delivery's event again, through the same claim, handlers
     and commit as a delivery; the outcome is flashed and recorded in the log.
     """
-    delivery = page_state().log.get(delivery_id) or abort(404)
+    delivery = page_state().log.get(_checked(delivery_id)) or abort(404)
     back = redirect(url_for(".detail", delivery_id=delivery_id), 303)
     if delivery.outcome != "failed" or delivery.payload is None:
         flash("Only a failed delivery can be re-run.", "error")

@@ -278,6 +278,7 @@ class DeliveryLog:
         *,
         event_id: str | None = None,
         before: int | None = None,
+        outcomes: t.Collection[str] | None = None,
     ) -> list[Delivery]:
         """Return up to ``limit`` deliveries, newest first.
 
@@ -285,6 +286,7 @@ class DeliveryLog:
         :param outcome: only this outcome.
         :param event_id: only the deliveries of this event.
         :param before: only rows whose id is smaller, to page back.
+        :param outcomes: only these outcomes.
         :raises DeliveryLogError: the database refused.
         """
         c = self.table.c
@@ -293,6 +295,8 @@ class DeliveryLog:
             statement = statement.where(c.event_type == event_type)
         if outcome is not None:
             statement = statement.where(c.outcome == outcome)
+        if outcomes is not None:
+            statement = statement.where(c.outcome.in_(list(outcomes)))
         if event_id is not None:
             statement = statement.where(c.event_id == event_id)
         if before is not None:
@@ -300,6 +304,21 @@ class DeliveryLog:
         with self._begin() as conn:
             rows = conn.execute(statement).all()
         return [delivery(row) for row in rows]
+
+    def count(self, outcome: str, *, since: float) -> int:
+        """Return how many rows of ``outcome`` were received since
+        ``since`` (seconds since the epoch).
+
+        :raises DeliveryLogError: the database refused.
+        """
+        c = self.table.c
+        statement = (
+            sa.select(sa.func.count())
+            .select_from(self.table)
+            .where(c.outcome == outcome, c.received_at >= since)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(statement).scalar_one())
 
     def get(self, delivery_id: int) -> Delivery | None:
         """Return one delivery, or ``None`` if there is no such row (or it

@@ -10,8 +10,18 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-__all__ = ["MAX_REASON", "MAX_TRACEBACK", "OUTCOMES", "Delivery", "delivery", "make_table"]
+__all__ = [
+    "MAX_ID",
+    "MAX_REASON",
+    "MAX_TRACEBACK",
+    "OUTCOMES",
+    "Delivery",
+    "delivery",
+    "make_table",
+]
 
+#: The largest row id: the columns are 64-bit.
+MAX_ID = 2**63 - 1
 #: Every outcome a row can record, in the order the page lists them.
 OUTCOMES: tuple[str, ...] = ("processed", "duplicate", "failed", "rejected")
 
@@ -60,7 +70,14 @@ def make_table(name: str) -> sa.Table:
     table = sa.Table(
         name,
         sa.MetaData(),
-        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        # 64-bit where the database has it; SQLite's rowid is 64-bit already,
+        # and autoincrements only as INTEGER.
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         # Float seconds since the epoch, as in SQLAlchemyStore: compared the
         # same way by every dialect.
         sa.Column("received_at", sa.Double(), nullable=False),
