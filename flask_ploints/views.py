@@ -35,11 +35,10 @@ from flask import Request
 from flask import Response
 from flask import current_app
 from flask import request
-from werkzeug.exceptions import ClientDisconnected
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
 
 from . import signals
+from .body import read_body
 from .config import Settings
 from .errors import DispatchError
 from .events import Event
@@ -136,7 +135,7 @@ class WebhookEndpoint:
         rejected = self._check_request(req, length)
         if rejected is not None:
             return rejected
-        raw = self._read_body(req, length)
+        raw = read_body(req, length, self.settings.max_bytes)
         if raw is None:
             return self._too_large()
         if length is not None and len(raw) < length:
@@ -171,32 +170,6 @@ class WebhookEndpoint:
         if req.environ.get("CONTENT_TYPE") != "application/json" and not _is_json(req.mimetype):
             return _error(415, "Content-Type must be application/json")
         return None
-
-    def _read_body(self, req: Request, length: int | None) -> bytes | None:
-        """The body, or ``None`` when it is over the limit. A body shorter
-        than its ``Content-Length`` (the client went away) comes back short.
-
-        Read through werkzeug and cached on the request, so that whatever
-        reads it before or after the view (a ``before_request`` that logs
-        it, an ``after_request``, an error reporter) gets these same bytes,
-        and the view gets the bytes such a hook read first.
-        """
-        limit = self.settings.max_bytes
-        # This endpoint's limit, not the app's MAX_CONTENT_LENGTH. A body of
-        # known length was checked against it already; for a chunked one
-        # werkzeug stops at the limit without raising, so one byte more is
-        # allowed to tell a body of exactly the limit from a longer one.
-        req.max_content_length = limit if length is not None else limit + 1
-        try:
-            raw = req.get_data(cache=True)
-        except RequestEntityTooLarge:
-            return None
-        except ClientDisconnected:
-            if length is None:
-                raise
-            # Fewer bytes than Content-Length: werkzeug keeps none of them.
-            return b""
-        return raw if len(raw) <= limit else None
 
     def _too_large(self) -> Response:
         return _error(

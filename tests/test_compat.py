@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sentry_sdk
 from flask import Flask
+from flask import Request
 from flask import Response
 from flask import request
 from flask_limiter import Limiter
@@ -29,6 +30,7 @@ from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.test import EnvironBuilder
 from werkzeug.test import TestResponse
 
 from flask_ploints import Event
@@ -36,8 +38,10 @@ from flask_ploints import PlointsWebhooks
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.samples import build_event
 from flask_ploints.signature import sign
+from flask_ploints.testing import PlointsClient
 
 from .support import SECRET
+from .support import build_app
 
 URL = "/webhooks/ploints"
 LOG = "/ploints/deliveries"
@@ -507,3 +511,38 @@ def test_optional_packages_are_not_imported() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout == "[]\n"
+
+
+def test_werkzeug_keeps_its_stream_in_the_request_dict() -> None:
+    """flask_ploints.body reads ``wsgi.input`` itself only while nothing
+    made werkzeug's ``Request.stream``; it tells by that cached property
+    being in the request's ``__dict__``. If werkzeug stops keeping it there,
+    this fails before any delivery could be read short.
+    """
+    raw = Request(EnvironBuilder(method="POST", data=b'{"a": 1}').get_environ())
+    assert "stream" not in raw.__dict__
+    assert raw.get_data(cache=True) == b'{"a": 1}'
+    assert "stream" in raw.__dict__
+
+    parsed = Request(EnvironBuilder(method="POST", json={"a": 1}).get_environ())
+    assert parsed.get_json() == {"a": 1}
+    assert "stream" in parsed.__dict__
+
+    form = Request(EnvironBuilder(method="POST", data={"a": "1"}).get_environ())
+    assert form.form["a"] == "1"
+    assert "stream" in form.__dict__
+
+
+def test_the_body_read_first_by_the_view_is_there_for_later_readers() -> None:
+    app, _ = build_app()
+    seen: list[bytes] = []
+
+    @app.after_request
+    def read_after(response: t.Any) -> t.Any:
+        seen.append(request.get_data())
+        seen.append(request.get_data())
+        return response
+
+    body = json.dumps(build_event("points.earned", id="evt_1")).encode()
+    assert PlointsClient(app).post(body).status_code == 200
+    assert seen == [body, body]
