@@ -68,19 +68,20 @@ def exempt_on_first_delivery(blueprint: Blueprint) -> None:
     request, for the extensions set up after it. Call before the blueprint
     is registered.
     """
+
     # A URL value preprocessor of the blueprint runs for its requests only,
     # and before every before_request function, the app's included: the
     # CSRF check and the rate limit are both before_request functions.
     # Once is enough: an extension can no longer be set up on an app that
     # has handled a request (Flask refuses new before_request functions).
-    pending = True
-
     @blueprint.url_value_preprocessor
     def exempt_late(endpoint: str | None, values: dict[str, t.Any] | None) -> None:
-        nonlocal pending
-        if pending:
-            exempt_from_protections(current_app._get_current_object(), blueprint)  # type: ignore[attr-defined]
-            pending = False
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        exempt_from_protections(app, blueprint)
+        # Done: off the request path, by replacing the list of the app's
+        # registry rather than changing it under a request reading it.
+        funcs = app.url_value_preprocessors.get(blueprint.name, [])
+        app.url_value_preprocessors[blueprint.name] = [f for f in funcs if f is not exempt_late]
 
 
 def _instance_of(obj: object, module: str, name: str) -> bool:

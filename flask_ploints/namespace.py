@@ -42,6 +42,11 @@ class Namespace:
             )
         self._prefix = namespace + _SEPARATOR if namespace else ""
 
+    @property
+    def prefixed(self) -> bool:
+        """Whether keys differ from the event ids they stand for."""
+        return bool(self._prefix)
+
     def key(self, event_id: str) -> str:
         """Return the key the store keeps ``event_id`` under: the id itself
         without a namespace, else the namespace, U+001F and the id; a key

@@ -140,6 +140,8 @@ _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may
 
 def _log(level: int, event: Event, message: str, *args: object, **kwargs: t.Any) -> None:
     # Every record about an event starts with its id and type, in one place.
+    if not logger.isEnabledFor(level):
+        return
     logger.log(
         level, "event %s (%s) " + message, event.id, event.type, *args, stacklevel=2, **kwargs
     )
@@ -176,7 +178,9 @@ class Processor:
         self._keep_payload = not dispatcher.runs_inline
         #: How the instance's event ids become store keys.
         self.namespace = Namespace(name, settings.namespace)
-        self._key = self.namespace.key
+        # str() of a str is that same str: the cheapest key of an id that
+        # is its own key, on every delivery's path.
+        self._key: t.Callable[[str], str] = self.namespace.key if self.namespace.prefixed else str
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
@@ -323,7 +327,15 @@ class Processor:
         return self._processed(app, event, claim.token, duration)
 
     def _processed(self, app: Flask, event: Event, token: str, duration: float) -> Result:
-        self._commit(event, token)
+        # The handlers have run: answering an error now would make the sender
+        # retry work that is done, so a failed commit is logged, not returned.
+        try:
+            committed = self.store.commit(self._key(event.id), token, self._retention)
+        except Exception:
+            _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
+        else:
+            if not committed:
+                _log(logging.WARNING, event, _LAPSED)
         _log(logging.INFO, event, "processed")
         notify(signals.event_processed, app, self.name, event=event, duration=duration)
         return _PROCESSED
@@ -370,17 +382,6 @@ class Processor:
             signals.handler_failed, app, self.name, event=event, exception=error, duration=duration
         )
         return Result(Outcome.FAILED, error=error, duration=duration)
-
-    def _commit(self, event: Event, token: str) -> None:
-        # The handlers have run: answering an error now would make the sender
-        # retry work that is done, so a failed commit is logged, not returned.
-        try:
-            committed = self.store.commit(self._key(event.id), token, self._retention)
-        except Exception:
-            _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
-            return
-        if not committed:
-            _log(logging.WARNING, event, _LAPSED)
 
     def _release(self, event: Event, token: str) -> None:
         try:

@@ -42,7 +42,9 @@ def _as_digest(header_value: str | None) -> bytes | None:
     return digest if len(digest) * 2 == _DIGEST_LENGTH else None
 
 
-def verify(body: bytes, header_value: str | None, secrets: str | t.Iterable[str]) -> bool:
+def verify(
+    body: bytes, header_value: str | None, secrets: str | bytes | t.Iterable[str | bytes]
+) -> bool:
     """Tell whether ``header_value`` is a valid signature of ``body``.
 
     The header must be exactly one 64-character hex digest; anything else
@@ -53,15 +55,17 @@ def verify(body: bytes, header_value: str | None, secrets: str | t.Iterable[str]
 
     :param body: the exact bytes of the request body.
     :param header_value: the ``X-Ploints-Signature`` header, or ``None``.
-    :param secrets: one secret, or several while a secret is being rotated.
+    :param secrets: one secret, or several while a secret is being rotated;
+        as text, or already encoded as UTF-8.
     """
     expected = _as_digest(header_value)
     if expected is None:
         return False
-    if isinstance(secrets, str):
+    if isinstance(secrets, (str, bytes)):
         secrets = (secrets,)
     matched = False
     for secret in secrets:
-        digest = hmac.digest(secret.encode("utf-8"), body, "sha256")
+        key = secret if isinstance(secret, bytes) else secret.encode("utf-8")
+        digest = hmac.digest(key, body, "sha256")
         matched |= hmac.compare_digest(digest, expected)
     return matched
