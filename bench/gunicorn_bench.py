@@ -4,19 +4,21 @@ hand-written receiver doing the same store work the plain way.
 For each store (memory, Redis, PostgreSQL, and Redis with Celery dispatch
 over RabbitMQ) and each receiver (the extension,
 and the hand-written one of ``bench/gunicorn_apps.py``), the bench starts
-``gunicorn -w 4`` (sync workers) on a free loopback port, warms every worker
-up, then drives it with ``wrk`` (one thread, 16 connections, a fixed
-duration) posting distinct pre-signed events through
-``bench/post_events.lua``. Each pair runs in ``--rounds`` rounds in
-alternating order (ABBA); the table shows the mean requests per second and
-the median p50 and p99 latencies over the rounds. Every run gets its own
-Redis prefix or table, removed afterwards.
+gunicorn on a free loopback port, warms every worker up, then drives it with
+``wrk`` (one thread, a fixed duration, a 10 s timeout: the sender's) posting
+distinct pre-signed events through ``bench/post_events.lua``. ``--mode
+sync``: 4 sync workers, 16 connections; ``--mode gthread``: 2 gthread
+workers x 32 threads, 64 connections. Each pair runs in ``--rounds`` rounds
+in alternating order (ABBA); the table shows the mean requests per second,
+the median p50 and p99 latencies, the slowest answer of any round, and the
+ratio with each round's own. Every run gets its own Redis prefix or table,
+removed afterwards.
 
 The load generator is ``wrk`` (Debian package ``wrk``: ``apt-get install
 wrk``). It shares the machine's cores with the servers, as does the store's
 own server, so the numbers are for this whole box, not for gunicorn alone.
 
-Run: ``.venv/bin/python bench/gunicorn_bench.py [--duration 10] [--rounds 2]
+Run: ``.venv/bin/python bench/gunicorn_bench.py [--mode sync|gthread] [--duration 10] [--rounds 2]
 [--stores memory,redis,postgresql,celery]``.
 """
 
@@ -54,8 +56,40 @@ POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TYPES = ("points.earned", "points.redeemed", "customer.created", "badge.issued")
 KINDS = ("extension", "hand")
-CONNECTIONS = 16
-WORKERS = 4
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How gunicorn runs and how hard wrk drives it."""
+
+    name: str
+    workers: int
+    threads: int
+    connections: int
+
+    def gunicorn_args(self) -> list[str]:
+        """The worker options of gunicorn's command line."""
+        args = ["--workers", str(self.workers)]
+        if self.threads > 1:
+            args += ["--worker-class", "gthread", "--threads", str(self.threads)]
+        return args
+
+    def describe(self) -> str:
+        """One line for the report."""
+        workers = (
+            f"{self.workers} sync workers"
+            if self.threads == 1
+            else f"{self.workers} gthread workers x {self.threads} threads"
+        )
+        return f"{workers}, wrk -t1 -c{self.connections}"
+
+
+MODES = {
+    "sync": Mode("sync", workers=4, threads=1, connections=16),
+    # A threaded server with more threads per process than the SQL store's
+    # pool holds connections (5 + 10).
+    "gthread": Mode("gthread", workers=2, threads=32, connections=64),
+}
 
 
 @dataclass
@@ -127,7 +161,8 @@ def _post(port: int, body: bytes) -> int:
 class Server:
     """``gunicorn -w 4`` running one receiver of ``gunicorn_apps``."""
 
-    def __init__(self, kind: str, store: str, namespace: str, log: Path) -> None:
+    def __init__(self, kind: str, store: str, namespace: str, log: Path, mode: Mode) -> None:
+        self.mode = mode
         self.port = _free_port()
         self.log = log.open("wb")
         env = {
@@ -146,8 +181,7 @@ class Server:
                 "gunicorn",
                 "--chdir",
                 str(HERE),
-                "--workers",
-                str(WORKERS),
+                *mode.gunicorn_args(),
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 "--graceful-timeout",
@@ -188,7 +222,7 @@ class Server:
             json.dumps(build_event("points.earned", id=f"{prefix}_warm_{n}")).encode()
             for n in range(200)
         ]
-        with ThreadPoolExecutor(max_workers=CONNECTIONS) as pool:
+        with ThreadPoolExecutor(max_workers=self.mode.connections) as pool:
             statuses = set(pool.map(lambda body: _post(self.port, body), bodies))
         if len(statuses) != 1 or not 200 <= statuses.pop() < 300:
             raise RuntimeError(f"warm-up answered {statuses}; see {self.log.name}")
@@ -243,12 +277,12 @@ def clean(store: str, namespace: str) -> None:
             connection.execute(f"DROP TABLE IF EXISTS {namespace}")
 
 
-def run_wrk(port: int, events: Path, duration: float) -> Result:
+def run_wrk(port: int, events: Path, duration: float, mode: Mode) -> Result:
     """Drive the server with wrk and return what it measured."""
     command = [
         "wrk",
         "-t1",
-        f"-c{CONNECTIONS}",
+        f"-c{mode.connections}",
         f"-d{duration:g}s",
         "--timeout",
         "10s",
@@ -269,16 +303,16 @@ def run_wrk(port: int, events: Path, duration: float) -> Result:
 
 
 def one_run(
-    kind: str, store: str, events: Path, duration: float, logs: Path, number: int
+    kind: str, store: str, events: Path, duration: float, logs: Path, number: int, mode: Mode
 ) -> Result:
     """Start a fresh server for ``kind`` on ``store``, measure it, clean up."""
     namespace = f"bench_{uuid.uuid4().hex[:10]}"
     prepare(kind, store, namespace)
     try:
-        server = Server(kind, store, namespace, logs / f"{store}-{kind}-{number}.log")
+        server = Server(kind, store, namespace, logs / f"{store}-{kind}-{number}.log", mode)
         try:
             server.warm_up(namespace)
-            return run_wrk(server.port, events, duration)
+            return run_wrk(server.port, events, duration, mode)
         finally:
             server.stop()
     finally:
@@ -324,20 +358,31 @@ def service_versions(stores: list[str]) -> list[str]:
 def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: int) -> str:
     """The markdown table for the README."""
     lines = [
-        "| store | receiver | requests/s | p50 ms | p99 ms | extension / hand-written |",
-        "|---|---|---:|---:|---:|---:|",
+        "| store | receiver | requests/s | p50 ms | p99 ms | max ms | extension / hand-written"
+        " (per round) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for store, by_kind in results.items():
         rates = {kind: statistics.mean(r.rate for r in runs) for kind, runs in by_kind.items()}
+        # Round by round, ext against hand in the same round: the spread.
+        per_round = [
+            ext.rate / hand.rate
+            for ext, hand in zip(by_kind["extension"], by_kind["hand"], strict=True)
+        ]
         for kind in KINDS:
             runs = by_kind[kind]
             p50 = statistics.median(r.p50_us for r in runs) / 1000
             p99 = statistics.median(r.p99_us for r in runs) / 1000
+            worst = max(r.max_us for r in runs) / 1000
             label = "flask-ploints" if kind == "extension" else "hand-written"
             name = "redis + celery (202)" if store == "celery" else store
-            ratio = f"**{rates['extension'] / rates['hand']:.2f}x**" if kind == "extension" else ""
+            ratio = ""
+            if kind == "extension":
+                spread = ", ".join(f"{value:.2f}" for value in per_round)
+                ratio = f"**{rates['extension'] / rates['hand']:.2f}x** ({spread})"
             lines.append(
-                f"| {name} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
+                f"| {name} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {worst:,.0f}"
+                f" | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -349,7 +394,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per receiver and store")
     parser.add_argument("--stores", default="memory,redis,postgresql,celery")
     parser.add_argument("--events", type=int, default=200_000, help="distinct events to send")
+    parser.add_argument("--mode", choices=sorted(MODES), default="sync", help="gunicorn workers")
     args = parser.parse_args()
+    mode = MODES[args.mode]
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -376,7 +423,7 @@ def main() -> None:
             for number in range(args.rounds):
                 order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
                 for kind in order:
-                    result = one_run(kind, store, events, args.duration, work, number)
+                    result = one_run(kind, store, events, args.duration, work, number, mode)
                     results[store][kind].append(result)
                     problems = {
                         name: value
@@ -386,6 +433,7 @@ def main() -> None:
                     print(
                         f"{store:>10} {kind:>9} round {number + 1}: {result.rate:8,.0f} req/s"
                         f"  p50 {result.p50_us / 1000:5.1f} ms  p99 {result.p99_us / 1000:5.1f} ms"
+                        f"  max {result.max_us / 1000:6.0f} ms"
                         + (f"  {problems}" if problems else ""),
                         flush=True,
                     )
@@ -393,7 +441,7 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     print()
     print(
-        f"gunicorn {version('gunicorn')} with {WORKERS} sync workers, wrk -t1 -c{CONNECTIONS}"
+        f"gunicorn {version('gunicorn')} with {mode.describe()}"
         f" for {args.duration:g} s per run, {args.rounds} runs each (mean req/s, median"
         f" latencies); distinct pre-signed events; loopback; {today}"
     )
