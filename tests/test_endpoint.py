@@ -196,6 +196,24 @@ def test_413_body_without_length_is_not_read_whole(
     assert calls == []
 
 
+def test_411_chunked_body_the_server_did_not_pass_on(
+    app: Flask, calls: list[tuple[str, str]]
+) -> None:
+    body = json.dumps(build_event("points.earned")).encode()
+    response = app.test_client().post(
+        URL,
+        input_stream=io.BytesIO(b""),
+        headers={**_signed(body), "Transfer-Encoding": "chunked"},
+        # As uWSGI's --http-socket leaves it: no length, not terminated.
+        environ_overrides={"wsgi.input_terminated": False},
+    )
+    assert response.status_code == 411
+    assert response.get_json() == {
+        "error": "the server passed on no chunked body: send a Content-Length"
+    }
+    assert calls == []
+
+
 @pytest.mark.parametrize("terminated", [False, True], ids=["plain", "input-terminated"])
 def test_400_body_shorter_than_content_length(
     app: Flask, calls: list[tuple[str, str]], terminated: bool
