@@ -41,15 +41,7 @@ def delivery_log(app: Flask | None = None) -> DeliveryLog:
 
     :raises RuntimeError: the delivery log is off on the app.
     """
-    if app is None:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-    state: DeliveryLogPage | None = app.extensions.get(EXTENSION_KEY)
-    if state is None:
-        raise RuntimeError(
-            f"the delivery log is off on app {app.name!r}: set PLOINTS_DELIVERY_LOG before"
-            " calling PlointsWebhooks.init_app(app)"
-        )
-    return state.log
+    return page_state(app).log
 
 
 def page_state(app: Flask | None = None) -> DeliveryLogPage:
