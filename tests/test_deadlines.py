@@ -209,3 +209,27 @@ def _logged_app(url: str) -> Flask:
     )
     webhooks.on_any(lambda event: None)
     return app
+
+
+def test_many_threads_on_sqlite_wait_a_bounded_time(tmp_path: t.Any) -> None:
+    """SQLite has one writer: calls queue for it, each at most the store's
+    statement timeout, then fail as the store being unavailable.
+    """
+    store = SQLAlchemyStore.from_url(f"sqlite:///{tmp_path / 'one.db'}", timeout=TIMEOUT)
+    try:
+        assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
+        results: list[object] = []
+        # The store's writer lock, held as a long call of another thread would.
+        with store._table.lock:
+            thread = threading.Thread(
+                target=lambda: results.append(_timed(lambda: store.claim("evt_2", 60)))
+            )
+            thread.start()
+            thread.join(TIMEOUT + SLACK)
+        [(result, took)] = results  # type: ignore[misc]
+        assert isinstance(result, StoreError)
+        assert str(result) == "database: SQLite's writer was busy for more than 1 s"
+        assert TIMEOUT <= took < TIMEOUT + SLACK
+        assert store.claim("evt_2", 60).status is ClaimStatus.CLAIMED
+    finally:
+        store.engine.dispose()

@@ -117,7 +117,9 @@ class DeliveryLog:
         self.timeout = timeout
         self._next_purge = 0.0
         self._paused_until = 0.0
-        self._table = ManagedTable(engine, self.table, create=create_table, error=DeliveryLogError)
+        self._table = ManagedTable(
+            engine, self.table, create=create_table, error=DeliveryLogError, wait=timeout
+        )
 
     @classmethod
     def from_url(

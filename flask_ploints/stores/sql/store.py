@@ -97,7 +97,9 @@ class SQLAlchemyStore:
         self._queries: dict[int, Query] = {}
         dialect = engine.dialect.name
         self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
-        self._table = ManagedTable(engine, self.table, create=create_table, error=StoreError)
+        self._table = ManagedTable(
+            engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
+        )
 
     @classmethod
     def from_url(

@@ -110,10 +110,18 @@ class ManagedTable:
     :param table: the table.
     :param create: create it on first use.
     :param error: the component's exception, raised for every database error.
+    :param wait: the most seconds a use waits for SQLite's lock; ``None``
+        for no bound.
     """
 
     def __init__(
-        self, engine: Engine, table: sa.Table, *, create: bool, error: type[PlointsError]
+        self,
+        engine: Engine,
+        table: sa.Table,
+        *,
+        create: bool,
+        error: type[PlointsError],
+        wait: float | None = None,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -124,7 +132,9 @@ class ManagedTable:
         #: time (and one shared connection when in memory): threads queue
         #: here rather than on busy timeouts.
         self.lock: t.ContextManager[t.Any] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+            _WaitedLock(wait, error)
+            if engine.dialect.name == "sqlite"
+            else contextlib.nullcontext()
         )
 
     def ready(self) -> None:
@@ -159,3 +169,19 @@ class ManagedTable:
             yield
         except (SQLAlchemyError, DriverError) as exc:
             raise database_error(exc, self.error) from driver_exception(exc)
+
+
+class _WaitedLock:
+    """A lock whose wait is bounded: past ``wait`` seconds, ``error``."""
+
+    def __init__(self, wait: float | None, error: type[PlointsError]) -> None:
+        self._lock = threading.Lock()
+        self._wait = -1 if wait is None else wait
+        self._error = error
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=self._wait):
+            raise self._error(f"database: SQLite's writer was busy for more than {self._wait:g} s")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
