@@ -139,11 +139,12 @@ _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may
 
 
 def _log(level: int, event: Event, message: str, *args: object, **kwargs: t.Any) -> None:
-    # Every record about an event starts with its id and type, in one place.
+    # Every record about an event starts with its id and type, quoted (no
+    # signed id can spell a line of its own), in one place.
     if not logger.isEnabledFor(level):
         return
     logger.log(
-        level, "event %s (%s) " + message, event.id, event.type, *args, stacklevel=2, **kwargs
+        level, "event %r (%r) " + message, event.id, event.type, *args, stacklevel=2, **kwargs
     )
 
 

@@ -328,7 +328,7 @@ def test_broker_refuses(
     app = client.client.application
     assert isinstance(app, Flask)
     _assert_unavailable_and_released(client, app)
-    assert "event evt_down (points.earned) could not be queued" in caplog.text
+    assert "event 'evt_down' ('points.earned') could not be queued" in caplog.text
     assert "Connection refused" in caplog.text
 
 
@@ -418,7 +418,7 @@ def test_failing_handler_gives_up_then_replays(
         assert recorder.count("effects") == {}
         log = workers.output()
         assert log.count("failed (attempt") == 2
-        assert "event evt_bad (points.earned) failed after 3 attempt(s)" in log
+        assert "event 'evt_bad' ('points.earned') failed after 3 attempt(s)" in log
 
         # Failed is not in flight: the sender's next retry may claim it.
         recorder.fix()

@@ -292,7 +292,7 @@ def test_500_handler_failure_releases_the_claim(
     assert attempts == ["evt_1", "evt_1"]
     failure = next(r for r in caplog.records if r.levelname == "ERROR")
     assert failure.name == "flask_ploints"
-    assert failure.getMessage().startswith("event evt_1 (points.earned) failed")
+    assert failure.getMessage().startswith("event 'evt_1' ('points.earned') failed")
     assert failure.exc_info is not None
     assert str(failure.exc_info[1]) == "database is down"
 
@@ -330,7 +330,7 @@ def test_commit_failure_after_handlers_still_answers_200(
     assert response.status_code == 200
     assert calls == [("points.earned", "evt_1")]
     assert (
-        "event evt_1 (points.earned) processed, but the dedupe store failed to commit it"
+        "event 'evt_1' ('points.earned') processed, but the dedupe store failed to commit it"
         in caplog.text
     )
 
@@ -362,7 +362,7 @@ def test_logs_outcome_without_secret_or_body(app: Flask, caplog: pytest.LogCaptu
     client.post(b'{"note": "forged"}', signature="f" * 64)
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [
-        "event evt_1 (points.earned) processed",
+        "event 'evt_1' ('points.earned') processed",
         "rejected a delivery: invalid signature",
     ]
     assert SECRET not in caplog.text

@@ -177,7 +177,7 @@ def test_slow_handlers_log_a_warning(
     with caplog.at_level(logging.WARNING, logger="flask_ploints"):
         PlointsClient(app).send("points.earned", id="evt_1")
     [record] = caplog.records
-    assert record.getMessage().startswith("event evt_1 (points.earned) took 0.")
+    assert record.getMessage().startswith("event 'evt_1' ('points.earned') took 0.")
     assert "Ploints gives up after 10 s" in record.getMessage()
     assert "PLOINTS_DISPATCH" in record.getMessage()
 

@@ -148,7 +148,9 @@ def test_a_cancelled_async_handler_is_a_handler_failure(
     assert (response.status_code, response.get_json()) == (500, {"error": "handler failed"})
     assert [type(kwargs["exception"]) for kwargs in failures] == [asyncio.CancelledError]
     assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
-    assert "event evt_1 (points.earned) failed: a handler raised CancelledError()" in caplog.text
+    assert (
+        "event 'evt_1' ('points.earned') failed: a handler raised CancelledError()" in caplog.text
+    )
 
 
 def test_a_process_exit_releases_the_claim_and_goes_on(webhooks: PlointsWebhooks) -> None:
