@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-import typing as t
 
 __all__ = ["Guard", "deadline"]
 
@@ -37,6 +36,13 @@ class Guard:
         self.fileno = fileno
         self.done = False
         self.fired = False
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.fileno is not None:
+            _WATCHDOG.release(self)
 
 
 class _Watchdog:
@@ -86,20 +92,14 @@ _WATCHDOG = _Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 
-@contextlib.contextmanager
-def deadline(connection: object, seconds: float | None) -> t.Iterator[Guard]:
-    """Cut ``connection`` (a DBAPI connection) off if the block runs longer
-    than ``seconds``; ``None`` for no bound.
+def deadline(connection: object, seconds: float | None) -> Guard:
+    """Cut ``connection`` (a DBAPI connection) off if the ``with`` block of
+    the returned guard runs longer than ``seconds``; ``None`` for no bound.
     """
+    # A class, not a generator: it runs around every statement.
     if seconds is None:
-        yield Guard(None)
-        return
-    guard = _WATCHDOG.guard(connection, seconds)
-    try:
-        yield guard
-    finally:
-        if guard.fileno is not None:
-            _WATCHDOG.release(guard)
+        return Guard(None)
+    return _WATCHDOG.guard(connection, seconds)
 
 
 def _fileno(connection: object) -> int | None:
