@@ -139,8 +139,7 @@ _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may
 
 
 def _log(level: int, event: Event, message: str, *args: object, **kwargs: t.Any) -> None:
-    # Every record about an event starts with its id and type, quoted (no
-    # signed id can spell a line of its own), in one place.
+    # Every record about an event starts with its id and type, quoted.
     if not logger.isEnabledFor(level):
         return
     logger.log(
