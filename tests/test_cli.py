@@ -448,6 +448,18 @@ def test_replay_with_the_store_down() -> None:
     assert_one_line_error(result, "the dedupe store is unavailable; try again later")
 
 
+@pytest.mark.parametrize("command", ["failed", "purge"])
+def test_failed_and_purge_with_the_store_down(command: str) -> None:
+    # A PostgreSQL store behind a port nothing listens on.
+    store = SQLAlchemyStore.from_url("postgresql://postgres@127.0.0.1:1/test", timeout=0.5)
+    try:
+        app = build_app({"PLOINTS_DEDUPE_STORE": store})[0]
+        result = run(app, command)
+    finally:
+        store.engine.dispose()
+    assert_one_line_error(result, "the dedupe store is unavailable; try again later")
+
+
 def test_purge_deletes_the_expired_rows(tmp_path: Path) -> None:
     store = SQLAlchemyStore.from_url("sqlite:///" + str(tmp_path / "x.db"))
     try:
