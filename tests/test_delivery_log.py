@@ -552,3 +552,14 @@ def test_rerun_while_in_flight_or_with_the_store_down(
     assert "the dedupe store or the queue is unavailable. Nothing ran" in page
     assert shop.handled == []
     assert len(shop.log.recent()) == 1
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///{tmp}/log.db"])
+def test_a_log_from_a_sqlite_url_records(url: str, tmp_path: Path) -> None:
+    # In memory, SQLite's engine has a pool that takes no timeout argument.
+    log = DeliveryLog.from_url(url.format(tmp=tmp_path))
+    try:
+        row = log.record("rejected", name="ploints", reason="invalid signature")
+        assert [delivery.id for delivery in log.recent()] == [row]
+    finally:
+        log.engine.dispose()

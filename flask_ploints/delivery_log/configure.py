@@ -65,6 +65,7 @@ def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
     timeout = parse_seconds(
         "PLOINTS_DELIVERY_LOG_TIMEOUT", app.config["PLOINTS_DELIVERY_LOG_TIMEOUT"]
     )
+    assert timeout is not None  # parse_seconds gives None only when allowed
     log = _make_log(value, retention, timeout)
     log.connect(app)
     state = DeliveryLogPage(log=log, access=access, url=url.rstrip("/"))
@@ -73,14 +74,14 @@ def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
     return state
 
 
-def _make_log(value: object, retention: float | None, timeout: float | None) -> DeliveryLog:
+def _make_log(value: object, retention: float | None, timeout: float) -> DeliveryLog:
     if isinstance(value, DeliveryLog):
         return value
     if isinstance(value, Engine):
         return DeliveryLog(value, retention=retention, timeout=timeout)
     if isinstance(value, str) and "://" in value:
         try:
-            return DeliveryLog.from_url(value, retention=retention, timeout=timeout or 1.0)
+            return DeliveryLog.from_url(value, retention=retention, timeout=timeout)
         except Exception as exc:
             # SQLAlchemy's message for a bad URL or a missing driver; it
             # holds no password (make_url masks it).

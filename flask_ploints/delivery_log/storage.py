@@ -145,7 +145,7 @@ class DeliveryLog:
         """
         # No ping before each use: a ping of a database that stopped
         # answering would wait outside the use's deadline.
-        options = {"pool_pre_ping": False, "pool_timeout": timeout, **(engine_options or {})}
+        options = {"pool_pre_ping": False, **(engine_options or {})}
         engine = engine_from_url(url, timeout=timeout, engine_options=options)
         return cls(engine, timeout=timeout, **kwargs)
 

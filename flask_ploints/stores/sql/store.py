@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.engine import make_url
 
 from ..base import Claim
 from ..base import ClaimStatus
@@ -125,13 +124,9 @@ class SQLAlchemyStore:
         :param kwargs: passed to the constructor (``table_name``,
             ``keep_payloads``, ``create_table``, ``clock``).
         """
-        on_sqlite = make_url(url).get_backend_name() == "sqlite"
         options: dict[str, t.Any] = {
             "pool_pre_ping": False,
             "isolation_level": "AUTOCOMMIT",
-            # Bounds a checkout while the pool is full with connections of
-            # store.engine's other users; SQLite's StaticPool takes none.
-            **({} if on_sqlite else {"pool_timeout": timeout}),
             **(engine_options or {}),
         }
         autocommit = options["isolation_level"] == "AUTOCOMMIT"
@@ -140,6 +135,7 @@ class SQLAlchemyStore:
             options.setdefault("pool_reset_on_return", None)
         kwargs.setdefault("statement_timeout", timeout)
         store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
+        on_sqlite = store.engine.dialect.name == "sqlite"
         if autocommit and not on_sqlite:
             limit = pool_limit(options.get("pool_size", 5), options.get("max_overflow", 10))
             store._connections = Kept(store.engine, limit=limit, wait=timeout)

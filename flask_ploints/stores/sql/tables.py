@@ -35,12 +35,14 @@ def engine_from_url(
     same database. Connections are checked before use (``pool_pre_ping``).
 
     :param url: a SQLAlchemy database URL.
-    :param timeout: seconds to wait to connect; on SQLite, for another
-        process's write lock.
+    :param timeout: seconds to wait to connect, and for a connection of a
+        full pool; on SQLite, for another process's write lock.
     :param engine_options: more keyword arguments for
         :func:`sqlalchemy.create_engine`; they win over the above.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        ``timeout`` bounds the wait for a pooled connection too.
     """
     parsed = make_url(_with_driver(url))
     options: dict[str, t.Any] = {"pool_pre_ping": True}
@@ -60,6 +62,10 @@ def engine_from_url(
     connect_args.update(extra.pop("connect_args", {}))
     options["connect_args"] = connect_args
     options.update(extra)
+    if "poolclass" not in options:
+        # The wait for a connection of a full pool; a pool class of its own
+        # (SQLite's StaticPool above) may take no such argument.
+        options.setdefault("pool_timeout", timeout)
     return sa.create_engine(parsed, **options)
 
 
