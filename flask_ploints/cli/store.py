@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import typing as t
 
 import click
 
@@ -23,6 +25,15 @@ from .group import receiver_named
 __all__ = ["failed_command", "purge_command", "replay_command"]
 
 
+@contextlib.contextmanager
+def _store_down() -> t.Iterator[None]:
+    """A store error in the block ends the command with a one-line error."""
+    try:
+        yield
+    except StoreError:
+        raise click.ClickException("the dedupe store is unavailable; try again later") from None
+
+
 def _inspectable(receiver: Receiver) -> InspectableStore:
     store = receiver.store
     if not isinstance(store, InspectableStore):
@@ -38,10 +49,8 @@ def _inspectable(receiver: Receiver) -> InspectableStore:
 def failed_command(limit: int, name: str) -> None:
     """List events that ended failed (after async dispatch gave up)."""
     receiver = receiver_named(name)
-    try:
+    with _store_down():
         failed = _inspectable(receiver).failed(limit)
-    except StoreError:
-        raise click.ClickException("the dedupe store is unavailable; try again later") from None
     # A store shared by several instances lists theirs too.
     mine = [(receiver.processor.namespace.event_id(stored.id), stored) for stored in failed]
     if not any(event_id is not None for event_id, _ in mine):
@@ -60,13 +69,12 @@ def failed_command(limit: int, name: str) -> None:
 def replay_command(event_id: str, name: str) -> None:
     """Run a failed event's handlers again from its stored payload."""
     try:
-        outcome = replay(current_flask_app(), event_id, name=name)
+        with _store_down():
+            outcome = replay(current_flask_app(), event_id, name=name)
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error.args[0] if error.args else error)) from None
     except DispatchError:
         raise click.ClickException("the event queue is unavailable; try again later") from None
-    except StoreError:
-        raise click.ClickException("the dedupe store is unavailable; try again later") from None
     click.echo(f"{event_id}: {outcome}")
     if outcome is ReplayOutcome.FAILED:
         # A script must tell a replay that failed again from one that worked.
@@ -84,8 +92,6 @@ def purge_command(name: str) -> None:
             f"{type(store).__name__} has nothing to purge: its entries expire by themselves,"
             " or it keeps none"
         )
-    try:
+    with _store_down():
         count = purge()
-    except StoreError:
-        raise click.ClickException("the dedupe store is unavailable; try again later") from None
     click.echo(f"purged {count} expired event(s)")
