@@ -122,14 +122,6 @@ class WebhookEndpoint:
         # two datetimes costs less than working out each event's age.
         self._oldest = datetime.min.replace(tzinfo=UTC)
         self._oldest_until = 0.0
-        self._answers: dict[Outcome, t.Callable[[Result], Response]] = {
-            Outcome.PROCESSED: lambda _: _json(200, _PROCESSED),
-            Outcome.DUPLICATE: lambda _: _json(200, _DUPLICATE),
-            Outcome.QUEUED: lambda _: _json(202, _QUEUED),
-            Outcome.IN_FLIGHT: _in_flight,
-            Outcome.FAILED: lambda _: _error(500, "handler failed"),
-            Outcome.UNAVAILABLE: _unavailable,
-        }
 
     def receive(self) -> Response:
         """Answer one delivery."""
@@ -165,9 +157,10 @@ class WebhookEndpoint:
         notify(signals.event_received, app, self.name, event=event)
 
         result = self.processor.deliver(app, event)
+        # The common answer without a table lookup; the others from _ANSWERS.
         if result.outcome is _PROCESSED_OUTCOME:
             return _json(200, _PROCESSED)
-        return self._answers[result.outcome](result)
+        return _ANSWERS[result.outcome](result)
 
     def _check_request(self, req: Request, length: int | None) -> Response | None:
         if req.method != "POST":
@@ -225,3 +218,13 @@ def _in_flight(result: Result) -> Response:
 def _unavailable(result: Result) -> Response:
     what = "event queue" if isinstance(result.error, DispatchError) else "dedupe store"
     return _error(503, f"{what} unavailable", {"Retry-After": str(STORE_RETRY_AFTER)})
+
+
+#: The answer to every outcome but PROCESSED, which receive() answers itself.
+_ANSWERS: dict[Outcome, t.Callable[[Result], Response]] = {
+    Outcome.DUPLICATE: lambda _: _json(200, _DUPLICATE),
+    Outcome.QUEUED: lambda _: _json(202, _QUEUED),
+    Outcome.IN_FLIGHT: _in_flight,
+    Outcome.FAILED: lambda _: _error(500, "handler failed"),
+    Outcome.UNAVAILABLE: _unavailable,
+}
