@@ -128,8 +128,6 @@ _PROCESSED = Result(Outcome.PROCESSED)
 _QUEUED = Result(Outcome.QUEUED)
 _DUPLICATE = Result(Outcome.DUPLICATE)
 _IN_FLIGHT = Result(Outcome.IN_FLIGHT)
-
-
 _SLOW = (
     "took %.1f s in its handlers; Ploints gives up after %g s and retries, so move slow work"
     " to async dispatch (PLOINTS_DISPATCH = 'celery')"
@@ -218,9 +216,10 @@ class Processor:
         with :meth:`give_up`.
         """
         lease = self.dispatcher.lease
+        key = self._key(event.id)
         try:
-            if not self.store.extend(self._key(event.id), token, lease):
-                claim = self.store.claim(self._key(event.id), lease, event.raw)
+            if not self.store.extend(key, token, lease):
+                claim = self.store.claim(key, lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
                     _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
                     return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
