@@ -4,8 +4,10 @@ your handlers.
 
 from __future__ import annotations
 
+import typing as _t
 from importlib.metadata import version as _version
 
+from .effects import after_commit
 from .errors import ConfigError
 from .errors import DeliveryLogError
 from .errors import DispatchError
@@ -20,6 +22,9 @@ from .events import Event
 from .extension import PlointsWebhooks
 from .signals import on
 
+if _t.TYPE_CHECKING:
+    from .stores.session import current_session
+
 __all__ = [
     "EVENT_TYPES",
     "ConfigError",
@@ -33,7 +38,19 @@ __all__ = [
     "PlointsWarning",
     "PlointsWebhooks",
     "StoreError",
+    "after_commit",
+    "current_session",
     "on",
 ]
 
 __version__ = _version("flask-ploints")
+
+
+def __getattr__(name: str) -> _t.Any:
+    # current_session belongs to the SessionStore, which imports SQLAlchemy,
+    # an optional extra.
+    if name == "current_session":
+        from .stores.session import current_session
+
+        return current_session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

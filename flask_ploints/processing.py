@@ -26,12 +26,11 @@ import contextlib
 import enum
 import logging
 import time
-import traceback
 import typing as t
-from dataclasses import dataclass
 
 from flask import Flask
 
+from . import effects
 from . import sender
 from . import signals
 from .config import Settings
@@ -41,59 +40,23 @@ from .errors import DispatchError
 from .errors import HandlerError
 from .events import Event
 from .namespace import Namespace
+from .outcomes import MAX_ERROR
+from .outcomes import Outcome
+from .outcomes import Result
+from .outcomes import error_text
 from .signals import notify
 from .stores import Claim
 from .stores import ClaimStatus
 from .stores import DedupeStore
+from .stores import TransactionalStore
 
 __all__ = ["MAX_ERROR", "HandlerScope", "Outcome", "Processor", "Result", "error_text"]
 
 logger = logging.getLogger("flask_ploints")
 
-#: The most characters of a traceback recorded with a failed event; the
-#: start is cut, since the end names the error.
-MAX_ERROR = 20_000
-
 # Not a handler failure: the process is going away. The claim is released
 # on the way out, so the sender's retry need not wait for the lease.
 _PROCESS_EXITS = (KeyboardInterrupt, SystemExit)
-
-
-class Outcome(enum.StrEnum):
-    """What processing an event did; its string is the value."""
-
-    #: The handlers ran and the id is committed.
-    PROCESSED = "processed"
-    #: Handed to a worker, which runs the handlers and settles the claim.
-    QUEUED = "queued"
-    #: The id was processed already; nothing ran.
-    DUPLICATE = "duplicate"
-    #: Another delivery or worker holds the id now; nothing ran.
-    IN_FLIGHT = "in_flight"
-    #: A handler raised.
-    FAILED = "failed"
-    #: The dedupe store or the queue could not be reached; nothing ran.
-    UNAVAILABLE = "unavailable"
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """The outcome of processing one event, with what its caller needs to
-    answer for it.
-    """
-
-    outcome: Outcome
-    #: With :attr:`Outcome.IN_FLIGHT`, seconds left on the holder's lease
-    #: when the store knows them, else ``0``.
-    retry_after: float = 0.0
-    #: With :attr:`Outcome.FAILED`, what the handler raised; with
-    #: :attr:`Outcome.UNAVAILABLE`, the store's or the dispatcher's error.
-    error: BaseException | None = None
-    #: Seconds spent in the handlers.
-    duration: float = 0.0
-    #: With :attr:`Outcome.FAILED` from :meth:`Processor.resume`, the token
-    #: of the claim the worker still holds.
-    token: str = ""
 
 
 @t.runtime_checkable
@@ -106,13 +69,6 @@ class HandlerScope(t.Protocol):
 
     def handler_scope(self, event: Event) -> t.ContextManager[None]:
         """Return the context manager to run ``event``'s handlers in."""
-
-
-def error_text(exc: BaseException) -> str:
-    """Return ``exc``'s traceback as it is recorded with a failed event: at
-    most :data:`MAX_ERROR` characters, from the end.
-    """
-    return "".join(traceback.format_exception(exc))[-MAX_ERROR:]
 
 
 class _Settle(enum.Enum):
@@ -133,6 +89,7 @@ _SLOW = (
     " to async dispatch (PLOINTS_DISPATCH = 'celery')"
 )
 _NOT_COMMITTED = "processed, but the dedupe store failed to commit it; a retry may process it again"
+_ROLLED_BACK = "not committed: the dedupe store failed; its handlers' writes were rolled back"
 _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may process it again"
 
 
@@ -182,6 +139,9 @@ class Processor:
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
+        # A store that commits with the handlers' writes holds its claim in
+        # their transaction, wherever they run.
+        self._hold = store.hold if isinstance(store, TransactionalStore) else None
 
     def deliver(self, app: Flask, event: Event) -> Result:
         """Process a delivery: claim its id, then run it here or hand it
@@ -218,7 +178,13 @@ class Processor:
         lease = self.dispatcher.lease
         key = self._key(event.id)
         try:
-            if not self.store.extend(key, token, lease):
+            if self._hold is not None:
+                claim = self._hold(key, lease, event.raw, self._retention, token)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
+                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
+                token = claim.token
+            elif not self.store.extend(key, token, lease):
                 claim = self.store.claim(key, lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
                     _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
@@ -229,10 +195,10 @@ class Processor:
             _log(logging.WARNING, event, "not run: the dedupe store failed")
             return Result(Outcome.UNAVAILABLE, error=exc)
 
-        error, duration = self._run(event, token, self.handlers.run, app, event, self.name)
+        error, duration, pending = self._run(event, token, self.handlers.run, app, event, self.name)
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
-        return self._processed(app, event, token, duration)
+        return self._processed(app, event, token, duration, pending)
 
     def keep(self, event: Event, token: str) -> bool:
         """Renew a worker's claim for the wait before its next attempt.
@@ -293,14 +259,19 @@ class Processor:
         settle: _Settle,
         previous_error: str | None,
     ) -> Result:
+        key = self._key(event.id)
+        inline = self.dispatcher.runs_inline
         try:
-            claim = self.store.claim(self._key(event.id), self.dispatcher.lease, payload)
+            if inline and self._hold is not None:
+                claim = self._hold(key, self.dispatcher.lease, payload, self._retention)
+            else:
+                claim = self.store.claim(key, self.dispatcher.lease, payload)
         except Exception as exc:
             _log(logging.ERROR, event, "not claimed: the dedupe store failed", exc_info=True)
             return Result(Outcome.UNAVAILABLE, error=exc)
         if claim.status is not ClaimStatus.CLAIMED:
             return self._not_claimed(app, event, claim)
-        if not self.dispatcher.runs_inline:
+        if not inline:
             try:
                 self.dispatcher.dispatch(app, event, claim, self.name)
             except BaseException as exc:
@@ -314,7 +285,7 @@ class Processor:
             _log(logging.INFO, event, "queued")
             return _QUEUED
 
-        error, duration = self._run(
+        error, duration, pending = self._run(
             event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
         )
         if error is not None:
@@ -323,19 +294,30 @@ class Processor:
             return self._failed(app, event, error, duration)
         if duration > self._slow:
             _log(logging.WARNING, event, _SLOW, duration, sender.TIMEOUT)
-        return self._processed(app, event, claim.token, duration)
+        return self._processed(app, event, claim.token, duration, pending)
 
-    def _processed(self, app: Flask, event: Event, token: str, duration: float) -> Result:
-        # The handlers have run: answering an error now would make the sender
-        # retry work that is done, so a failed commit is logged, not returned.
+    def _processed(
+        self,
+        app: Flask,
+        event: Event,
+        token: str,
+        duration: float,
+        pending: list[t.Callable[[], object]],
+    ) -> Result:
         try:
             committed = self.store.commit(self._key(event.id), token, self._retention)
-        except Exception:
+        except Exception as exc:
+            if self._hold is not None:
+                _log(logging.ERROR, event, _ROLLED_BACK, exc_info=True)
+                return Result(Outcome.UNAVAILABLE, error=exc, duration=duration)
+            # The handlers' effects are done: answering an error now would
+            # make the sender retry them, so a failed commit is only logged.
             _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
         else:
             if not committed:
                 _log(logging.WARNING, event, _LAPSED)
         _log(logging.INFO, event, "processed")
+        effects.run(pending, event.id)
         notify(signals.event_processed, app, self.name, event=event, duration=duration)
         return _PROCESSED
 
@@ -349,12 +331,14 @@ class Processor:
 
     def _run(
         self, event: Event, token: str, run: t.Callable[..., object], *args: t.Any
-    ) -> tuple[BaseException | None, float]:
+    ) -> tuple[BaseException | None, float, list[t.Callable[[], object]]]:
         """Call ``run(*args)`` inside the handler scopes, and return what it
-        raised (``None`` when nothing) and the seconds it took. A process
-        exit releases the claim and goes on.
+        raised (``None`` when nothing), the seconds it took and its
+        :func:`~flask_ploints.effects.after_commit` calls. A process exit
+        releases the claim and goes on.
         """
         started = time.perf_counter()
+        pending, collecting = effects.collect()
         try:
             if self._scopes:
                 with contextlib.ExitStack() as stack:
@@ -374,7 +358,9 @@ class Processor:
             error = exc
         else:
             error = None
-        return error, time.perf_counter() - started
+        finally:
+            effects.finish(collecting)
+        return error, time.perf_counter() - started, pending
 
     def _failed(self, app: Flask, event: Event, error: BaseException, duration: float) -> Result:
         notify(

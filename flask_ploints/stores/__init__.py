@@ -29,11 +29,13 @@ from .base import EventState
 from .base import InspectableStore
 from .base import StoredEvent
 from .base import StoreError
+from .base import TransactionalStore
 from .memory import MemoryStore
 from .memory import NullStore
 
 if t.TYPE_CHECKING:
     from .redis import RedisStore
+    from .session import SessionStore
     from .sql import SQLAlchemyStore
 
 __all__ = [
@@ -46,8 +48,10 @@ __all__ = [
     "NullStore",
     "RedisStore",
     "SQLAlchemyStore",
+    "SessionStore",
     "StoreError",
     "StoredEvent",
+    "TransactionalStore",
     "store_from_config",
 ]
 
@@ -65,6 +69,10 @@ def __getattr__(name: str) -> t.Any:
         from .sql import SQLAlchemyStore
 
         return SQLAlchemyStore
+    if name == "SessionStore":
+        from .session import SessionStore
+
+        return SessionStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -72,10 +80,28 @@ def _option(config: t.Mapping[str, t.Any], key: str) -> t.Any:
     return config.get(key, DEFAULTS[key][1])
 
 
+def _session_of(value: object) -> t.Any:
+    """The session (or session factory) of a Flask-SQLAlchemy extension, a
+    ``scoped_session`` or a ``sessionmaker``; ``None`` for anything else.
+    """
+    module = type(value).__module__
+    if module.startswith("flask_sqlalchemy"):
+        return getattr(value, "session", None)
+    if module.startswith("sqlalchemy.orm"):
+        from sqlalchemy.orm import scoped_session
+        from sqlalchemy.orm import sessionmaker
+
+        if isinstance(value, scoped_session | sessionmaker):
+            return value
+    return None
+
+
 def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeStore:
     """Turn a ``PLOINTS_DEDUPE_STORE`` value into a store.
 
-    :param value: the configured value.
+    :param value: the configured value. A Flask-SQLAlchemy extension
+        (``db``), a ``scoped_session`` or a ``sessionmaker`` gives a
+        :class:`~flask_ploints.stores.session.SessionStore`.
     :param config: the app's config, for store options:
         ``PLOINTS_MEMORY_STORE_MAX_ENTRIES``, ``PLOINTS_REDIS_PREFIX``
         (default ``"ploints:"``) and ``PLOINTS_SQL_TABLE`` (default
@@ -86,9 +112,19 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
         return NullStore()
     if isinstance(value, DedupeStore):
         return value
+    session = _session_of(value)
+    if session is not None:
+        from .session import SessionStore
+
+        return SessionStore(
+            session,
+            table_name=_option(config, "PLOINTS_SQL_TABLE"),
+            lock_timeout=_option(config, "PLOINTS_SQL_TIMEOUT"),
+        )
     if not isinstance(value, str):
         raise ValueError(
-            f"PLOINTS_DEDUPE_STORE must be a store, a name, a URL or None, not {type(value).__name__}"
+            "PLOINTS_DEDUPE_STORE must be a store, a Flask-SQLAlchemy extension or session, a"
+            f" name, a URL or None, not {type(value).__name__}"
         )
     if value in ("memory", "memory://"):
         return MemoryStore(max_entries=_option(config, "PLOINTS_MEMORY_STORE_MAX_ENTRIES"))

@@ -33,6 +33,7 @@ __all__ = [
     "InspectableStore",
     "StoreError",
     "StoredEvent",
+    "TransactionalStore",
 ]
 
 
@@ -131,6 +132,33 @@ class DedupeStore(t.Protocol):
         and let the next delivery of the id claim it again.
 
         :return: ``False`` when ``token`` no longer owns the claim.
+        """
+
+
+@t.runtime_checkable
+class TransactionalStore(DedupeStore, t.Protocol):
+    """A store that can hold a claim inside the transaction the handlers
+    write in, so that :meth:`~DedupeStore.commit` commits the claim and the
+    handlers' writes together, and :meth:`~DedupeStore.release` and
+    :meth:`~DedupeStore.fail` roll both back: the handlers' effects on that
+    database happen exactly once. The receiver holds claims for handlers
+    that run inline, and for a worker's run of a queued event.
+
+    .. versionadded:: 0.2
+    """
+
+    def hold(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        retention: float,
+        token: str | None = None,
+    ) -> Claim:
+        """Claim ``event_id`` inside the transaction, as done for
+        ``retention`` seconds once it commits. With ``token``, take over that
+        (durable) claim of a queued event, or claim the id again when its
+        lease ran out.
         """
 
 

@@ -63,7 +63,13 @@ _ONE = sa.literal_column("1", sa.Integer())
 
 
 def _take_over(
-    c: t.Any, token: t.Any, lease_end: t.Any, payload: t.Any, now: t.Any
+    c: t.Any,
+    token: t.Any,
+    lease_end: t.Any,
+    payload: t.Any,
+    now: t.Any,
+    state: sa.ColumnElement[str],
+    expires: t.Any,
 ) -> tuple[sa.ColumnElement[bool], dict[str, t.Any]]:
     """When a claim may take over an existing row, and what it sets then,
     given the claim's values as SQL expressions.
@@ -78,10 +84,10 @@ def _take_over(
     forgotten = sa.and_(c.status != _IN_FLIGHT, c.expires <= now)
     old_payload = sa.case((forgotten, sa.null()), else_=c.payload)
     return free, {
-        "status": _IN_FLIGHT,
+        "status": state,
         "token": token,
         "lease_expires": lease_end,
-        "expires": lease_end,
+        "expires": expires,
         "attempts": sa.case((forgotten, _ONE), else_=c.attempts + _ONE),
         "error": sa.case((forgotten, sa.null()), else_=c.error),
         # A claim without a payload keeps the last one.
@@ -98,21 +104,37 @@ class Statements:
     :param upsert: the dialect's ``insert`` construct with ``ON CONFLICT``,
         or ``None`` for a dialect without it.
     :param dialect: the dialect's name.
+    :param held: build the claims for a claim held inside the transaction
+        of the handlers' writes (:class:`~flask_ploints.stores.session.SessionStore`):
+        they write the row done, kept until ``keep_until``, since nobody
+        sees it before it commits, and it commits only with the handlers'
+        writes.
     """
 
     def __init__(
-        self, table: sa.Table, upsert: t.Callable[[sa.Table], t.Any] | None, dialect: str
+        self,
+        table: sa.Table,
+        upsert: t.Callable[[sa.Table], t.Any] | None,
+        dialect: str,
+        *,
+        held: bool = False,
     ) -> None:
         c = table.c
+        state, expires = (_DONE, _keep_until) if held else (_IN_FLIGHT, _lease_end)
         # What a claim reads back: ours when the token is, else who holds it.
         holder = (c.token, c.status, c.lease_expires, c.expires)
         self.holder: sa.Select[t.Any] = sa.select(*holder).where(c.id == _event_id)
+        #: The holder read with a shared lock: the latest committed row
+        #: whatever the transaction's snapshot, for a claim held in one.
+        self.holder_locked: sa.Select[t.Any] = t.cast(
+            "sa.Select[t.Any]", self.holder.with_for_update(read=True)
+        )
         values = {
             "id": _event_id,
-            "status": _IN_FLIGHT,
+            "status": state,
             "token": _token,
             "lease_expires": _lease_end,
-            "expires": _lease_end,
+            "expires": expires,
             "attempts": _ONE,
             "error": sa.null(),
             "payload": _payload,
@@ -138,7 +160,13 @@ class Statements:
             # parameter is one more for the driver to send.
             proposed = inserting.excluded
             free, take_over = _take_over(
-                c, proposed.token, proposed.lease_expires, proposed.payload, proposed.updated_at
+                c,
+                proposed.token,
+                proposed.lease_expires,
+                proposed.payload,
+                proposed.updated_at,
+                state,
+                proposed.expires,
             )
             upserting: t.Any = inserting.on_conflict_do_update(
                 index_elements=[c.id], set_=take_over, where=free
@@ -152,7 +180,7 @@ class Statements:
                 )
         #: Without ON CONFLICT: insert, and on a duplicate key take over.
         self.insert = sa.insert(table).values(values)
-        free, take_over = _take_over(c, _token, _lease_end, _payload, _now)
+        free, take_over = _take_over(c, _token, _lease_end, _payload, _now, state, expires)
         self.take_over = sa.update(table).where(c.id == _event_id, free).values(take_over)
 
         owns = sa.and_(

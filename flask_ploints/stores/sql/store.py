@@ -156,6 +156,16 @@ class SQLAlchemyStore:
         """
         self._table.create()
 
+    def prepare(self) -> None:
+        """Create the table now if the store creates it on first use and
+        this is the first use.
+
+        :raises StoreError: the database refused.
+
+        .. versionadded:: 0.2
+        """
+        self._table.ready()
+
     def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
         """See :meth:`.DedupeStore.claim`. The payload is kept when
         ``keep_payloads`` is set; a new claim without one keeps the last.

@@ -1,0 +1,68 @@
+"""Effects outside the database, run once an event is committed:
+:func:`after_commit`.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import typing as t
+
+__all__ = ["after_commit", "collect", "finish", "run"]
+
+logger = logging.getLogger("flask_ploints")
+
+_P = t.ParamSpec("_P")
+
+_pending: contextvars.ContextVar[list[t.Callable[[], object]] | None] = contextvars.ContextVar(
+    "ploints_after_commit", default=None
+)
+
+
+def after_commit(func: t.Callable[_P, object], /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+    """Call ``func(*args, **kwargs)`` once the event being handled is
+    committed: after its last handler, and after the dedupe store recorded
+    it done (with a :class:`~flask_ploints.stores.SessionStore`, after the
+    transaction with the handlers' writes committed). When a handler raises
+    or the commit fails, it is never called; the sender's retry runs the
+    handlers, and registers it, again.
+
+    Use it for what cannot join a transaction, an email or an HTTP call: it
+    runs at most once per committed event, and is lost if the process dies
+    between the commit and the call. Done inline in a handler instead, it
+    runs at least once (again on every retry of a failure). An exception it
+    raises is logged; the event stays processed.
+
+    :raises RuntimeError: called outside an event's handlers.
+    """
+    pending = _pending.get()
+    if pending is None:
+        raise RuntimeError("after_commit() works only inside the handlers of an event")
+    pending.append(functools.partial(func, *args, **kwargs))
+
+
+def collect() -> tuple[list[t.Callable[[], object]], contextvars.Token[t.Any]]:
+    """Start collecting the calls of the handlers about to run; give the
+    token back to :func:`finish`.
+    """
+    pending: list[t.Callable[[], object]] = []
+    return pending, _pending.set(pending)
+
+
+def finish(token: contextvars.Token[t.Any]) -> None:
+    """Stop collecting, after the handlers ran."""
+    _pending.reset(token)
+
+
+def run(pending: list[t.Callable[[], object]], event_id: str) -> None:
+    """Call what the handlers of ``event_id`` left to do after its commit,
+    in order; one that raises is logged and the rest still run.
+    """
+    for call in pending:
+        try:
+            call()
+        except Exception:
+            logger.exception("event %r: an after_commit call raised", event_id)

@@ -1,0 +1,373 @@
+"""The dedupe store in the app's own database, in the transaction of the
+handlers' writes: :class:`SessionStore`.
+
+A delivery's claim is an ``INSERT`` of the event's row, marked done, in the
+transaction of the session the handlers write through; committing that
+transaction commits the handlers' writes and the row together, and a handler
+failure rolls both back. A concurrent delivery of the same id waits on the
+row's lock (a bounded time) and then sees it done, or claims it when the
+first rolled back. What the store does when, and what it guarantees, is in
+:doc:`/guarantees`.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import secrets
+import time
+import typing as t
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from ..errors import HandlerError
+from .base import Claim
+from .base import ClaimStatus
+from .base import EventState
+from .base import StoredEvent
+from .base import StoreError
+from .sql.deadline import Guard
+from .sql.deadline import deadline
+from .sql.locks import bounded_lock_wait
+from .sql.locks import is_lock_wait
+from .sql.statements import Holder
+from .sql.statements import Statements
+from .sql.statements import holder
+from .sql.store import SQLAlchemyStore
+from .sql.tables import database_error
+from .sql.tables import driver_exception
+
+if t.TYPE_CHECKING:
+    from ..events import Event
+
+__all__ = ["SessionStore", "current_session"]
+
+_CLAIM_ROUNDS = 5
+_UPSERTS: dict[str, t.Callable[[sa.Table], t.Any]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+
+@dataclass
+class _Held:
+    """The claim this context holds inside its session's transaction."""
+
+    token: str
+    session: Session
+    guard: Guard
+    #: The claim was the worker's durable claim, taken over in the
+    #: transaction: settling it outside the transaction goes to its row.
+    adopted: bool
+
+
+_held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("ploints_held", default=None)
+
+
+def current_session() -> Session:
+    """Return the SQLAlchemy session the current event's handlers write
+    through, with a :class:`SessionStore`: what ``db.session`` is with
+    Flask-SQLAlchemy, the session the store opened with a ``sessionmaker``.
+
+    :raises RuntimeError: called outside a handler run with a
+        :class:`SessionStore`.
+    """
+    held = _held.get()
+    if held is None:
+        raise RuntimeError(
+            "current_session() works in the handlers of an event whose dedupe store is a"
+            " SessionStore (PLOINTS_DEDUPE_STORE = db)"
+        )
+    return held.session
+
+
+class SessionStore:
+    """Keeps event ids in the app's own database, in the transaction of the
+    session its handlers write through, so that an event's writes and its
+    dedupe record commit together: exactly once. Set
+    ``PLOINTS_DEDUPE_STORE`` to a Flask-SQLAlchemy ``db``, a
+    :class:`~sqlalchemy.orm.scoped_session` or a
+    :class:`~sqlalchemy.orm.sessionmaker` to get one. Tested on
+    PostgreSQL, SQLite and MariaDB.
+
+    Handlers write through the session and do not commit: the store commits
+    after the last handler, and rolls back when one raises. A handler that
+    commits or rolls back the session fails the event (see
+    :doc:`/guarantees`). The table is the one of :class:`.SQLAlchemyStore`,
+    in the session's default database; everything outside the handlers'
+    transaction (a worker's claim, a failure's record, inspection, purge)
+    goes through a :class:`.SQLAlchemyStore` on the session's engine.
+
+    :param session: the session the handlers write through; a
+        ``sessionmaker`` is wrapped in a :class:`~sqlalchemy.orm.scoped_session`
+        whose session is removed after each event, and handlers reach it
+        with :func:`current_session`.
+    :param table_name: the table to keep event ids in.
+    :param lock_timeout: the most seconds a delivery waits for the row of
+        a concurrent delivery of the same id; past it, the id is in flight.
+        On PostgreSQL it bounds every lock wait of the transaction.
+    :param transaction_timeout: the most seconds a held claim's
+        transaction may stay open before its connection is cut, which rolls
+        it back and frees its locks; ``None`` for no bound. PostgreSQL only
+        (a connection with a socket).
+    :param clock: the time in seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        session: scoped_session[t.Any] | sessionmaker[t.Any],
+        *,
+        table_name: str = "ploints_events",
+        lock_timeout: float = 2.0,
+        transaction_timeout: float | None = 8.0,
+        clock: t.Callable[[], float] = time.time,
+    ) -> None:
+        self._owns_sessions = isinstance(session, sessionmaker)
+        self.session: scoped_session[t.Any] = (
+            scoped_session(session) if isinstance(session, sessionmaker) else session
+        )
+        self.table_name = table_name
+        self.lock_timeout = lock_timeout
+        self.transaction_timeout = transaction_timeout
+        self._clock = clock
+        self._outside: SQLAlchemyStore | None = None
+        self._statements: Statements | None = None
+
+    def _store(self) -> SQLAlchemyStore:
+        """The store for what goes on outside the handlers' transaction, on
+        the session's engine, made on first use (Flask-SQLAlchemy knows its
+        engine only in an app context).
+        """
+        if self._outside is None:
+            engine = self.session.get_bind()
+            if not isinstance(engine, sa.Engine):
+                engine = engine.engine
+            store = SQLAlchemyStore(engine, table_name=self.table_name, clock=self._clock)
+            name = engine.dialect.name
+            self._statements = Statements(store.table, _UPSERTS.get(name), name, held=True)
+            self._outside = store
+        return self._outside
+
+    # -- the claim held in the handlers' transaction
+
+    def hold(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        retention: float,
+        token: str | None = None,
+    ) -> Claim:
+        """Claim ``event_id`` inside the session's transaction, marked done
+        until ``retention`` seconds from now: nobody sees the claim until
+        :meth:`commit` commits it with the handlers' writes. With ``token``,
+        take over that claim of a worker, or claim the id again when it
+        lapsed.
+
+        :raises StoreError: the database failed.
+        """
+        store = self._store()
+        store.prepare()
+        session = self.session()
+        params: dict[str, t.Any] = {
+            "event_id": event_id,
+            "claim_token": token or secrets.token_hex(8),
+            "body": payload if store.keep_payloads else None,
+        }
+        try:
+            connection = session.connection()
+            found = self._hold(connection, params, lease, retention, adopt=token is not None)
+        except SQLAlchemyError as exc:
+            self._abandon(session)
+            if is_lock_wait(exc):
+                return Claim(ClaimStatus.IN_FLIGHT)
+            raise database_error(exc, StoreError) from driver_exception(exc)
+        now = params["now"]
+        if found is None:
+            self._abandon(session)
+            raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
+        if found.token == params["claim_token"]:
+            guard = deadline(connection.connection.dbapi_connection, self.transaction_timeout)
+            _held.set(_Held(found.token, session, guard, adopted=token is not None))
+            return Claim(ClaimStatus.CLAIMED, found.token)
+        self._abandon(session)
+        if found.status is EventState.DONE and found.expires > now:
+            return Claim(ClaimStatus.DONE)
+        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(found.lease_expires - now, 0.0))
+
+    def _hold(
+        self,
+        connection: Connection,
+        params: dict[str, t.Any],
+        lease: float,
+        retention: float,
+        *,
+        adopt: bool,
+    ) -> Holder | None:
+        sql: t.Any = self._statements
+        assert sql is not None
+        dialect = connection.dialect.name
+        with bounded_lock_wait(connection, self.lock_timeout):
+            for _ in range(_CLAIM_ROUNDS):
+                now = params["now"] = self._clock()
+                params["lease_end"] = now + lease
+                params["keep_until"] = now + retention
+                if adopt:
+                    # The worker's own claim, marked done in the transaction.
+                    taken = connection.execute(sql.commit, params)
+                    if taken.rowcount == 1:
+                        return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
+                    params["claim_token"] = secrets.token_hex(8)
+                    adopt = False
+                if sql.claim is not None:
+                    found = holder(connection.execute(sql.claim, params).first())
+                elif dialect == "sqlite":
+                    assert sql.upsert is not None
+                    found = holder(connection.execute(sql.upsert, params).first())
+                    if found is None:
+                        found = holder(connection.execute(sql.holder, params).first())
+                else:
+                    found = self._insert_or_take_over(connection, sql, params)
+                if found is not None:
+                    return found
+        return None
+
+    @staticmethod
+    def _insert_or_take_over(
+        connection: Connection, sql: t.Any, params: dict[str, t.Any]
+    ) -> Holder | None:
+        ours = Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
+        try:
+            # A duplicate key fails the statement only, not the transaction.
+            with connection.begin_nested():
+                connection.execute(sql.insert, params)
+            return ours
+        except IntegrityError:
+            pass
+        if connection.execute(sql.take_over, params).rowcount == 1:
+            return ours
+        return holder(connection.execute(sql.holder_locked, params).first())
+
+    @contextlib.contextmanager
+    def handler_scope(self, event: Event) -> t.Iterator[None]:
+        """Run the handlers in the held claim's transaction. A handler that
+        raised rolls it back; one that committed or rolled back the session
+        itself fails the event, since its writes went without the rest.
+        """
+        held = _held.get()
+        if held is None:
+            yield
+            return
+        transaction = held.session.get_transaction()
+        try:
+            yield
+        except BaseException:
+            # Settled later; a worker keeps its durable claim for a retry.
+            self._abandon(held.session)
+            held.guard.__exit__(None, None, None)
+            raise
+        if held.session.get_transaction() is not transaction:
+            self._abandon(held.session)
+            raise HandlerError(
+                f"a handler of event {event.id!r} committed or rolled back the session; with"
+                " PLOINTS_DEDUPE_STORE = db, handlers write and flask-ploints commits"
+            )
+
+    def _abandon(self, session: Session) -> None:
+        # A failing rollback: the connection is gone, its transaction with it.
+        with contextlib.suppress(SQLAlchemyError):
+            session.rollback()
+
+    def _take(self, token: str) -> _Held | None:
+        held = _held.get()
+        if held is None or held.token != token:
+            return None
+        _held.set(None)
+        held.guard.__exit__(None, None, None)
+        return held
+
+    def _close(self, held: _Held) -> None:
+        if self._owns_sessions:
+            self.session.remove()
+
+    # -- the DedupeStore protocol
+
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
+        """See :meth:`.DedupeStore.claim`: a durable claim, committed at
+        once outside the session, for a worker to take over.
+        """
+        return self._store().claim(event_id, lease, payload)
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        """Commit the held claim with the handlers' writes; see
+        :meth:`.DedupeStore.commit`.
+
+        :raises StoreError: the commit failed: nothing was committed, unless
+            the database committed and the answer was lost.
+        """
+        held = self._take(token)
+        if held is None:
+            return self._store().commit(event_id, token, retention)
+        try:
+            held.session.commit()
+        except SQLAlchemyError as exc:
+            self._abandon(held.session)
+            raise database_error(exc, StoreError) from driver_exception(exc)
+        finally:
+            self._close(held)
+        return True
+
+    def release(self, event_id: str, token: str) -> bool:
+        """See :meth:`.DedupeStore.release`: a held claim is rolled back with
+        the handlers' writes.
+        """
+        held = self._take(token)
+        if held is None:
+            return self._store().release(event_id, token)
+        self._abandon(held.session)
+        self._close(held)
+        return self._store().release(event_id, token) if held.adopted else True
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        """See :meth:`.DedupeStore.extend`."""
+        return self._store().extend(event_id, token, lease)
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.fail`: a held claim is rolled back with
+        the handlers' writes, then the event recorded failed outside it.
+        """
+        held = self._take(token)
+        if held is not None:
+            self._abandon(held.session)
+            self._close(held)
+            if not held.adopted:
+                claim = self._store().claim(event_id, 60.0)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    return False
+                token = claim.token
+        return self._store().fail(event_id, token, error, retention)
+
+    # -- InspectableStore and purge
+
+    def get(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`.InspectableStore.get`."""
+        return self._store().get(event_id)
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """See :meth:`.InspectableStore.failed`."""
+        return self._store().failed(limit)
+
+    def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
+        """See :meth:`.SQLAlchemyStore.purge`."""
+        return self._store().purge(now, in_flight_grace=in_flight_grace)
