@@ -184,6 +184,7 @@ class SessionStore:
             "event_id": event_id,
             "claim_token": token or secrets.token_hex(8),
             "body": payload if store.keep_payloads else None,
+            "lock_wait": f"{int(self.lock_timeout * 1000)}ms",
         }
         try:
             connection = session.connection()
