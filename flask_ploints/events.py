@@ -13,6 +13,7 @@ import math
 import re
 import typing as t
 from dataclasses import dataclass
+from dataclasses import fields
 from datetime import UTC
 from datetime import datetime
 from types import MappingProxyType
@@ -228,11 +229,20 @@ def parse_event(raw: bytes) -> Event:
     # real events have) cannot be too deep and the walk is skipped.
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
         _check_depth(body)
-    return Event(
-        id=_string(body, "id", MAX_ID_LENGTH),
-        type=_string(body, "type", MAX_TYPE_LENGTH),
-        # Checked by its own format, which allows none of them.
-        timestamp=_parse_timestamp(_string(body, "timestamp", 64, plain=True)),
-        data=MappingProxyType(_object(body, "data")),
-        raw=raw,
-    )
+    event = _new_event(Event)
+    _set_id(event, _string(body, "id", MAX_ID_LENGTH))
+    _set_type(event, _string(body, "type", MAX_TYPE_LENGTH))
+    # Checked by its own format, which allows none of them.
+    _set_timestamp(event, _parse_timestamp(_string(body, "timestamp", 64, plain=True)))
+    _set_data(event, MappingProxyType(_object(body, "data")))
+    _set_raw(event, raw)
+    return event
+
+
+# parse_event fills an Event through its slots rather than the frozen
+# dataclass's __init__, whose guarded assignments cost a call each: a third
+# of the time of building one, on every delivery.
+_new_event = object.__new__
+_set_id, _set_type, _set_timestamp, _set_data, _set_raw = (
+    Event.__dict__[field.name].__set__ for field in fields(Event)
+)
