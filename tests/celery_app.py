@@ -13,6 +13,9 @@ workers on its own queue and keys:
     a name only this test uses: the queue, and the Redis key prefix.
 ``PLOINTS_CELERY_TEST_CONFIG``
     more config keys, as a JSON object.
+``PLOINTS_CELERY_TEST_CELERY``
+    more Celery settings of the worker, as a JSON object (a Redis broker's
+    ``broker_transport_options``, say).
 
 The Celery app is set up as Flask's "Background Tasks with Celery" shows
 (:func:`celery_init_app`), so the extension finds it in
@@ -173,3 +176,4 @@ def create_app_from_env() -> Flask:
 if "PLOINTS_CELERY_TEST_NAMESPACE" in os.environ:
     flask_app = create_app_from_env()
     celery = flask_app.extensions["celery"]
+    celery.conf.update(json.loads(os.environ.get("PLOINTS_CELERY_TEST_CELERY", "{}")))

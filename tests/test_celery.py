@@ -51,7 +51,6 @@ import kombu
 import pytest
 from celery import Celery
 from flask import Flask
-from werkzeug.test import TestResponse
 
 from flask_ploints import ConfigError
 from flask_ploints import PlointsWebhooks
@@ -61,26 +60,36 @@ from flask_ploints.dispatch import DispatchError
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
 from flask_ploints.signature import sign
-from flask_ploints.stores import InspectableStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
 
+from . import celery_support
 from .celery_app import Recorder
-from .celery_app import create_app
+from .celery_support import assert_duplicate as _assert_duplicate
+from .celery_support import assert_in_flight as _assert_in_flight
+from .celery_support import assert_queued as _assert_queued
+from .celery_support import drain as _drain
+from .celery_support import make_app as _make_app
+from .celery_support import store_of as _store
+from .celery_support import until as _until
 from .support import SECRET
 from .support import build_app
 
-ROOT = Path(__file__).resolve().parent.parent
-#: Longest any single wait in these tests may take.
-WAIT = 20.0
 
+class Workers(celery_support.Workers):
+    """The workers of one test, on RabbitMQ: a worker consumes once the
+    queue has a consumer.
+    """
 
-def _until(check: t.Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+    def __init__(self, amqp_url: str, redis_url: str, namespace: str, logs: Path) -> None:
+        super().__init__(
+            amqp_url,
+            redis_url,
+            namespace,
+            logs,
+            lambda: _queue_state(amqp_url, namespace)[1] > 0,
+        )
+        self.amqp_url = amqp_url
 
 
 def _queue_state(amqp_url: str, queue: str) -> tuple[int, int]:
@@ -92,95 +101,6 @@ def _queue_state(amqp_url: str, queue: str) -> tuple[int, int]:
         except amqp.exceptions.NotFound:
             return 0, 0
         return int(declared.message_count), int(declared.consumer_count)
-
-
-class Workers:
-    """Starts and stops the Celery workers of one test.
-
-    :param amqp_url: the broker.
-    :param redis_url: the Redis of the store and the records.
-    :param namespace: the queue name and Redis key prefix.
-    :param logs: where each worker's output goes.
-    """
-
-    def __init__(self, amqp_url: str, redis_url: str, namespace: str, logs: Path) -> None:
-        self.amqp_url = amqp_url
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.logs = logs
-        self.config: dict[str, t.Any] = {}
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, pool: str = "solo") -> subprocess.Popen[bytes]:
-        """Start a worker and wait until it consumes from the queue."""
-        env = {
-            **os.environ,
-            "PLOINTS_CELERY_TEST_BROKER": self.amqp_url,
-            "PLOINTS_CELERY_TEST_REDIS": self.redis_url,
-            "PLOINTS_CELERY_TEST_NAMESPACE": self.namespace,
-            "PLOINTS_CELERY_TEST_CONFIG": json.dumps(self.config),
-        }
-        number = len(self.processes)
-        log = self.logs / f"worker-{number}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.celery_app:celery",
-            "worker",
-            f"--pool={pool}",
-            "--concurrency=1",
-            f"--queues={self.namespace}",
-            f"--hostname={self.namespace}-{number}@%h",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=INFO",
-        ]
-        with log.open("wb") as output:
-            # A session of its own: stop() ends the worker's pool children too.
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes.append(process)
-
-        def consuming() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"worker exited with {process.returncode}:\n{self.output()}")
-            return _queue_state(self.amqp_url, self.namespace)[1] > 0
-
-        _until(consuming, "the worker to consume")
-        return process
-
-    def kill(self, process: subprocess.Popen[bytes]) -> None:
-        """SIGKILL a worker and wait until it is gone."""
-        process.send_signal(signal.SIGKILL)
-        process.wait(WAIT)
-
-    def output(self) -> str:
-        """Every worker's output, for failure messages."""
-        return "\n".join(
-            f"--- {log.name}\n{log.read_text(errors='replace')}"
-            for log in sorted(self.logs.glob("worker-*.log"))
-        )
-
-    def stop(self) -> None:
-        """Kill every worker this test started, with its pool children.
-
-        SIGKILL rather than a warm shutdown: without heartbeats a worker's
-        event loop only notices SIGTERM after some 10 s, and every test
-        removes its queue anyway.
-        """
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(WAIT)
 
 
 @pytest.fixture
@@ -204,54 +124,10 @@ def workers(
         channel.exchange_delete(unique)
 
 
-def _make_app(
-    broker_url: str, redis_url: str, namespace: str, **config: t.Any
-) -> t.Iterator[tuple[Flask, PlointsClient]]:
-    app = create_app(broker_url, redis_url, namespace, config)
-    yield app, PlointsClient(app)
-    receiver = app.extensions["ploints"]["ploints"]
-    receiver.dispatcher.close()
-    receiver.store.client.close()
-
-
 @pytest.fixture
 def sender(workers: Workers) -> t.Iterator[tuple[Flask, PlointsClient]]:
     """The endpoint's app in this process, with the workers' settings."""
     yield from _make_app(workers.amqp_url, workers.redis_url, workers.namespace, **workers.config)
-
-
-def _store(app: Flask) -> InspectableStore:
-    store = app.extensions["ploints"]["ploints"].store
-    assert isinstance(store, InspectableStore)
-    return store
-
-
-def _assert_queued(response: TestResponse) -> None:
-    assert response.status_code == 202
-    assert response.get_json() == {"received": True, "queued": True}
-
-
-def _assert_duplicate(response: TestResponse) -> None:
-    assert response.status_code == 200
-    assert response.get_json() == {"received": True, "duplicate": True}
-
-
-def _assert_in_flight(response: TestResponse) -> None:
-    assert response.status_code == 409
-    assert response.get_json() == {"error": "event is being processed"}
-    assert 3000 < int(response.headers["Retry-After"]) <= 3600
-
-
-def _drain(client: PlointsClient, recorder: Recorder) -> None:
-    """Queue one more event, ``evt_drain``, and wait until a worker processed
-    it. A solo worker that prefetches one message takes them in the order
-    they were queued, so whatever was queued before has run by then.
-    """
-    _assert_queued(client.send("customer.created", id="evt_drain"))
-    _until(
-        lambda: recorder.count("event_processed").get("evt_drain") == 1,
-        "the worker to process evt_drain",
-    )
 
 
 def test_queued_then_processed_once(
