@@ -82,7 +82,8 @@ class CeleryDispatcher:
         return dispatcher
 
     def dispatch(self, app: Flask, event: Event, claim: Claim, name: str) -> None:
-        """Publish the event's task and wait for the broker to confirm it.
+        """Publish the event's task and wait for the broker to acknowledge
+        it (see :doc:`/celery`, "Choosing a broker").
 
         :raises DispatchError: the broker could not be reached, refused the
             message or did not confirm it in time.

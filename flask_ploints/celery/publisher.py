@@ -1,4 +1,5 @@
-"""Publishing a task with the broker's confirm, every step bounded.
+"""Publishing a task with the broker's acknowledgement, every step bounded:
+a publisher confirm on RabbitMQ, the reply to the ``LPUSH`` on Redis.
 
 .. versionadded:: 0.2
 """
@@ -42,6 +43,10 @@ class Publisher:
                 confirm_publish=True, read_timeout=self.timeout, write_timeout=self.timeout
             )
         else:
+            # Redis has no confirms: the LPUSH is synchronous, and its reply
+            # (sent after the append-only file's fsync with appendfsync
+            # always) is the acknowledgement. Without socket timeouts it
+            # waits forever for a broker that never answers.
             options.update(socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
         return self.celery_app.connection_for_write(
             connect_timeout=self.timeout, transport_options=options
@@ -67,7 +72,8 @@ class Publisher:
     def publish(
         self, task: t.Any, args: tuple[t.Any, ...], *, pooled: bool, **options: t.Any
     ) -> None:
-        """Publish one message of ``task`` and wait for the broker's confirm.
+        """Publish one message of ``task`` and wait for the broker's
+        acknowledgement: the confirm on RabbitMQ, the reply on Redis.
 
         :param pooled: take a connection from the pool (the endpoint), or
             use a new one that cannot have gone stale (the worker, which
