@@ -3,8 +3,9 @@
 Each test starts its own ``redis-server`` as the broker, on a free loopback
 port with its files in the test's tmp dir (the machine's Redis on 6379 keeps
 the dedupe store and the handlers' records, and is never restarted). The
-broker persists every write before answering it (``appendonly yes``,
-``appendfsync always``) unless a test says otherwise. The workers' Redis
+broker runs the docs' ``docs/examples/redis_broker.conf``, which persists
+every write before answering it (``appendonly yes``, ``appendfsync
+always``), unless a test turns the append-only file off. The workers' Redis
 transport gives back unacknowledged messages after a ``visibility_timeout``
 of :data:`VISIBILITY` seconds and looks for them every second.
 
@@ -32,11 +33,14 @@ What the tests show:
   without the append-only file loses an event that was answered ``202``.
 * ``test_broker_never_answers``: a broker that accepts connections but never
   answers gets a ``503`` within the publish timeout.
+* ``test_the_docs_example``: the docs' Redis settings, on a broker that runs
+  the docs' ``redis.conf``.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import shutil
 import socket
@@ -66,6 +70,9 @@ from .celery_support import store_of
 from .celery_support import until
 from .support import missing
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+#: The broker's redis.conf that the docs show.
+CONF = EXAMPLES / "redis_broker.conf"
 #: The workers' visibility timeout, in seconds.
 VISIBILITY = 3
 #: Longer than any publish may take: PLOINTS_CELERY_PUBLISH_TIMEOUT is 2 s.
@@ -91,11 +98,14 @@ class RedisBroker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, aof: bool = True) -> None:
-        """Start the server and wait until it answers."""
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else []
+        """Start the server with the docs' ``redis_broker.conf`` (without
+        its append-only file unless ``aof``) and wait until it answers.
+        """
         self.process = subprocess.Popen(
             [
                 self.binary,
+                str(CONF),
+                *([] if aof else ["--appendonly", "no"]),
                 "--bind",
                 "127.0.0.1",
                 "--port",
@@ -104,7 +114,6 @@ class RedisBroker:
                 str(self.directory),
                 "--save",
                 "",
-                *persistence,
                 "--logfile",
                 str(self.directory / "redis.log"),
             ],
@@ -416,3 +425,44 @@ def test_task_longer_than_the_visibility_timeout(
     assert log.count("event 'evt_long' ('points.earned') processed\n") == 2
     assert "event 'evt_long' ('points.earned') processed after its claim lapsed" in log
     until(lambda: broker.unacked() == 0, "the acknowledgements")
+
+
+def _config(broker: RedisBroker, *names: str) -> dict[str, str]:
+    found: dict[t.Any, t.Any] = {}
+    for name in names:
+        found.update(broker.client.config_get(name))
+    return {
+        (key.decode() if isinstance(key, bytes) else key): (
+            value.decode() if isinstance(value, bytes) else value
+        )
+        for key, value in found.items()
+    }
+
+
+def test_the_docs_example(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert _config(broker, "appendonly", "appendfsync", "maxmemory-policy") == {
+        "appendonly": "yes",
+        "appendfsync": "always",
+        "maxmemory-policy": "noeviction",
+    }
+    monkeypatch.setenv("PLOINTS_WEBHOOK_SECRET", "whsec_docs")
+    monkeypatch.setenv("PLOINTS_DEDUPE_STORE", f"sqlite:///{tmp_path / 'events.db'}")
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    spec = importlib.util.spec_from_file_location("celery_redis", EXAMPLES / "celery_redis.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    app = module.create_app()
+    app.testing = True
+    celery_app = app.extensions["celery"]
+    assert celery_app.conf.broker_transport_options == {"visibility_timeout": 3600}
+    receiver = app.extensions["ploints"]["ploints"]
+    assert receiver.dispatcher.lease == 3600
+    try:
+        assert_queued(PlointsClient(app).send("points.earned", id="evt_docs"))
+        assert [_event_id(message) for message in broker.queued("ploints")] == ["evt_docs"]
+    finally:
+        receiver.dispatcher.close()
+        receiver.store.engine.dispose()
