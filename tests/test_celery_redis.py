@@ -35,6 +35,10 @@ What the tests show:
   answers gets a ``503`` within the publish timeout.
 * ``test_the_docs_example``: the docs' Redis settings, on a broker that runs
   the docs' ``redis.conf``.
+
+Without a broker: a Redis broker whose visibility timeout is within the
+longest wait between retries gets a :class:`~flask_ploints.PlointsWarning`
+at start-up, and only then.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+from celery import Celery
 from flask import Flask
 
+from flask_ploints import PlointsWarning
 from flask_ploints.celery import TASK_NAME
 from flask_ploints.cli import ploints
 from flask_ploints.testing import PlointsClient
@@ -68,6 +74,7 @@ from .celery_support import drain
 from .celery_support import make_app
 from .celery_support import store_of
 from .celery_support import until
+from .support import build_app
 from .support import missing
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -466,3 +473,57 @@ def test_the_docs_example(
     finally:
         receiver.dispatcher.close()
         receiver.store.engine.dispose()
+
+
+# Without a worker or a broker: the start-up check of the visibility timeout.
+
+
+def _celery_on(broker: str, **transport_options: t.Any) -> Celery:
+    celery_app = Celery("ploints_unit", broker=broker, set_as_current=False)
+    if transport_options:
+        celery_app.conf.broker_transport_options = transport_options
+    return celery_app
+
+
+def test_a_visibility_timeout_within_a_retry_wait_warns() -> None:
+    # The default retries wait 10, 20, 40, 80 then 160 s.
+    celery_app = _celery_on("redis://127.0.0.1:1/0", visibility_timeout=160)
+    with pytest.warns(PlointsWarning) as caught:
+        build_app({"PLOINTS_DISPATCH": "celery", "PLOINTS_CELERY_APP": celery_app})
+    assert [str(warning.message) for warning in caught] == [
+        "the Redis broker's visibility_timeout (160 s) is not longer than the longest wait"
+        " between retries (160 s, from PLOINTS_CELERY_RETRY_BACKOFF and"
+        " PLOINTS_CELERY_RETRY_BACKOFF_MAX): Redis gives a retry still waiting for its countdown"
+        " to a second worker, and the handlers run twice; raise"
+        " broker_transport_options['visibility_timeout']"
+    ]
+    assert caught[0].filename == str(Path(__file__).parent / "support.py")
+
+
+@pytest.mark.parametrize(
+    ("broker", "options", "config"),
+    [
+        ("redis://127.0.0.1:1/0", {}, {}),
+        ("redis://127.0.0.1:1/0", {"visibility_timeout": 161}, {}),
+        ("redis://127.0.0.1:1/0", {"visibility_timeout": 10}, {"PLOINTS_CELERY_MAX_RETRIES": 0}),
+        (
+            "redis://127.0.0.1:1/0",
+            {"visibility_timeout": 10},
+            {"PLOINTS_CELERY_RETRY_BACKOFF_MAX": 9},
+        ),
+        ("amqp://guest:guest@127.0.0.1:1//", {"visibility_timeout": 10}, {}),
+    ],
+    ids=["default", "longer", "no_retries", "short_retries", "amqp"],
+)
+def test_a_visibility_timeout_beyond_every_retry_wait_is_quiet(
+    broker: str, options: dict[str, t.Any], config: dict[str, t.Any]
+) -> None:
+    # filterwarnings = error: a warning would fail the test.
+    app, _ = build_app(
+        {
+            "PLOINTS_DISPATCH": "celery",
+            "PLOINTS_CELERY_APP": _celery_on(broker, **options),
+            **config,
+        }
+    )
+    assert app.extensions["ploints"]["ploints"].dispatcher.celery_app.conf.broker_url == broker

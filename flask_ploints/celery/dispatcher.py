@@ -7,6 +7,7 @@ to a Celery worker.
 from __future__ import annotations
 
 import typing as t
+import warnings
 
 import celery  # type: ignore[import-untyped]
 from flask import Flask
@@ -15,6 +16,7 @@ from ..config import CelerySettings
 from ..config import ConfigError
 from ..config import Settings
 from ..errors import DispatchError
+from ..errors import PlointsWarning
 from ..events import Event
 from ..signature import sign
 from .publisher import Publisher
@@ -78,6 +80,7 @@ class CeleryDispatcher:
                 f"{where} must be a celery.Celery instance, not {type(celery_app).__name__}"
             )
         dispatcher = cls(celery_app, settings.celery, settings.secrets[0])
+        _check_visibility_timeout(celery_app, settings.celery)
         bind(celery_app, app)
         return dispatcher
 
@@ -116,3 +119,31 @@ class CeleryDispatcher:
         # encodes back to the exact bytes that were signed.
         args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
         self._publisher.publish(self.task, args, pooled=pooled, **options)
+
+
+#: kombu's Redis transport's ``visibility_timeout`` when none is set.
+REDIS_VISIBILITY_TIMEOUT = 3600.0
+
+
+def _check_visibility_timeout(celery_app: t.Any, settings: CelerySettings) -> None:
+    """Warn when a Redis broker would hand a retry waiting for its countdown
+    to a second worker: the worker holds it unacknowledged until then, and
+    both copies carry the same claim token, so the handlers would run twice.
+    """
+    # Building a connection object does not connect.
+    if celery_app.connection_for_write().transport.driver_type != "redis":
+        return
+    options = celery_app.conf.broker_transport_options or {}
+    timeout = float(options.get("visibility_timeout", REDIS_VISIBILITY_TIMEOUT))
+    longest_wait = settings.retry_delay(max(settings.max_retries - 1, 0))
+    if settings.max_retries and timeout <= longest_wait:
+        warnings.warn(
+            f"the Redis broker's visibility_timeout ({timeout:g} s) is not longer than the"
+            f" longest wait between retries ({longest_wait:g} s, from PLOINTS_CELERY_RETRY_BACKOFF"
+            " and PLOINTS_CELERY_RETRY_BACKOFF_MAX): Redis gives a retry still waiting for its"
+            " countdown to a second worker, and the handlers run twice; raise"
+            " broker_transport_options['visibility_timeout']",
+            PlointsWarning,
+            # The caller of init_app.
+            stacklevel=5,
+        )
