@@ -23,14 +23,16 @@ What the tests show:
   happens once.
 * ``test_task_longer_than_the_visibility_timeout``: a task still running
   when the visibility timeout passes is delivered to a second worker while
-  it runs; what the claim does about it.
+  it runs, and the claim does not stop that copy (it carries the same
+  token): the handlers run twice, as the docs warn.
 * ``test_broker_restarted``: events accepted before the broker is killed
   (SIGKILL, no clean shutdown) are processed after it restarts; while it is
   down the endpoint answers ``503`` with ``Retry-After`` at once and
   releases the claim; after the restart the endpoint and a running worker
   reconnect on their own.
 * ``test_without_aof_a_restart_loses_accepted_events``: the same crash
-  without the append-only file loses an event that was answered ``202``.
+  with RDB snapshots alone loses an event that was answered ``202``, and its
+  id stays claimed.
 * ``test_broker_never_answers``: a broker that accepts connections but never
   answers gets a ``503`` within the publish timeout.
 * ``test_the_docs_example``: the docs' Redis settings, on a broker that runs
@@ -105,24 +107,25 @@ class RedisBroker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, aof: bool = True) -> None:
-        """Start the server with the docs' ``redis_broker.conf`` (without
-        its append-only file unless ``aof``) and wait until it answers.
+        """Start the server with the docs' ``redis_broker.conf`` and wait
+        until it answers. Without ``aof``, RDB snapshots (an hour apart)
+        take the place of the append-only file.
         """
+        # Later options override earlier ones and the file's.
+        persistence = ["--save", ""] if aof else ["--appendonly", "no", "--save", "3600 1"]
         self.process = subprocess.Popen(
             [
                 self.binary,
                 str(CONF),
-                *([] if aof else ["--appendonly", "no"]),
                 "--bind",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
                 "--dir",
                 str(self.directory),
-                "--save",
-                "",
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *persistence,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -377,6 +380,7 @@ def test_without_aof_a_restart_loses_accepted_events(
 ) -> None:
     broker.kill()
     broker.start(aof=False)
+    assert _config(broker, "appendonly", "save") == {"appendonly": "no", "save": "3600 1"}
     app, client = sender
     assert_queued(client.send("points.earned", id="evt_lost"))
     assert [_event_id(message) for message in broker.queued(workers.namespace)] == ["evt_lost"]
