@@ -22,6 +22,7 @@ from ..signature import sign
 from .publisher import Publisher
 from .task import bind
 from .task import task_for
+from .visibility import visibility_timeout
 
 if t.TYPE_CHECKING:
     from ..stores import Claim
@@ -121,20 +122,15 @@ class CeleryDispatcher:
         self._publisher.publish(self.task, args, pooled=pooled, **options)
 
 
-#: kombu's Redis transport's ``visibility_timeout`` when none is set.
-REDIS_VISIBILITY_TIMEOUT = 3600.0
-
-
 def _check_visibility_timeout(celery_app: t.Any, settings: CelerySettings) -> None:
     """Warn when a Redis broker would hand a retry waiting for its countdown
-    to a second worker: the worker holds it unacknowledged until then, and
-    both copies carry the same claim token, so the handlers would run twice.
+    to a second worker: the worker holds it unacknowledged until then (a
+    running task's message is renewed, a waiting one's is not), and both
+    copies carry the same claim token, so the handlers would run twice.
     """
-    # Building a connection object does not connect.
-    if celery_app.connection_for_write().transport.driver_type != "redis":
+    timeout = visibility_timeout(celery_app)
+    if timeout is None:
         return
-    options = celery_app.conf.broker_transport_options or {}
-    timeout = float(options.get("visibility_timeout", REDIS_VISIBILITY_TIMEOUT))
     longest_wait = settings.retry_delay(max(settings.max_retries - 1, 0))
     if settings.max_retries and timeout <= longest_wait:
         warnings.warn(

@@ -28,6 +28,7 @@ from ..signature import verify
 from ..state import Receiver
 from ..state import receiver_for
 from ..state import receivers
+from .visibility import kept_from_others
 
 __all__ = ["TASK_NAME", "Republisher", "bind", "task_for"]
 
@@ -118,7 +119,7 @@ def _flask_app(celery_app: t.Any, name: str) -> Flask:
 
 def _process_event(task: t.Any, name: str, body: str, token: str, proof: str | None = None) -> None:
     app = _flask_app(task.app, name)
-    with app.app_context():
+    with app.app_context(), kept_from_others(task):
         _Attempt(task, app, receiver_for(app, name), body, token).run(proof)
 
 
