@@ -5,9 +5,9 @@ from flask import Flask
 
 from flask_ploints import PlointsWebhooks
 
-#: Seconds a worker may hold a task unacknowledged before Redis gives it to
-#: another worker: longer than the slowest handler run plus the longest
-#: retry countdown (PLOINTS_CELERY_RETRY_BACKOFF_MAX).
+#: Seconds after which Redis gives an unacknowledged task to another worker:
+#: a dead worker's events come back after it. Longer than the longest retry
+#: countdown (PLOINTS_CELERY_RETRY_BACKOFF_MAX); a running task is renewed.
 VISIBILITY_TIMEOUT = 3600
 
 
