@@ -284,7 +284,7 @@ def test_failing_handler_retries_then_fails(
         assert len(lines) == 1
         assert lines[0].startswith("evt_bad  ")
         assert lines[0].endswith("Z  attempts=1  RuntimeError: handler broke on purpose on evt_bad")
-        # Failed is not in flight: the sender's next retry may claim it.
+        # Every attempt was acknowledged: nothing waits in the queue or a worker.
         assert broker.queued(workers.namespace) == []
         until(lambda: broker.unacked() == 0, "the acknowledgements")
     finally:
