@@ -21,6 +21,9 @@ What the tests show:
   the message of a worker SIGKILLed mid-task stays unacked in Redis, and a
   new worker gets it back only after the visibility timeout; the effect
   happens once.
+* ``test_pool_child_killed``: a SIGKILLed prefork child's task is given
+  back by its parent at once, not after the visibility timeout, and runs
+  once.
 * ``test_task_longer_than_the_visibility_timeout``: a task that runs
   longer than the visibility timeout is not delivered to a second worker,
   since its worker renews the message's visibility while it runs.
@@ -47,7 +50,9 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -411,6 +416,34 @@ def test_broker_never_answers(redis_url: str, unique: str) -> None:
             _assert_unavailable(client, app, "evt_silent")
         finally:
             next(made, None)
+
+
+def test_pool_child_killed(
+    broker: RedisBroker,
+    workers: Workers,
+    sender: tuple[Flask, PlointsClient],
+    recorder: Recorder,
+) -> None:
+    """A dead prefork child's task is given back by its parent at once: with
+    an hour's visibility timeout, nothing else could bring it back.
+    """
+    workers.celery["broker_transport_options"]["visibility_timeout"] = 3600
+    _, client = sender
+    parent = workers.start(pool="prefork")
+    assert_queued(client.send("points.earned", {"sleep": 60}, id="evt_child"))
+    until(lambda: recorder.count("starts") == {"evt_child": 1}, "the handler to start")
+    child = recorder.count("pid")["evt_child"]
+    assert child != parent.pid
+    os.kill(child, signal.SIGKILL)
+
+    until(lambda: recorder.count("event_processed") == {"evt_child": 1}, "the redelivered run")
+    assert recorder.count("effects") == {"evt_child": 1}
+    assert recorder.count("starts") == {"evt_child": 2}
+    assert recorder.count("pid")["evt_child"] != child
+    assert parent.poll() is None
+    assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in workers.output()
+    assert_duplicate(client.send("points.earned", id="evt_child"))
+    until(lambda: broker.unacked() == 0, "the acknowledgement")
 
 
 def test_task_longer_than_the_visibility_timeout(
