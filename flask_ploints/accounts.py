@@ -11,6 +11,8 @@ account the app does not know. See :doc:`/accounts`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import typing as t
 
@@ -52,6 +54,13 @@ def check_lookup(url: str, secret: object) -> SecretLookup | None:
             " must be a function that returns an account's secret (or None for an unknown one)"
         )
     return t.cast("SecretLookup | None", lookup)
+
+
+# The account and secrets of the delivery being processed, so that its
+# Celery proof is signed without calling the lookup a second time.
+_verified: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "ploints_verified_account", default=None
+)
 
 
 class Accounts:
@@ -96,15 +105,41 @@ class Accounts:
             )
         return tuple(secrets)
 
-    def keys(self, account: str) -> tuple[bytes, ...] | None:
-        """:meth:`secrets` as the bytes they sign with."""
+    def keys(self, account: str) -> tuple[tuple[str, ...], tuple[bytes, ...]] | None:
+        """:meth:`secrets`, and the same as the bytes they sign with."""
         secrets = self.secrets(account)
         if secrets is None:
             return None
         try:
-            return tuple(secret.encode("utf-8") for secret in secrets)
+            return secrets, tuple(secret.encode("utf-8") for secret in secrets)
         except UnicodeEncodeError:
             raise SecretLookupError(
                 f"the secret lookup returned a secret for account {account!r} that is not valid"
                 " UTF-8 (a lone surrogate)"
             ) from None
+
+    @contextlib.contextmanager
+    def verified(self, account: str, secrets: tuple[str, ...]) -> t.Iterator[None]:
+        """Remember ``account``'s ``secrets``, which verified the delivery
+        being processed, for :meth:`current_secret` within the block.
+        """
+        token = _verified.set((account, secrets))
+        try:
+            yield
+        finally:
+            _verified.reset(token)
+
+    def current_secret(self, account: str) -> str:
+        """Return ``account``'s current secret: the one of the delivery
+        being processed, else from the lookup (a replay).
+
+        :raises SecretLookupError: the lookup failed, or does not know the
+            account.
+        """
+        verified = _verified.get()
+        if verified is not None and verified[0] == account:
+            return verified[1][0]
+        secrets = self.secrets(account)
+        if secrets is None:
+            raise SecretLookupError(f"the secret lookup does not know account {account!r}")
+        return secrets[0]

@@ -144,6 +144,7 @@ class WebhookEndpoint:
         if rejected is not None:
             return rejected
         keys = self._keys
+        secrets: tuple[str, ...] = ()
         if self._accounts is not None:
             try:
                 found = self._accounts.keys(account or "")
@@ -153,7 +154,7 @@ class WebhookEndpoint:
             if found is None:
                 logger.warning("rejected a delivery: unknown account %r", account)
                 return _error(404, "unknown account")
-            keys = found
+            secrets, keys = found
         raw = read_body(req, length, self.settings.max_bytes)
         if raw is None:
             return self._too_large()
@@ -175,7 +176,11 @@ class WebhookEndpoint:
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
 
-        result = self.processor.deliver(app, event)
+        if self._accounts is None:
+            result = self.processor.deliver(app, event)
+        else:
+            with self._accounts.verified(event.account or "", secrets):
+                result = self.processor.deliver(app, event)
         # The common answer without a table lookup; the others from _ANSWERS.
         if result.outcome is _PROCESSED_OUTCOME:
             return _json(200, _PROCESSED)
