@@ -200,7 +200,7 @@ class Processor:
         error, duration, pending = self._run(event, token, self.handlers.run, app, event, self.name)
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
-        return self._processed(app, event, token, duration, pending)
+        return self._processed(app, event, key, token, duration, pending)
 
     def keep(self, event: Event, token: str) -> bool:
         """Renew a worker's claim for the wait before its next attempt.
@@ -267,7 +267,11 @@ class Processor:
         settle: _Settle,
         previous_error: str | None,
     ) -> Result:
-        key = self._key(event)
+        # The key, inline: this runs on every delivery.
+        if event.account is None:
+            key = self._id_key(event.id)
+        else:
+            key = self.namespace.key(event.id, event.account)
         inline = self.dispatcher.runs_inline
         try:
             if inline and self._hold is not None:
@@ -302,18 +306,19 @@ class Processor:
             return self._failed(app, event, error, duration)
         if duration > self._slow:
             _log(logging.WARNING, event, _SLOW, duration, sender.TIMEOUT)
-        return self._processed(app, event, claim.token, duration, pending)
+        return self._processed(app, event, key, claim.token, duration, pending)
 
     def _processed(
         self,
         app: Flask,
         event: Event,
+        key: str,
         token: str,
         duration: float,
         pending: list[t.Callable[[], object]],
     ) -> Result:
         try:
-            committed = self.store.commit(self._key(event), token, self._retention)
+            committed = self.store.commit(key, token, self._retention)
         except Exception as exc:
             if self._hold is not None:
                 _log(logging.ERROR, event, _ROLLED_BACK, exc_info=True)
