@@ -1,9 +1,11 @@
 """The example app handles all seven types, once each, through the plugin's
-fixture.
+fixture; its handlers' writes commit with the event's dedupe record, and its
+welcome email goes out once the event is committed.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -16,23 +18,24 @@ from werkzeug.serving import make_server
 
 from example_app import create_app
 from flask_ploints import EVENT_TYPES
+from flask_ploints import signals
 from flask_ploints.testing import PlointsClient
 
 
 def _config(tmp_path: Path, **extra: t.Any) -> dict[str, t.Any]:
-    ploints = f"sqlite:///{tmp_path / 'ploints.sqlite3'}"
     return {
-        "DATABASE": str(tmp_path / "loyalty.sqlite3"),
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loyalty.sqlite3'}",
         "TESTING": True,
-        "PLOINTS_DEDUPE_STORE": ploints,
-        "PLOINTS_DELIVERY_LOG": ploints,
         **extra,
     }
 
 
 @pytest.fixture
-def example(tmp_path: Path) -> Flask:
-    return create_app(_config(tmp_path))
+def example(tmp_path: Path) -> t.Iterator[Flask]:
+    app = create_app(_config(tmp_path))
+    yield app
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
 
 
 def _customers(app: Flask) -> dict[str, dict[str, t.Any]]:
@@ -55,18 +58,50 @@ def test_every_type_updates_the_back_office_once(example: Flask) -> None:
     assert "badge: Early Bird" in customers["jane@example.com"]["activity"]
 
 
-def test_business_level_idempotence_survives_a_forgetful_store(tmp_path: Path) -> None:
-    app = create_app(
-        {
-            "DATABASE": str(tmp_path / "loyalty.sqlite3"),
-            "TESTING": True,
-            "PLOINTS_DEDUPE_STORE": None,
-        }
-    )
-    client = PlointsClient(app)
+def _emails(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("welcome email sent")
+    ]
+
+
+def test_the_dedupe_record_is_in_the_apps_database(example: Flask) -> None:
+    client = PlointsClient(example)
     client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
-    client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
-    assert _customers(app)["a@example.com"]["balance"] == 5
+    store = example.extensions["ploints"]["ploints"].store
+    with example.app_context():
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert stored.status == "done"
+        assert store.session.get_bind().url == example.extensions["sqlalchemy"].engine.url
+
+
+def test_a_failing_handler_leaves_nothing_half_written(
+    example: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A receiver of the type's signal runs after the example's own handler
+    # has written; when it raises, the whole event is rolled back.
+    def broken(sender: Flask, **extra: t.Any) -> None:
+        raise RuntimeError("broke after the balance was written")
+
+    caplog.set_level(logging.INFO, "example_app")
+    client = PlointsClient(example)
+    data = {"customerEmail": "lee@example.com", "name": "Lee Chan"}
+    signals.customer_created.connect(broken, sender=example)
+    try:
+        assert client.send("customer.created", data, id="evt_new").status_code == 500
+        assert client.send("customer.created", data, id="evt_new").status_code == 500
+    finally:
+        signals.customer_created.disconnect(broken, sender=example)
+    assert _customers(example) == {}
+    assert _emails(caplog) == []
+    # The sender's next retry runs the fixed handlers, once.
+    assert client.send("customer.created", data, id="evt_new").get_json() == {"received": True}
+    assert client.send("customer.created", data, id="evt_new").get_json() == {
+        "received": True,
+        "duplicate": True,
+    }
+    assert _customers(example)["lee@example.com"]["activity"] == "joined: Lee Chan"
+    assert _emails(caplog) == ["welcome email sent to lee@example.com (Lee Chan)"]
 
 
 def test_pages_show_customers_and_deliveries(example: Flask) -> None:
