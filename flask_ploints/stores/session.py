@@ -70,6 +70,9 @@ class _Held:
     #: The claim was the worker's durable claim, taken over in the
     #: transaction: settling it outside the transaction goes to its row.
     adopted: bool
+    #: The payload the claim keeps, for the failure recorded outside the
+    #: transaction once the claim is rolled back.
+    payload: bytes | None
 
 
 _held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("ploints_held", default=None)
@@ -199,7 +202,8 @@ class SessionStore:
             raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
         if found.token == params["claim_token"]:
             guard = deadline(connection.connection.dbapi_connection, self.transaction_timeout)
-            _held.set(_Held(found.token, session, guard, adopted=token is not None))
+            adopted = token is not None
+            _held.set(_Held(found.token, session, guard, adopted, payload=params["body"]))
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
         if found.status is EventState.DONE and found.expires > now:
@@ -352,7 +356,7 @@ class SessionStore:
             self._abandon(held.session)
             self._close(held)
             if not held.adopted:
-                claim = self._store().claim(event_id, 60.0)
+                claim = self._store().claim(event_id, 60.0, held.payload)
                 if claim.status is not ClaimStatus.CLAIMED:
                     return False
                 token = claim.token
