@@ -192,11 +192,8 @@ def test_transactions_exactly_once_with_flask_sqlalchemy(
 
     assert client.send("points.earned", data, id="evt_1").get_json() == {"received": True}
     assert client.send("points.earned", data, id="evt_1").get_json() == DUPLICATE
-    signals.points_earned.connect(broken, sender=app)
-    try:
+    with signals.points_earned.connected_to(broken, sender=app):
         assert client.send("points.earned", data, id="evt_2").status_code == 500
-    finally:
-        signals.points_earned.disconnect(broken, sender=app)
     # The failed event's credit was rolled back, and its receipt never sent.
     with app.app_context():
         assert module.db.session.get(module.Account, "jane@example.com").points == 5

@@ -86,12 +86,9 @@ def test_a_failing_handler_leaves_nothing_half_written(
     caplog.set_level(logging.INFO, "example_app")
     client = PlointsClient(example)
     data = {"customerEmail": "lee@example.com", "name": "Lee Chan"}
-    signals.customer_created.connect(broken, sender=example)
-    try:
+    with signals.customer_created.connected_to(broken, sender=example):
         assert client.send("customer.created", data, id="evt_new").status_code == 500
         assert client.send("customer.created", data, id="evt_new").status_code == 500
-    finally:
-        signals.customer_created.disconnect(broken, sender=example)
     assert _customers(example) == {}
     assert _emails(caplog) == []
     # The sender's next retry runs the fixed handlers, once.
