@@ -17,8 +17,11 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from example_app import create_app
+from example_app.loyalty import Customer
+from example_app.loyalty import db
 from flask_ploints import EVENT_TYPES
-from flask_ploints import signals
+from flask_ploints import Event
+from flask_ploints.state import receiver_for
 from flask_ploints.testing import PlointsClient
 
 
@@ -78,25 +81,34 @@ def test_the_dedupe_record_is_in_the_apps_database(example: Flask) -> None:
 def test_a_failing_handler_leaves_nothing_half_written(
     example: Flask, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A receiver of the type's signal runs after the example's own handler
-    # has written; when it raises, the whole event is rolled back.
-    def broken(sender: Flask, **extra: t.Any) -> None:
-        raise RuntimeError("broke after the balance was written")
+    # An on_any handler runs after every handler of the type, so the
+    # example's own handler has written the customer when this one raises;
+    # the whole event is rolled back.
+    seen: list[bool] = []
+    broken = [True]
 
+    def fail_last(event: Event) -> None:
+        seen.append(db.session.get(Customer, event.data["customerEmail"]) is not None)
+        if broken[0]:
+            raise RuntimeError("broke after the customer was written")
+
+    receiver_for(example).handlers.connect_any(fail_last)
     caplog.set_level(logging.INFO, "example_app")
     client = PlointsClient(example)
     data = {"customerEmail": "lee@example.com", "name": "Lee Chan"}
-    with signals.customer_created.connected_to(broken, sender=example):
-        assert client.send("customer.created", data, id="evt_new").status_code == 500
-        assert client.send("customer.created", data, id="evt_new").status_code == 500
+    assert client.send("customer.created", data, id="evt_new").status_code == 500
+    assert client.send("customer.created", data, id="evt_new").status_code == 500
+    assert seen == [True, True]
     assert _customers(example) == {}
     assert _emails(caplog) == []
     # The sender's next retry runs the fixed handlers, once.
+    broken[0] = False
     assert client.send("customer.created", data, id="evt_new").get_json() == {"received": True}
     assert client.send("customer.created", data, id="evt_new").get_json() == {
         "received": True,
         "duplicate": True,
     }
+    assert seen == [True, True, True]
     assert _customers(example)["lee@example.com"]["activity"] == "joined: Lee Chan"
     assert _emails(caplog) == ["welcome email sent to lee@example.com (Lee Chan)"]
 
