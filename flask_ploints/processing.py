@@ -135,7 +135,9 @@ class Processor:
         self.namespace = Namespace(name, settings.namespace)
         # str() of a str is that same str: the cheapest key of an id that
         # is its own key, on every delivery's path.
-        self._key: t.Callable[[str], str] = self.namespace.key if self.namespace.prefixed else str
+        self._id_key: t.Callable[[str], str] = (
+            self.namespace.key if self.namespace.prefixed else str
+        )
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
@@ -176,7 +178,7 @@ class Processor:
         with :meth:`give_up`.
         """
         lease = self.dispatcher.lease
-        key = self._key(event.id)
+        key = self._key(event)
         try:
             if self._hold is not None:
                 claim = self._hold(key, lease, event.raw, self._retention, token)
@@ -206,7 +208,7 @@ class Processor:
         :return: ``False`` when ``token`` no longer holds the claim.
         :raises flask_ploints.errors.StoreError: the store is unavailable.
         """
-        return self.store.extend(self._key(event.id), token, self.dispatcher.lease)
+        return self.store.extend(self._key(event), token, self.dispatcher.lease)
 
     def give_up(
         self,
@@ -243,6 +245,12 @@ class Processor:
             self._failed(app, event, error, duration)
         return failed
 
+    def _key(self, event: Event) -> str:
+        # The key of the id of one account of an endpoint for many.
+        if event.account is None:
+            return self._id_key(event.id)
+        return self.namespace.key(event.id, event.account)
+
     def _not_claimed(self, app: Flask, event: Event, claim: Claim) -> Result:
         if claim.status is ClaimStatus.DONE:
             _log(logging.INFO, event, "skipped: duplicate")
@@ -259,7 +267,7 @@ class Processor:
         settle: _Settle,
         previous_error: str | None,
     ) -> Result:
-        key = self._key(event.id)
+        key = self._key(event)
         inline = self.dispatcher.runs_inline
         try:
             if inline and self._hold is not None:
@@ -305,7 +313,7 @@ class Processor:
         pending: list[t.Callable[[], object]],
     ) -> Result:
         try:
-            committed = self.store.commit(self._key(event.id), token, self._retention)
+            committed = self.store.commit(self._key(event), token, self._retention)
         except Exception as exc:
             if self._hold is not None:
                 _log(logging.ERROR, event, _ROLLED_BACK, exc_info=True)
@@ -370,14 +378,14 @@ class Processor:
 
     def _release(self, event: Event, token: str) -> None:
         try:
-            self.store.release(self._key(event.id), token)
+            self.store.release(self._key(event), token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
             _log(logging.ERROR, event, "not released: the dedupe store failed", exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str) -> bool:
         try:
-            return self.store.fail(self._key(event.id), token, error, self._retention)
+            return self.store.fail(self._key(event), token, error, self._retention)
         except Exception:
             _log(
                 logging.ERROR, event, "not recorded failed: the dedupe store failed", exc_info=True

@@ -12,6 +12,7 @@ from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
 
 from .support import AMQP_URL
+from .support import MARIADB_URL
 from .support import POSTGRES_URL
 from .support import REDIS_URL
 from .support import build_app
@@ -58,6 +59,12 @@ def redis_url() -> str:
 def postgres_url() -> str:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     return POSTGRES_URL
+
+
+@pytest.fixture
+def mariadb_url() -> str:
+    require_service("MariaDB", "127.0.0.1", 3306)
+    return MARIADB_URL
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ POSTGRES_URL = os.environ.get(
     "PLOINTS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 AMQP_URL = os.environ.get("PLOINTS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+MARIADB_URL = os.environ.get("PLOINTS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
 def require_service(name: str, host: str, port: int) -> None:

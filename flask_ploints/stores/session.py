@@ -76,6 +76,11 @@ class _Held:
 
 
 _held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("ploints_held", default=None)
+# The session of the handlers running now; unset between events, also while
+# a failed worker attempt's claim waits for its retry.
+_handling: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+    "ploints_handling", default=None
+)
 
 
 def current_session() -> Session:
@@ -86,13 +91,13 @@ def current_session() -> Session:
     :raises RuntimeError: called outside a handler run with a
         :class:`SessionStore`.
     """
-    held = _held.get()
-    if held is None:
+    session = _handling.get()
+    if session is None:
         raise RuntimeError(
             "current_session() works in the handlers of an event whose dedupe store is a"
             " SessionStore (PLOINTS_DEDUPE_STORE = db)"
         )
-    return held.session
+    return session
 
 
 class SessionStore:
@@ -187,6 +192,7 @@ class SessionStore:
             "event_id": event_id,
             "claim_token": token or secrets.token_hex(8),
             "body": payload if store.keep_payloads else None,
+            "lock_wait": f"{int(self.lock_timeout * 1000)}ms",
         }
         try:
             connection = session.connection()
@@ -274,6 +280,7 @@ class SessionStore:
             yield
             return
         transaction = held.session.get_transaction()
+        handling = _handling.set(held.session)
         try:
             yield
         except BaseException:
@@ -281,6 +288,8 @@ class SessionStore:
             self._abandon(held.session)
             held.guard.__exit__(None, None, None)
             raise
+        finally:
+            _handling.reset(handling)
         if held.session.get_transaction() is not transaction:
             self._abandon(held.session)
             raise HandlerError(

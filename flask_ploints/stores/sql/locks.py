@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import typing as t
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,15 +23,12 @@ _MYSQL_LOCK_ERRORS = frozenset({1205, 1213})
 
 @contextlib.contextmanager
 def bounded_lock_wait(connection: Connection, seconds: float) -> t.Iterator[None]:
-    """Bound the wait for another transaction's row lock to ``seconds``."""
+    """Bound the wait for another transaction's row lock to ``seconds``.
+    PostgreSQL's held claim bounds its own (``lock_wait``, see
+    :class:`~flask_ploints.stores.sql.statements.Statements`).
+    """
     dialect = connection.dialect.name
-    if dialect == "postgresql":
-        # For the rest of the transaction: SET LOCAL ends with it.
-        connection.execute(
-            sa.select(sa.func.set_config("lock_timeout", f"{int(seconds * 1000)}ms", True))
-        )
-        yield
-    elif dialect == "sqlite":
+    if dialect == "sqlite":
         before = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
         connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
         try:

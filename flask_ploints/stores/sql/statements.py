@@ -154,7 +154,21 @@ class Statements:
         #: inserted since may be missing: no row, and the claim goes round.
         self.claim: sa.ClauseElement | None = None
         if upsert is not None:
-            inserting: t.Any = upsert(table).values(values)
+            inserting: t.Any = upsert(table)
+            if held and dialect == "postgresql":
+                # The held claim's bound on waiting for a concurrent holder's
+                # row, set (for the rest of the transaction) by the same
+                # statement: the CTE runs before the insert takes its lock.
+                wait = sa.func.set_config(
+                    "lock_timeout", sa.bindparam("lock_wait", type_=sa.String()), True
+                )
+                bounded = sa.select(wait.label("lock_timeout")).cte("lock_wait")
+                rows = sa.select(
+                    *(t.cast(t.Any, value).label(name) for name, value in values.items())
+                )
+                inserting = inserting.from_select(list(values), rows.select_from(bounded))
+            else:
+                inserting = inserting.values(values)
             self.insert_new = inserting.on_conflict_do_nothing(index_elements=[c.id])
             # EXCLUDED rather than the parameters again: each mention of a
             # parameter is one more for the driver to send.
