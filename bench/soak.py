@@ -32,7 +32,9 @@ the sender's failures by kind, workers killed, connections terminated; it
 exits non-zero when anything was lost or doubled. Tables are the run's own
 and dropped at the end.
 
-Run: ``.venv/bin/python bench/soak.py [--events 10000] [--compress 500] [--celery]``.
+Run: ``.venv/bin/python bench/soak.py [--events 10000] [--compress 500] [--celery]
+[--plain-store]`` (``--plain-store``: the control, with the non-transactional SQL
+store and a handler that commits its own row, where doubles are expected).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Sender:
         self.chains: collections.Counter[str] = collections.Counter()
         self.gave_up: set[str] = set()
         self.lost_on_purpose = 0
+        self.last_first = 0.0
 
     def add(self, attempt: Attempt, at: float, new_chain: bool = True) -> None:
         """Send ``attempt`` at monotonic time ``at``."""
@@ -125,7 +128,10 @@ class Sender:
             while True:
                 if self.due and self.due[0][0] <= time.monotonic():
                     self.busy += 1
-                    return heapq.heappop(self.due)[2]
+                    attempt = heapq.heappop(self.due)[2]
+                    if not attempt.step:
+                        self.last_first = time.monotonic()
+                    return attempt
                 if not self.due and not self.busy and not self.feeding:
                     self.cond.notify_all()
                     return None
@@ -200,6 +206,7 @@ class Sender:
             self.cond.notify_all()
         for worker in workers:
             worker.join()
+        self.last_first -= started
         return time.monotonic() - started
 
 
@@ -274,6 +281,9 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=3.0)
     parser.add_argument("--terminate-every", type=float, default=7.0)
     parser.add_argument("--celery", action="store_true", help="PLOINTS_DISPATCH = 'celery'")
+    parser.add_argument(
+        "--plain-store", action="store_true", help="control: the non-transactional SQL store"
+    )
     parser.add_argument("--drain", type=float, default=180.0, help="max s for Celery to catch up")
     args = parser.parse_args()
 
@@ -286,6 +296,7 @@ def main() -> int:
         "BENCH_NAMESPACE": namespace,
         "BENCH_APP_NAME": namespace,
         "BENCH_PRE_PING": "1",
+        "BENCH_STORE": "sql" if args.plain_store else "db",
     }
     work = Path(tempfile.mkdtemp(prefix="ploints-soak-"))
     cleanups: list[t.Callable[[], object]] = []
@@ -321,7 +332,8 @@ def main() -> int:
         span = sum(RETRY_SCHEDULE) / args.compress
         print(
             f"soak {namespace}: {args.events} events at {args.rate:g}/s into {args.servers}"
-            f" gunicorn x {args.workers} sync workers{' + Celery' if args.celery else ''};"
+            f" gunicorn x {args.workers} sync workers{' + Celery' if args.celery else ''}"
+            f"{', plain SQL store' if args.plain_store else ', SessionStore'};"
             f" retry schedule compressed {args.compress:g}x ({span:.0f} s); logs in {work}",
             flush=True,
         )
@@ -346,7 +358,10 @@ def main() -> int:
     lost = missing | sender.gave_up
     doubled = {event_id for event_id, count in counts.items() if count > 1}
     failures = ", ".join(f"{kind} {n}" for kind, n in sorted(sender.failures.items())) or "none"
-    print(f"sending took {took:.1f} s; {sender.attempts} attempts")
+    print(
+        f"sending took {took:.1f} s (last first delivery at {sender.last_first:.1f} s);"
+        f" {sender.attempts} attempts"
+    )
     print(f"events sent:            {len(ids)}")
     print(
         f"duplicates on purpose:  {sender.lost_on_purpose} resent after a 2xx (answer lost),"

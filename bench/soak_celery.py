@@ -49,7 +49,17 @@ class Broker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.ctl("await_startup", timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                # Fails at once until the node has registered with epmd.
+                self.ctl("await_startup")
+                break
+            except subprocess.CalledProcessError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(1)
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
     def ctl(self, *args: str, timeout: float = 60) -> None:
@@ -73,7 +83,11 @@ class Broker:
         """Stop the node."""
         with contextlib.suppress(subprocess.SubprocessError):
             self.ctl("stop")
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            # su ends the node's session on SIGTERM.
+            self.process.terminate()
             self.process.wait(timeout=30)
 
 

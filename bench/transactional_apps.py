@@ -24,6 +24,9 @@ the receiver:
 ``BENCH_APP_NAME``
     optional: the PostgreSQL ``application_name`` of every connection, so
     the soak can terminate this app's connections and no one else's.
+``BENCH_STORE``
+    optional: ``sql`` gives the extension the plain (non-transactional)
+    SQL store on the same database and a handler that commits its row.
 ``BENCH_PRE_PING``
     ``1`` to ping pooled connections before use (the soak, whose database
     connections get terminated); off for the bench, on both sides alike.
@@ -135,20 +138,29 @@ def extension_app(url: str, namespace: str) -> Flask:
     """
     app, db, awards, _ = _base_app("bench_extension", url, namespace)
     app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
-    app.config["PLOINTS_DEDUPE_STORE"] = db
+    # ``sql``: the non-transactional SQLAlchemyStore on the same database,
+    # the handler committing its own write; the soak's control, which shows
+    # the doubles the SessionStore prevents.
+    plain = os.environ.get("BENCH_STORE") == "sql"
+    app.config["PLOINTS_DEDUPE_STORE"] = url if plain else db
     app.config["PLOINTS_SQL_TABLE"] = f"{namespace}_events"
     broker_url = os.environ.get("BENCH_BROKER_URL")
     if broker_url:
         app.config["PLOINTS_DISPATCH"] = "celery"
-        # The soak kills workers: a redelivered task must find its claim
-        # lapsed quickly enough to run again within the compressed schedule.
-        app.config["PLOINTS_CELERY_LEASE"] = float(os.environ.get("BENCH_CELERY_LEASE", "30"))
+        # The worker's retries, in the soak's compressed time: a few
+        # seconds apart, within a lease that a lost worker's claim outlives
+        # only briefly.
+        app.config["PLOINTS_CELERY_RETRY_BACKOFF"] = 1.0
+        app.config["PLOINTS_CELERY_RETRY_BACKOFF_MAX"] = 5.0
+        app.config["PLOINTS_CELERY_LEASE"] = 60.0
         _celery(app, broker_url, namespace)
     webhooks = PlointsWebhooks(app)
 
     @webhooks.on("points.earned")
     def award(event: Event) -> None:
         db.session.execute(_award_row(awards, event.id, event.data))
+        if plain:
+            db.session.commit()
 
     return app
 
