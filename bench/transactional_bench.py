@@ -23,7 +23,8 @@ The load generator is ``wrk`` (``apt-get install wrk``). It shares the
 machine's cores with gunicorn and the database, so the numbers are for the
 whole box; on a small or busy machine the ratios are noisy.
 
-Run (about 3.5 minutes with the defaults)::
+Run (16 runs: about 4 minutes with the defaults on an idle 2-core machine, 6
+when other work shares it)::
 
     .venv/bin/python bench/transactional_bench.py [--mode sync|gthread]
         [--duration 8] [--rounds 4] [--databases postgresql,sqlite]
