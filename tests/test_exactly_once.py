@@ -38,6 +38,9 @@ PostgreSQL:
 * ``test_celery_handler_failure_retries_exactly_once``: the handler raises
   after its write on the first attempt; the rolled back write is gone, the
   task's retry commits one credit row.
+* ``test_celery_handler_slower_than_transaction_timeout_commits``: a
+  worker's transaction is bounded by its claim's lease, not by the store's
+  ``transaction_timeout`` (1 s here): a 1.5 s handler commits at once.
 
 The sender, the servers and the workers are in :mod:`tests.crash_support`.
 Every wait is bounded.
@@ -288,3 +291,18 @@ def test_celery_handler_failure_retries_exactly_once(queued: Queued) -> None:
     assert log.count("failed (attempt 1 of 3)") == 1
     assert "failed (attempt 2" not in log
     assert worker.poll() is None
+
+
+@_session_env(PLOINTS_CRASH_HOLD_LIMIT="1")
+def test_celery_handler_slower_than_transaction_timeout_commits(queued: Queued) -> None:
+    """A worker's transaction is bounded by its lease, not by the sender's
+    timeout: a handler slower than ``transaction_timeout`` still commits.
+    """
+    event_id = "evt_celery_slow"
+    response = queued.client.send("points.earned", {"amount": 5, "sleep": 1.5}, id=event_id)
+    assert response.status_code == 202
+    worker = queued.workers.start()
+    _until(lambda: queued.state(event_id) == "done", "the slow handler to commit")
+    assert crash_app.credit_pids(queued.app) == {event_id: [worker.pid]}
+    assert queued.journal.starts() == {event_id: 1}
+    assert "failed (attempt" not in queued.workers.output()
