@@ -41,6 +41,10 @@ PostgreSQL:
 * ``test_celery_handler_slower_than_transaction_timeout_commits``: a
   worker's transaction is bounded by its claim's lease, not by the store's
   ``transaction_timeout`` (1 s here): a 1.5 s handler commits at once.
+* ``test_celery_claim_lapsed_in_queue_then_handler_fails_retries``: the
+  endpoint's claim lapses while the task waits (a 1 s lease); the worker
+  claims the event again durably, so its handler's failure is retried, and
+  the retry commits one credit row.
 
 The sender, the servers and the workers are in :mod:`tests.crash_support`.
 Every wait is bounded.
@@ -306,3 +310,19 @@ def test_celery_handler_slower_than_transaction_timeout_commits(queued: Queued) 
     assert crash_app.credit_pids(queued.app) == {event_id: [worker.pid]}
     assert queued.journal.starts() == {event_id: 1}
     assert "failed (attempt" not in queued.workers.output()
+
+
+@_session_env(config={"PLOINTS_CELERY_LEASE": 1})
+def test_celery_claim_lapsed_in_queue_then_handler_fails_retries(queued: Queued) -> None:
+    """The endpoint's claim lapsed while the task waited; the worker claims
+    the event again, durably, so that its handler's failure is retried.
+    """
+    event_id = "evt_celery_lapsed"
+    _queue(queued, event_id, "raise")
+    # A lapsed claim is no longer live: the store shows nothing.
+    _until(lambda: queued.state(event_id) is None, "the claim to lapse in the queue")
+    worker = queued.workers.start()
+    _until(lambda: queued.state(event_id) == "done", "the retry to commit")
+    assert crash_app.credit_pids(queued.app) == {event_id: [worker.pid]}
+    assert queued.journal.starts() == {event_id: 2}
+    assert queued.workers.output().count("failed (attempt 1 of 3)") == 1

@@ -216,7 +216,8 @@ class SessionStore:
                 # as the claim it holds.
                 limit = max(limit, lease)
             guard = deadline(connection.connection.dbapi_connection, limit)
-            adopted = token is not None
+            # A claim of its own when the worker's had lapsed: not durable.
+            adopted = token is not None and found.token == token
             _held.set(_Held(found.token, session, guard, adopted, payload=params["body"]))
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
