@@ -171,7 +171,8 @@ class Processor:
         """Run a queued event on a worker, holding the claim the endpoint
         took with ``token``. If that claim lapsed (the task waited longer
         than the lease), the id is claimed again; if it was processed or is
-        held by another delivery meanwhile, nothing runs.
+        held by another delivery meanwhile, nothing runs. A transactional
+        store takes that durable claim over in the handlers' transaction.
 
         A handler failure keeps the claim (:attr:`~Outcome.FAILED`, with the
         token now held): the worker retries after :meth:`keep`, or ends
@@ -180,18 +181,19 @@ class Processor:
         lease = self.dispatcher.lease
         key = self._key(event)
         try:
-            if self._hold is not None:
-                claim = self._hold(key, lease, event.raw, self._retention, token)
-                if claim.status is not ClaimStatus.CLAIMED:
-                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
-                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
-                token = claim.token
-            elif not self.store.extend(key, token, lease):
+            # Durably first: a failed run's retry needs a claim to keep.
+            if not self.store.extend(key, token, lease):
                 claim = self.store.claim(key, lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
                     _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
                     return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
                 _log(logging.WARNING, event, "claimed again: its claim lapsed in the queue")
+                token = claim.token
+            if self._hold is not None:
+                claim = self._hold(key, lease, event.raw, self._retention, token)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
+                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
                 token = claim.token
         except Exception as exc:
             _log(logging.WARNING, event, "not run: the dedupe store failed")
