@@ -16,6 +16,7 @@ from .errors import InvalidEvent
 from .errors import PayloadError
 from .errors import PlointsError
 from .errors import PlointsWarning
+from .errors import SecretLookupError
 from .errors import StoreError
 from .events import EVENT_TYPES
 from .events import Event
@@ -37,6 +38,7 @@ __all__ = [
     "PlointsError",
     "PlointsWarning",
     "PlointsWebhooks",
+    "SecretLookupError",
     "StoreError",
     "after_commit",
     "current_session",

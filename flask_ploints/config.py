@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
 from . import sender
+from .accounts import Accounts
+from .accounts import check_lookup
 from .errors import ConfigError
 from .errors import PlointsWarning
 
@@ -128,6 +130,7 @@ class Settings:
     #: read their own options.
     values: t.Mapping[str, t.Any] = field(repr=False)
     #: Accepted secrets; the first is the current one, used for signing.
+    #: Empty on an endpoint for many accounts, which has :attr:`accounts`.
     secrets: tuple[str, ...] = field(repr=False)
     url: str
     #: The raw ``PLOINTS_DEDUPE_STORE`` value, resolved by the extension;
@@ -148,6 +151,21 @@ class Settings:
     #: The ``PLOINTS_CELERY_*`` settings, used when :attr:`dispatch` is
     #: ``"celery"``.
     celery: CelerySettings
+    #: The accounts' secrets of an endpoint for many accounts (a URL with
+    #: ``<account>``, a lookup function as secret); ``None`` for one.
+    accounts: Accounts | None = field(default=None, repr=False)
+
+    def secrets_of(self, account: str | None) -> tuple[str, ...] | None:
+        """Return the secrets of ``account`` (``None``: this endpoint's
+        own), the current one first; ``None`` for an unknown account.
+
+        :raises SecretLookupError: the lookup failed.
+        """
+        if self.accounts is None:
+            return self.secrets
+        if account is None:
+            return None
+        return self.accounts.secrets(account)
 
 
 def parse_seconds(key: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -348,9 +366,10 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
             f"PLOINTS_SQL_TABLE must be at most {MAX_TABLE_NAME} characters, so that its index"
             " names fit PostgreSQL's and MySQL's limit of 63"
         )
+    lookup = check_lookup(url, get("PLOINTS_WEBHOOK_SECRET"))
     return Settings(
         values=MappingProxyType(values),
-        secrets=_secrets(get("PLOINTS_WEBHOOK_SECRET")),
+        secrets=() if lookup is not None else _secrets(get("PLOINTS_WEBHOOK_SECRET")),
         url=url,
         store=get("PLOINTS_DEDUPE_STORE"),
         namespace=_namespace(get("PLOINTS_DEDUPE_NAMESPACE")),
@@ -362,4 +381,5 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         slow_handler_seconds=share * SENDER_TIMEOUT,
         dispatch=get("PLOINTS_DISPATCH"),
         celery=_celery_settings(get),
+        accounts=None if lookup is None else Accounts(lookup),
     )

@@ -26,9 +26,12 @@ def after_commit(func: t.Callable[_P, object], /, *args: _P.args, **kwargs: _P.k
     """Call ``func(*args, **kwargs)`` once the event being handled is
     committed: after its last handler, and after the dedupe store recorded
     it done (with a :class:`~flask_ploints.stores.SessionStore`, after the
-    transaction with the handlers' writes committed). When a handler raises
-    or the commit fails, it is never called; the sender's retry runs the
-    handlers, and registers it, again.
+    transaction with the handlers' writes committed). When a handler raises,
+    or a :class:`~flask_ploints.stores.SessionStore` fails to commit, it is
+    never called; the sender's retry runs the handlers, and registers it,
+    again. Another store that fails to record the event done still has it
+    answered processed, since its handlers' effects are done, so the call
+    runs.
 
     Use it for what cannot join a transaction, an email or an HTTP call: it
     runs at most once per committed event, and is lost if the process dies

@@ -18,6 +18,7 @@ __all__ = [
     "PayloadError",
     "PlointsError",
     "PlointsWarning",
+    "SecretLookupError",
     "StoreError",
 ]
 
@@ -58,6 +59,14 @@ class HandlerError(PlointsError):
 
 class DeliveryLogError(PlointsError):
     """The delivery log's database refused or could not be reached."""
+
+
+class SecretLookupError(PlointsError):
+    """The app's secret lookup of an endpoint for many accounts raised, or
+    returned something that is not a secret, a list of them or ``None``.
+
+    .. versionadded:: 0.2
+    """
 
 
 class PlointsWarning(UserWarning):

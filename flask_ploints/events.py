@@ -69,6 +69,12 @@ class Event:
     :param timestamp: when Ploints created the event, timezone-aware.
     :param data: the event's payload, as a read-only mapping.
     :param raw: the exact bytes that were signed.
+    :param account: the Ploints account the event came from, on an
+        endpoint for many accounts (``/webhooks/ploints/<account>``);
+        ``None`` on an endpoint for one.
+
+    .. versionchanged:: 0.2
+        The ``account`` attribute.
     """
 
     id: str
@@ -76,6 +82,7 @@ class Event:
     timestamp: datetime
     data: t.Mapping[str, t.Any]
     raw: bytes
+    account: str | None = None
 
     def __repr__(self) -> str:
         return f"<Event {self.id!r} {self.type!r}>"
@@ -201,10 +208,12 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def parse_event(raw: bytes) -> Event:
+def parse_event(raw: bytes, account: str | None = None) -> Event:
     """Build an :class:`Event` from a verified body.
 
     :param raw: the request body, exactly as signed.
+    :param account: the account whose secret verified it, on an endpoint
+        for many accounts.
     :raises InvalidEvent: the body is not UTF-8 JSON, not an object, uses
         ``NaN`` or ``Infinity``, repeats a key, nests deeper than
         :data:`MAX_DEPTH`, or lacks a well-typed ``id``, ``type``,
@@ -236,6 +245,7 @@ def parse_event(raw: bytes) -> Event:
     _set_timestamp(event, _parse_timestamp(_string(body, "timestamp", 64, plain=True)))
     _set_data(event, MappingProxyType(_object(body, "data")))
     _set_raw(event, raw)
+    _set_account(event, account)
     return event
 
 
@@ -243,6 +253,6 @@ def parse_event(raw: bytes) -> Event:
 # dataclass's __init__, whose guarded assignments cost a call each: a third
 # of the time of building one, on every delivery.
 _new_event = object.__new__
-_set_id, _set_type, _set_timestamp, _set_data, _set_raw = (
+_set_id, _set_type, _set_timestamp, _set_data, _set_raw, _set_account = (
     Event.__dict__[field.name].__set__ for field in fields(Event)
 )

@@ -135,7 +135,9 @@ class Processor:
         self.namespace = Namespace(name, settings.namespace)
         # str() of a str is that same str: the cheapest key of an id that
         # is its own key, on every delivery's path.
-        self._key: t.Callable[[str], str] = self.namespace.key if self.namespace.prefixed else str
+        self._id_key: t.Callable[[str], str] = (
+            self.namespace.key if self.namespace.prefixed else str
+        )
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
@@ -169,27 +171,29 @@ class Processor:
         """Run a queued event on a worker, holding the claim the endpoint
         took with ``token``. If that claim lapsed (the task waited longer
         than the lease), the id is claimed again; if it was processed or is
-        held by another delivery meanwhile, nothing runs.
+        held by another delivery meanwhile, nothing runs. A transactional
+        store takes that durable claim over in the handlers' transaction.
 
         A handler failure keeps the claim (:attr:`~Outcome.FAILED`, with the
         token now held): the worker retries after :meth:`keep`, or ends
         with :meth:`give_up`.
         """
         lease = self.dispatcher.lease
-        key = self._key(event.id)
+        key = self._key(event)
         try:
-            if self._hold is not None:
-                claim = self._hold(key, lease, event.raw, self._retention, token)
-                if claim.status is not ClaimStatus.CLAIMED:
-                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
-                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
-                token = claim.token
-            elif not self.store.extend(key, token, lease):
+            # Durably first: a failed run's retry needs a claim to keep.
+            if not self.store.extend(key, token, lease):
                 claim = self.store.claim(key, lease, event.raw)
                 if claim.status is not ClaimStatus.CLAIMED:
                     _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
                     return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
                 _log(logging.WARNING, event, "claimed again: its claim lapsed in the queue")
+                token = claim.token
+            if self._hold is not None:
+                claim = self._hold(key, lease, event.raw, self._retention, token)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
+                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
                 token = claim.token
         except Exception as exc:
             _log(logging.WARNING, event, "not run: the dedupe store failed")
@@ -198,7 +202,7 @@ class Processor:
         error, duration, pending = self._run(event, token, self.handlers.run, app, event, self.name)
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
-        return self._processed(app, event, token, duration, pending)
+        return self._processed(app, event, key, token, duration, pending)
 
     def keep(self, event: Event, token: str) -> bool:
         """Renew a worker's claim for the wait before its next attempt.
@@ -206,7 +210,7 @@ class Processor:
         :return: ``False`` when ``token`` no longer holds the claim.
         :raises flask_ploints.errors.StoreError: the store is unavailable.
         """
-        return self.store.extend(self._key(event.id), token, self.dispatcher.lease)
+        return self.store.extend(self._key(event), token, self.dispatcher.lease)
 
     def give_up(
         self,
@@ -243,6 +247,12 @@ class Processor:
             self._failed(app, event, error, duration)
         return failed
 
+    def _key(self, event: Event) -> str:
+        # The key of the id of one account of an endpoint for many.
+        if event.account is None:
+            return self._id_key(event.id)
+        return self.namespace.key(event.id, event.account)
+
     def _not_claimed(self, app: Flask, event: Event, claim: Claim) -> Result:
         if claim.status is ClaimStatus.DONE:
             _log(logging.INFO, event, "skipped: duplicate")
@@ -259,7 +269,11 @@ class Processor:
         settle: _Settle,
         previous_error: str | None,
     ) -> Result:
-        key = self._key(event.id)
+        # The key, inline: this runs on every delivery.
+        if event.account is None:
+            key = self._id_key(event.id)
+        else:
+            key = self.namespace.key(event.id, event.account)
         inline = self.dispatcher.runs_inline
         try:
             if inline and self._hold is not None:
@@ -294,18 +308,19 @@ class Processor:
             return self._failed(app, event, error, duration)
         if duration > self._slow:
             _log(logging.WARNING, event, _SLOW, duration, sender.TIMEOUT)
-        return self._processed(app, event, claim.token, duration, pending)
+        return self._processed(app, event, key, claim.token, duration, pending)
 
     def _processed(
         self,
         app: Flask,
         event: Event,
+        key: str,
         token: str,
         duration: float,
         pending: list[t.Callable[[], object]],
     ) -> Result:
         try:
-            committed = self.store.commit(self._key(event.id), token, self._retention)
+            committed = self.store.commit(key, token, self._retention)
         except Exception as exc:
             if self._hold is not None:
                 _log(logging.ERROR, event, _ROLLED_BACK, exc_info=True)
@@ -370,14 +385,14 @@ class Processor:
 
     def _release(self, event: Event, token: str) -> None:
         try:
-            self.store.release(self._key(event.id), token)
+            self.store.release(self._key(event), token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
             _log(logging.ERROR, event, "not released: the dedupe store failed", exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str) -> bool:
         try:
-            return self.store.fail(self._key(event.id), token, error, self._retention)
+            return self.store.fail(self._key(event), token, error, self._retention)
         except Exception:
             _log(
                 logging.ERROR, event, "not recorded failed: the dedupe store failed", exc_info=True

@@ -57,12 +57,15 @@ class ReplayOutcome(enum.StrEnum):
     DUPLICATE = Outcome.DUPLICATE.value
 
 
-def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
+def replay(
+    app: Flask, event_id: str, name: str = "ploints", account: str | None = None
+) -> ReplayOutcome:
     """Run a failed event again, from the payload its store kept.
 
     :param app: the app the instance is registered on.
     :param event_id: the id of a failed event.
     :param name: which :class:`~flask_ploints.PlointsWebhooks` instance.
+    :param account: the event's account, on an endpoint for many accounts.
     :return: :attr:`~ReplayOutcome.PROCESSED`,
         :attr:`~ReplayOutcome.QUEUED` or :attr:`~ReplayOutcome.FAILED`.
     :raises RuntimeError: no instance of that name on ``app``.
@@ -81,7 +84,7 @@ def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
             f"the dedupe store of {name!r} ({type(store).__name__}) does not show the events it"
             " holds, so failed events cannot be replayed; use RedisStore or SQLAlchemyStore"
         )
-    stored = store.get(receiver.processor.namespace.key(event_id))
+    stored = store.get(receiver.processor.namespace.key(event_id, account))
     if stored is None:
         raise LookupError(f"event {event_id!r} is not in the dedupe store")
     if stored.status is not EventState.FAILED:
@@ -90,13 +93,15 @@ def replay(app: Flask, event_id: str, name: str = "ploints") -> ReplayOutcome:
         raise LookupError(
             f"event {event_id!r} has no payload in the dedupe store; have Ploints resend it"
         )
-    outcome = _run(app, name, stored.payload, stored.error)
+    outcome = _run(app, name, stored.payload, stored.error, account)
     if outcome is ReplayOutcome.DUPLICATE:
         raise ValueError(f"event {event_id!r} was processed meanwhile")
     return outcome
 
 
-def rerun(app: Flask, payload: bytes, name: str = "ploints") -> ReplayOutcome:
+def rerun(
+    app: Flask, payload: bytes, name: str = "ploints", account: str | None = None
+) -> ReplayOutcome:
     """Run a verified event body through the same claim, handlers and
     settling as a delivery, and report the outcome instead of answering.
 
@@ -107,6 +112,8 @@ def rerun(app: Flask, payload: bytes, name: str = "ploints") -> ReplayOutcome:
     :param app: the app the instance is registered on.
     :param payload: the raw body, as it was signed and verified.
     :param name: which :class:`~flask_ploints.PlointsWebhooks` instance.
+    :param account: the account it came from, on an endpoint for many
+        accounts.
     :raises RuntimeError: no instance of that name on ``app``.
     :raises ValueError: the body is not a valid event
         (:class:`~flask_ploints.errors.InvalidEvent`), or the event is being
@@ -115,12 +122,14 @@ def rerun(app: Flask, payload: bytes, name: str = "ploints") -> ReplayOutcome:
     :raises flask_ploints.errors.DispatchError: the task could not be
         queued.
     """
-    return _run(app, name, payload, None)
+    return _run(app, name, payload, None, account)
 
 
-def _run(app: Flask, name: str, payload: bytes, error: str | None) -> ReplayOutcome:
+def _run(
+    app: Flask, name: str, payload: bytes, error: str | None, account: str | None
+) -> ReplayOutcome:
     processor = receiver_for(app, name).processor
-    event = parse_event(payload)
+    event = parse_event(payload, account)
     with app.app_context():
         result: Result = processor.rerun(app, event, error)
     if result.outcome is Outcome.IN_FLIGHT:

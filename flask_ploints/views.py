@@ -12,13 +12,16 @@ Every request a client can send ends in one of these answers, always JSON:
       ``Content-Length``
 401   signature missing, malformed or wrong
 403   HTTPS required and the request was plain HTTP
+404   an endpoint for many accounts, and an account the lookup does not
+      know (the body is not read)
 405   not a POST
 411   a chunked body the server did not pass on (uWSGI's ``--http-socket``)
 409   the same event is being processed right now (``Retry-After``)
 413   body over ``PLOINTS_WEBHOOK_MAX_BYTES``
 415   Content-Type not JSON
 500   a handler raised; the claim is released so the retry runs again
-503   the dedupe store or the broker is down (``Retry-After``)
+503   the dedupe store or the broker is down, or the secret lookup of an
+      endpoint for many accounts failed (``Retry-After``)
 ====  =============================================================
 """
 
@@ -43,6 +46,7 @@ from . import signals
 from .body import read_body
 from .config import Settings
 from .errors import DispatchError
+from .errors import SecretLookupError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
@@ -62,6 +66,7 @@ _SIGNATURE_ENVIRON_KEY = "HTTP_" + SIGNATURE_HEADER.upper().replace("-", "_")
 #: Seconds the sender is asked to wait after a ``503``; its own schedule
 #: waits at least a minute anyway.
 STORE_RETRY_AFTER = 60
+_RETRY_AFTER = str(STORE_RETRY_AFTER)
 
 
 def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
@@ -118,13 +123,16 @@ class WebhookEndpoint:
         self.settings = settings
         self.processor = processor
         self._keys = tuple(secret.encode("utf-8") for secret in settings.secrets)
+        self._accounts = settings.accounts
         # The oldest timestamp accepted, moved on once a second: comparing
         # two datetimes costs less than working out each event's age.
         self._oldest = datetime.min.replace(tzinfo=UTC)
         self._oldest_until = 0.0
 
-    def receive(self) -> Response:
-        """Answer one delivery."""
+    def receive(self, account: str | None = None) -> Response:
+        """Answer one delivery; ``account`` from the URL of an endpoint for
+        many accounts.
+        """
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         # The request object itself, not the proxy: every attribute read
         # through the proxy costs a context lookup.
@@ -135,6 +143,18 @@ class WebhookEndpoint:
         rejected = self._check_request(req, length)
         if rejected is not None:
             return rejected
+        keys = self._keys
+        secrets: tuple[str, ...] = ()
+        if self._accounts is not None:
+            try:
+                found = self._accounts.keys(account or "")
+            except SecretLookupError:
+                logger.exception("rejected a delivery: the secret lookup failed")
+                return _error(503, "secret lookup unavailable", {"Retry-After": _RETRY_AFTER})
+            if found is None:
+                logger.warning("rejected a delivery: unknown account %r", account)
+                return _error(404, "unknown account")
+            secrets, keys = found
         raw = read_body(req, length, self.settings.max_bytes)
         if raw is None:
             return self._too_large()
@@ -142,13 +162,13 @@ class WebhookEndpoint:
             logger.warning("rejected a delivery: body shorter than its Content-Length")
             return _error(400, "body shorter than Content-Length")
 
-        if not verify(raw, self._signature_header(req), self._keys):
+        if not verify(raw, self._signature_header(req), keys):
             logger.warning("rejected a delivery: invalid signature")
             notify(signals.signature_rejected, app, self.name, reason="invalid signature")
             return _error(401, "invalid signature")
 
         try:
-            event = parse_event(raw)
+            event = parse_event(raw, account)
             self._check_age(event)
         except InvalidEvent as exc:
             logger.warning("rejected a signed delivery: %s", exc)
@@ -156,7 +176,11 @@ class WebhookEndpoint:
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
 
-        result = self.processor.deliver(app, event)
+        if self._accounts is None:
+            result = self.processor.deliver(app, event)
+        else:
+            with self._accounts.verified(event.account or "", secrets):
+                result = self.processor.deliver(app, event)
         # The common answer without a table lookup; the others from _ANSWERS.
         if result.outcome is _PROCESSED_OUTCOME:
             return _json(200, _PROCESSED)
@@ -217,7 +241,7 @@ def _in_flight(result: Result) -> Response:
 
 def _unavailable(result: Result) -> Response:
     what = "event queue" if isinstance(result.error, DispatchError) else "dedupe store"
-    return _error(503, f"{what} unavailable", {"Retry-After": str(STORE_RETRY_AFTER)})
+    return _error(503, f"{what} unavailable", {"Retry-After": _RETRY_AFTER})
 
 
 #: The answer to every outcome but PROCESSED, which receive() answers itself.

@@ -12,6 +12,7 @@ import warnings
 import celery  # type: ignore[import-untyped]
 from flask import Flask
 
+from ..accounts import Accounts
 from ..config import CelerySettings
 from ..config import ConfigError
 from ..config import Settings
@@ -41,17 +42,26 @@ class CeleryDispatcher:
     :param settings: the instance's ``PLOINTS_CELERY_*`` settings.
     :param secret: the instance's current secret, which signs each task's
         body so that the worker runs only what an endpoint verified.
+    :param accounts: on an endpoint for many accounts, their secrets: an
+        event's task is signed with its account's current secret.
 
     .. versionchanged:: 0.2
-        The ``secret`` parameter; tasks carry their proof.
+        The ``secret`` and ``accounts`` parameters; tasks carry their proof.
     """
 
     runs_inline = False
 
-    def __init__(self, celery_app: t.Any, settings: CelerySettings, secret: str) -> None:
+    def __init__(
+        self,
+        celery_app: t.Any,
+        settings: CelerySettings,
+        secret: str,
+        accounts: Accounts | None = None,
+    ) -> None:
         self.celery_app = celery_app
         self.settings = settings
         self._secret = secret
+        self._accounts = accounts
         #: ``PLOINTS_CELERY_LEASE``: the claim covers the wait in the queue,
         #: not only the handlers.
         self.lease = settings.lease
@@ -80,7 +90,8 @@ class CeleryDispatcher:
             raise ConfigError(
                 f"{where} must be a celery.Celery instance, not {type(celery_app).__name__}"
             )
-        dispatcher = cls(celery_app, settings.celery, settings.secrets[0])
+        secret = settings.secrets[0] if settings.secrets else ""
+        dispatcher = cls(celery_app, settings.celery, secret, settings.accounts)
         _check_visibility_timeout(celery_app, settings.celery)
         bind(celery_app, app)
         return dispatcher
@@ -93,7 +104,7 @@ class CeleryDispatcher:
             message or did not confirm it in time.
         """
         try:
-            self._publish(name, event.raw, claim.token, pooled=True)
+            self._publish(name, event.raw, claim.token, event.account, pooled=True)
         except Exception as exc:
             raise DispatchError(f"could not queue event {event.id} on Celery: {exc!r}") from exc
 
@@ -103,22 +114,36 @@ class CeleryDispatcher:
         """
         self._publisher.close()
 
-    def republish(self, name: str, raw: bytes, token: str, **options: t.Any) -> None:
+    def republish(
+        self, name: str, raw: bytes, token: str, account: str | None = None, **options: t.Any
+    ) -> None:
         """Publish an event's task again, for a worker's retry, on a new
         connection that cannot have gone stale.
 
         :raises Exception: whatever the broker client raised.
         """
-        self._publish(name, raw, token, pooled=False, **options)
+        self._publish(name, raw, token, account, pooled=False, **options)
 
     def _publish(
-        self, name: str, raw: bytes, token: str, *, pooled: bool, **options: t.Any
+        self,
+        name: str,
+        raw: bytes,
+        token: str,
+        account: str | None,
+        *,
+        pooled: bool,
+        **options: t.Any,
     ) -> None:
         if self.settings.queue is not None:
             options["queue"] = self.settings.queue
         # The body is valid UTF-8 (parse_event checked it), so the string
         # encodes back to the exact bytes that were signed.
-        args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
+        args: tuple[str, ...]
+        if account is None or self._accounts is None:
+            args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
+        else:
+            secret = self._accounts.current_secret(account)
+            args = (name, raw.decode("utf-8"), token, sign(raw, secret), account)
         self._publisher.publish(self.task, args, pooled=pooled, **options)
 
 

@@ -20,6 +20,7 @@ from flask import has_app_context
 
 from ..config import CelerySettings
 from ..errors import PlointsError
+from ..errors import SecretLookupError
 from ..events import Event
 from ..events import InvalidEvent
 from ..events import parse_event
@@ -35,9 +36,10 @@ __all__ = ["TASK_NAME", "Republisher", "bind", "task_for"]
 logger = logging.getLogger("flask_ploints")
 
 #: The name of the task registered on the Celery app. Its arguments are the
-#: instance's name, the event's raw body as a string, the claim's token, and
-#: the proof that the endpoint verified the body: its HMAC-SHA256 under the
-#: instance's current secret, as the sender signs it.
+#: instance's name, the event's raw body as a string, the claim's token, the
+#: proof that the endpoint verified the body (its HMAC-SHA256 under the
+#: instance's current secret, as the sender signs it, or its account's), and
+#: on an endpoint for many accounts, the account.
 TASK_NAME = "flask_ploints.process_event"
 
 
@@ -47,7 +49,9 @@ class Republisher(t.Protocol):
     celery_app: t.Any
     settings: CelerySettings
 
-    def republish(self, name: str, raw: bytes, token: str, **options: t.Any) -> None:
+    def republish(
+        self, name: str, raw: bytes, token: str, account: str | None = None, **options: t.Any
+    ) -> None:
         """Publish the event's task again, on a new connection."""
 
 
@@ -117,10 +121,17 @@ def _flask_app(celery_app: t.Any, name: str) -> Flask:
     )
 
 
-def _process_event(task: t.Any, name: str, body: str, token: str, proof: str | None = None) -> None:
+def _process_event(
+    task: t.Any,
+    name: str,
+    body: str,
+    token: str,
+    proof: str | None = None,
+    account: str | None = None,
+) -> None:
     app = _flask_app(task.app, name)
     with app.app_context(), kept_from_others(task):
-        _Attempt(task, app, receiver_for(app, name), body, token).run(proof)
+        _Attempt(task, app, receiver_for(app, name), body, token, account).run(proof)
 
 
 class _Attempt:
@@ -128,14 +139,23 @@ class _Attempt:
     turns its outcome into a retry or the end of the attempts.
     """
 
-    def __init__(self, task: t.Any, app: Flask, receiver: Receiver, body: str, token: str) -> None:
+    def __init__(
+        self,
+        task: t.Any,
+        app: Flask,
+        receiver: Receiver,
+        body: str,
+        token: str,
+        account: str | None,
+    ) -> None:
         self.task = task
         self.app = app
         self.name = receiver.name
         self.processor = receiver.processor
         self.dispatcher = t.cast(Republisher, receiver.dispatcher)
         self.settings = self.dispatcher.settings
-        self.secrets = receiver.settings.secrets
+        self.instance_settings = receiver.settings
+        self.account = account
         self.body = body
         self.token = token
         self.retries = int(task.request.retries or 0)
@@ -143,12 +163,18 @@ class _Attempt:
     def run(self, proof: str | None) -> None:
         raw = self.body.encode("utf-8")
         try:
-            event = parse_event(raw)
+            event = parse_event(raw, self.account)
         except InvalidEvent as exc:
             # Only this package publishes the task, from a verified body.
             logger.error("task %s carries no valid event (%s); dropped", self.task.request.id, exc)
             return
-        if not verify(raw, proof, self.secrets):
+        try:
+            secrets = self.instance_settings.secrets_of(self.account) or ()
+        except SecretLookupError as exc:
+            # The lookup may be back by the next attempt.
+            self._retry(event, exc, handlers_ran=False)
+            return
+        if not verify(raw, proof, secrets):
             # Not published by an endpoint of this app (injected into the
             # broker), or by one with another secret: nothing runs. The
             # claim's holder, if the token is its own, records the event
@@ -189,6 +215,7 @@ class _Attempt:
                     self.name,
                     event.raw,
                     self.token,
+                    event.account,
                     countdown=delay,
                     retries=self.retries + 1,
                     task_id=self.task.request.id,

@@ -52,25 +52,28 @@ def failed_command(limit: int, name: str) -> None:
     with _store_down():
         failed = _inspectable(receiver).failed(limit)
     # A store shared by several instances lists theirs too.
-    mine = [(receiver.processor.namespace.event_id(stored.id), stored) for stored in failed]
-    if not any(event_id is not None for event_id, _ in mine):
+    mine = [(receiver.processor.namespace.split(stored.id), stored) for stored in failed]
+    if not any(found is not None for found, _ in mine):
         click.echo("no failed events")
-    for event_id, stored in mine:
-        if event_id is None:
+    for found, stored in mine:
+        if found is None:
             continue
+        account, event_id = found
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stored.updated_at))
         last = (stored.error or "").strip().splitlines()[-1:] or [""]
-        click.echo(f"{event_id}  {when}Z  attempts={stored.attempts}  {last[0]}")
+        of = "" if account is None else f"  account={account}"
+        click.echo(f"{event_id}  {when}Z  attempts={stored.attempts}{of}  {last[0]}")
 
 
 @ploints.command("replay")
 @click.argument("event_id", metavar="ID")
+@click.option("--account", help="The event's account, on an endpoint for many accounts.")
 @name_option
-def replay_command(event_id: str, name: str) -> None:
+def replay_command(event_id: str, account: str | None, name: str) -> None:
     """Run a failed event's handlers again from its stored payload."""
     try:
         with _store_down():
-            outcome = replay(current_flask_app(), event_id, name=name)
+            outcome = replay(current_flask_app(), event_id, name=name, account=account)
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error.args[0] if error.args else error)) from None
     except DispatchError:
