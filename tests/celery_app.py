@@ -24,11 +24,16 @@ event, it sleeps that long; when it holds ``"fail": true`` it raises unless
 the key ``NAMESPACE:fixed`` exists. Then it records one effect. Each effect
 stands for one time the event was processed. The ``handler_failed`` and
 ``event_processed`` signals are counted too.
+
+When the config holds ``"TEST_RECORD_LOGS": true``, the worker writes each
+``flask_ploints`` log record (its message and its ``ploints_*`` fields) to
+``NAMESPACE:logs``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import typing as t
@@ -77,6 +82,10 @@ class Recorder:
     def fixed(self) -> bool:
         """Whether :meth:`fix` was called."""
         return bool(self.client.exists(self.key("fixed")))
+
+    def logs(self) -> list[dict[str, t.Any]]:
+        """Return the worker's ``flask_ploints`` records, in order."""
+        return [json.loads(item) for item in self.client.lrange(self.key("logs"), 0, -1)]
 
     def forget(self) -> None:
         """Delete every key of the namespace (records and the store's)."""
@@ -170,6 +179,26 @@ def create_app_from_env() -> Flask:
     )
 
 
+class _RedisLogHandler(logging.Handler):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(logging.INFO)
+        self.recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {key: value for key, value in vars(record).items() if key.startswith("ploints_")}
+        item = json.dumps({"message": record.getMessage(), **fields})
+        self.recorder.client.rpush(self.recorder.key("logs"), item)
+
+
 if "PLOINTS_CELERY_TEST_NAMESPACE" in os.environ:
+    _config = json.loads(os.environ.get("PLOINTS_CELERY_TEST_CONFIG", "{}"))
+    _redis, _namespace = (
+        os.environ["PLOINTS_CELERY_TEST_REDIS"],
+        os.environ["PLOINTS_CELERY_TEST_NAMESPACE"],
+    )
+    if _config.get("TEST_RECORD_LOGS"):
+        logging.getLogger("flask_ploints").addHandler(
+            _RedisLogHandler(Recorder(_redis, _namespace))
+        )
     flask_app = create_app_from_env()
     celery = flask_app.extensions["celery"]

@@ -24,6 +24,9 @@ from ..errors import SecretLookupError
 from ..events import Event
 from ..events import InvalidEvent
 from ..events import parse_event
+from ..logfields import REJECTED
+from ..logfields import delivery_fields
+from ..logfields import event_fields
 from ..processing import Outcome
 from ..signature import verify
 from ..state import Receiver
@@ -165,7 +168,12 @@ class _Attempt:
             event = parse_event(raw, self.account)
         except InvalidEvent as exc:
             # Only this package publishes the task, from a verified body.
-            logger.error("task %s carries no valid event (%s); dropped", self.task.request.id, exc)
+            logger.error(
+                "task %s carries no valid event (%s); dropped",
+                self.task.request.id,
+                exc,
+                extra=delivery_fields(REJECTED, account=self.account),
+            )
             return
         try:
             secrets = self.instance_settings.secrets_of(self.account) or ()
@@ -204,11 +212,21 @@ class _Attempt:
         """
         attempts = self.retries + 1
         note = ""
+        fields = (
+            event_fields(event, Outcome.FAILED, duration)
+            if handlers_ran
+            else event_fields(event, Outcome.UNAVAILABLE)
+        )
         if self.retries < self.settings.max_retries:
             delay = self.settings.retry_delay(self.retries)
             try:
                 if handlers_ran and not self.processor.keep(event, self.token):
-                    logger.warning("event %s (%s): claim lost while failing", event.id, event.type)
+                    logger.warning(
+                        "event %s (%s): claim lost while failing",
+                        event.id,
+                        event.type,
+                        extra=fields,
+                    )
                     return
                 self.dispatcher.republish(
                     self.name,
@@ -221,7 +239,12 @@ class _Attempt:
                 )
             except Exception as publish_exc:
                 note = f"\nThe retry could not be queued: {publish_exc!r}\n"
-                logger.exception("event %s (%s): retry not queued", event.id, event.type)
+                logger.exception(
+                    "event %s (%s): retry not queued",
+                    event.id,
+                    event.type,
+                    extra=fields,
+                )
             else:
                 logger.warning(
                     "event %s (%s) failed (attempt %d of %d); retrying in %g s: %r",
@@ -231,6 +254,7 @@ class _Attempt:
                     self.settings.max_retries + 1,
                     delay,
                     exc,
+                    extra=fields,
                 )
                 raise Retry(exc=exc, when=delay)
         self.processor.give_up(
