@@ -33,6 +33,9 @@ from ..state import Receiver
 from ..state import receiver_for
 from ..state import receivers
 
+if t.TYPE_CHECKING:
+    from ..tracing import Tracing
+
 __all__ = ["TASK_NAME", "Republisher", "bind", "task_for"]
 
 logger = logging.getLogger("flask_ploints")
@@ -46,10 +49,13 @@ TASK_NAME = "flask_ploints.process_event"
 
 
 class Republisher(t.Protocol):
-    """What a worker needs of the instance's dispatcher to queue a retry."""
+    """What a worker needs of the instance's dispatcher to queue a retry,
+    and to join the trace of the delivery.
+    """
 
     celery_app: t.Any
     settings: CelerySettings
+    tracing: Tracing | None
 
     def republish(
         self, name: str, raw: bytes, token: str, account: str | None = None, **options: t.Any
@@ -133,7 +139,13 @@ def _process_event(
 ) -> None:
     app = _flask_app(task.app, name)
     with app.app_context():
-        _Attempt(task, app, receiver_for(app, name), body, token, account).run(proof)
+        attempt = _Attempt(task, app, receiver_for(app, name), body, token, account)
+        tracing = attempt.dispatcher.tracing
+        if tracing is None:
+            attempt.run(proof)
+        else:
+            with tracing.joined(task.request):
+                attempt.run(proof)
 
 
 class _Attempt:
