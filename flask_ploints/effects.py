@@ -11,6 +11,12 @@ import functools
 import logging
 import typing as t
 
+from .logfields import event_fields
+from .outcomes import Outcome
+
+if t.TYPE_CHECKING:
+    from .events import Event
+
 __all__ = ["after_commit", "collect", "finish", "run"]
 
 logger = logging.getLogger("flask_ploints")
@@ -60,12 +66,16 @@ def finish(token: contextvars.Token[t.Any]) -> None:
     _pending.reset(token)
 
 
-def run(pending: list[t.Callable[[], object]], event_id: str) -> None:
-    """Call what the handlers of ``event_id`` left to do after its commit,
+def run(pending: list[t.Callable[[], object]], event: Event) -> None:
+    """Call what the handlers of ``event`` left to do after its commit,
     in order; one that raises is logged and the rest still run.
     """
     for call in pending:
         try:
             call()
         except Exception:
-            logger.exception("event %r: an after_commit call raised", event_id)
+            logger.exception(
+                "event %r: an after_commit call raised",
+                event.id,
+                extra=event_fields(event, Outcome.PROCESSED),
+            )
