@@ -110,6 +110,8 @@ class Workers:
         self.logs = logs
         self.config: dict[str, t.Any] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
+        #: The ``-A`` of the workers: the Celery app of the test's app.
+        self.app_module = "tests.celery_app:celery"
 
     def start(self, pool: str = "solo") -> subprocess.Popen[bytes]:
         """Start a worker and wait until it consumes from the queue."""
@@ -127,7 +129,7 @@ class Workers:
             "-m",
             "celery",
             "-A",
-            "tests.celery_app:celery",
+            self.app_module,
             "worker",
             f"--pool={pool}",
             "--concurrency=1",
