@@ -22,7 +22,10 @@ on a fresh app and store, so drift on the machine hits both alike.
   (single account) in the same rounds.
 
 Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
-[--accounts N] [--profile]``. ``--profile`` runs the extension once more
+[--accounts N] [--clock wall|cpu] [--chunk N] [--profile]``. With
+``--chunk``, each round runs the receivers in turn, N requests at a time,
+rather than one after the other: on a machine busy with other work, the
+steadier comparison. ``--profile`` runs the extension once more
 under cProfile and prints the costliest functions.
 """
 
@@ -163,22 +166,57 @@ def _start_response(status: str, headers: list[tuple[str, str]], exc_info: t.Any
     return None
 
 
+#: What a round is timed with: wall-clock time, or this process's CPU time
+#: (``--clock cpu``), which a machine shared with other work disturbs less.
+CLOCKS: dict[str, t.Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def run(app: Flask, templates: list[tuple[Environ, bytes]]) -> float:
     """Drive ``app`` with every delivery once; return requests per second."""
     environs = [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
     gc.collect()
-    started = time.perf_counter()
+    started = clock()
     for environ in environs:
         iterable = app(environ, _start_response)
         b"".join(iterable)
         close = getattr(iterable, "close", None)
         if close is not None:
             close()
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     status = _start_response.status  # type: ignore[attr-defined]
     if not status.startswith("200"):
         raise SystemExit(f"{app.name} answered {status}")
     return len(environs) / elapsed
+
+
+def run_interleaved(
+    apps: dict[str, tuple[Flask, list[tuple[Environ, bytes]]]], chunk: int
+) -> dict[str, float]:
+    """Drive every app with its deliveries, ``chunk`` at a time in turn (in
+    ABBA order), and return each one's requests per second: a machine busy
+    with other work slows each alike, where whole rounds of one app can
+    fall into a quiet or a busy spell.
+    """
+    environs = {
+        name: [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
+        for name, (_, templates) in apps.items()
+    }
+    spent = dict.fromkeys(apps, 0.0)
+    names = list(apps)
+    gc.collect()
+    for number, start in enumerate(range(0, len(environs[names[0]]), chunk)):
+        for name in names if number % 2 == 0 else reversed(names):
+            app = apps[name][0]
+            begun = clock()
+            for environ in environs[name][start : start + chunk]:
+                iterable = app(environ, _start_response)
+                b"".join(iterable)
+                iterable.close()
+            spent[name] += clock() - begun
+            if not _start_response.status.startswith("200"):  # type: ignore[attr-defined]
+                raise SystemExit(f"{app.name} answered {_start_response.status}")  # type: ignore[attr-defined]
+    return {name: len(environs[name]) / spent[name] for name in apps}
 
 
 def profile(templates: list[tuple[Environ, bytes]], limit: int) -> None:
@@ -204,9 +242,23 @@ def main() -> None:
         default=0,
         help="Also run the extension on one endpoint for this many accounts.",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="Time rounds by wall clock or by this process's CPU time.",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="Run the receivers in turn, this many requests each, within every round.",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lines", type=int, default=30)
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
 
     templates = build_environs(args.events)
     receivers: dict[str, t.Callable[[], Flask]] = {
@@ -223,17 +275,22 @@ def main() -> None:
     for name, factory in receivers.items():
         run(factory(), inputs[name][: min(2000, len(templates))])
     for number in range(args.rounds):
-        # ABBA: every receiver runs first as often as last.
-        order = list(receivers) if number % 2 == 0 else list(reversed(receivers))
-        for name in order:
-            rates[name].append(run(receivers[name](), inputs[name]))
+        if args.chunk > 0:
+            built = {name: (factory(), inputs[name]) for name, factory in receivers.items()}
+            for name, rate in run_interleaved(built, args.chunk).items():
+                rates[name].append(rate)
+        else:
+            # ABBA: every receiver runs first as often as last.
+            order = list(receivers) if number % 2 == 0 else list(reversed(receivers))
+            for name in order:
+                rates[name].append(run(receivers[name](), inputs[name]))
         print(
             f"round {number + 1}: "
             + ", ".join(f"{name} {rates[name][-1]:,.0f} req/s" for name in receivers)
         )
 
     print(f"\n{args.events:,} distinct signed events per round, {args.rounds} rounds")
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {sys.version.split()[0]}, timed by {args.clock} clock")
     for name in receivers:
         print(
             f"{name:>13}: median {statistics.median(rates[name]):,.0f} req/s,"
