@@ -22,8 +22,9 @@ What the tests show:
 * ``test_config_errors_name_the_keys``.
 * ``test_the_test_client_posts_for_an_account`` and the pytest plugin's
   ``ploints_client`` (``test_the_plugin_posts_for_an_account``).
-* ``test_failed_and_replay_of_an_account`` and
-  ``test_send_and_simulate_for_an_account`` (the CLI).
+* ``test_failed_and_replay_of_an_account`` (a failed re-run, listed with its
+  account, replayed with ``--account``) and
+  ``test_send_and_simulate_for_an_account`` (``send``, ``simulate``, ``sign``).
 * ``test_two_accounts_on_a_celery_worker`` and
   ``test_a_failed_event_of_an_account_replayed_on_celery``: the same on a
   real worker (RabbitMQ), which verifies each task's proof with the
@@ -69,6 +70,10 @@ from .test_celery import Workers
 from .test_celery import _until
 
 URL = "/webhooks/ploints/<account>"
+#: The workers' pool: a prefork parent reads the broker while its child
+#: works, where a solo worker given several messages at once can leave the
+#: next one waiting up to 10 s in its event loop (Celery 5.7), 20 s a test.
+POOL = "prefork"
 
 
 class Lookup:
@@ -492,6 +497,8 @@ def test_send_and_simulate_for_an_account() -> None:
     assert shop.seen == [("m1", "evt_1"), ("m2", "evt_1")]
     # The lookup: once to sign, once to verify.
     assert lookup.calls == ["m1", "m1", "m2", "m2"]
+    result = shop.app.test_cli_runner().invoke(ploints, ["sign", "--account", "m2"], input="{}")
+    assert (result.exit_code, result.output) == (0, sign(b"{}", "whsec_m2") + "\n")
     for command in ("send", "simulate"):
         result = _run(shop.app, command, "points.earned", "--account", "m9")
         assert (result.exit_code, result.output) == (
@@ -588,7 +595,7 @@ def test_two_accounts_on_a_celery_worker(account_workers: Workers, ledger: Ledge
         )
         # Queued last: once it ran, everything before it has.
         _queued(_post(app, "m2", "whsec_m2", "evt_drain"))
-        account_workers.start()
+        account_workers.start(POOL)
         _until(
             lambda: "m2/evt_drain" in ledger.count("event_processed"),
             "the worker to process m2/evt_drain",
@@ -630,7 +637,7 @@ def test_a_failed_event_of_an_account_replayed_on_celery(
     try:
         _queued(_post(app, "m1", "whsec_m1", "evt_bad", fail=True))
         _queued(_post(app, "m2", "whsec_m2", "evt_bad"))
-        account_workers.start()
+        account_workers.start(POOL)
         _until(lambda: ledger.count("handler_failed") == {"m1/evt_bad": 1}, "m1/evt_bad to fail")
         _until(lambda: ledger.count("event_processed") == {"m2/evt_bad": 1}, "m2/evt_bad to commit")
         result = _run(app, "failed")
