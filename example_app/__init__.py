@@ -1,9 +1,12 @@
 """A small loyalty back office that receives Ploints webhooks.
 
 It uses every way flask-ploints offers to register a handler, keeps its data
-in SQLite (the embedded default, nothing to install), and stays correct when
-Ploints delivers the same event twice: the dedupe store skips a repeat, and
-each handler records the event id in the same transaction as its change.
+in SQLite (the embedded default, nothing to install) through Flask-SQLAlchemy,
+and changes its data exactly once per event however often Ploints delivers
+it: the dedupe store is the app's own database (``PLOINTS_DEDUPE_STORE =
+db``), so each event's id is recorded in the same transaction as the
+handlers' writes, by flask-ploints. The handlers neither commit nor keep
+event ids themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from flask import request
 from flask_ploints import PlointsWebhooks
 
 from . import handlers
-from .loyalty import Loyalty
+from .loyalty import customers
+from .loyalty import db
 
 
 def _local_only() -> bool:
@@ -43,33 +47,34 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     """
     app = Flask(__name__, instance_path=os.path.join(os.path.dirname(__file__), "instance"))
     os.makedirs(app.instance_path, exist_ok=True)
-    ploints_db = "sqlite:///" + os.path.join(app.instance_path, "ploints.sqlite3")
     app.config.update(
-        DATABASE=os.path.join(app.instance_path, "loyalty.sqlite3"),
+        SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "loyalty.sqlite3"),
         SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_hex(16),
         PLOINTS_WEBHOOK_SECRET=os.environ.get("PLOINTS_WEBHOOK_SECRET", DEMO_SECRET),
-        # Embedded SQLite: the dedupe store keeps payloads, so failed events
-        # can be replayed, and the delivery log page reads the same file.
-        PLOINTS_DEDUPE_STORE=ploints_db,
-        PLOINTS_DELIVERY_LOG=ploints_db,
+        # Event ids are kept in the app's own database, committed with the
+        # handlers' writes; the store keeps their payloads for replay.
+        PLOINTS_DEDUPE_STORE=db,
         PLOINTS_DELIVERY_LOG_ACCESS=_local_only,
     )
     app.config.update(config or {})
+    # The delivery log page reads its own table in the same database.
+    app.config.setdefault("PLOINTS_DELIVERY_LOG", app.config["SQLALCHEMY_DATABASE_URI"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    loyalty = Loyalty(app.config["DATABASE"])
-    loyalty.create_schema()
-    app.extensions["loyalty"] = loyalty
+    db.init_app(app)
+    with app.app_context():
+        db.create_all()
 
+    # After db.init_app: the store finds the app's database through db.
     webhooks = PlointsWebhooks(app)
     handlers.register(webhooks)
 
     @app.get("/")
     def index() -> str:
-        return render_template("customers.html", customers=loyalty.customers())
+        return render_template("customers.html", customers=customers())
 
     @app.get("/customers")
-    def customers() -> t.Any:
-        return jsonify(loyalty.customers())
+    def customer_list() -> t.Any:
+        return jsonify(customers())
 
     return app

@@ -1,4 +1,10 @@
-"""Handlers for all seven event types, in every style flask-ploints offers."""
+"""Handlers for all seven event types, in every style flask-ploints offers.
+
+They write through ``db.session`` and never commit: flask-ploints commits
+their writes together with the event's dedupe record, or rolls them back
+when a handler raises. The welcome email is not a database write, so it is
+sent with :func:`flask_ploints.after_commit`, once the event is committed.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +15,32 @@ from flask import current_app
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints import after_commit
 from flask_ploints import on
 from flask_ploints import signals
 
-from .loyalty import Loyalty
+from .loyalty import db
+from .loyalty import record
 
 logger = logging.getLogger("example_app")
 
 
-def _loyalty() -> Loyalty:
-    loyalty: Loyalty = current_app.extensions["loyalty"]
-    return loyalty
+def send_welcome_email(email: str, name: str) -> None:
+    """Stands for a real email: an effect no transaction can take back."""
+    logger.info("welcome email sent to %s (%s)", email, name)
 
 
 # Module level: runs for every app and every PlointsWebhooks instance in the
 # process, so it checks that this app is the back office.
 @on("customer.created")
 def welcome(event: Event) -> None:
-    if "loyalty" not in current_app.extensions:
+    if current_app.extensions.get("sqlalchemy") is not db:
         return
-    _loyalty().apply(
-        event.id,
-        event.data["customerEmail"],
-        "joined",
-        event.data.get("name", ""),
-        "UPDATE customers SET name = ? WHERE email = ?",
-        (event.data.get("name"),),
-    )
+    email, name = event.data["customerEmail"], event.data.get("name", "")
+    customer = record(email, "joined", name)
+    customer.name = name
+    # Sent once the customer is committed; never for a rolled-back event.
+    after_commit(send_welcome_email, email, name)
 
 
 # Raw blinker, at module level so blinker's weak reference stays alive.
@@ -50,35 +55,23 @@ def register(webhooks: PlointsWebhooks) -> None:
     @webhooks.on("points.earned", "points.redeemed")
     def points(event: Event) -> None:
         amount = event.data["amount"] if event.type == "points.earned" else -event.data["amount"]
-        _loyalty().apply(
-            event.id,
-            event.data["customerEmail"],
-            event.type,
-            f"{amount:+d} ({event.data.get('description', '')})",
-            "UPDATE customers SET balance = balance + ? WHERE email = ?",
-            (amount,),
-        )
+        detail = f"{amount:+d} ({event.data.get('description', '')})"
+        record(event.data["customerEmail"], event.type, detail).balance += amount
 
     @webhooks.on("customer.tier_changed")
     def tier(event: Event) -> None:
-        _loyalty().apply(
-            event.id,
-            event.data["customerEmail"],
-            "tier",
-            event.data["newTier"],
-            "UPDATE customers SET tier = ? WHERE email = ?",
-            (event.data["newTier"],),
-        )
+        new_tier = event.data["newTier"]
+        record(event.data["customerEmail"], "tier", new_tier).tier = new_tier
 
     # async handlers run through app.ensure_sync, as Flask runs async views.
     @webhooks.on("badge.issued")
     async def badge(event: Event) -> None:
-        _loyalty().apply(event.id, event.data["customerEmail"], "badge", event.data["badge"])
+        record(event.data["customerEmail"], "badge", event.data["badge"])
 
     @webhooks.on("reward.redeemed", "campaign.conversion")
     def activity(event: Event) -> None:
         detail = event.data.get("reward") or event.data.get("campaign", "")
-        _loyalty().apply(event.id, event.data["customerEmail"], event.type, str(detail))
+        record(event.data["customerEmail"], event.type, str(detail))
 
     @webhooks.on_any
     def audit(event: Event) -> None:

@@ -1,82 +1,73 @@
 """The example's data: customers, balances, tiers, badges, rewards and
-campaign conversions in SQLite.
+campaign conversions, as Flask-SQLAlchemy models.
+
+Nothing here knows about event ids: the handlers write through
+``db.session`` without committing, and flask-ploints commits their writes
+in one transaction with the event's dedupe record (``PLOINTS_DEDUPE_STORE =
+db``), so a repeated or retried event cannot change anything twice.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import typing as t
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS customers (
-    email TEXT PRIMARY KEY,
-    name TEXT,
-    balance INTEGER NOT NULL DEFAULT 0,
-    tier TEXT NOT NULL DEFAULT 'Bronze'
-);
-CREATE TABLE IF NOT EXISTS activity (
-    event_id TEXT PRIMARY KEY,
-    email TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
+import sqlalchemy as sa
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
 
 
-class Loyalty:
-    """Business operations, each idempotent by event id: the activity row
-    and the change commit in one transaction, so a replayed event changes
-    nothing even if the dedupe store forgot it.
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+class Customer(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "customers"
+
+    email: Mapped[str] = mapped_column(primary_key=True)
+    name: Mapped[str | None]
+    balance: Mapped[int] = mapped_column(default=0)
+    tier: Mapped[str] = mapped_column(default="Bronze")
+
+
+class Activity(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "activity"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(sa.ForeignKey("customers.email"), index=True)
+    kind: Mapped[str]
+    detail: Mapped[str]
+
+
+def record(email: str, kind: str, detail: str) -> Customer:
+    """Add an activity to a customer, creating the customer on first sight,
+    in the current transaction; return the customer for the caller to
+    change. Nothing is committed here.
     """
+    customer = db.session.get(Customer, email)
+    if customer is None:
+        customer = Customer(email=email, balance=0, tier="Bronze")
+        db.session.add(customer)
+    db.session.add(Activity(email=email, kind=kind, detail=detail))
+    return customer
 
-    def __init__(self, path: str) -> None:
-        self.path = path
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=10)
-        connection.row_factory = sqlite3.Row
-        return connection
-
-    def create_schema(self) -> None:
-        with self._connect() as connection:
-            connection.executescript(SCHEMA)
-
-    def apply(
-        self,
-        event_id: str,
-        email: str,
-        kind: str,
-        detail: str,
-        change: str | None = None,
-        params: t.Sequence[t.Any] = (),
-    ) -> bool:
-        """Record an activity and apply its change (an UPDATE of the
-        customer, whose email is the last parameter) once; return whether it
-        was new.
-        """
-        connection = self._connect()
-        try:
-            with connection:
-                connection.execute("INSERT OR IGNORE INTO customers (email) VALUES (?)", (email,))
-                inserted = connection.execute(
-                    "INSERT OR IGNORE INTO activity VALUES (?, ?, ?, ?)",
-                    (event_id, email, kind, detail),
-                ).rowcount
-                if inserted and change is not None:
-                    connection.execute(change, (*params, email))
-                return bool(inserted)
-        finally:
-            connection.close()
-
-    def customers(self) -> list[dict[str, t.Any]]:
-        connection = self._connect()
-        try:
-            rows = connection.execute(
-                "SELECT c.email, c.name, c.balance, c.tier,"
-                " (SELECT group_concat(kind || ': ' || detail, '; ') FROM activity a"
-                "  WHERE a.email = c.email) AS activity"
-                " FROM customers c ORDER BY c.email"
-            ).fetchall()
-            return [dict(row) for row in rows]
-        finally:
-            connection.close()
+def customers() -> list[dict[str, t.Any]]:
+    """Every customer with their activity, oldest first, as plain dicts."""
+    activity: dict[str, list[str]] = {}
+    for row in db.session.scalars(sa.select(Activity).order_by(Activity.id)):
+        activity.setdefault(row.email, []).append(f"{row.kind}: {row.detail}")
+    return [
+        {
+            "email": customer.email,
+            "name": customer.name,
+            "balance": customer.balance,
+            "tier": customer.tier,
+            "activity": "; ".join(activity.get(customer.email, [])) or None,
+        }
+        for customer in db.session.scalars(sa.select(Customer).order_by(Customer.email))
+    ]

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_MEMORY_STORE_MAX_ENTRIES": ("memory_store_max_entries", 100_000),
     "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
     "PLOINTS_METRICS": ("metrics", False),
+    "PLOINTS_OPENTELEMETRY": ("opentelemetry", False),
     "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
     "PLOINTS_SQL_TIMEOUT": ("sql_timeout", 2.0),
     "PLOINTS_CELERY_APP": ("celery_app", None),

@@ -11,6 +11,12 @@ import functools
 import logging
 import typing as t
 
+from .logfields import event_fields
+from .outcomes import Outcome
+
+if t.TYPE_CHECKING:
+    from .events import Event
+
 __all__ = ["after_commit", "collect", "finish", "run"]
 
 logger = logging.getLogger("flask_ploints")
@@ -26,9 +32,12 @@ def after_commit(func: t.Callable[_P, object], /, *args: _P.args, **kwargs: _P.k
     """Call ``func(*args, **kwargs)`` once the event being handled is
     committed: after its last handler, and after the dedupe store recorded
     it done (with a :class:`~flask_ploints.stores.SessionStore`, after the
-    transaction with the handlers' writes committed). When a handler raises
-    or the commit fails, it is never called; the sender's retry runs the
-    handlers, and registers it, again.
+    transaction with the handlers' writes committed). When a handler raises,
+    or a :class:`~flask_ploints.stores.SessionStore` fails to commit, it is
+    never called; the sender's retry runs the handlers, and registers it,
+    again. Another store that fails to record the event done still has it
+    answered processed, since its handlers' effects are done, so the call
+    runs.
 
     Use it for what cannot join a transaction, an email or an HTTP call: it
     runs at most once per committed event, and is lost if the process dies
@@ -57,12 +66,16 @@ def finish(token: contextvars.Token[t.Any]) -> None:
     _pending.reset(token)
 
 
-def run(pending: list[t.Callable[[], object]], event_id: str) -> None:
-    """Call what the handlers of ``event_id`` left to do after its commit,
+def run(pending: list[t.Callable[[], object]], event: Event) -> None:
+    """Call what the handlers of ``event`` left to do after its commit,
     in order; one that raises is logged and the rest still run.
     """
     for call in pending:
         try:
             call()
         except Exception:
-            logger.exception("event %r: an after_commit call raised", event_id)
+            logger.exception(
+                "event %r: an after_commit call raised",
+                event.id,
+                extra=event_fields(event, Outcome.PROCESSED),
+            )

@@ -32,6 +32,9 @@ from .stores import MemoryStore
 from .stores import store_from_config
 from .views import WebhookEndpoint
 
+if t.TYPE_CHECKING:
+    from .tracing import Tracing
+
 __all__ = ["PlointsWebhooks", "Receiver"]
 
 _Handler = t.TypeVar("_Handler", bound=t.Callable[[Event], t.Any])
@@ -63,7 +66,7 @@ class PlointsWebhooks:
         every app: ``secret``, ``url``, ``store``, ``namespace``, ``retention``, ``lease``,
         ``dispatch``, ``max_bytes``, ``require_https``, ``max_event_age``,
         ``slow_handler_share``, ``memory_store_max_entries``,
-        ``redis_prefix``, ``metrics``, ``sql_table``, ``sql_timeout``, ``celery_app``,
+        ``redis_prefix``, ``metrics``, ``opentelemetry``, ``sql_table``, ``sql_timeout``, ``celery_app``,
         ``celery_queue``, ``celery_lease``, ``celery_publish_timeout``,
         ``celery_max_retries``, ``celery_retry_backoff`` and
         ``celery_retry_backoff_max``; see :doc:`/configuration`. The
@@ -110,10 +113,17 @@ class PlointsWebhooks:
                 f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
             )
         store = self._make_store(app, settings)
-        dispatcher = self._make_dispatcher(app, settings, store)
+        tracing = _make_tracing(settings)
+        # With tracing on, the handlers run each in its span.
+        handlers = self.handlers if tracing is None else tracing.handlers(self.handlers)
+        dispatcher = self._make_dispatcher(app, settings, handlers, tracing)
         self._connect_observers(app, settings)
         _init_delivery_log(app)
-        processor = Processor(self.name, settings, store, dispatcher, self.handlers)
+        processor = (
+            Processor(self.name, settings, store, dispatcher, handlers)
+            if tracing is None
+            else tracing.processor(self.name, settings, store, dispatcher, handlers)
+        )
         blueprint = Blueprint(self.name, __name__)
         blueprint.add_url_rule(
             settings.url,
@@ -162,16 +172,18 @@ class PlointsWebhooks:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
 
-    def _make_dispatcher(self, app: Flask, settings: Settings, store: DedupeStore) -> Dispatcher:
+    def _make_dispatcher(
+        self, app: Flask, settings: Settings, handlers: Handlers, tracing: Tracing | None
+    ) -> Dispatcher:
         if settings.dispatch == "sync":
-            return SyncDispatcher(self.handlers, settings.lease)
+            return SyncDispatcher(handlers, settings.lease)
         if isinstance(settings.dispatch, Dispatcher):
             return settings.dispatch
         if settings.dispatch == "celery":
             # Imported here: celery is an optional extra.
             from .celery import CeleryDispatcher
 
-            return CeleryDispatcher.from_app(app, settings)
+            return CeleryDispatcher.from_app(app, settings, tracing)
         raise ConfigError(
             f"PLOINTS_DISPATCH must be 'sync', 'celery' or a dispatcher, not {settings.dispatch!r}"
         )
@@ -221,6 +233,22 @@ class PlointsWebhooks:
         :raises RuntimeError: :meth:`init_app` was not called for the app.
         """
         return receiver_for(app, self.name)
+
+
+def _make_tracing(settings: Settings) -> Tracing | None:
+    """Apply ``PLOINTS_OPENTELEMETRY``: ``None`` when it is off."""
+    setting = settings.values["PLOINTS_OPENTELEMETRY"]
+    if setting is False:
+        return None
+    # Imported only now: opentelemetry-api is an optional extra.
+    try:
+        from .tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return Tracing.from_setting(setting)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _init_delivery_log(app: Flask) -> None:

@@ -39,6 +39,7 @@ from .dispatch import Handlers
 from .errors import DispatchError
 from .errors import HandlerError
 from .events import Event
+from .logfields import log_event as _log
 from .namespace import Namespace
 from .outcomes import MAX_ERROR
 from .outcomes import Outcome
@@ -51,8 +52,6 @@ from .stores import DedupeStore
 from .stores import TransactionalStore
 
 __all__ = ["MAX_ERROR", "HandlerScope", "Outcome", "Processor", "Result", "error_text"]
-
-logger = logging.getLogger("flask_ploints")
 
 # Not a handler failure: the process is going away. The claim is released
 # on the way out, so the sender's retry need not wait for the lease.
@@ -80,6 +79,8 @@ class _Settle(enum.Enum):
     FAIL = enum.auto()
 
 
+_PROCESSED_OUTCOME = Outcome.PROCESSED
+_UNAVAILABLE = Outcome.UNAVAILABLE
 _PROCESSED = Result(Outcome.PROCESSED)
 _QUEUED = Result(Outcome.QUEUED)
 _DUPLICATE = Result(Outcome.DUPLICATE)
@@ -90,16 +91,15 @@ _SLOW = (
 )
 _NOT_COMMITTED = "processed, but the dedupe store failed to commit it; a retry may process it again"
 _ROLLED_BACK = "not committed: the dedupe store failed; its handlers' writes were rolled back"
+_NOT_CLAIMED = "not claimed: the dedupe store failed"
+_NOT_RECORDED = "not recorded failed: the dedupe store failed"
+_NOT_RELEASED = "not released: the dedupe store failed"
+_RAISED = "failed: a handler raised %r"
+_SKIPPED = "skipped by the worker: %s"
+_LAPSED_IN_QUEUE = "claimed again: its claim lapsed in the queue"
+_GAVE_UP = "failed after %d attempt(s)%s; %s"
+_RECORDED = "recorded as failed: replay it with flask_ploints.replay.replay"
 _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may process it again"
-
-
-def _log(level: int, event: Event, message: str, *args: object, **kwargs: t.Any) -> None:
-    # Every record about an event starts with its id and type, quoted.
-    if not logger.isEnabledFor(level):
-        return
-    logger.log(
-        level, "event %r (%r) " + message, event.id, event.type, *args, stacklevel=2, **kwargs
-    )
 
 
 class Processor:
@@ -171,7 +171,8 @@ class Processor:
         """Run a queued event on a worker, holding the claim the endpoint
         took with ``token``. If that claim lapsed (the task waited longer
         than the lease), the id is claimed again; if it was processed or is
-        held by another delivery meanwhile, nothing runs.
+        held by another delivery meanwhile, nothing runs. A transactional
+        store takes that durable claim over in the handlers' transaction.
 
         A handler failure keeps the claim (:attr:`~Outcome.FAILED`, with the
         token now held): the worker retries after :meth:`keep`, or ends
@@ -180,27 +181,26 @@ class Processor:
         lease = self.dispatcher.lease
         key = self._key(event)
         try:
+            # Durably first: a failed run's retry needs a claim to keep.
+            if not self.store.extend(key, token, lease):
+                claim = self.store.claim(key, lease, event.raw)
+                if claim.status is not ClaimStatus.CLAIMED:
+                    return self._skipped(event, claim)
+                _log(logging.WARNING, event, None, None, _LAPSED_IN_QUEUE)
+                token = claim.token
             if self._hold is not None:
                 claim = self._hold(key, lease, event.raw, self._retention, token)
                 if claim.status is not ClaimStatus.CLAIMED:
-                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
-                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
-                token = claim.token
-            elif not self.store.extend(key, token, lease):
-                claim = self.store.claim(key, lease, event.raw)
-                if claim.status is not ClaimStatus.CLAIMED:
-                    _log(logging.INFO, event, "skipped by the worker: %s", claim.status.value)
-                    return _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
-                _log(logging.WARNING, event, "claimed again: its claim lapsed in the queue")
+                    return self._skipped(event, claim)
                 token = claim.token
         except Exception as exc:
-            _log(logging.WARNING, event, "not run: the dedupe store failed")
+            _log(logging.WARNING, event, _UNAVAILABLE, None, "not run: the dedupe store failed")
             return Result(Outcome.UNAVAILABLE, error=exc)
 
         error, duration, pending = self._run(event, token, self.handlers.run, app, event, self.name)
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
-        return self._processed(app, event, token, duration, pending)
+        return self._processed(app, event, key, token, duration, pending)
 
     def keep(self, event: Event, token: str) -> bool:
         """Renew a worker's claim for the wait before its next attempt.
@@ -230,16 +230,11 @@ class Processor:
         :return: whether the store recorded the failure.
         """
         failed = self._fail(event, token, error_text(error) + note)
+        ran = "" if handlers_ran else " (its handlers did not run)"
+        end = _RECORDED if failed else "not recorded: have Ploints resend it"
+        took = duration if handlers_ran else None
         _log(
-            logging.ERROR,
-            event,
-            "failed after %d attempt(s)%s; %s",
-            attempts,
-            "" if handlers_ran else " (its handlers did not run)",
-            "recorded as failed: replay it with flask_ploints.replay.replay"
-            if failed
-            else "not recorded: have Ploints resend it",
-            exc_info=error,
+            logging.ERROR, event, Outcome.FAILED, took, _GAVE_UP, attempts, ran, end, exc_info=error
         )
         if handlers_ran:
             self._failed(app, event, error, duration)
@@ -251,12 +246,17 @@ class Processor:
             return self._id_key(event.id)
         return self.namespace.key(event.id, event.account)
 
+    def _skipped(self, event: Event, claim: Claim) -> Result:
+        result = _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
+        _log(logging.INFO, event, result.outcome, None, _SKIPPED, claim.status.value)
+        return result
+
     def _not_claimed(self, app: Flask, event: Event, claim: Claim) -> Result:
         if claim.status is ClaimStatus.DONE:
-            _log(logging.INFO, event, "skipped: duplicate")
+            _log(logging.INFO, event, Outcome.DUPLICATE, None, "skipped: duplicate")
             notify(signals.duplicate_skipped, app, self.name, event=event)
             return _DUPLICATE
-        _log(logging.INFO, event, "skipped: in flight")
+        _log(logging.INFO, event, Outcome.IN_FLIGHT, None, "skipped: in flight")
         return Result(Outcome.IN_FLIGHT, retry_after=claim.retry_after)
 
     def _process(
@@ -267,7 +267,11 @@ class Processor:
         settle: _Settle,
         previous_error: str | None,
     ) -> Result:
-        key = self._key(event)
+        # The key, inline: this runs on every delivery.
+        if event.account is None:
+            key = self._id_key(event.id)
+        else:
+            key = self.namespace.key(event.id, event.account)
         inline = self.dispatcher.runs_inline
         try:
             if inline and self._hold is not None:
@@ -275,7 +279,7 @@ class Processor:
             else:
                 claim = self.store.claim(key, self.dispatcher.lease, payload)
         except Exception as exc:
-            _log(logging.ERROR, event, "not claimed: the dedupe store failed", exc_info=True)
+            _log(logging.ERROR, event, _UNAVAILABLE, None, _NOT_CLAIMED, exc_info=True)
             return Result(Outcome.UNAVAILABLE, error=exc)
         if claim.status is not ClaimStatus.CLAIMED:
             return self._not_claimed(app, event, claim)
@@ -288,9 +292,9 @@ class Processor:
                 self._settle(event, claim.token, settle, previous_error or "not run: not queued")
                 if not isinstance(exc, DispatchError):
                     raise
-                _log(logging.ERROR, event, "could not be queued", exc_info=True)
+                _log(logging.ERROR, event, _UNAVAILABLE, None, "could not be queued", exc_info=True)
                 return Result(Outcome.UNAVAILABLE, error=exc)
-            _log(logging.INFO, event, "queued")
+            _log(logging.INFO, event, Outcome.QUEUED, None, "queued")
             return _QUEUED
 
         error, duration, pending = self._run(
@@ -298,34 +302,35 @@ class Processor:
         )
         if error is not None:
             self._settle(event, claim.token, settle, error)
-            _log(logging.ERROR, event, "failed: a handler raised %r", error, exc_info=error)
+            _log(logging.ERROR, event, Outcome.FAILED, duration, _RAISED, error, exc_info=error)
             return self._failed(app, event, error, duration)
         if duration > self._slow:
-            _log(logging.WARNING, event, _SLOW, duration, sender.TIMEOUT)
-        return self._processed(app, event, claim.token, duration, pending)
+            _log(logging.WARNING, event, None, duration, _SLOW, duration, sender.TIMEOUT)
+        return self._processed(app, event, key, claim.token, duration, pending)
 
     def _processed(
         self,
         app: Flask,
         event: Event,
+        key: str,
         token: str,
         duration: float,
         pending: list[t.Callable[[], object]],
     ) -> Result:
         try:
-            committed = self.store.commit(self._key(event), token, self._retention)
+            committed = self.store.commit(key, token, self._retention)
         except Exception as exc:
             if self._hold is not None:
-                _log(logging.ERROR, event, _ROLLED_BACK, exc_info=True)
+                _log(logging.ERROR, event, _UNAVAILABLE, duration, _ROLLED_BACK, exc_info=True)
                 return Result(Outcome.UNAVAILABLE, error=exc, duration=duration)
             # The handlers' effects are done: answering an error now would
             # make the sender retry them, so a failed commit is only logged.
-            _log(logging.ERROR, event, _NOT_COMMITTED, exc_info=True)
+            _log(logging.ERROR, event, _PROCESSED_OUTCOME, duration, _NOT_COMMITTED, exc_info=True)
         else:
             if not committed:
-                _log(logging.WARNING, event, _LAPSED)
-        _log(logging.INFO, event, "processed")
-        effects.run(pending, event.id)
+                _log(logging.WARNING, event, _PROCESSED_OUTCOME, duration, _LAPSED)
+        _log(logging.INFO, event, _PROCESSED_OUTCOME, duration, "processed")
+        effects.run(pending, event)
         notify(signals.event_processed, app, self.name, event=event, duration=duration)
         return _PROCESSED
 
@@ -381,13 +386,11 @@ class Processor:
             self.store.release(self._key(event), token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
-            _log(logging.ERROR, event, "not released: the dedupe store failed", exc_info=True)
+            _log(logging.ERROR, event, None, None, _NOT_RELEASED, exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str) -> bool:
         try:
             return self.store.fail(self._key(event), token, error, self._retention)
         except Exception:
-            _log(
-                logging.ERROR, event, "not recorded failed: the dedupe store failed", exc_info=True
-            )
+            _log(logging.ERROR, event, None, None, _NOT_RECORDED, exc_info=True)
             return False

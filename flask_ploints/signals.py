@@ -26,6 +26,9 @@ from blinker import Signal
 
 from .events import EVENT_TYPES
 from .events import check_event_types
+from .logfields import REJECTED
+from .logfields import delivery_fields
+from .logfields import event_fields
 
 if t.TYPE_CHECKING:
     from .events import Event
@@ -157,4 +160,23 @@ def notify(signal: NamedSignal, app: t.Any, name: str, **kwargs: t.Any) -> None:
     try:
         signal.send(app, name=name, **kwargs)
     except Exception:
-        logger.exception("a receiver of %s raised", signal.name)
+        event = kwargs.get("event")
+        outcome = _OUTCOMES.get(signal.name)
+        logger.exception(
+            "a receiver of %s raised",
+            signal.name,
+            extra=delivery_fields(outcome)
+            if event is None
+            else event_fields(event, outcome, kwargs.get("duration")),
+        )
+
+
+#: What each lifecycle signal says happened to the delivery, for the fields
+#: of the record of a receiver that raised.
+_OUTCOMES = {
+    event_processed.name: "processed",
+    duplicate_skipped.name: "duplicate",
+    handler_failed.name: "failed",
+    signature_rejected.name: REJECTED,
+    payload_rejected.name: REJECTED,
+}

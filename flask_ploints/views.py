@@ -50,6 +50,8 @@ from .errors import SecretLookupError
 from .events import Event
 from .events import InvalidEvent
 from .events import parse_event
+from .logfields import REJECTED
+from .logfields import delivery_fields
 from .processing import Outcome
 from .processing import Processor
 from .processing import Result
@@ -60,6 +62,10 @@ from .signature import verify
 __all__ = ["WebhookEndpoint"]
 
 logger = logging.getLogger("flask_ploints")
+
+#: The fields of a record about a refused delivery, which has no event:
+#: logging copies them into each record and never changes the dict.
+_REJECTED = delivery_fields(REJECTED)
 
 _SIGNATURE_ENVIRON_KEY = "HTTP_" + SIGNATURE_HEADER.upper().replace("-", "_")
 
@@ -152,21 +158,29 @@ class WebhookEndpoint:
             try:
                 found = self._accounts.keys(account or "")
             except SecretLookupError:
-                logger.exception("rejected a delivery: the secret lookup failed")
+                logger.exception(
+                    "rejected a delivery: the secret lookup failed",
+                    extra=delivery_fields(Outcome.UNAVAILABLE, account=account),
+                )
                 return _error(503, "secret lookup unavailable", {"Retry-After": _RETRY_AFTER})
             if found is None:
-                logger.warning("rejected a delivery: unknown account %r", account)
+                logger.warning(
+                    "rejected a delivery: unknown account %r", account, extra=_rejected(account)
+                )
                 return _error(404, "unknown account")
             secrets, keys = found
         raw = read_body(req, length, self.settings.max_bytes)
         if raw is None:
             return self._too_large()
         if length is not None and len(raw) < length:
-            logger.warning("rejected a delivery: body shorter than its Content-Length")
+            logger.warning(
+                "rejected a delivery: body shorter than its Content-Length",
+                extra=_rejected(account),
+            )
             return _error(400, "body shorter than Content-Length")
 
         if not verify(raw, self._signature_header(req), keys):
-            logger.warning("rejected a delivery: invalid signature")
+            logger.warning("rejected a delivery: invalid signature", extra=_rejected(account))
             notify(signals.signature_rejected, app, self.name, reason="invalid signature")
             return _error(401, "invalid signature")
 
@@ -174,7 +188,7 @@ class WebhookEndpoint:
             event = parse_event(raw, account)
             self._check_age(event)
         except InvalidEvent as exc:
-            logger.warning("rejected a signed delivery: %s", exc)
+            logger.warning("rejected a signed delivery: %s", exc, extra=_rejected(account))
             notify(signals.payload_rejected, app, self.name, reason=str(exc))
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
@@ -226,6 +240,10 @@ class WebhookEndpoint:
             self._oldest_until = now + 1.0
         if event.timestamp < self._oldest:
             raise InvalidEvent(f"event is older than PLOINTS_MAX_EVENT_AGE ({max_age:g} s)")
+
+
+def _rejected(account: str | None) -> dict[str, t.Any]:
+    return _REJECTED if account is None else delivery_fields(REJECTED, account=account)
 
 
 def _unreadable_chunks(environ: dict[str, t.Any]) -> bool:

@@ -24,11 +24,18 @@ event, it sleeps that long; when it holds ``"fail": true`` it raises unless
 the key ``NAMESPACE:fixed`` exists. Then it records one effect. Each effect
 stands for one time the event was processed. The ``handler_failed`` and
 ``event_processed`` signals are counted too.
+
+When the config turns ``PLOINTS_OPENTELEMETRY`` on, the worker sets a global
+tracer provider that writes each finished span to the Redis list
+``NAMESPACE:spans``, where the test reads them. When it holds
+``"TEST_RECORD_LOGS": true``, the worker writes each ``flask_ploints`` log
+record (its message and its ``ploints_*`` fields) to ``NAMESPACE:logs``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import typing as t
@@ -77,6 +84,14 @@ class Recorder:
     def fixed(self) -> bool:
         """Whether :meth:`fix` was called."""
         return bool(self.client.exists(self.key("fixed")))
+
+    def spans(self) -> list[dict[str, t.Any]]:
+        """Return the spans the worker exported, in the order they ended."""
+        return [json.loads(item) for item in self.client.lrange(self.key("spans"), 0, -1)]
+
+    def logs(self) -> list[dict[str, t.Any]]:
+        """Return the worker's ``flask_ploints`` records, in order."""
+        return [json.loads(item) for item in self.client.lrange(self.key("logs"), 0, -1)]
 
     def forget(self) -> None:
         """Delete every key of the namespace (records and the store's)."""
@@ -170,6 +185,63 @@ def create_app_from_env() -> Flask:
     )
 
 
+def export_spans_to_redis(redis_url: str, namespace: str) -> None:
+    """Set the global tracer provider of this process (a worker) to one that
+    writes every finished span to the Redis list ``NAMESPACE:spans``.
+    """
+    # Imported here: only the tracing tests need the SDK in the worker.
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    recorder = Recorder(redis_url, namespace)
+
+    class RedisSpanExporter(SpanExporter):  # type: ignore[misc]
+        def export(self, spans: t.Sequence[ReadableSpan]) -> SpanExportResult:
+            for span in spans:
+                assert span.context is not None
+                record = {
+                    "name": span.name,
+                    "trace_id": f"{span.context.trace_id:032x}",
+                    "span_id": f"{span.context.span_id:016x}",
+                    "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+                    "attributes": dict(span.attributes or {}),
+                    "status": span.status.status_code.name,
+                    "events": [event.name for event in span.events],
+                }
+                recorder.client.rpush(recorder.key("spans"), json.dumps(record))
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(RedisSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+class _RedisLogHandler(logging.Handler):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(logging.INFO)
+        self.recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {key: value for key, value in vars(record).items() if key.startswith("ploints_")}
+        item = json.dumps({"message": record.getMessage(), **fields})
+        self.recorder.client.rpush(self.recorder.key("logs"), item)
+
+
 if "PLOINTS_CELERY_TEST_NAMESPACE" in os.environ:
+    _config = json.loads(os.environ.get("PLOINTS_CELERY_TEST_CONFIG", "{}"))
+    _redis, _namespace = (
+        os.environ["PLOINTS_CELERY_TEST_REDIS"],
+        os.environ["PLOINTS_CELERY_TEST_NAMESPACE"],
+    )
+    if _config.get("PLOINTS_OPENTELEMETRY"):
+        export_spans_to_redis(_redis, _namespace)
+    if _config.get("TEST_RECORD_LOGS"):
+        logging.getLogger("flask_ploints").addHandler(
+            _RedisLogHandler(Recorder(_redis, _namespace))
+        )
     flask_app = create_app_from_env()
     celery = flask_app.extensions["celery"]

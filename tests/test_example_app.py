@@ -1,9 +1,11 @@
 """The example app handles all seven types, once each, through the plugin's
-fixture.
+fixture; its handlers' writes commit with the event's dedupe record, and its
+welcome email goes out once the event is committed.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -15,24 +17,28 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from example_app import create_app
+from example_app.loyalty import Customer
+from example_app.loyalty import db
 from flask_ploints import EVENT_TYPES
+from flask_ploints import Event
+from flask_ploints.state import receiver_for
 from flask_ploints.testing import PlointsClient
 
 
 def _config(tmp_path: Path, **extra: t.Any) -> dict[str, t.Any]:
-    ploints = f"sqlite:///{tmp_path / 'ploints.sqlite3'}"
     return {
-        "DATABASE": str(tmp_path / "loyalty.sqlite3"),
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loyalty.sqlite3'}",
         "TESTING": True,
-        "PLOINTS_DEDUPE_STORE": ploints,
-        "PLOINTS_DELIVERY_LOG": ploints,
         **extra,
     }
 
 
 @pytest.fixture
-def example(tmp_path: Path) -> Flask:
-    return create_app(_config(tmp_path))
+def example(tmp_path: Path) -> t.Iterator[Flask]:
+    app = create_app(_config(tmp_path))
+    yield app
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
 
 
 def _customers(app: Flask) -> dict[str, dict[str, t.Any]]:
@@ -55,18 +61,56 @@ def test_every_type_updates_the_back_office_once(example: Flask) -> None:
     assert "badge: Early Bird" in customers["jane@example.com"]["activity"]
 
 
-def test_business_level_idempotence_survives_a_forgetful_store(tmp_path: Path) -> None:
-    app = create_app(
-        {
-            "DATABASE": str(tmp_path / "loyalty.sqlite3"),
-            "TESTING": True,
-            "PLOINTS_DEDUPE_STORE": None,
-        }
-    )
-    client = PlointsClient(app)
+def _emails(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("welcome email sent")
+    ]
+
+
+def test_the_dedupe_record_is_in_the_apps_database(example: Flask) -> None:
+    client = PlointsClient(example)
     client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
-    client.send("points.earned", {"customerEmail": "a@example.com", "amount": 5}, id="evt_1")
-    assert _customers(app)["a@example.com"]["balance"] == 5
+    store = example.extensions["ploints"]["ploints"].store
+    with example.app_context():
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert stored.status == "done"
+        assert store.session.get_bind().url == example.extensions["sqlalchemy"].engine.url
+
+
+def test_a_failing_handler_leaves_nothing_half_written(
+    example: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An on_any handler runs after every handler of the type, so the
+    # example's own handler has written the customer when this one raises;
+    # the whole event is rolled back.
+    seen: list[bool] = []
+    broken = [True]
+
+    def fail_last(event: Event) -> None:
+        seen.append(db.session.get(Customer, event.data["customerEmail"]) is not None)
+        if broken[0]:
+            raise RuntimeError("broke after the customer was written")
+
+    receiver_for(example).handlers.connect_any(fail_last)
+    caplog.set_level(logging.INFO, "example_app")
+    client = PlointsClient(example)
+    data = {"customerEmail": "lee@example.com", "name": "Lee Chan"}
+    assert client.send("customer.created", data, id="evt_new").status_code == 500
+    assert client.send("customer.created", data, id="evt_new").status_code == 500
+    assert seen == [True, True]
+    assert _customers(example) == {}
+    assert _emails(caplog) == []
+    # The sender's next retry runs the fixed handlers, once.
+    broken[0] = False
+    assert client.send("customer.created", data, id="evt_new").get_json() == {"received": True}
+    assert client.send("customer.created", data, id="evt_new").get_json() == {
+        "received": True,
+        "duplicate": True,
+    }
+    assert seen == [True, True, True]
+    assert _customers(example)["lee@example.com"]["activity"] == "joined: Lee Chan"
+    assert _emails(caplog) == ["welcome email sent to lee@example.com (Lee Chan)"]
 
 
 def test_pages_show_customers_and_deliveries(example: Flask) -> None:

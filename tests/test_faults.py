@@ -102,14 +102,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class Gunicorn:
-    """One gunicorn server running :mod:`tests.gunicorn_app`.
+    """One gunicorn server running :mod:`tests.gunicorn_app`, or ``app``.
 
-    :param env: the ``PLOINTS_FAULTS_*`` variables.
+    :param env: the ``PLOINTS_FAULTS_*`` variables (or ``app``'s).
     :param workers: how many worker processes.
     :param log: where gunicorn's output goes.
+    :param app: the WSGI app to serve, as gunicorn takes it.
+    :param options: more command-line options.
     """
 
-    def __init__(self, env: dict[str, str], workers: int, log: Path, threads: int = 1) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workers: int,
+        log: Path,
+        threads: int = 1,
+        app: str = "tests.gunicorn_app:create_app()",
+        options: t.Sequence[str] = (),
+    ) -> None:
         self.port = _free_port()
         self.log_path = log
         self._log = log.open("wb")
@@ -132,7 +142,8 @@ class Gunicorn:
             "120",
             "--graceful-timeout",
             "3",
-            "tests.gunicorn_app:create_app()",
+            *options,
+            app,
         ]
         self.process = subprocess.Popen(
             command,

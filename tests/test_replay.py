@@ -1,6 +1,6 @@
 """flask_ploints.replay: :func:`replay` and :func:`rerun` with sync dispatch,
-on the stores that keep payloads (an SQLite file and Redis) and on those
-that do not.
+on the stores that keep payloads (an SQLite file by URL, the same in the
+app's own session, and Redis) and on those that do not.
 
 Nothing here imports Celery: the handlers run inline, in this process.
 """
@@ -14,7 +14,9 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
+from sqlalchemy.orm import sessionmaker
 
 from flask_ploints import Event
 from flask_ploints import InvalidEvent
@@ -29,6 +31,7 @@ from flask_ploints.stores import EventState
 from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import RedisStore
+from flask_ploints.stores import SessionStore
 from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -60,10 +63,15 @@ class Handler:
             raise error
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "session", "redis"])
 def store_config(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> dict[str, t.Any]:
     if request.param == "sqlite":
         return {"PLOINTS_DEDUPE_STORE": "sqlite:///" + str(tmp_path / "x.db")}
+    if request.param == "session":
+        # A failed re-run rolls its claim back with the handlers' writes,
+        # and records the failure, with the payload, outside them.
+        engine = sa.create_engine("sqlite:///" + str(tmp_path / "x.db"))
+        return {"PLOINTS_DEDUPE_STORE": sessionmaker(engine)}
     redis_url: str = request.getfixturevalue("redis_url")
     return {"PLOINTS_DEDUPE_STORE": redis_url, "PLOINTS_REDIS_PREFIX": f"{unique}:"}
 
@@ -77,6 +85,8 @@ def _close(store: object) -> None:
     elif isinstance(store, SQLAlchemyStore):
         store.close()
         store.engine.dispose()
+    elif isinstance(store, SessionStore):
+        store.session.get_bind().dispose()
 
 
 @pytest.fixture
@@ -139,7 +149,7 @@ def test_a_failed_event_replays_to_processed(app: Flask, handler: Handler) -> No
     stored = _store(app).get("evt_1")
     assert stored is not None
     # A done row keeps its payload in SQL; a done key in Redis drops it.
-    kept = body if isinstance(_store(app), SQLAlchemyStore) else None
+    kept = body if isinstance(_store(app), SQLAlchemyStore | SessionStore) else None
     assert (stored.status, stored.attempts, stored.payload) == (EventState.DONE, 2, kept)
     assert _store(app).failed() == []
     # Done: a delivery or a rerun of the same event is a duplicate, and

@@ -24,6 +24,7 @@ from .task import task_for
 
 if t.TYPE_CHECKING:
     from ..stores import Claim
+    from ..tracing import Tracing
 
 __all__ = ["CeleryDispatcher"]
 
@@ -64,11 +65,18 @@ class CeleryDispatcher:
         self.lease = settings.lease
         self.task = task_for(celery_app)
         self._publisher = Publisher(celery_app, settings.publish_timeout)
+        #: With ``PLOINTS_OPENTELEMETRY`` on, what carries the trace context
+        #: to the worker, and joins it there; else ``None``.
+        self.tracing: Tracing | None = None
 
     @classmethod
-    def from_app(cls, app: Flask, settings: Settings) -> CeleryDispatcher:
+    def from_app(
+        cls, app: Flask, settings: Settings, tracing: Tracing | None = None
+    ) -> CeleryDispatcher:
         """Build the dispatcher of one instance on ``app``, with the Celery
         app of ``PLOINTS_CELERY_APP`` or else ``app.extensions["celery"]``.
+
+        :param tracing: carries the trace context in each task's headers.
 
         :raises ConfigError: neither is set, or it is not a Celery app.
         """
@@ -89,6 +97,7 @@ class CeleryDispatcher:
             )
         secret = settings.secrets[0] if settings.secrets else ""
         dispatcher = cls(celery_app, settings.celery, secret, settings.accounts)
+        dispatcher.tracing = tracing
         bind(celery_app, app)
         return dispatcher
 
@@ -131,6 +140,8 @@ class CeleryDispatcher:
     ) -> None:
         if self.settings.queue is not None:
             options["queue"] = self.settings.queue
+        if self.tracing is not None:
+            options["headers"] = self.tracing.headers()
         # The body is valid UTF-8 (parse_event checked it), so the string
         # encodes back to the exact bytes that were signed.
         args: tuple[str, ...]

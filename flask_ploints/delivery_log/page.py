@@ -38,6 +38,8 @@ from ..compat import exempt_from_csrf
 from ..errors import DeliveryLogError
 from ..errors import DispatchError
 from ..errors import StoreError
+from ..logfields import delivery_fields
+from ..outcomes import Outcome
 from ..replay import rerun as rerun_body
 from .state import page_state
 from .table import MAX_ID
@@ -272,7 +274,16 @@ def rerun(delivery_id: int) -> BaseResponse:
         flash(f"Re-run of {delivery.event_id} refused: {exc}", "error")
         return back
     except (StoreError, DispatchError):
-        logger.exception("re-run of event %s could not start", delivery.event_id)
+        logger.exception(
+            "re-run of event %s could not start",
+            delivery.event_id,
+            extra=delivery_fields(
+                Outcome.UNAVAILABLE,
+                event_id=delivery.event_id,
+                event_type=delivery.event_type,
+                account=getattr(delivery, "account", None),
+            ),
+        )
         flash(
             f"Re-run of {delivery.event_id} did not start: the dedupe store or the queue is"
             " unavailable. Nothing ran; try again later.",

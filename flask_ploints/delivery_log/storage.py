@@ -23,6 +23,8 @@ import typing as t
 from flask import Flask
 
 from ..errors import DeliveryLogError
+from ..logfields import delivery_fields
+from ..logfields import event_fields
 from .recording import connect_signals
 from .table import MAX_REASON
 from .table import MAX_TRACEBACK
@@ -180,10 +182,14 @@ class DeliveryLog:
             # The next deliveries would meet the same database: they skip
             # their rows rather than each wait for it.
             self._paused_until = now + PAUSE
+            event = fields.get("event")
             logger.exception(
                 "the delivery log failed to record a %s delivery; it skips its rows for %g s",
                 outcome,
                 PAUSE,
+                extra=delivery_fields(outcome)
+                if event is None
+                else event_fields(event, outcome, fields.get("duration")),
             )
 
     def record(

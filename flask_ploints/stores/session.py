@@ -127,8 +127,9 @@ class SessionStore:
         On PostgreSQL it bounds every lock wait of the transaction.
     :param transaction_timeout: the most seconds a held claim's
         transaction may stay open before its connection is cut, which rolls
-        it back and frees its locks; ``None`` for no bound. PostgreSQL only
-        (a connection with a socket).
+        it back and frees its locks; ``None`` for no bound. A worker's run of
+        a queued event may stay open for its lease instead, when longer.
+        PostgreSQL only (a connection with a socket).
     :param clock: the time in seconds since the epoch.
     """
 
@@ -181,7 +182,8 @@ class SessionStore:
         until ``retention`` seconds from now: nobody sees the claim until
         :meth:`commit` commits it with the handlers' writes. With ``token``,
         take over that claim of a worker, or claim the id again when it
-        lapsed.
+        lapsed; the transaction is then bounded by ``lease`` rather than
+        :attr:`transaction_timeout`, when longer.
 
         :raises StoreError: the database failed.
         """
@@ -207,8 +209,15 @@ class SessionStore:
             self._abandon(session)
             raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
         if found.token == params["claim_token"]:
-            guard = deadline(connection.connection.dbapi_connection, self.transaction_timeout)
-            adopted = token is not None
+            limit = self.transaction_timeout
+            if token is not None and limit is not None:
+                # A worker's run: no sender waits on it, and it is slow work
+                # moved off the request. Its transaction may last as long
+                # as the claim it holds.
+                limit = max(limit, lease)
+            guard = deadline(connection.connection.dbapi_connection, limit)
+            # A claim of its own when the worker's had lapsed: not durable.
+            adopted = token is not None and found.token == token
             _held.set(_Held(found.token, session, guard, adopted, payload=params["body"]))
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
