@@ -22,7 +22,7 @@ on a fresh app and store, so drift on the machine hits both alike.
   (single account) in the same rounds.
 
 Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
-[--accounts N] [--clock wall|cpu] [--chunk N] [--profile]``. With
+[--accounts N] [--clock wall|cpu] [--chunk N] [--gc-freeze] [--profile]``. With
 ``--chunk``, each round runs the receivers in turn, N requests at a time,
 rather than one after the other: on a machine busy with other work, the
 steadier comparison. ``--profile`` runs the extension once more
@@ -170,12 +170,18 @@ def _start_response(status: str, headers: list[tuple[str, str]], exc_info: t.Any
 #: (``--clock cpu``), which a machine shared with other work disturbs less.
 CLOCKS: dict[str, t.Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
+#: ``--gc-freeze``: keep what exists before a round out of the collector's
+#: full passes, which otherwise land on whichever receiver runs then.
+freeze = False
 
 
 def run(app: Flask, templates: list[tuple[Environ, bytes]]) -> float:
     """Drive ``app`` with every delivery once; return requests per second."""
     environs = [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
     gc.collect()
+    if freeze:
+        # The deliveries built for the round are not the receivers' garbage.
+        gc.freeze()
     started = clock()
     for environ in environs:
         iterable = app(environ, _start_response)
@@ -205,6 +211,9 @@ def run_interleaved(
     spent = dict.fromkeys(apps, 0.0)
     names = list(apps)
     gc.collect()
+    if freeze:
+        # The deliveries built for the round are not the receivers' garbage.
+        gc.freeze()
     for number, start in enumerate(range(0, len(environs[names[0]]), chunk)):
         for name in names if number % 2 == 0 else reversed(names):
             app = apps[name][0]
@@ -254,11 +263,17 @@ def main() -> None:
         default=0,
         help="Run the receivers in turn, this many requests each, within every round.",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() before each timed run, so no receiver pays for the others' garbage.",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lines", type=int, default=30)
     args = parser.parse_args()
-    global clock
+    global clock, freeze
     clock = CLOCKS[args.clock]
+    freeze = args.gc_freeze
 
     templates = build_environs(args.events)
     receivers: dict[str, t.Callable[[], Flask]] = {
