@@ -15,9 +15,18 @@ on a fresh app and store, so drift on the machine hits both alike.
   :class:`~flask_ploints.stores.MemoryStore`, ``app.testing = True`` and one
   handler on ``points.earned``.
 
+* many accounts (``--accounts N``): the extension with one endpoint for N
+  accounts, ``/webhooks/ploints/<account>`` with a secret lookup that is a
+  dict's ``.get``; each delivery goes to one of the N accounts in turn,
+  signed with its own secret. Its rate is compared with the extension's
+  (single account) in the same rounds.
+
 Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
-[--profile]``. ``--profile`` runs the extension once more under cProfile and
-prints the costliest functions.
+[--accounts N] [--clock wall|cpu] [--chunk N] [--gc-freeze] [--profile]``. With
+``--chunk``, each round runs the receivers in turn, N requests at a time,
+rather than one after the other: on a machine busy with other work, the
+steadier comparison. ``--profile`` runs the extension once more
+under cProfile and prints the costliest functions.
 """
 
 from __future__ import annotations
@@ -96,19 +105,54 @@ def extension_app() -> Flask:
     return app
 
 
-def build_environs(count: int) -> list[tuple[Environ, bytes]]:
-    """``count`` distinct signed deliveries, as environ templates and bodies."""
+def account_secrets(count: int) -> dict[str, str]:
+    """The secrets of ``count`` accounts, by account."""
+    return {f"merchant_{number:05d}": f"whsec_bench_{number:05d}" for number in range(count)}
+
+
+def many_accounts_app(secrets: dict[str, str]) -> t.Callable[[], Flask]:
+    """The extension on one endpoint for the accounts of ``secrets``."""
+
+    def factory() -> Flask:
+        app = Flask("many_accounts")
+        app.testing = True
+        app.config["PLOINTS_WEBHOOK_URL"] = URL + "/<account>"
+        app.config["PLOINTS_WEBHOOK_SECRET"] = secrets.get
+        app.config["PLOINTS_DEDUPE_STORE"] = MemoryStore()
+        webhooks = PlointsWebhooks(app)
+        earned: list[str] = []
+
+        @webhooks.on("points.earned")
+        def award(event: Event) -> None:
+            earned.append(event.id)
+
+        return app
+
+    return factory
+
+
+def build_environs(
+    count: int, secrets: dict[str, str] | None = None
+) -> list[tuple[Environ, bytes]]:
+    """``count`` distinct signed deliveries, as environ templates and bodies;
+    to the accounts of ``secrets`` in turn when given.
+    """
     result = []
+    accounts = list(secrets or {})
     for number in range(count):
         event = build_event(TYPES[number % len(TYPES)], id=f"evt_bench_{number:08d}")
         body = json.dumps(event).encode()
+        path, secret = URL, SECRET
+        if secrets is not None:
+            account = accounts[number % len(accounts)]
+            path, secret = f"{URL}/{account}", secrets[account]
         builder = EnvironBuilder(
-            path=URL,
+            path=path,
             method="POST",
             data=body,
             headers=[
                 ("Content-Type", "application/json"),
-                ("X-Ploints-Signature", sign(body, SECRET)),
+                ("X-Ploints-Signature", sign(body, secret)),
             ],
         )
         environ = builder.get_environ()
@@ -122,22 +166,66 @@ def _start_response(status: str, headers: list[tuple[str, str]], exc_info: t.Any
     return None
 
 
+#: What a round is timed with: wall-clock time, or this process's CPU time
+#: (``--clock cpu``), which a machine shared with other work disturbs less.
+CLOCKS: dict[str, t.Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+#: ``--gc-freeze``: keep what exists before a round out of the collector's
+#: full passes, which otherwise land on whichever receiver runs then.
+freeze = False
+
+
 def run(app: Flask, templates: list[tuple[Environ, bytes]]) -> float:
     """Drive ``app`` with every delivery once; return requests per second."""
     environs = [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
     gc.collect()
-    started = time.perf_counter()
+    if freeze:
+        # The deliveries built for the round are not the receivers' garbage.
+        gc.freeze()
+    started = clock()
     for environ in environs:
         iterable = app(environ, _start_response)
         b"".join(iterable)
         close = getattr(iterable, "close", None)
         if close is not None:
             close()
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     status = _start_response.status  # type: ignore[attr-defined]
     if not status.startswith("200"):
         raise SystemExit(f"{app.name} answered {status}")
     return len(environs) / elapsed
+
+
+def run_interleaved(
+    apps: dict[str, tuple[Flask, list[tuple[Environ, bytes]]]], chunk: int
+) -> dict[str, float]:
+    """Drive every app with its deliveries, ``chunk`` at a time in turn (in
+    ABBA order), and return each one's requests per second: a machine busy
+    with other work slows each alike, where whole rounds of one app can
+    fall into a quiet or a busy spell.
+    """
+    environs = {
+        name: [{**environ, "wsgi.input": io.BytesIO(body)} for environ, body in templates]
+        for name, (_, templates) in apps.items()
+    }
+    spent = dict.fromkeys(apps, 0.0)
+    names = list(apps)
+    gc.collect()
+    if freeze:
+        # The deliveries built for the round are not the receivers' garbage.
+        gc.freeze()
+    for number, start in enumerate(range(0, len(environs[names[0]]), chunk)):
+        for name in names if number % 2 == 0 else reversed(names):
+            app = apps[name][0]
+            begun = clock()
+            for environ in environs[name][start : start + chunk]:
+                iterable = app(environ, _start_response)
+                b"".join(iterable)
+                iterable.close()
+            spent[name] += clock() - begun
+            if not _start_response.status.startswith("200"):  # type: ignore[attr-defined]
+                raise SystemExit(f"{app.name} answered {_start_response.status}")  # type: ignore[attr-defined]
+    return {name: len(environs[name]) / spent[name] for name in apps}
 
 
 def profile(templates: list[tuple[Environ, bytes]], limit: int) -> None:
@@ -157,30 +245,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=0,
+        help="Also run the extension on one endpoint for this many accounts.",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="Time rounds by wall clock or by this process's CPU time.",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="Run the receivers in turn, this many requests each, within every round.",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() before each timed run, so no receiver pays for the others' garbage.",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lines", type=int, default=30)
     args = parser.parse_args()
+    global clock, freeze
+    clock = CLOCKS[args.clock]
+    freeze = args.gc_freeze
 
     templates = build_environs(args.events)
     receivers: dict[str, t.Callable[[], Flask]] = {
         "hand-written": hand_written_app,
         "extension": extension_app,
     }
+    inputs = {"hand-written": templates, "extension": templates}
+    if args.accounts > 0:
+        secrets = account_secrets(args.accounts)
+        receivers["many accounts"] = many_accounts_app(secrets)
+        inputs["many accounts"] = build_environs(args.events, secrets)
     rates: dict[str, list[float]] = {name: [] for name in receivers}
     # A warm-up round that is not counted: imports, caches, the allocator.
-    for factory in receivers.values():
-        run(factory(), templates[: min(2000, len(templates))])
+    for name, factory in receivers.items():
+        run(factory(), inputs[name][: min(2000, len(templates))])
     for number in range(args.rounds):
-        order = list(receivers) if number % 2 == 0 else list(reversed(receivers))
-        for name in order:
-            rates[name].append(run(receivers[name](), templates))
+        if args.chunk > 0:
+            built = {name: (factory(), inputs[name]) for name, factory in receivers.items()}
+            for name, rate in run_interleaved(built, args.chunk).items():
+                rates[name].append(rate)
+        else:
+            # ABBA: every receiver runs first as often as last.
+            order = list(receivers) if number % 2 == 0 else list(reversed(receivers))
+            for name in order:
+                rates[name].append(run(receivers[name](), inputs[name]))
         print(
             f"round {number + 1}: "
             + ", ".join(f"{name} {rates[name][-1]:,.0f} req/s" for name in receivers)
         )
 
     print(f"\n{args.events:,} distinct signed events per round, {args.rounds} rounds")
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {sys.version.split()[0]}, timed by {args.clock} clock")
     for name in receivers:
         print(
             f"{name:>13}: median {statistics.median(rates[name]):,.0f} req/s,"
@@ -189,6 +314,14 @@ def main() -> None:
     median_ratio = statistics.median(rates["extension"]) / statistics.median(rates["hand-written"])
     best_ratio = max(rates["extension"]) / max(rates["hand-written"])
     print(f"extension / hand-written: {median_ratio:.2f}x (median), {best_ratio:.2f}x (best)")
+    if args.accounts > 0:
+        many, one = rates["many accounts"], rates["extension"]
+        paired = statistics.median(m / o for m, o in zip(many, one, strict=True))
+        print(
+            f"many accounts ({args.accounts}) / extension: "
+            f"{statistics.median(many) / statistics.median(one):.3f}x (median),"
+            f" {max(many) / max(one):.3f}x (best), {paired:.3f}x (median of the rounds' ratios)"
+        )
     if args.profile:
         profile(templates, args.profile_lines)
 

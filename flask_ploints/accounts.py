@@ -91,6 +91,9 @@ class Accounts:
             raise SecretLookupError(
                 f"the secret lookup raised {type(exc).__name__} for account {account!r}"
             ) from exc
+        if type(found) is str and not found.isspace() and found:
+            # The common answer, one secret, without the checks of a list.
+            return (found,)
         if found is None:
             return None
         secrets = (found,) if isinstance(found, str) else found
@@ -111,6 +114,9 @@ class Accounts:
         if secrets is None:
             return None
         try:
+            if len(secrets) == 1:
+                # No generator for the common single secret, on every delivery.
+                return secrets, (secrets[0].encode(),)
             return secrets, tuple(secret.encode("utf-8") for secret in secrets)
         except UnicodeEncodeError:
             raise SecretLookupError(

@@ -36,6 +36,7 @@ from .processing import MAX_ERROR
 from .processing import Outcome
 from .processing import Result
 from .processing import error_text
+from .state import Receiver
 from .state import receiver_for
 from .stores import EventState
 from .stores import InspectableStore
@@ -72,12 +73,14 @@ def replay(
     :raises LookupError: the store cannot show what it holds, does not hold
         the id, or holds it without its payload.
     :raises ValueError: the event is not failed (done, or in flight), or a
-        delivery took it between the check and the claim.
+        delivery took it between the check and the claim; ``account`` is
+        missing on an endpoint for many accounts, or given on one for one.
     :raises flask_ploints.errors.StoreError: the store is unavailable.
     :raises flask_ploints.errors.DispatchError: the task could not be
         queued; the event stays failed.
     """
     receiver = receiver_for(app, name)
+    _check_account(receiver, account)
     store = receiver.store
     if not isinstance(store, InspectableStore):
         raise LookupError(
@@ -117,7 +120,8 @@ def rerun(
     :raises RuntimeError: no instance of that name on ``app``.
     :raises ValueError: the body is not a valid event
         (:class:`~flask_ploints.errors.InvalidEvent`), or the event is being
-        processed right now.
+        processed right now; ``account`` is missing on an endpoint for many
+        accounts, or given on one for one.
     :raises flask_ploints.errors.StoreError: the store is unavailable.
     :raises flask_ploints.errors.DispatchError: the task could not be
         queued.
@@ -125,10 +129,25 @@ def rerun(
     return _run(app, name, payload, None, account)
 
 
+def _check_account(receiver: Receiver, account: str | None) -> None:
+    # Without it, an event of an endpoint for many accounts would be looked
+    # up and claimed under another key than its deliveries', and its
+    # handlers would see no account.
+    many = receiver.settings.accounts is not None
+    if many and account is None:
+        raise ValueError(
+            f"PlointsWebhooks {receiver.name!r} serves many accounts: give the event's account"
+        )
+    if not many and account is not None:
+        raise ValueError(f"PlointsWebhooks {receiver.name!r} serves one account: give no account")
+
+
 def _run(
     app: Flask, name: str, payload: bytes, error: str | None, account: str | None
 ) -> ReplayOutcome:
-    processor = receiver_for(app, name).processor
+    receiver = receiver_for(app, name)
+    _check_account(receiver, account)
+    processor = receiver.processor
     event = parse_event(payload, account)
     with app.app_context():
         result: Result = processor.rerun(app, event, error)

@@ -21,7 +21,14 @@ from .dispatch import Handlers
 from .processing import Processor
 from .stores import DedupeStore
 
-__all__ = ["EXTENSION_KEY", "Receiver", "receiver_for", "receivers"]
+__all__ = [
+    "EXTENSION_KEY",
+    "Receiver",
+    "delivery_target",
+    "delivery_url",
+    "receiver_for",
+    "receivers",
+]
 
 #: Where the instances' state is kept: ``app.extensions["ploints"][name]``.
 EXTENSION_KEY = "ploints"
@@ -73,3 +80,51 @@ def receiver_for(app: Flask | None = None, name: str = "ploints") -> Receiver:
             f"PlointsWebhooks {name!r} is not registered on app {app.name!r} (registered:"
             f" {registered}); did you forget to call init_app(app)?"
         ) from None
+
+
+def delivery_url(app: Flask, receiver: Receiver, account: str | None) -> str:
+    """Return the URL path that a delivery to ``receiver`` is posted to: its
+    URL, or on an endpoint for many accounts, ``account``'s.
+
+    .. versionadded:: 0.2
+
+    :raises ValueError: ``account`` is given to an instance of one account,
+        or missing for one of many.
+    """
+    settings = receiver.settings
+    if settings.accounts is None:
+        if account is not None:
+            raise ValueError(
+                f"PlointsWebhooks {receiver.name!r} serves one account: its URL"
+                f" {settings.url!r} has no <account>"
+            )
+        return settings.url
+    if account is None:
+        raise ValueError(
+            f"PlointsWebhooks {receiver.name!r} serves many accounts ({settings.url!r}):"
+            " give the account"
+        )
+    # The URL map builds (and quotes) the account as the endpoint routes it,
+    # without a request context.
+    return app.url_map.bind("localhost").build(f"{receiver.name}.receive", {"account": account})
+
+
+def delivery_target(app: Flask, receiver: Receiver, account: str | None) -> tuple[str, str]:
+    """Return :func:`delivery_url` and the secret a delivery is signed with
+    (the current one): the instance's own, or ``account``'s from the lookup,
+    which is called once.
+
+    .. versionadded:: 0.2
+
+    :raises ValueError: as :func:`delivery_url`, or ``account`` is unknown
+        to the lookup.
+    :raises flask_ploints.errors.SecretLookupError: the lookup failed.
+    """
+    url = delivery_url(app, receiver, account)
+    accounts = receiver.settings.accounts
+    if accounts is None or account is None:
+        return url, receiver.settings.secrets[0]
+    secrets = accounts.secrets(account)
+    if secrets is None:
+        raise ValueError(f"the secret lookup does not know account {account!r}")
+    return url, secrets[0]

@@ -28,6 +28,8 @@ from werkzeug.test import TestResponse
 from .samples import build_event
 from .signature import SIGNATURE_HEADER
 from .signature import sign
+from .state import delivery_target
+from .state import delivery_url
 from .state import receiver_for
 from .stores import ClaimStatus
 from .stores import DedupeStore
@@ -53,10 +55,16 @@ class PlointsClient:
     """
 
     def __init__(self, app: Flask, name: str = "ploints") -> None:
-        receiver = receiver_for(app, name)
+        self.app = app
+        self.receiver = receiver_for(app, name)
+        settings = self.receiver.settings
         self.client: FlaskClient = app.test_client()
-        self.url: str = receiver.settings.url
-        self.secret: str = receiver.settings.secrets[0]
+        #: The endpoint's URL rule; ``/webhooks/ploints/<account>`` on an
+        #: endpoint for many accounts, whose posts name the account.
+        self.url: str = settings.url
+        #: The current secret; ``None`` on an endpoint for many accounts,
+        #: where each post is signed with its account's, from the lookup.
+        self.secret: str | None = settings.secrets[0] if settings.accounts is None else None
 
     def send(
         self,
@@ -65,11 +73,18 @@ class PlointsClient:
         *,
         id: str | None = None,
         timestamp: t.Any = None,
+        account: str | None = None,
     ) -> TestResponse:
         """Build an event with :func:`build_event`, sign it with the current
         secret and post it.
+
+        :param account: on an endpoint for many accounts, the account to
+            post for (see :meth:`post`).
+
+        .. versionchanged:: 0.2
+            The ``account`` parameter.
         """
-        return self.post(build_event(type, data, id=id, timestamp=timestamp))
+        return self.post(build_event(type, data, id=id, timestamp=timestamp), account=account)
 
     def post(
         self,
@@ -77,6 +92,7 @@ class PlointsClient:
         *,
         signature: str | None = None,
         headers: t.Mapping[str, str] | None = None,
+        account: str | None = None,
     ) -> TestResponse:
         """Post an event body, signed with the current secret unless
         ``signature`` is given.
@@ -84,14 +100,27 @@ class PlointsClient:
         :param event: a body dict (serialised as JSON) or the exact bytes.
         :param signature: the header value to send instead of the right one.
         :param headers: more headers; they win over the defaults.
+        :param account: on an endpoint for many accounts, the account whose
+            URL it is posted to and whose current secret (from the app's
+            lookup, called once) signs it.
+        :raises ValueError: ``account`` is missing on an endpoint for many
+            accounts, given on one for one, or unknown to the lookup.
+
+        .. versionchanged:: 0.2
+            The ``account`` parameter.
         """
         body = event if isinstance(event, bytes) else json.dumps(event).encode()
-        sent = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(body, self.secret) if signature is None else signature,
-        }
+        if signature is not None:
+            # A given signature needs no secret, nor a lookup of one.
+            url = delivery_url(self.app, self.receiver, account)
+        elif account is None and self.secret is not None:
+            url, signature = self.url, sign(body, self.secret)
+        else:
+            url, secret = delivery_target(self.app, self.receiver, account)
+            signature = sign(body, secret)
+        sent = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
         sent.update(headers or {})
-        return self.client.post(self.url, data=body, headers=sent)
+        return self.client.post(url, data=body, headers=sent)
 
 
 def send_event(
@@ -101,6 +130,7 @@ def send_event(
     *,
     id: str | None = None,
     name: str = "ploints",
+    account: str | None = None,
 ) -> TestResponse:
     """Post one correctly signed event to ``app`` and return the response.
 
@@ -109,8 +139,13 @@ def send_event(
     :param data: the payload; default, sample data for the type.
     :param id: the event id; default, a fresh one.
     :param name: which instance, when the app has several.
+    :param account: the account to post for, on an endpoint for many
+        accounts (see :meth:`PlointsClient.post`).
+
+    .. versionchanged:: 0.2
+        The ``account`` parameter.
     """
-    return PlointsClient(app, name).send(type, data, id=id)
+    return PlointsClient(app, name).send(type, data, id=id, account=account)
 
 
 @pytest.fixture

@@ -130,6 +130,9 @@ class WebhookEndpoint:
         self.processor = processor
         self._keys = tuple(secret.encode("utf-8") for secret in settings.secrets)
         self._accounts = settings.accounts
+        # Only a worker's dispatcher signs with the account's current secret
+        # (the task's proof); an inline one skips remembering it.
+        self._remembered = None if processor.dispatcher.runs_inline else settings.accounts
         # The oldest timestamp accepted, moved on once a second: comparing
         # two datetimes costs less than working out each event's age.
         self._oldest = datetime.min.replace(tzinfo=UTC)
@@ -190,10 +193,10 @@ class WebhookEndpoint:
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
 
-        if self._accounts is None:
+        if self._remembered is None:
             result = self.processor.deliver(app, event)
         else:
-            with self._accounts.verified(event.account or "", secrets):
+            with self._remembered.verified(event.account or "", secrets):
                 result = self.processor.deliver(app, event)
         # The common answer without a table lookup; the others from _ANSWERS.
         if result.outcome is _PROCESSED_OUTCOME:

@@ -66,6 +66,8 @@ class Workers:
         #: More Celery settings of the workers only.
         self.celery: dict[str, t.Any] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
+        #: The Celery app the workers run, as ``module:attribute``.
+        self.app_module = "tests.celery_app:celery"
 
     def start(self, pool: str = "solo") -> subprocess.Popen[bytes]:
         """Start a worker and wait until it consumes from the queue."""
@@ -85,7 +87,7 @@ class Workers:
             "-m",
             "celery",
             "-A",
-            "tests.celery_app:celery",
+            self.app_module,
             "worker",
             f"--pool={pool}",
             "--concurrency=1",

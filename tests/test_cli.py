@@ -785,3 +785,77 @@ def test_failed_lists_this_instances_events_only(tmp_path: Path) -> None:
     partner_lines = run(app, "failed", "--name", "partner").output.splitlines()
     assert [line.split()[0] for line in main_lines] == ["evt_main"]
     assert [line.split()[0] for line in partner_lines] == ["evt_partner"]
+
+
+def _accounts_api_app(api: str) -> Flask:
+    return build_app(
+        {
+            "PLOINTS_API_URL": api,
+            "PLOINTS_API_KEY": "key_good",
+            "PLOINTS_WEBHOOK_URL": "/webhooks/ploints/<account>",
+            "PLOINTS_WEBHOOK_SECRET": {"m1": "whsec_m1"}.get,
+        }
+    )[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "account", "registered"),
+    [
+        (
+            "https://shop.example/webhooks/ploints/<account>",
+            "m 2",
+            "https://shop.example/webhooks/ploints/m%202",
+        ),
+        (
+            "https://shop.example/webhooks/ploints/m1",
+            "m1",
+            "https://shop.example/webhooks/ploints/m1",
+        ),
+    ],
+)
+def test_register_for_an_account(api: str, url: str, account: str, registered: str) -> None:
+    app = _accounts_api_app(api)
+    result = run(app, "register", "--url", url, "--events", "points.earned", "--account", account)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"webhook wh_abc123 created for {registered}",
+        "events: points.earned",
+        "secret: whsec_k8x2new",
+        "Store the secret now, it is not shown again: your PLOINTS_WEBHOOK_SECRET lookup must"
+        f" return it for account {account!r} (keep it in your database or secret manager).",
+    ]
+    assert [request["body"]["url"] for request in PlointsAPI.requests] == [registered]
+
+
+def test_register_for_an_account_checks_the_url_and_the_endpoint(api: str) -> None:
+    app = _accounts_api_app(api)
+    assert_one_line_error(
+        run(
+            app,
+            "register",
+            "--url",
+            "https://shop.example/hooks/m1",
+            "--events",
+            "points.earned",
+            "--account",
+            "m1",
+        ),
+        "--url 'https://shop.example/hooks/m1' is not the endpoint's URL for account 'm1': its"
+        " path must end with '/webhooks/ploints/m1' (or put <account> in --url)",
+    )
+    single = _api_app(api, "key_good")
+    assert_one_line_error(
+        run(
+            single,
+            "register",
+            "--url",
+            "https://shop.example/webhooks/ploints",
+            "--events",
+            "points.earned",
+            "--account",
+            "m1",
+        ),
+        "--account: PlointsWebhooks 'ploints' serves one account: its URL '/webhooks/ploints'"
+        " has no <account>",
+    )
+    assert PlointsAPI.requests == []

@@ -14,6 +14,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from flask.testing import FlaskClient
 
 from flask_ploints import ConfigError
@@ -23,6 +24,7 @@ from flask_ploints.delivery_log import EXTENSION_KEY
 from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.delivery_log import delivery_log
+from flask_ploints.delivery_log.table import make_table
 from flask_ploints.stores import StoreError
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -563,3 +565,152 @@ def test_a_log_from_a_sqlite_url_records(url: str, tmp_path: Path) -> None:
         assert [delivery.id for delivery in log.recent()] == [row]
     finally:
         log.engine.dispose()
+
+
+# Endpoints for many accounts.
+
+ACCOUNT_SECRETS = {"m1": "whsec_m1", "m2": "whsec_m2"}
+
+
+def _accounts_shop(log: DeliveryLog) -> tuple[Shop, list[tuple[str | None, str]]]:
+    shop = Shop(
+        log,
+        PLOINTS_WEBHOOK_URL="/webhooks/ploints/<account>",
+        PLOINTS_WEBHOOK_SECRET=ACCOUNT_SECRETS.get,
+    )
+    seen: list[tuple[str | None, str]] = []
+    shop.webhooks.on_any(lambda event: seen.append((event.account, event.id)))
+    return shop, seen
+
+
+def _accounts(rows: list[Delivery]) -> list[tuple[str | None, str | None, str]]:
+    return [(row.account, row.event_id, row.outcome) for row in rows]
+
+
+def test_the_account_of_each_delivery_is_shown_and_filtered(any_log: DeliveryLog) -> None:
+    shop, _ = _accounts_shop(any_log)
+    shop.sender.send("points.earned", id="evt_1", account="m1")
+    shop.sender.send("points.earned", id="evt_1", account="m2")
+    shop.sender.send("points.earned", id="evt_1", account="m2")
+    forged = json.dumps(build_event("points.earned", id="evt_2")).encode()
+    assert shop.sender.post(forged, signature="0" * 64, account="m1").status_code == 401
+    assert _accounts(any_log.recent()) == [
+        ("m1", None, "rejected"),
+        ("m2", "evt_1", "duplicate"),
+        ("m2", "evt_1", "processed"),
+        ("m1", "evt_1", "processed"),
+    ]
+    assert _accounts(any_log.recent(account="m1")) == [
+        ("m1", None, "rejected"),
+        ("m1", "evt_1", "processed"),
+    ]
+    assert any_log.recent(account="m9") == []
+
+    page = shop.browser.get(f"{PAGE}?account=m2").get_data(as_text=True)
+    assert "<th>Account</th>" in page
+    assert '<input type="text" name="account" value="m2"' in page
+    assert page.count(f'<a href="{PAGE}?account=m2">m2</a>') == 2
+    assert f'<a href="{PAGE}?account=m1">m1</a>' not in page
+    page = shop.browser.get(f"{PAGE}?account=m1&outcome=rejected").get_data(as_text=True)
+    assert page.count('<span class="badge rejected">rejected</span>') == 1
+    assert page.count('<span class="badge processed">processed</span>') == 0
+
+
+def test_an_endpoint_of_one_account_has_no_account_column(shop: Shop) -> None:
+    shop.sender.send("points.earned", id="evt_1")
+    assert _accounts(shop.log.recent()) == [(None, "evt_1", "processed")]
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert "<th>Account</th>" not in page
+    assert 'name="account"' not in page
+
+
+def test_rerun_runs_with_the_account_of_the_delivery(sqlite_log: DeliveryLog) -> None:
+    shop, seen = _accounts_shop(sqlite_log)
+    shop.broken = True
+    assert shop.sender.send("points.earned", id="evt_1", account="m1").status_code == 500
+    shop.broken = False
+    (failed,) = sqlite_log.recent(outcome="failed")
+    assert failed.account == "m1"
+    detail = shop.browser.get(f"{PAGE}/{failed.id}").get_data(as_text=True)
+    assert '<dt>Account</dt><dd class="mono">m1</dd>' in detail
+    response = shop.rerun(failed.id, shop.csrf_token(failed.id))
+    assert response.status_code == 303
+    page = shop.browser.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Re-run of evt_1: processed." in page
+    assert seen == [("m1", "evt_1")]
+    # Processed for m1, under m1's key: m1's next copy is a duplicate, and
+    # m2's event of the same id its own.
+    assert shop.sender.send("points.earned", id="evt_1", account="m1").get_json() == {
+        "received": True,
+        "duplicate": True,
+    }
+    assert shop.sender.send("points.earned", id="evt_1", account="m2").status_code == 200
+    assert seen == [("m1", "evt_1"), ("m2", "evt_1")]
+
+
+def _table_of_0_1(log: DeliveryLog) -> None:
+    """Create the log's table as 0.1 did, without the account column, with
+    one row in it.
+    """
+    old = make_table(log.table.name, account=False)
+    old.create(log.engine)
+    with log.engine.begin() as connection:
+        connection.execute(
+            sa.insert(old).values(
+                received_at=time.time() - 60,
+                name="ploints",
+                event_id="evt_old",
+                event_type="points.earned",
+                outcome="processed",
+            )
+        )
+
+
+def _columns(log: DeliveryLog) -> set[str]:
+    return {column["name"] for column in sa.inspect(log.engine).get_columns(log.table.name)}
+
+
+def test_a_table_of_0_1_gets_the_account_column_on_first_use(any_log: DeliveryLog) -> None:
+    _table_of_0_1(any_log)
+    assert "account" not in _columns(any_log)
+    shop, _ = _accounts_shop(any_log)
+    shop.sender.send("points.earned", id="evt_new", account="m1")
+    assert "account" in _columns(any_log)
+    indexes = {
+        index["name"] for index in sa.inspect(any_log.engine).get_indexes(any_log.table.name)
+    }
+    assert f"ix_{any_log.table.name}_account" in indexes
+    assert _accounts(any_log.recent()) == [
+        ("m1", "evt_new", "processed"),
+        (None, "evt_old", "processed"),
+    ]
+    # Another log (another process) on the upgraded table adds nothing.
+    other = DeliveryLog(any_log.engine, table_name=any_log.table.name)
+    assert _accounts(other.recent(account="m1")) == [("m1", "evt_new", "processed")]
+
+
+def test_a_table_of_0_1_that_the_app_migrates_is_used_without_accounts(
+    sqlite_log: DeliveryLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    _table_of_0_1(sqlite_log)
+    log = DeliveryLog(sqlite_log.engine, table_name=sqlite_log.table.name, create_table=False)
+    shop, seen = _accounts_shop(log)
+    with caplog.at_level(logging.WARNING, "flask_ploints"):
+        assert shop.sender.send("points.earned", id="evt_new", account="m1").status_code == 200
+    assert seen == [("m1", "evt_new")]
+    assert "account" not in _columns(log)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the delivery log's table {log.table.name!r} has no account column: add it with your"
+        " migrations (see the delivery log's docs); rows are kept without their account until"
+        " then"
+    ]
+    assert _accounts(log.recent()) == [
+        (None, "evt_new", "processed"),
+        (None, "evt_old", "processed"),
+    ]
+    assert log.recent(account="m1") == []
+    # create_table() adds it.
+    log.create_table()
+    assert "account" in _columns(log)
+    shop.sender.send("points.earned", id="evt_newer", account="m2")
+    assert _accounts(log.recent(account="m2")) == [("m2", "evt_newer", "processed")]

@@ -162,6 +162,86 @@ def _forget(store: t.Any, ids: list[str]) -> None:
         store.engine.dispose()
 
 
+def _signed_post(client: PlointsClient, account: str, secret: str, event_id: str) -> int:
+    body = json.dumps(build_event("points.earned", id=event_id)).encode()
+    headers = {"Content-Type": "application/json", "X-Ploints-Signature": sign(body, secret)}
+    return client.client.post(
+        f"/webhooks/ploints/{account}", data=body, headers=headers
+    ).status_code
+
+
+def test_merchants(examples: t.Callable[[str], types.ModuleType]) -> None:
+    merchants = examples("merchants")
+    client = _client(merchants.app)
+    data = {"customerEmail": "jane@example.com", "amount": 5, "newBalance": 105}
+    assert client.send("points.earned", data, id="evt_1", account="acme").status_code == 200
+    assert merchants.balances == {("acme", "jane@example.com"): 105}
+    # Rotating acme's secret: both are accepted for acme, neither for globex.
+    merchants.start_rotation("acme", "whsec_acme_2")
+    assert _signed_post(client, "acme", "whsec_acme_1", "evt_2") == 200
+    assert _signed_post(client, "acme", "whsec_acme_2", "evt_3") == 200
+    assert _signed_post(client, "globex", "whsec_acme_2", "evt_4") == 401
+    assert _signed_post(client, "globex", "whsec_globex_1", "evt_5") == 200
+    merchants.finish_rotation("acme")
+    assert merchants.SECRETS["acme"] == ["whsec_acme_2"]
+    assert _signed_post(client, "acme", "whsec_acme_1", "evt_6") == 401
+    assert _signed_post(client, "acme", "whsec_acme_2", "evt_7") == 200
+    assert _signed_post(client, "initech", "whsec_acme_2", "evt_8") == 404
+
+
+def test_cached_lookup(
+    examples: t.Callable[[str], types.ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached_lookup = examples("cached_lookup")
+    calls: list[str] = []
+    table = {"acme": ["whsec_acme_1"]}
+
+    def lookup(account: str) -> list[str] | None:
+        calls.append(account)
+        return table.get(account)
+
+    now = [1000.0]
+    monkeypatch.setattr(cached_lookup.time, "monotonic", lambda: now[0])
+    cached = cached_lookup.cached_for(60)(lookup)
+    assert [cached("acme"), cached("acme"), cached("globex")] == [
+        ["whsec_acme_1"],
+        ["whsec_acme_1"],
+        None,
+    ]
+    assert calls == ["acme", "globex"]
+    now[0] += 60
+    table["acme"] = ["whsec_acme_2", "whsec_acme_1"]
+    assert cached("acme") == ["whsec_acme_2", "whsec_acme_1"]
+    assert calls == ["acme", "globex", "acme"]
+    cached.cache_clear()
+    cached("acme")
+    assert calls == ["acme", "globex", "acme", "acme"]
+
+    loads: list[int] = []
+
+    def load() -> dict[str, list[str]]:
+        loads.append(1)
+        return dict(table)
+
+    in_memory = cached_lookup.SecretsInMemory(load)
+    assert (in_memory("acme"), in_memory("globex"), len(loads)) == (table["acme"], None, 1)
+    table["globex"] = ["whsec_globex_1"]
+    assert in_memory("globex") is None
+    in_memory.refresh()
+    assert (in_memory("globex"), len(loads)) == (["whsec_globex_1"], 2)
+
+
+def test_merchants_testing_example_runs(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This checkout's package, not whichever one is installed.
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES.parent.parent))
+    for name in ("merchants.py", "test_merchants.py"):
+        shutil.copy(EXAMPLES / name, pytester.path / name)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
 @pytest.fixture
 def environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """The environment the transaction examples read; their database is an

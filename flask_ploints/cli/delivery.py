@@ -15,6 +15,7 @@ import urllib.request
 import click
 from flask import current_app
 
+from ..errors import SecretLookupError
 from ..events import EVENT_TYPES
 from ..events import InvalidEvent
 from ..events import parse_event
@@ -24,6 +25,7 @@ from ..signals import signal_for
 from ..signature import SIGNATURE_HEADER
 from ..signature import sign
 from ..state import Receiver
+from ..state import delivery_target
 from .group import current_flask_app
 from .group import finite
 from .group import name_option
@@ -35,15 +37,25 @@ from .http import check_url
 __all__ = ["events_command", "send_command", "sign_command", "simulate_command"]
 
 
+def _target(receiver: Receiver, account: str | None) -> tuple[str, str]:
+    """The endpoint's URL path and the current secret, of ``account`` on an
+    endpoint for many accounts; a one-line error for a wrong ``--account``.
+    """
+    try:
+        return delivery_target(current_flask_app(), receiver, account)
+    except ValueError as error:
+        raise click.ClickException(f"--account: {error}") from None
+    except SecretLookupError as error:
+        raise click.ClickException(str(error)) from None
+
+
 def _post(
-    url: str | None, receiver: Receiver, body: bytes, timeout: float = 10.0
+    url: str | None, target: tuple[str, str], body: bytes, timeout: float = 10.0
 ) -> tuple[int, str]:
-    headers = {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(body, receiver.settings.secrets[0]),
-    }
+    path, secret = target
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)}
     if url is None:
-        response = current_app.test_client().post(receiver.settings.url, data=body, headers=headers)
+        response = current_app.test_client().post(path, data=body, headers=headers)
         return response.status_code, response.get_data(as_text=True).strip()
     check_url("--url", url)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -116,9 +128,17 @@ def _event_options(func: _Command) -> _Command:
     return func
 
 
+_account_option = click.option(
+    "--account",
+    help="On an endpoint for many accounts: post to this account's URL, signed with its"
+    " current secret from the lookup.",
+)
+
+
 @ploints.command("send")
 @_event_options
 @click.option("--url", help="Post over HTTP to this URL instead of to the app in process.")
+@_account_option
 @name_option
 def send_command(
     event_type: str,
@@ -126,12 +146,13 @@ def send_command(
     data_file: t.BinaryIO | None,
     event_id: str | None,
     url: str | None,
+    account: str | None,
     name: str,
 ) -> None:
     """Sign a sample event of TYPE with the current secret and deliver it."""
-    receiver = receiver_named(name)
+    target = _target(receiver_named(name), account)
     body = _event_body(event_type, data, data_file, event_id)
-    status, answer = _post(url, receiver, body)
+    status, answer = _post(url, target, body)
     click.echo(f"{status} {answer}")
     if not 200 <= status < 300:
         sys.exit(1)
@@ -139,12 +160,14 @@ def send_command(
 
 @ploints.command("sign")
 @click.argument("source", type=click.File("rb"), default="-")
+@_account_option
 @name_option
-def sign_command(source: t.BinaryIO, name: str) -> None:
+def sign_command(source: t.BinaryIO, account: str | None, name: str) -> None:
     """Print the X-Ploints-Signature of a body read from SOURCE (a file, or
     - for standard input) under the current secret.
     """
-    click.echo(sign(source.read(), receiver_named(name).settings.secrets[0]))
+    _, secret = _target(receiver_named(name), account)
+    click.echo(sign(source.read(), secret))
 
 
 def _describe(func: t.Callable[..., t.Any]) -> str:
@@ -187,6 +210,7 @@ def events_command(name: str) -> None:
     show_default=True,
     help="Count the first K answers as lost (a timeout), even a 2xx, so the event is retried.",
 )
+@_account_option
 @name_option
 def simulate_command(
     event_type: str,
@@ -196,17 +220,19 @@ def simulate_command(
     url: str | None,
     speed: float,
     fail_first: int,
+    account: str | None,
     name: str,
 ) -> None:
     """Deliver one event the way Ploints does: the same body again on the
     retry schedule (+1 min, +5 min, +30 min, +2 h, +12 h, divided by
     --speed) until an answer counts as a 2xx.
     """
-    receiver = receiver_named(name)
+    # The lookup is asked once: each attempt is the same signed body.
+    target = _target(receiver_named(name), account)
     body = _event_body(event_type, data, data_file, event_id)
     for attempt, delay in enumerate(RETRY_SCHEDULE, start=1):
         time.sleep(delay / speed)
-        status, answer = _post(url, receiver, body)
+        status, answer = _post(url, target, body)
         lost = attempt <= fail_first
         note = " (answer lost: the sender retries)" if lost else ""
         click.echo(f"attempt {attempt} (sender's +{delay} s): {status} {answer}{note}")

@@ -7,13 +7,18 @@ import json
 import os
 import typing as t
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import click
 from flask import current_app
 
 from ..events import EVENT_TYPES
+from ..state import delivery_url
+from .group import current_flask_app
+from .group import name_option
 from .group import ploints
+from .group import receiver_named
 from .http import OPENER
 from .http import check_url
 
@@ -35,10 +40,20 @@ DEFAULT_API_URL = "https://ploints.space/api/v1"
 @click.option(
     "--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True
 )
-def register_command(url: str, event_types: str, timeout: float) -> None:
+@click.option(
+    "--account",
+    help="Register for this account of an endpoint for many accounts: an <account> in --url is"
+    " replaced by it, else --url must end with the endpoint's path for it.",
+)
+@name_option
+def register_command(
+    url: str, event_types: str, timeout: float, account: str | None, name: str
+) -> None:
     """Create a webhook at Ploints (POST /api/v1/webhooks) with the API key
     in PLOINTS_API_KEY, and print its id and secret once.
     """
+    if account is not None:
+        url = _account_url(url, account, name)
     types = [part.strip() for part in event_types.split(",") if part.strip()]
     unknown = [event_type for event_type in types if event_type not in EVENT_TYPES]
     if not types or unknown:
@@ -83,10 +98,34 @@ def register_command(url: str, event_types: str, timeout: float) -> None:
     click.echo(f"webhook {webhook['id']} created for {webhook.get('url', url)}")
     click.echo(f"events: {', '.join(webhook.get('events', types))}")
     click.echo(f"secret: {webhook['secret']}")
+    if account is not None:
+        click.echo(
+            f"Store the secret now, it is not shown again: your PLOINTS_WEBHOOK_SECRET lookup must"
+            f" return it for account {account!r} (keep it in your database or secret manager)."
+        )
+        return
     click.echo(
         "Store the secret now, it is not shown again: set PLOINTS_WEBHOOK_SECRET from your secret"
         " manager or environment, never in source control."
     )
+
+
+def _account_url(url: str, account: str, name: str) -> str:
+    """``--url`` for ``account``: its ``<account>`` replaced, or checked to
+    end with the path the endpoint routes for the account.
+    """
+    try:
+        path = delivery_url(current_flask_app(), receiver_named(name), account)
+    except ValueError as error:
+        raise click.ClickException(f"--account: {error}") from None
+    if "<account>" in url:
+        return url.replace("<account>", urllib.parse.quote(account, safe=""))
+    if not urllib.parse.urlsplit(url).path.endswith(path):
+        raise click.ClickException(
+            f"--url {url!r} is not the endpoint's URL for account {account!r}: its path must end"
+            f" with {path!r} (or put <account> in --url)"
+        )
+    return url
 
 
 def _webhook(payload: object) -> dict[str, t.Any]:

@@ -157,6 +157,10 @@ def _render(template: str, **context: t.Any) -> str:
         format_time=_format_time,
         format_duration=_format_duration,
         several_instances=len(current_app.extensions.get("ploints", {})) > 1,
+        many_accounts=any(
+            receiver.settings.accounts is not None
+            for receiver in current_app.extensions.get("ploints", {}).values()
+        ),
         **context,
     )
 
@@ -188,7 +192,8 @@ def _row_id(value: int | str | None) -> int | None:
 @blueprint.get("", strict_slashes=False)
 def index() -> str:
     """The list of recent deliveries, newest first, filtered by the query
-    parameters ``type`` and ``outcome``; ``before`` (a row id) pages back.
+    parameters ``type``, ``outcome`` and ``account``; ``before`` (a row id)
+    pages back.
     Rejected requests are listed only when filtered for, so that a flood of
     forged ones cannot push real deliveries off the page; the page says how
     many there were in the last day.
@@ -197,12 +202,16 @@ def index() -> str:
     event_types = log.event_types()
     event_type = _choice("type", event_types)
     outcome = _choice("outcome", OUTCOMES)
+    # Free text: a platform's accounts are too many for a list.
+    account = request.args.get("account") or None
     before = _row_id(request.args.get("before"))
     shown = None if outcome is not None else [name for name in OUTCOMES if name != "rejected"]
-    rows = log.recent(PAGE_SIZE + 1, event_type, outcome, before=before, outcomes=shown)
+    rows = log.recent(
+        PAGE_SIZE + 1, event_type, outcome, before=before, outcomes=shown, account=account
+    )
     older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
     hidden = 0
-    if outcome is None and event_type is None:
+    if outcome is None and event_type is None and account is None:
         hidden = log.count("rejected", since=time.time() - REJECTED_WINDOW)
     return _render(
         "ploints/deliveries.html",
@@ -212,6 +221,7 @@ def index() -> str:
         outcomes=OUTCOMES,
         event_type=event_type,
         outcome=outcome,
+        account=account,
         older=older,
         paged=before is not None,
         hidden_rejected=hidden,
@@ -234,7 +244,8 @@ def detail(delivery_id: int) -> str:
     delivery = log.get(_checked(delivery_id)) or abort(404)
     history: list[Delivery] = []
     if delivery.event_id is not None:
-        history = log.recent(PAGE_SIZE, event_id=delivery.event_id)
+        # The same id from another account is another event.
+        history = log.recent(PAGE_SIZE, event_id=delivery.event_id, account=delivery.account)
     return _render(
         "ploints/delivery.html",
         title=delivery.event_id or f"Delivery {delivery.id}",
@@ -256,7 +267,7 @@ def rerun(delivery_id: int) -> BaseResponse:
         return back
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
-        outcome = rerun_body(app, delivery.payload, name=delivery.name)
+        outcome = rerun_body(app, delivery.payload, name=delivery.name, account=delivery.account)
     except (RuntimeError, ValueError) as exc:
         # The instance is gone from the app, the body no longer parses, or a
         # delivery of the event is running right now.

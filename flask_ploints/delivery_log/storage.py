@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-import traceback
 import typing as t
 
 from flask import Flask
 
-from .. import signals
 from ..errors import DeliveryLogError
 from ..logfields import delivery_fields
 from ..logfields import event_fields
+from .recording import connect_signals
 from .table import MAX_REASON
 from .table import MAX_TRACEBACK
 from .table import OUTCOMES
 from .table import Delivery
 from .table import delivery
 from .table import make_table
+from .table import upgraded
 
 try:
     import sqlalchemy as sa
@@ -63,11 +64,6 @@ PAUSE = 30.0
 _PURGE_INTERVAL = 600.0
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip()[:MAX_REASON] if lines else ""
-
-
 class DeliveryLog:
     """Records every delivery outcome of an app in one table of a SQL
     database (PostgreSQL and SQLite are tested), and reads them back for the
@@ -91,8 +87,10 @@ class DeliveryLog:
     :param retention: seconds a row is kept; :meth:`record` purges older
         rows at most every ten minutes. ``None`` keeps them until
         :meth:`purge` is called.
-    :param create_table: create the table (if missing) on first use; else
-        call :meth:`create_table` or create it with your migrations.
+    :param create_table: create the table (if missing) on first use, and
+        add the ``account`` column of 0.2 to a table of 0.1; else call
+        :meth:`create_table` or create it with your migrations (until they
+        add the column, rows are kept without their account).
     :param timeout: the most seconds one use of the database may take on a
         network database before its connection is cut; ``None`` for no
         bound.
@@ -122,6 +120,9 @@ class DeliveryLog:
         self._table = ManagedTable(
             engine, self.table, create=create_table, error=DeliveryLogError, wait=timeout
         )
+        self._alter = create_table
+        self._upgraded = False
+        self._upgrade_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -157,6 +158,9 @@ class DeliveryLog:
         :raises DeliveryLogError: the database refused.
         """
         self._table.create()
+        with self._upgrade_lock:
+            self.table = upgraded(self._table, alter=True)
+            self._upgraded = True
 
     def connect(self, app: Flask) -> None:
         """Record the deliveries of ``app``, of every
@@ -164,44 +168,7 @@ class DeliveryLog:
         the instance's name), by connecting to the lifecycle signals for
         this app only.
         """
-
-        def processed(sender: Flask, *, name: str, event: Event, duration: float) -> None:
-            self._safely(
-                "processed", name=name, event=event, duration=duration, started_before=duration
-            )
-
-        def duplicate(sender: Flask, *, name: str, event: Event, **extra: t.Any) -> None:
-            self._safely("duplicate", name=name, event=event)
-
-        def failed(
-            sender: Flask,
-            *,
-            name: str,
-            event: Event,
-            exception: BaseException | None,
-            duration: float,
-            **extra: t.Any,
-        ) -> None:
-            text = "".join(traceback.format_exception(exception)) if exception else None
-            reason = _last_line(text) if text else None
-            self._safely(
-                "failed",
-                name=name,
-                event=event,
-                reason=reason,
-                traceback=text,
-                duration=duration,
-                started_before=duration,
-            )
-
-        def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
-            self._safely("rejected", name=name, reason=reason)
-
-        signals.event_processed.connect(processed, sender=app, weak=False)
-        signals.duplicate_skipped.connect(duplicate, sender=app, weak=False)
-        signals.handler_failed.connect(failed, sender=app, weak=False)
-        signals.signature_rejected.connect(rejected, sender=app, weak=False)
-        signals.payload_rejected.connect(rejected, sender=app, weak=False)
+        connect_signals(app, self._safely)
 
     def _safely(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
         # A blinker receiver that raises stops the receivers after it
@@ -235,6 +202,7 @@ class DeliveryLog:
         traceback: str | None = None,
         duration: float | None = None,
         received_at: float | None = None,
+        account: str | None = None,
     ) -> int:
         """Write one row and return its id. The lifecycle signals call it
         once :meth:`connect` has run; call it yourself for deliveries made
@@ -250,6 +218,8 @@ class DeliveryLog:
             :data:`MAX_TRACEBACK` characters are kept.
         :param duration: seconds spent in the handlers.
         :param received_at: when the delivery arrived; default, now.
+        :param account: the account of a rejected request; a verified
+            event's is its own :attr:`~flask_ploints.Event.account`.
         :raises ValueError: an unknown outcome, or a rejected row with an
             event.
         :raises DeliveryLogError: the database refused.
@@ -258,6 +228,7 @@ class DeliveryLog:
             raise ValueError(f"unknown outcome {outcome!r}; known: {', '.join(OUTCOMES)}")
         if outcome == "rejected" and event is not None:
             raise ValueError("a rejected delivery is unverified: record its reason, not its body")
+        self._prepare()
         now = time.time()
         values = {
             "received_at": now if received_at is None else received_at,
@@ -270,6 +241,8 @@ class DeliveryLog:
             "traceback": None if traceback is None else traceback[-MAX_TRACEBACK:],
             "duration": duration,
         }
+        if "account" in self.table.c:
+            values["account"] = account if event is None else event.account
         with self._begin() as conn:
             result = conn.execute(sa.insert(self.table).values(values))
             key = result.inserted_primary_key
@@ -287,6 +260,7 @@ class DeliveryLog:
         event_id: str | None = None,
         before: int | None = None,
         outcomes: t.Collection[str] | None = None,
+        account: str | None = None,
     ) -> list[Delivery]:
         """Return up to ``limit`` deliveries, newest first.
 
@@ -295,8 +269,10 @@ class DeliveryLog:
         :param event_id: only the deliveries of this event.
         :param before: only rows whose id is smaller, to page back.
         :param outcomes: only these outcomes.
+        :param account: only the deliveries to this account.
         :raises DeliveryLogError: the database refused.
         """
+        self._prepare()
         c = self.table.c
         statement = sa.select(self.table).order_by(c.id.desc()).limit(max(limit, 0))
         if event_type is not None:
@@ -309,6 +285,10 @@ class DeliveryLog:
             statement = statement.where(c.event_id == event_id)
         if before is not None:
             statement = statement.where(c.id < before)
+        if account is not None:
+            if "account" not in c:
+                return []
+            statement = statement.where(c.account == account)
         with self._begin() as conn:
             rows = conn.execute(statement).all()
         return [delivery(row) for row in rows]
@@ -366,9 +346,19 @@ class DeliveryLog:
         with self._begin() as conn:
             return conn.execute(statement).rowcount
 
+    def _prepare(self) -> None:
+        # Before a statement is built, as the first use may swap self.table:
+        # a table of 0.1 gets the account column, or is used without it.
+        self._table.ready()
+        if not self._upgraded:
+            with self._upgrade_lock:
+                if not self._upgraded:
+                    self.table = upgraded(self._table, alter=self._alter)
+                    self._upgraded = True
+
     @contextlib.contextmanager
     def _begin(self) -> t.Iterator[Connection]:
-        self._table.ready()
+        self._prepare()
         with (
             self._table.errors(),
             self._table.lock,

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import logging
 import typing as t
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+
+from ..stores.sql.tables import ManagedTable
 
 __all__ = [
     "MAX_ID",
@@ -18,7 +21,11 @@ __all__ = [
     "Delivery",
     "delivery",
     "make_table",
+    "upgrade_table",
+    "upgraded",
 ]
+
+logger = logging.getLogger("flask_ploints")
 
 #: The largest row id: the columns are 64-bit.
 MAX_ID = 2**63 - 1
@@ -50,8 +57,12 @@ class Delivery:
     :param traceback: the handler's traceback, for ``failed``.
     :param duration: seconds spent in the handlers, for ``processed`` and
         ``failed``.
+    :param account: the account of an endpoint for many accounts that the
+        delivery came to; ``None`` for an endpoint of one.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``account`` field.
     """
 
     id: int
@@ -64,9 +75,18 @@ class Delivery:
     payload: bytes | None
     traceback: str | None
     duration: float | None
+    account: str | None = None
 
 
-def make_table(name: str) -> sa.Table:
+#: The column that 0.2 added, for endpoints of many accounts; a table made by
+#: 0.1 gets it on first use (see :func:`upgrade_table`).
+ACCOUNT_COLUMN = "account"
+
+
+def make_table(name: str, *, account: bool = True) -> sa.Table:
+    """The log's table ``name``; without its account column (``account``
+    false) for a table of 0.1 that the app migrates itself.
+    """
     table = sa.Table(
         name,
         sa.MetaData(),
@@ -92,7 +112,52 @@ def make_table(name: str) -> sa.Table:
     )
     sa.Index(f"ix_{name}_received_at", table.c.received_at)
     sa.Index(f"ix_{name}_event_id", table.c.event_id)
+    if account:
+        table.append_column(sa.Column(ACCOUNT_COLUMN, sa.String(128), nullable=True))
+        sa.Index(f"ix_{name}_account", table.c.account)
     return table
+
+
+def has_account_column(connection: sa.Connection, table: sa.Table) -> bool:
+    """Whether the database's ``table`` has the account column."""
+    columns = sa.inspect(connection).get_columns(table.name)
+    return any(column["name"] == ACCOUNT_COLUMN for column in columns)
+
+
+def upgrade_table(engine: sa.Engine, table: sa.Table, *, alter: bool) -> bool:
+    """Give a table created before 0.2 its account column and index, when
+    ``alter`` allows it: ``ALTER TABLE ... ADD COLUMN``, a nullable column,
+    so old rows read as of no account. Return whether the table has the
+    column now.
+
+    :raises sqlalchemy.exc.SQLAlchemyError: the database refused.
+    """
+    with engine.connect() as connection:
+        if has_account_column(connection, table):
+            return True
+    if not alter:
+        return False
+    column = table.c[ACCOUNT_COLUMN]
+    preparer = engine.dialect.identifier_preparer
+    statement = (
+        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN"
+        f" {preparer.format_column(column)} {column.type.compile(engine.dialect)}"
+    )
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(statement))
+    except sa.exc.SQLAlchemyError:
+        # Another process added it between the check and the ALTER.
+        with engine.connect() as connection:
+            if not has_account_column(connection, table):
+                raise
+    index = next(index for index in table.indexes if index.name == f"ix_{table.name}_account")
+    try:
+        index.create(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError:
+        # Created by another process meanwhile; the second check sees it.
+        index.create(engine, checkfirst=True)
+    return True
 
 
 def delivery(row: sa.Row[t.Any]) -> Delivery:
@@ -107,4 +172,26 @@ def delivery(row: sa.Row[t.Any]) -> Delivery:
         payload=None if row.payload is None else bytes(row.payload),
         traceback=row.traceback,
         duration=row.duration,
+        # A table of 0.1 that the app has not migrated has no such column.
+        account=row._mapping.get(ACCOUNT_COLUMN),
     )
+
+
+def upgraded(managed: ManagedTable, *, alter: bool) -> sa.Table:
+    """Return the table a log of ``managed`` uses, after
+    :func:`upgrade_table`: without the account column when the app keeps
+    migrating a table of 0.1 itself.
+
+    :raises flask_ploints.errors.DeliveryLogError: the database refused.
+    """
+    table = managed.table
+    with managed.errors(), managed.lock:
+        has_account = upgrade_table(managed.engine, table, alter=alter)
+    if has_account:
+        return table
+    logger.warning(
+        "the delivery log's table %r has no account column: add it with your migrations (see"
+        " the delivery log's docs); rows are kept without their account until then",
+        table.name,
+    )
+    return make_table(table.name, account=False)
