@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import os
 import socket
 import threading
@@ -51,6 +52,9 @@ class _Watchdog:
         self._due: list[tuple[float, int, Guard]] = []
         self._order = itertools.count()
         self._pid = 0
+        # When the thread wakes next: a guard due later needs no notify, so
+        # a busy process wakes it about once per timeout, not per guard.
+        self._wake_at = math.inf
 
     def guard(self, connection: object, seconds: float) -> Guard:
         guard = Guard(_fileno(connection))
@@ -62,7 +66,8 @@ class _Watchdog:
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="ploints-sql-deadline", daemon=True).start()
             heapq.heappush(self._due, (due, next(self._order), guard))
-            if self._due[0][2] is guard:
+            if due < self._wake_at:
+                self._wake_at = due
                 self._wake.notify()
         return guard
 
@@ -81,7 +86,9 @@ class _Watchdog:
                     if not guard.done and guard.fileno is not None:
                         guard.fired = True
                         _cut(guard.fileno)
-                self._wake.wait(self._due[0][0] - now if self._due else None)
+                # Released guards stay in the heap until they reach its head.
+                self._wake_at = self._due[0][0] if self._due else math.inf
+                self._wake.wait(self._wake_at - now if self._due else None)
 
     def after_fork(self) -> None:
         # The child has no watchdog thread, and the lock may have been held.
