@@ -370,17 +370,20 @@ def post(
     started = time.monotonic()
     connection = _connection(port, CLIENT_TIMEOUT, context)
     try:
-        connection.request(
-            "POST",
-            URL_PATH,
-            body=iter([body[:20], body[20:]]) if chunked else body,
-            encode_chunked=chunked,
-            headers={
-                "Content-Type": "application/json",
-                "X-Ploints-Signature": signature or sign(body, SECRET),
-                **(headers or {}),
-            },
-        )
+        # The server may answer before the whole body is sent (a 411 or a
+        # 413) and stop reading; its answer is there to read all the same.
+        with contextlib.suppress(BrokenPipeError):
+            connection.request(
+                "POST",
+                URL_PATH,
+                body=iter([body[:20], body[20:]]) if chunked else body,
+                encode_chunked=chunked,
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Ploints-Signature": signature or sign(body, SECRET),
+                    **(headers or {}),
+                },
+            )
         response = connection.getresponse()
         content = response.read()
         return Answer(
