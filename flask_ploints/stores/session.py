@@ -249,6 +249,11 @@ class SessionStore:
                         return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
                     params["claim_token"] = secrets.token_hex(8)
                     adopt = False
+                if (
+                    sql.insert_held is not None
+                    and connection.execute(sql.insert_held, params).first()
+                ):
+                    return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
                 if sql.claim is not None:
                     found = holder(connection.execute(sql.claim, params).first())
                 elif dialect == "sqlite":

@@ -144,6 +144,7 @@ class Statements:
         #: ``INSERT ... ON CONFLICT DO NOTHING``: the claim of an id never
         #: seen, the common case. ``None`` without ON CONFLICT.
         self.insert_new: sa.ClauseElement | None = None
+        self.insert_held: sa.ClauseElement | None = None
         #: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE free RETURNING``
         #: the holder: our row when the claim took over the id, no row when
         #: it changed nothing. ``None`` without ON CONFLICT.
@@ -169,7 +170,12 @@ class Statements:
                 inserting = inserting.from_select(list(values), rows.select_from(bounded))
             else:
                 inserting = inserting.values(values)
-            self.insert_new = inserting.on_conflict_do_nothing(index_elements=[c.id])
+            new_only: t.Any = inserting.on_conflict_do_nothing(index_elements=[c.id])
+            self.insert_new = new_only
+            if held:
+                #: The held claim of an id never seen, the common case: ours
+                #: when it returns a row.
+                self.insert_held = new_only.returning(c.token)
             # EXCLUDED rather than the parameters again: each mention of a
             # parameter is one more for the driver to send.
             proposed = inserting.excluded
