@@ -56,14 +56,13 @@ def event_fields(
     :param outcome: what happened to it, when known.
     :param duration: seconds its handlers took, when they ran.
     """
-    return {
-        "ploints_event_id": event.id,
-        "ploints_event_type": event.type,
-        "ploints_account": event.account,
-        # The plain string, not the enum: what a JSON formatter writes.
-        "ploints_outcome": None if outcome is None else str(outcome),
-        "ploints_duration": duration,
-    }
+    return delivery_fields(
+        outcome,
+        event_id=event.id,
+        event_type=event.type,
+        account=event.account,
+        duration=duration,
+    )
 
 
 def delivery_fields(
@@ -82,6 +81,7 @@ def delivery_fields(
         "ploints_event_id": event_id,
         "ploints_event_type": event_type,
         "ploints_account": account,
+        # The plain string, not the enum: what a JSON formatter writes.
         "ploints_outcome": None if outcome is None else str(outcome),
         "ploints_duration": duration,
     }

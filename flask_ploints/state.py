@@ -121,10 +121,7 @@ def delivery_target(app: Flask, receiver: Receiver, account: str | None) -> tupl
     :raises flask_ploints.errors.SecretLookupError: the lookup failed.
     """
     url = delivery_url(app, receiver, account)
-    accounts = receiver.settings.accounts
-    if accounts is None or account is None:
-        return url, receiver.settings.secrets[0]
-    secrets = accounts.secrets(account)
-    if secrets is None:
+    secrets = receiver.settings.secrets_of(account)
+    if not secrets:
         raise ValueError(f"the secret lookup does not know account {account!r}")
     return url, secrets[0]
