@@ -273,7 +273,7 @@ class SessionStore:
     ) -> Holder | None:
         ours = Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
         try:
-            # A duplicate key fails the statement only, not the transaction.
+            # Not for the transaction: so that racing claims of one id never deadlock.
             with connection.begin_nested():
                 connection.execute(sql.insert, params)
             return ours
