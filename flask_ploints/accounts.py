@@ -63,6 +63,33 @@ _verified: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextv
 )
 
 
+#: How many single secrets an endpoint keeps checked and encoded; past it,
+#: it starts again with none.
+_CHECKED_SECRETS = 4096
+
+
+def _as_keys(account: str, found: object) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    # What the lookup returned for account, as secrets and the bytes they
+    # sign with, or the error that says why it is not a secret or a list.
+    secrets = (found,) if isinstance(found, str) else found
+    if (
+        not isinstance(secrets, (list, tuple))
+        or not secrets
+        or not all(isinstance(secret, str) and secret.strip() for secret in secrets)
+    ):
+        raise SecretLookupError(
+            f"the secret lookup returned a {type(found).__name__} for account {account!r}:"
+            " it must return a secret, a list of secrets or None"
+        )
+    try:
+        return tuple(secrets), tuple(secret.encode("utf-8") for secret in secrets)
+    except UnicodeEncodeError:
+        raise SecretLookupError(
+            f"the secret lookup returned a secret for account {account!r} that is not valid"
+            " UTF-8 (a lone surrogate)"
+        ) from None
+
+
 class Accounts:
     """The secrets of the accounts of one endpoint, from ``lookup``, which
     is called once per delivery; see :doc:`/accounts` for caching it.
@@ -74,6 +101,7 @@ class Accounts:
 
     def __init__(self, lookup: SecretLookup) -> None:
         self.lookup = lookup
+        self._checked: dict[str, tuple[tuple[str, ...], tuple[bytes, ...]]] = {}
 
     def secrets(self, account: str) -> tuple[str, ...] | None:
         """Return ``account``'s secrets, the current one first, or ``None``
@@ -83,6 +111,11 @@ class Accounts:
         :raises SecretLookupError: the lookup raised, or returned something
             that is not a secret, a list of them or ``None``.
         """
+        found = self.keys(account)
+        return None if found is None else found[0]
+
+    def keys(self, account: str) -> tuple[tuple[str, ...], tuple[bytes, ...]] | None:
+        """:meth:`secrets`, and the same as the bytes they sign with."""
         if len(account) > MAX_ACCOUNT_LENGTH or not account.isprintable():
             return None
         try:
@@ -91,38 +124,17 @@ class Accounts:
             raise SecretLookupError(
                 f"the secret lookup raised {type(exc).__name__} for account {account!r}"
             ) from exc
-        if type(found) is str and not found.isspace() and found:
-            # The common answer, one secret, without the checks of a list.
-            return (found,)
-        if found is None:
-            return None
-        secrets = (found,) if isinstance(found, str) else found
-        if (
-            not isinstance(secrets, (list, tuple))
-            or not secrets
-            or not all(isinstance(secret, str) and secret.strip() for secret in secrets)
-        ):
-            raise SecretLookupError(
-                f"the secret lookup returned a {type(found).__name__} for account {account!r}:"
-                " it must return a secret, a list of secrets or None"
-            )
-        return tuple(secrets)
-
-    def keys(self, account: str) -> tuple[tuple[str, ...], tuple[bytes, ...]] | None:
-        """:meth:`secrets`, and the same as the bytes they sign with."""
-        secrets = self.secrets(account)
-        if secrets is None:
-            return None
-        try:
-            if len(secrets) == 1:
-                # No generator for the common single secret, on every delivery.
-                return secrets, (secrets[0].encode(),)
-            return secrets, tuple(secret.encode("utf-8") for secret in secrets)
-        except UnicodeEncodeError:
-            raise SecretLookupError(
-                f"the secret lookup returned a secret for account {account!r} that is not valid"
-                " UTF-8 (a lone surrogate)"
-            ) from None
+        if type(found) is not str:
+            return None if found is None else _as_keys(account, found)
+        # The common answer, one secret: checked and encoded once, then
+        # found by its value, so a rotated secret is a new entry, never a
+        # stale one.
+        keys = self._checked.get(found)
+        if keys is None:
+            if len(self._checked) >= _CHECKED_SECRETS:
+                self._checked.clear()
+            keys = self._checked[found] = _as_keys(account, found)
+        return keys
 
     @contextlib.contextmanager
     def verified(self, account: str, secrets: tuple[str, ...]) -> t.Iterator[None]:

@@ -17,7 +17,9 @@ What the tests show:
 * ``test_the_same_id_from_two_accounts_is_two_events`` and
   ``test_dedupe_keys_are_per_account_in_a_shared_store`` (Redis,
   PostgreSQL; two apps on one store, as two processes).
-* ``test_rotation_of_one_account`` leaves the other account alone.
+* ``test_rotation_of_one_account`` leaves the other account alone;
+  ``test_a_changed_single_secret_is_used_at_once`` (the checked secrets the
+  endpoint keeps follow the lookup's answer, junk is never kept).
 * ``test_event_account_is_none_for_an_endpoint_of_one``.
 * ``test_config_errors_name_the_keys``.
 * ``test_the_test_client_posts_for_an_account`` and the pytest plugin's
@@ -52,6 +54,7 @@ from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import SecretLookupError
+from flask_ploints import accounts
 from flask_ploints.celery import TASK_NAME
 from flask_ploints.cli import ploints
 from flask_ploints.replay import ReplayOutcome
@@ -317,6 +320,32 @@ def test_rotation_of_one_account() -> None:
         ("m2", "evt_3"),
         ("m1", "evt_7"),
         ("m1", "evt_9"),
+    ]
+
+
+def test_a_changed_single_secret_is_used_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Single secrets are kept checked and encoded by their value: a new
+    # value is a new entry, and junk is refused every time, never kept.
+    monkeypatch.setattr(accounts, "_CHECKED_SECRETS", 2)
+    lookup = Lookup({"m1": "whsec_m1_a", "m2": "whsec_m2"})
+    shop = Shop(lookup)
+    _processed(shop.post("m1", "whsec_m1_a", "evt_1"))
+    _processed(shop.post("m2", "whsec_m2", "evt_2"))
+    lookup.secrets["m1"] = "whsec_m1_b"
+    _rejected(shop.post("m1", "whsec_m1_a", "evt_3"))
+    _processed(shop.post("m1", "whsec_m1_b", "evt_4"))
+    _processed(shop.post("m2", "whsec_m2", "evt_5"))
+    lookup.secrets["m2"] = " "
+    assert shop.post("m2", "whsec_m2", "evt_6").status_code == 503
+    assert shop.post("m2", "whsec_m2", "evt_7").status_code == 503
+    lookup.secrets["m2"] = "whsec_m2"
+    _processed(shop.post("m2", "whsec_m2", "evt_8"))
+    assert shop.seen == [
+        ("m1", "evt_1"),
+        ("m2", "evt_2"),
+        ("m1", "evt_4"),
+        ("m2", "evt_5"),
+        ("m2", "evt_8"),
     ]
 
 
