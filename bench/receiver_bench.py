@@ -27,6 +27,9 @@ Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
 rather than one after the other: on a machine busy with other work, the
 steadier comparison. ``--profile`` runs the extension once more
 under cProfile and prints the costliest functions.
+
+``bench/receiver_instructions.py`` counts the same receivers' instructions
+per delivery under callgrind: no noise, but no cache misses either.
 """
 
 from __future__ import annotations
