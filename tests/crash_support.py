@@ -137,8 +137,11 @@ class Workers:
         self.logs = logs
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
-        """Start a solo worker and wait until it consumes from the queue."""
+    def start(self, *, dies: bool = False) -> subprocess.Popen[bytes]:
+        """Start a solo worker and wait until it consumes from the queue;
+        with ``dies``, a worker meant to die on its first task, return at
+        once: it may be gone before its consumer could be seen.
+        """
         number = len(self.processes)
         command = [
             sys.executable,
@@ -171,7 +174,8 @@ class Workers:
                 raise AssertionError(f"worker exited with {process.returncode}:\n{self.output()}")
             return _queue_state(self.broker, self.queue)[1] > 0
 
-        _until(consuming, "the worker to consume")
+        if not dies:
+            _until(consuming, "the worker to consume")
         return process
 
     def output(self) -> str:

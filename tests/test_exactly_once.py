@@ -258,7 +258,7 @@ def test_celery_worker_killed_mid_task_exactly_once(queued: Queued) -> None:
     event_id = "evt_celery_killed"
     # Queued before the worker starts: see tests/test_celery.py.
     _queue(queued, event_id, "inside")
-    first = queued.workers.start()
+    first = queued.workers.start(dies=True)
     assert first.wait(WAIT) == 1
     assert queued.journal.crashes() == {event_id: first.pid}
     # The flushed write rolled back; the endpoint's claim still holds.
