@@ -257,7 +257,7 @@ def test_worker_records(workers: tuple[Workers, Recorder]) -> None:
     durations = [record["ploints_duration"] for record in records]
     assert [(record["message"], {name: record[name] for name in FIELDS}) for record in records] == [
         (
-            "event evt_1 (points.earned) failed (attempt 1 of 2); retrying in 0.2 s:"
+            "event 'evt_1' ('points.earned') failed (attempt 1 of 2); retrying in 0.2 s:"
             " RuntimeError('handler broke on purpose on evt_1')",
             _expected("evt_1", "failed", durations[0]),
         ),

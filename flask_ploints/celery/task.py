@@ -26,7 +26,7 @@ from ..events import InvalidEvent
 from ..events import parse_event
 from ..logfields import REJECTED
 from ..logfields import delivery_fields
-from ..logfields import event_fields
+from ..logfields import log_event
 from ..processing import Outcome
 from ..signature import verify
 from ..state import Receiver
@@ -225,21 +225,12 @@ class _Attempt:
         """
         attempts = self.retries + 1
         note = ""
-        fields = (
-            event_fields(event, Outcome.FAILED, duration)
-            if handlers_ran
-            else event_fields(event, Outcome.UNAVAILABLE)
-        )
+        outcome, took = (Outcome.FAILED, duration) if handlers_ran else (Outcome.UNAVAILABLE, None)
         if self.retries < self.settings.max_retries:
             delay = self.settings.retry_delay(self.retries)
             try:
                 if handlers_ran and not self.processor.keep(event, self.token):
-                    logger.warning(
-                        "event %s (%s): claim lost while failing",
-                        event.id,
-                        event.type,
-                        extra=fields,
-                    )
+                    log_event(logging.WARNING, event, outcome, took, "lost its claim while failing")
                     return
                 self.dispatcher.republish(
                     self.name,
@@ -252,22 +243,18 @@ class _Attempt:
                 )
             except Exception as publish_exc:
                 note = f"\nThe retry could not be queued: {publish_exc!r}\n"
-                logger.exception(
-                    "event %s (%s): retry not queued",
-                    event.id,
-                    event.type,
-                    extra=fields,
-                )
+                log_event(logging.ERROR, event, outcome, took, "retry not queued", exc_info=True)
             else:
-                logger.warning(
-                    "event %s (%s) failed (attempt %d of %d); retrying in %g s: %r",
-                    event.id,
-                    event.type,
+                log_event(
+                    logging.WARNING,
+                    event,
+                    outcome,
+                    took,
+                    "failed (attempt %d of %d); retrying in %g s: %r",
                     attempts,
                     self.settings.max_retries + 1,
                     delay,
                     exc,
-                    extra=fields,
                 )
                 raise Retry(exc=exc, when=delay)
         self.processor.give_up(
