@@ -19,7 +19,10 @@ What the tests show:
   PostgreSQL; two apps on one store, as two processes).
 * ``test_rotation_of_one_account`` leaves the other account alone;
   ``test_a_changed_single_secret_is_used_at_once`` (the checked secrets the
-  endpoint keeps follow the lookup's answer, junk is never kept).
+  endpoint keeps follow the lookup's answer, junk is never kept);
+  ``test_many_threads_many_accounts``: 16 threads on a threaded server, 8
+  accounts, each event twice and once with another account's secret, the
+  kept secrets emptied over and over: each event runs once.
 * ``test_event_account_is_none_for_an_endpoint_of_one``.
 * ``test_config_errors_name_the_keys``.
 * ``test_the_test_client_posts_for_an_account`` and the pytest plugin's
@@ -35,11 +38,14 @@ What the tests show:
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import logging
 import re
+import threading
 import typing as t
+from collections import Counter
 from pathlib import Path
 
 import kombu
@@ -47,6 +53,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from werkzeug.datastructures import Headers
+from werkzeug.serving import make_server
 from werkzeug.test import EnvironBuilder
 from werkzeug.test import TestResponse
 
@@ -347,6 +354,64 @@ def test_a_changed_single_secret_is_used_at_once(monkeypatch: pytest.MonkeyPatch
         ("m2", "evt_5"),
         ("m2", "evt_8"),
     ]
+
+
+def test_many_threads_many_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real sockets, a threaded server, and the kept secrets emptied over
+    # and over while other threads read them.
+    monkeypatch.setattr(accounts, "_CHECKED_SECRETS", 3)
+    secrets = {f"m{number}": f"whsec_m{number}" for number in range(8)}
+    shop = Shop(Lookup(dict(secrets)))
+    server = make_server("127.0.0.1", 0, shop.app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    answers: Counter[tuple[int, str]] = Counter()
+    lock = threading.Lock()
+
+    def deliver(worker: int) -> None:
+        for number in range(25):
+            account = f"m{(worker + number) % 8}"
+            body = json.dumps(build_event("points.earned", id=f"evt_{worker}_{number}")).encode()
+            # Each event twice, and once signed with the next account's secret.
+            for secret in (
+                secrets[account],
+                secrets[account],
+                f"whsec_m{(worker + number + 1) % 8}",
+            ):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                try:
+                    connection.request(
+                        "POST",
+                        f"/webhooks/ploints/{account}",
+                        body,
+                        {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)},
+                    )
+                    response = connection.getresponse()
+                    answer = (response.status, response.read().decode())
+                finally:
+                    connection.close()
+                with lock:
+                    answers[answer] += 1
+
+    try:
+        workers = [threading.Thread(target=deliver, args=(worker,)) for worker in range(16)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    finally:
+        server.shutdown()
+        serving.join(5)
+    assert answers == {
+        (200, '{"received": true}\n'): 400,
+        (200, '{"received": true, "duplicate": true}\n'): 400,
+        (401, '{"error": "invalid signature"}\n'): 400,
+    }
+    assert sorted(shop.seen) == sorted(
+        (f"m{(worker + number) % 8}", f"evt_{worker}_{number}")
+        for worker in range(16)
+        for number in range(25)
+    )
 
 
 def test_event_account_is_none_for_an_endpoint_of_one() -> None:
