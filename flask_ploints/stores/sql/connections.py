@@ -158,7 +158,11 @@ class Kept:
         self._wait = wait
         self._idle: list[PoolProxiedConnection] = []
         self._in_use = 0
-        self._freed = threading.Condition(threading.Lock())
+        self._waiting = 0
+        # Entered directly, not through the Condition's Python-level
+        # __enter__: it is taken twice per statement.
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         # A collected store closes its connections rather than leave them to
         # the collector: its engine, and the pool they would go back to, may
         # be on their way out too.
@@ -167,7 +171,7 @@ class Kept:
 
     def take(self, *, check: bool = False) -> PoolProxiedConnection:
         deadline: float | None = None
-        with self._freed:
+        with self._lock:
             while not self._idle:
                 if self._limit is None or self._in_use < self._limit:
                     break
@@ -179,30 +183,40 @@ class Kept:
                         f"database: no connection came free within {self._wait:g} s"
                         f" ({self._limit} in use)"
                     )
-                self._freed.wait(left)
+                self._waiting += 1
+                try:
+                    self._freed.wait(left)
+                finally:
+                    self._waiting -= 1
             self._in_use += 1
             if self._idle:
                 return self._idle.pop()
         try:
             return checkout(self._engine, check=check, timeout=self._wait)
         except BaseException:
-            with self._freed:
+            with self._lock:
                 self._in_use -= 1
-                self._freed.notify()
+                self._wake_one()
             raise
 
     def give_back(self, connection: PoolProxiedConnection) -> None:
-        with self._freed:
+        with self._lock:
             self._in_use -= 1
             if connection.is_valid:
                 self._idle.append(connection)
             else:
                 # Back to the pool before another call checks one out.
                 _close(connection)
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        # Under the lock. Condition.notify is Python-level work even with
+        # no one waiting, on every statement.
+        if self._waiting:
             self._freed.notify()
 
     def drop(self, *, dead: bool = False) -> None:
-        with self._freed:
+        with self._lock:
             _close_all(self._idle, dead)
 
     def forget(self) -> None:
@@ -215,11 +229,13 @@ class Kept:
         self._engine.dispose(close=False)
         self._in_use = 0
         # Another thread of the parent may have held it at the fork.
-        self._freed = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
 
     def __len__(self) -> int:
         """How many connections the store holds, idle and in use."""
-        with self._freed:
+        with self._lock:
             return len(self._idle) + self._in_use
 
 

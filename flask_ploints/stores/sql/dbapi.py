@@ -87,6 +87,7 @@ class Query:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self._compiled = compiled
+        self._names = tuple(compiled.params)
         state = compiled.construct_expanded_state(dict.fromkeys(compiled.params))
         self._per_call = bool(state.parameter_expansion)
         self.sql = state.statement
@@ -102,7 +103,14 @@ class Query:
 
     def bind(self, params: t.Mapping[str, t.Any]) -> tuple[str, t.Any]:
         """The SQL and the DBAPI parameters to execute for ``params``."""
-        values = self._compiled.construct_params(params)
+        values: t.MutableMapping[str, t.Any]
+        try:
+            # What construct_params returns when every parameter is given,
+            # at a fraction of its cost on every statement.
+            values = {name: params[name] for name in self._names}
+        except KeyError:
+            # One left to its default: SQLAlchemy fills it in.
+            values = self._compiled.construct_params(params)
         for name, process in self._processors:
             values[name] = process(values[name])
         if self._per_call:

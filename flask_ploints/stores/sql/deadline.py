@@ -48,7 +48,10 @@ class Guard:
 
 class _Watchdog:
     def __init__(self) -> None:
-        self._wake = threading.Condition(threading.Lock())
+        # Entered directly, not through the Condition's Python-level
+        # __enter__: it is taken twice per statement.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._due: list[tuple[float, int, Guard]] = []
         self._order = itertools.count()
         self._pid = 0
@@ -61,7 +64,7 @@ class _Watchdog:
         if guard.fileno is None:
             return guard
         due = time.monotonic() + seconds
-        with self._wake:
+        with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="ploints-sql-deadline", daemon=True).start()
@@ -74,7 +77,7 @@ class _Watchdog:
     def release(self, guard: Guard) -> None:
         # Under the lock: once done, the watchdog never touches its socket,
         # which the connection may close and the process reuse right after.
-        with self._wake:
+        with self._lock:
             guard.done = True
 
     def _run(self) -> None:

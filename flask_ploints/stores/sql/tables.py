@@ -134,6 +134,7 @@ class ManagedTable:
         self.error = error
         self._needs_table = create
         self._create_lock = threading.Lock()
+        self._errors = _Errors(error)
         #: Held around every use of the database. SQLite has one writer at a
         #: time (and one shared connection when in memory): threads queue
         #: here rather than on busy timeouts.
@@ -166,15 +167,29 @@ class ManagedTable:
             ensure_table(self.engine, self.table)
         self._needs_table = False
 
-    @contextlib.contextmanager
-    def errors(self) -> t.Iterator[None]:
+    def errors(self) -> _Errors:
         """Raise the database errors of the block as the component's error,
         from the driver's exception.
         """
-        try:
-            yield
-        except (SQLAlchemyError, DriverError) as exc:
-            raise database_error(exc, self.error) from driver_exception(exc)
+        return self._errors
+
+
+class _Errors:
+    """:meth:`ManagedTable.errors`: one object for every use, a class
+    rather than a generator, as it runs around every store call.
+    """
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: type[PlointsError]) -> None:
+        self._error = error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, (SQLAlchemyError, DriverError)):
+            raise database_error(exc, self._error) from driver_exception(exc)
 
 
 class _WaitedLock:
