@@ -186,8 +186,9 @@ def assert_in_flight(response: TestResponse) -> None:
 
 def drain(client: PlointsClient, recorder: Recorder) -> None:
     """Queue one more event, ``evt_drain``, and wait until a worker processed
-    it. A solo worker that prefetches one message takes them in the order
-    they were queued, so whatever was queued before has run by then.
+    it. A worker of concurrency 1 (solo, or prefork with one child) takes
+    them in the order they were queued, so whatever was queued before has
+    run by then.
     """
     assert_queued(client.send("customer.created", id="evt_drain"))
     until(
