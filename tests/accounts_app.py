@@ -18,13 +18,14 @@ import os
 import typing as t
 
 import redis
-from celery import Celery
-from celery import Task
 from flask import Flask
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
+
+from .celery_flask import celery_init_app
+from .celery_flask import celery_settings
 
 URL = "/webhooks/ploints/<account>"
 
@@ -92,24 +93,11 @@ def create_app(
         PLOINTS_DEDUPE_STORE=redis_url,
         PLOINTS_REDIS_PREFIX=f"{namespace}:store:",
         PLOINTS_CELERY_QUEUE=namespace,
-        CELERY={
-            "broker_url": broker_url,
-            "task_ignore_result": True,
-            "broker_connection_retry_on_startup": True,
-            "worker_prefetch_multiplier": 1,
-            "worker_enable_remote_control": False,
-        },
+        CELERY=celery_settings(broker_url),
     )
     app.config.update(config or {})
 
-    class FlaskTask(Task):  # type: ignore[misc]
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
-
-    celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.config_from_object(app.config["CELERY"])
-    app.extensions["celery"] = celery_app
+    celery_init_app(app)
     webhooks = PlointsWebhooks(app)
 
     @webhooks.on_any

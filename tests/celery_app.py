@@ -18,7 +18,7 @@ workers on its own queue and keys:
     ``broker_transport_options``, say).
 
 The Celery app is set up as Flask's "Background Tasks with Celery" shows
-(:func:`celery_init_app`), so the extension finds it in
+(:func:`tests.celery_flask.celery_init_app`), so the extension finds it in
 ``app.extensions["celery"]``.
 
 The handler records a start (with its pid) before anything else. When the
@@ -44,13 +44,14 @@ import time
 import typing as t
 
 import redis
-from celery import Celery
-from celery import Task
 from flask import Flask
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
+
+from .celery_flask import celery_init_app
+from .celery_flask import celery_settings
 
 #: The secret both the app and the tests sign with.
 SECRET = "whsec_celery"
@@ -107,22 +108,6 @@ class Recorder:
         self.client.close()
 
 
-def celery_init_app(app: Flask) -> Celery:
-    """Flask's own pattern: a Celery app whose tasks run in an app context,
-    kept in ``app.extensions["celery"]``.
-    """
-
-    class FlaskTask(Task):  # type: ignore[misc]
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
-
-    celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.config_from_object(app.config["CELERY"])
-    app.extensions["celery"] = celery_app
-    return celery_app
-
-
 def create_app(
     broker_url: str, redis_url: str, namespace: str, config: t.Mapping[str, t.Any] | None = None
 ) -> Flask:
@@ -141,16 +126,7 @@ def create_app(
         PLOINTS_DEDUPE_STORE=redis_url,
         PLOINTS_REDIS_PREFIX=f"{namespace}:store:",
         PLOINTS_CELERY_QUEUE=namespace,
-        CELERY={
-            "broker_url": broker_url,
-            "task_ignore_result": True,
-            "broker_connection_retry_on_startup": True,
-            # One message at a time: a prefetched second one would wait in
-            # a worker that a test kills.
-            "worker_prefetch_multiplier": 1,
-            # No pidbox queue or broadcast exchange per worker.
-            "worker_enable_remote_control": False,
-        },
+        CELERY=celery_settings(broker_url),
     )
     app.config.update(config or {})
     celery_init_app(app)

@@ -199,18 +199,13 @@ def create_app(env: t.Mapping[str, str] | None = None) -> Flask:
         )
     broker = env.get("PLOINTS_CRASH_BROKER")
     if broker is not None:
-        from .celery_app import celery_init_app
+        from .celery_flask import celery_init_app
+        from .celery_flask import celery_settings
 
         app.config.update(
             PLOINTS_DISPATCH="celery",
             PLOINTS_CELERY_QUEUE=name,
-            CELERY={
-                "broker_url": broker,
-                "task_ignore_result": True,
-                "broker_connection_retry_on_startup": True,
-                "worker_prefetch_multiplier": 1,
-                "worker_enable_remote_control": False,
-            },
+            CELERY=celery_settings(broker),
         )
         celery_init_app(app)
     app.config.update(json.loads(env.get("PLOINTS_CRASH_CONFIG", "{}")))
