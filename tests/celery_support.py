@@ -15,6 +15,7 @@ import time
 import typing as t
 from pathlib import Path
 
+import kombu
 from flask import Flask
 from werkzeug.test import TestResponse
 
@@ -36,6 +37,16 @@ def until(check: t.Callable[[], bool], what: str, timeout: float = WAIT) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+def delete_queue(amqp_url: str, name: str) -> None:
+    """Delete a test's queue and its exchange, both named ``name``, from
+    RabbitMQ.
+    """
+    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
+        channel = connection.channel()
+        channel.queue_delete(name)
+        channel.exchange_delete(name)
 
 
 class Workers:

@@ -48,7 +48,6 @@ import typing as t
 from collections import Counter
 from pathlib import Path
 
-import kombu
 import pytest
 import sqlalchemy as sa
 from flask import Flask
@@ -75,6 +74,7 @@ from flask_ploints.testing import build_event
 
 from .accounts_app import Ledger
 from .accounts_app import create_app as create_celery_app
+from .celery_support import delete_queue
 from .support import build_app
 from .test_celery import Workers
 from .test_celery import _until
@@ -640,10 +640,7 @@ def account_workers(
     workers.app_module = "tests.accounts_app:celery"
     yield workers
     workers.stop()
-    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
-        channel = connection.channel()
-        channel.queue_delete(unique)
-        channel.exchange_delete(unique)
+    delete_queue(amqp_url, unique)
 
 
 def _web_app(workers: Workers) -> t.Iterator[Flask]:

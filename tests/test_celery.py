@@ -68,6 +68,7 @@ from .celery_app import Recorder
 from .celery_support import assert_duplicate as _assert_duplicate
 from .celery_support import assert_in_flight as _assert_in_flight
 from .celery_support import assert_queued as _assert_queued
+from .celery_support import delete_queue
 from .celery_support import drain as _drain
 from .celery_support import make_app as _make_app
 from .celery_support import store_of as _store
@@ -90,6 +91,21 @@ class Workers(celery_support.Workers):
             lambda: _queue_state(amqp_url, namespace)[1] > 0,
         )
         self.amqp_url = amqp_url
+
+
+def workers_and_recorder(
+    amqp_url: str, redis_url: str, unique: str, tmp_path: Path
+) -> t.Iterator[tuple[Workers, Recorder]]:
+    """The body of a fixture of workers on RabbitMQ and the recorder of
+    what they did, both removed afterwards.
+    """
+    workers = Workers(amqp_url, redis_url, unique, tmp_path)
+    recorder = Recorder(redis_url, unique)
+    yield workers, recorder
+    workers.stop()
+    delete_queue(amqp_url, unique)
+    recorder.forget()
+    recorder.close()
 
 
 def _queue_state(amqp_url: str, queue: str) -> tuple[int, int]:
@@ -118,10 +134,7 @@ def workers(
     workers = Workers(amqp_url, redis_url, unique, tmp_path)
     yield workers
     workers.stop()
-    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
-        channel = connection.channel()
-        channel.queue_delete(unique)
-        channel.exchange_delete(unique)
+    delete_queue(amqp_url, unique)
 
 
 @pytest.fixture

@@ -61,6 +61,7 @@ import pytest
 from flask_ploints.testing import PlointsClient
 
 from . import crash_app
+from .celery_support import delete_queue
 from .crash_app import Journal
 from .crash_support import EVENTS
 from .crash_support import Delivery
@@ -129,40 +130,33 @@ def _ids(deliveries: list[Delivery]) -> list[str]:
     return [delivery.event_id for delivery in deliveries]
 
 
-def test_crash_before_handler(session_server: Server) -> None:
-    before = session_server.killed()
-    deliveries = session_server.send("before", "before")
+def _assert_the_retry_processed_each_once(server: Server, name: str, crash: str) -> None:
+    # Each event's first attempt is killed, unanswered; the first retry
+    # processes it: one row each, the retry's, not one the killed worker
+    # wrote.
+    before = server.killed()
+    deliveries = server.send(name, crash)
     ids = _ids(deliveries)
-    # No answer to the first attempt; the first retry processed the event.
     assert [delivery.statuses for delivery in deliveries] == [[0, 200]] * EVENTS
     assert [delivery.last for delivery in deliveries] == [PROCESSED] * EVENTS
-    crashes = session_server.crashes(ids, before)
-    written = session_server.credit_pids(ids)
+    crashes = server.crashes(ids, before)
+    written = server.credit_pids(ids)
     assert sorted(written) == ids
     for event_id in ids:
         assert len(written[event_id]) == 1
         assert written[event_id] != [crashes[event_id]]
-    assert session_server.states(ids) == dict.fromkeys(ids, "done")
-    assert {key: session_server.journal.starts()[key] for key in ids} == dict.fromkeys(ids, 2)
+    assert server.states(ids) == dict.fromkeys(ids, "done")
+    assert {key: server.journal.starts()[key] for key in ids} == dict.fromkeys(ids, 2)
+
+
+def test_crash_before_handler(session_server: Server) -> None:
+    _assert_the_retry_processed_each_once(session_server, "before", "before")
 
 
 def test_crash_inside_handler_after_flush(session_server: Server) -> None:
-    before = session_server.killed()
-    deliveries = session_server.send("inside", "inside")
-    ids = _ids(deliveries)
     # The flushed write and the dedupe row went with the dead connection:
     # the first retry is processed, without waiting for a claim to lapse.
-    assert [delivery.statuses for delivery in deliveries] == [[0, 200]] * EVENTS
-    assert [delivery.last for delivery in deliveries] == [PROCESSED] * EVENTS
-    crashes = session_server.crashes(ids, before)
-    written = session_server.credit_pids(ids)
-    assert sorted(written) == ids
-    for event_id in ids:
-        # One row, the retry's: not the one the killed worker flushed.
-        assert len(written[event_id]) == 1
-        assert written[event_id] != [crashes[event_id]]
-    assert session_server.states(ids) == dict.fromkeys(ids, "done")
-    assert {key: session_server.journal.starts()[key] for key in ids} == dict.fromkeys(ids, 2)
+    _assert_the_retry_processed_each_once(session_server, "inside", "inside")
 
 
 def test_crash_after_commit_before_answer(session_server: Server) -> None:
@@ -240,10 +234,7 @@ def queued(
         yield Queued(app, PlointsClient(app), workers, Journal(tmp_path))
     finally:
         workers.stop()
-        with app.extensions["celery"].connection_for_write() as connection:
-            channel = connection.channel()
-            channel.queue_delete(unique)
-            channel.exchange_delete(unique)
+        delete_queue(amqp_url, unique)
         app.extensions["ploints"]["ploints"].dispatcher.close()
         crash_app.drop(app)
 

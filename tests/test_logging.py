@@ -48,6 +48,7 @@ from .celery_app import create_app
 from .support import build_app
 from .test_celery import Workers
 from .test_celery import _until
+from .test_celery import workers_and_recorder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
@@ -219,18 +220,7 @@ def test_observer_that_raises(caplog: pytest.LogCaptureFixture) -> None:
 def workers(
     amqp_url: str, redis_url: str, unique: str, tmp_path: Path
 ) -> t.Iterator[tuple[Workers, Recorder]]:
-    workers = Workers(amqp_url, redis_url, unique, tmp_path)
-    recorder = Recorder(redis_url, unique)
-    yield workers, recorder
-    workers.stop()
-    import kombu
-
-    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
-        channel = connection.channel()
-        channel.queue_delete(unique)
-        channel.exchange_delete(unique)
-    recorder.forget()
-    recorder.close()
+    yield from workers_and_recorder(amqp_url, redis_url, unique, tmp_path)
 
 
 def test_worker_records(workers: tuple[Workers, Recorder]) -> None:

@@ -68,6 +68,7 @@ from .celery_app import create_app
 from .support import build_app
 from .test_celery import Workers
 from .test_celery import _until
+from .test_celery import workers_and_recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
@@ -336,22 +337,7 @@ def test_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def workers(
     amqp_url: str, redis_url: str, unique: str, tmp_path: Path
 ) -> t.Iterator[tuple[Workers, Recorder]]:
-    workers = Workers(amqp_url, redis_url, unique, tmp_path)
-    recorder = Recorder(redis_url, unique)
-    yield workers, recorder
-    workers.stop()
-    _delete_queue(amqp_url, unique)
-    recorder.forget()
-    recorder.close()
-
-
-def _delete_queue(amqp_url: str, queue: str) -> None:
-    import kombu
-
-    with kombu.Connection(amqp_url, connect_timeout=2) as connection:
-        channel = connection.channel()
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
+    yield from workers_and_recorder(amqp_url, redis_url, unique, tmp_path)
 
 
 def test_celery_worker_joins_the_trace(
