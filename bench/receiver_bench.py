@@ -92,12 +92,13 @@ def hand_written_app() -> Flask:
     return app
 
 
-def extension_app() -> Flask:
-    """The same receiver with the extension."""
-    app = Flask("extension")
+def extension_app(name: str = "extension", **config: t.Any) -> Flask:
+    """The same receiver with the extension; ``config`` overrides its keys."""
+    app = Flask(name)
     app.testing = True
     app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
     app.config["PLOINTS_DEDUPE_STORE"] = MemoryStore()
+    app.config.update(config)
     webhooks = PlointsWebhooks(app)
     earned: list[str] = []
 
@@ -117,19 +118,11 @@ def many_accounts_app(secrets: dict[str, str]) -> t.Callable[[], Flask]:
     """The extension on one endpoint for the accounts of ``secrets``."""
 
     def factory() -> Flask:
-        app = Flask("many_accounts")
-        app.testing = True
-        app.config["PLOINTS_WEBHOOK_URL"] = URL + "/<account>"
-        app.config["PLOINTS_WEBHOOK_SECRET"] = secrets.get
-        app.config["PLOINTS_DEDUPE_STORE"] = MemoryStore()
-        webhooks = PlointsWebhooks(app)
-        earned: list[str] = []
-
-        @webhooks.on("points.earned")
-        def award(event: Event) -> None:
-            earned.append(event.id)
-
-        return app
+        return extension_app(
+            "many_accounts",
+            PLOINTS_WEBHOOK_URL=URL + "/<account>",
+            PLOINTS_WEBHOOK_SECRET=secrets.get,
+        )
 
     return factory
 
