@@ -220,6 +220,7 @@ def test_many_threads_on_sqlite_wait_a_bounded_time(tmp_path: t.Any) -> None:
         assert store.claim("evt_1", 60).status is ClaimStatus.CLAIMED
         results: list[object] = []
         # The store's writer lock, held as a long call of another thread would.
+        assert store._table.lock is not None
         with store._table.lock:
             thread = threading.Thread(
                 target=lambda: results.append(_timed(lambda: store.claim("evt_2", 60)))

@@ -360,8 +360,7 @@ class DeliveryLog:
     def _begin(self) -> t.Iterator[Connection]:
         self._prepare()
         with (
-            self._table.errors(),
-            self._table.lock,
+            self._table.use(),
             self.engine.connect() as conn,
             deadline(conn.connection.dbapi_connection, self.timeout),
             conn.begin(),

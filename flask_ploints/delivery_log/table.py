@@ -185,7 +185,7 @@ def upgraded(managed: ManagedTable, *, alter: bool) -> sa.Table:
     :raises flask_ploints.errors.DeliveryLogError: the database refused.
     """
     table = managed.table
-    with managed.errors(), managed.lock:
+    with managed.use():
         has_account = upgrade_table(managed.engine, table, alter=alter)
     if has_account:
         return table

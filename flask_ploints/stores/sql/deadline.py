@@ -15,13 +15,12 @@ its own busy timeout; MySQL drivers take ``read_timeout``).
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import math
 import os
 import socket
 import threading
 import time
+import typing as t
 
 __all__ = ["Guard", "deadline"]
 
@@ -31,11 +30,11 @@ class Guard:
     connection was cut.
     """
 
-    __slots__ = ("done", "fileno", "fired")
+    __slots__ = ("due", "fileno", "fired")
 
-    def __init__(self, fileno: int | None) -> None:
+    def __init__(self, fileno: int | None, due: float = math.inf) -> None:
         self.fileno = fileno
-        self.done = False
+        self.due = due
         self.fired = False
 
     def __enter__(self) -> Guard:
@@ -52,46 +51,51 @@ class _Watchdog:
         # __enter__: it is taken twice per statement.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._due: list[tuple[float, int, Guard]] = []
-        self._order = itertools.count()
+        # The statements in progress: a handful per process, so the thread
+        # scans them all rather than keep a heap that every statement,
+        # finished or not, would have to be pushed to and popped from.
+        self._active: set[Guard] = set()
         self._pid = 0
         # When the thread wakes next: a guard due later needs no notify, so
         # a busy process wakes it about once per timeout, not per guard.
         self._wake_at = math.inf
 
     def guard(self, connection: object, seconds: float) -> Guard:
-        guard = Guard(_fileno(connection))
-        if guard.fileno is None:
-            return guard
-        due = time.monotonic() + seconds
+        fileno = _fileno(connection)
+        if fileno is None:
+            return Guard(None)
+        guard = Guard(fileno, time.monotonic() + seconds)
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="ploints-sql-deadline", daemon=True).start()
-            heapq.heappush(self._due, (due, next(self._order), guard))
-            if due < self._wake_at:
-                self._wake_at = due
+            self._active.add(guard)
+            if guard.due < self._wake_at:
+                self._wake_at = guard.due
                 self._wake.notify()
         return guard
 
     def release(self, guard: Guard) -> None:
-        # Under the lock: once done, the watchdog never touches its socket,
-        # which the connection may close and the process reuse right after.
+        # Under the lock: once released, the watchdog never touches its
+        # socket, which the connection may close and the process reuse
+        # right after.
         with self._lock:
-            guard.done = True
+            self._active.discard(guard)
 
     def _run(self) -> None:
         with self._wake:
             while True:
                 now = time.monotonic()
-                while self._due and (self._due[0][2].done or self._due[0][0] <= now):
-                    _, _, guard = heapq.heappop(self._due)
-                    if not guard.done and guard.fileno is not None:
+                wake_at = math.inf
+                for guard in list(self._active):
+                    if guard.due <= now:
+                        self._active.discard(guard)
                         guard.fired = True
-                        _cut(guard.fileno)
-                # Released guards stay in the heap until they reach its head.
-                self._wake_at = self._due[0][0] if self._due else math.inf
-                self._wake.wait(self._wake_at - now if self._due else None)
+                        _cut(t.cast(int, guard.fileno))
+                    elif guard.due < wake_at:
+                        wake_at = guard.due
+                self._wake_at = wake_at
+                self._wake.wait(None if wake_at == math.inf else wake_at - now)
 
     def after_fork(self) -> None:
         # The child has no watchdog thread, and the lock may have been held.

@@ -321,8 +321,7 @@ class SQLAlchemyStore:
         return [stored(row) for row in rows]
 
     def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
-        self._table.ready()
-        with self._table.errors(), self._table.lock:
+        with self._table.use():
             return run(
                 self._connections, self.engine.dialect, self._queries, operation, self._timeout
             )

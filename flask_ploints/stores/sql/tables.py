@@ -5,7 +5,6 @@ raised as the caller's own exception.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import typing as t
@@ -134,15 +133,12 @@ class ManagedTable:
         self.error = error
         self._needs_table = create
         self._create_lock = threading.Lock()
-        self._errors = _Errors(error)
-        #: Held around every use of the database. SQLite has one writer at a
-        #: time (and one shared connection when in memory): threads queue
-        #: here rather than on busy timeouts.
-        self.lock: t.ContextManager[t.Any] = (
-            _WaitedLock(wait, error)
-            if engine.dialect.name == "sqlite"
-            else contextlib.nullcontext()
-        )
+        #: Held around every use of the database on SQLite, which has one
+        #: writer at a time (and one shared connection when in memory):
+        #: threads queue here rather than on busy timeouts. ``None`` on
+        #: other databases.
+        self.lock = _WaitedLock(wait, error) if engine.dialect.name == "sqlite" else None
+        self._use = _Use(self)
 
     def ready(self) -> None:
         """Create the table if it is the first use.
@@ -163,33 +159,56 @@ class ManagedTable:
             self._create()
 
     def _create(self) -> None:
-        with self.errors(), self.lock:
+        with _Errors(self.error, self.lock):
             ensure_table(self.engine, self.table)
         self._needs_table = False
 
-    def errors(self) -> _Errors:
-        """Raise the database errors of the block as the component's error,
-        from the driver's exception.
+    def use(self) -> t.ContextManager[None]:
+        """Around a use of the table: create it if it is the first use, take
+        SQLite's lock, and raise the database errors of the block as the
+        component's error, from the driver's exception.
         """
-        return self._errors
+        return self._use
 
 
 class _Errors:
-    """:meth:`ManagedTable.errors`: one object for every use, a class
-    rather than a generator, as it runs around every store call.
+    """The database errors of a block as ``error``; on SQLite, the block
+    under ``lock``. A class rather than a generator: it runs around every
+    store call.
     """
 
-    __slots__ = ("_error",)
+    __slots__ = ("_error", "_lock")
 
-    def __init__(self, error: type[PlointsError]) -> None:
+    def __init__(self, error: type[PlointsError], lock: _WaitedLock | None) -> None:
         self._error = error
+        self._lock = lock
 
     def __enter__(self) -> None:
-        return None
+        if self._lock is not None:
+            self._lock.__enter__()
 
     def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if self._lock is not None:
+            self._lock.__exit__()
         if isinstance(exc, (SQLAlchemyError, DriverError)):
             raise database_error(exc, self._error) from driver_exception(exc)
+
+
+class _Use(_Errors):
+    """:meth:`ManagedTable.use`: one object for every use."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: ManagedTable) -> None:
+        super().__init__(table.error, table.lock)
+        self._table = table
+
+    def __enter__(self) -> None:
+        # The checks of ready() and of the base class, without their calls.
+        if self._table._needs_table:
+            self._table.ready()
+        if self._lock is not None:
+            self._lock.__enter__()
 
 
 class _WaitedLock:
