@@ -43,7 +43,8 @@ SENDER_RETRY_SPAN = sender.RETRY_SPAN
 SENDER_TIMEOUT = sender.TIMEOUT
 
 #: The longest ``PLOINTS_SQL_TABLE``: its longest index name,
-#: ``ix_<table>_status_updated``, must fit in 63 characters.
+#: ``ix_<table>_status_updated`` on databases without partial indexes, must
+#: fit in 63 characters.
 MAX_TABLE_NAME = 63 - len("ix__status_updated")
 
 #: Every key with its default, and the keyword argument that overrides it.

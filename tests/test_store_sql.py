@@ -122,6 +122,33 @@ def test_the_table_has_the_documented_columns(any_store: SQLAlchemyStore) -> Non
     ]
 
 
+def test_the_index_holds_failed_rows_only(any_store: SQLAlchemyStore) -> None:
+    """Claims and commits write no entry of the index that serves the
+    listing of failed events.
+    """
+    any_store.prepare()
+    name = any_store.table.name
+    with any_store.engine.connect() as connection:
+        if any_store.engine.dialect.name == "postgresql":
+            found = connection.execute(
+                sa.text("SELECT indexdef FROM pg_indexes WHERE tablename = :name"), {"name": name}
+            ).scalars()
+            assert sorted(found) == [
+                f"CREATE INDEX ix_{name}_failed ON public.{name} USING btree (updated_at)"
+                " WHERE ((status)::text = 'failed'::text)",
+                f"CREATE UNIQUE INDEX {name}_pkey ON public.{name} USING btree (id)",
+            ]
+        else:
+            found = connection.execute(
+                sa.text("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :name"),
+                {"name": name},
+            ).scalars()
+            # The primary key's own index has no SQL.
+            assert [sql for sql in found if sql] == [
+                f"CREATE INDEX ix_{name}_failed ON {name} (updated_at) WHERE status = 'failed'"
+            ]
+
+
 def test_purge_deletes_exactly_the_expired_rows(any_store: SQLAlchemyStore) -> None:
     store = any_store
     start = time.time()

@@ -17,29 +17,6 @@ from ..base import StoredEvent
 __all__ = ["Holder", "Statements", "holder", "make_table", "stored"]
 
 
-def make_table(name: str) -> sa.Table:
-    """The table of a store, named ``name``, with its index."""
-    table = sa.Table(
-        name,
-        sa.MetaData(),
-        sa.Column("id", sa.String(255), primary_key=True),
-        # One of EventState's values.
-        sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("token", sa.String(64), nullable=False),
-        # Float seconds since the epoch from the store's clock: compared the
-        # same way in every dialect, at the cost of synchronised clocks.
-        sa.Column("lease_expires", sa.Double(), nullable=False),
-        sa.Column("expires", sa.Double(), nullable=False),
-        sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("payload", sa.LargeBinary(), nullable=True),
-        sa.Column("created_at", sa.Double(), nullable=False),
-        sa.Column("updated_at", sa.Double(), nullable=False),
-    )
-    sa.Index(f"ix_{name}_status_updated", table.c.status, table.c.updated_at)
-    return table
-
-
 # The parameters' names differ from the column names, which SQLAlchemy keeps
 # for the VALUES and SET clauses of INSERT and UPDATE.
 _event_id = sa.bindparam("event_id", type_=sa.String())
@@ -60,6 +37,43 @@ _IN_FLIGHT = _state(EventState.IN_FLIGHT)
 _DONE = _state(EventState.DONE)
 _FAILED = _state(EventState.FAILED)
 _ONE = sa.literal_column("1", sa.Integer())
+
+
+#: Dialects with partial indexes: the index of failed rows holds those only.
+_PARTIAL_INDEXES = frozenset({"postgresql", "sqlite"})
+
+
+def make_table(name: str, dialect: str) -> sa.Table:
+    """The table of a store, named ``name``, with its index for ``dialect``
+    (the name of the database's dialect).
+    """
+    table = sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.String(255), primary_key=True),
+        # One of EventState's values.
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("token", sa.String(64), nullable=False),
+        # Float seconds since the epoch from the store's clock: compared the
+        # same way in every dialect, at the cost of synchronised clocks.
+        sa.Column("lease_expires", sa.Double(), nullable=False),
+        sa.Column("expires", sa.Double(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("payload", sa.LargeBinary(), nullable=True),
+        sa.Column("created_at", sa.Double(), nullable=False),
+        sa.Column("updated_at", sa.Double(), nullable=False),
+    )
+    if dialect in _PARTIAL_INDEXES:
+        # Of failed rows only: a claim inserts, and a commit updates, no
+        # entry of it, and PostgreSQL's commit writes one index fewer.
+        failed = table.c.status == _FAILED
+        sa.Index(
+            f"ix_{name}_failed", table.c.updated_at, postgresql_where=failed, sqlite_where=failed
+        )
+    else:
+        sa.Index(f"ix_{name}_status_updated", table.c.status, table.c.updated_at)
+    return table
 
 
 def _take_over(

@@ -88,13 +88,13 @@ class SQLAlchemyStore:
         statement_timeout: float | None = 2.0,
     ) -> None:
         self.engine = engine
-        self.table = make_table(table_name)
+        dialect = engine.dialect.name
+        self.table = make_table(table_name, dialect)
         self.keep_payloads = keep_payloads
         self._clock = clock
         self._timeout = statement_timeout
         self._connections: Connections = PerCall(engine, switch=True, timeout=statement_timeout)
         self._queries: dict[int, Query] = {}
-        dialect = engine.dialect.name
         self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
         self._table = ManagedTable(
             engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
@@ -313,8 +313,8 @@ class SQLAlchemyStore:
         return None if row is None else stored(row)
 
     def failed(self, limit: int = 100) -> list[StoredEvent]:
-        """See :meth:`.InspectableStore.failed`. Uses the index on
-        ``(status, updated_at)``.
+        """See :meth:`.InspectableStore.failed`. Uses the table's index of
+        failed rows.
         """
         params = {"now": self._clock(), "limit": max(limit, 0)}
         rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
