@@ -300,7 +300,7 @@ class SessionStore:
         except BaseException:
             # Settled later; a worker keeps its durable claim for a retry.
             self._abandon(held.session)
-            held.guard.__exit__(None, None, None)
+            held.guard.release()
             raise
         finally:
             _handling.reset(handling)
@@ -321,7 +321,7 @@ class SessionStore:
         if held is None or held.token != token:
             return None
         _held.set(None)
-        held.guard.__exit__(None, None, None)
+        held.guard.release()
         return held
 
     def _close(self, held: _Held) -> None:

@@ -37,12 +37,16 @@ class Guard:
         self.due = due
         self.fired = False
 
+    def release(self) -> None:
+        """The statement is over: the connection is no longer cut."""
+        if self.fileno is not None:
+            _WATCHDOG.release(self)
+
     def __enter__(self) -> Guard:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.fileno is not None:
-            _WATCHDOG.release(self)
+        self.release()
 
 
 class _Watchdog:
@@ -108,7 +112,8 @@ os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 def deadline(connection: object, seconds: float | None) -> Guard:
     """Cut ``connection`` (a DBAPI connection) off if the ``with`` block of
-    the returned guard runs longer than ``seconds``; ``None`` for no bound.
+    the returned guard, or the time until its :meth:`~Guard.release`, runs
+    longer than ``seconds``; ``None`` for no bound.
     """
     # A class, not a generator: it runs around every statement.
     if seconds is None:
