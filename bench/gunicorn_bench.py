@@ -14,12 +14,20 @@ the median p50 and p99 latencies, the slowest answer of any round, and the
 ratio with each round's own. Every run gets its own Redis prefix or table,
 removed afterwards.
 
+This machine's speed drifts by several percent from one minute to the next,
+which moves the ratio of two runs made one after the other. ``--paired``
+runs both receivers at the same time instead, each on its own gunicorn with
+its own wrk, so that drift falls on both alike; the two share the cores
+(each gets about half), and the start order alternates by round.
+``--paired --against-itself`` puts the hand-written receiver in both slots:
+what the method reads for two equal receivers, its bias and spread.
+
 The load generator is ``wrk`` (Debian package ``wrk``: ``apt-get install
 wrk``). It shares the machine's cores with the servers, as does the store's
 own server, so the numbers are for this whole box, not for gunicorn alone.
 
 Run: ``.venv/bin/python bench/gunicorn_bench.py [--mode sync|gthread] [--duration 10] [--rounds 2]
-[--stores memory,redis,postgresql,celery]``.
+[--stores memory,redis,postgresql,celery] [--paired [--against-itself]]``.
 """
 
 from __future__ import annotations
@@ -319,6 +327,45 @@ def one_run(
         clean(store, namespace)
 
 
+def paired_run(
+    store: str,
+    events: Path,
+    duration: float,
+    logs: Path,
+    number: int,
+    mode: Mode,
+    kinds: tuple[str, str],
+) -> dict[str, Result]:
+    """Start both receivers at once, each on its own gunicorn, and drive
+    them with a wrk each for the same ``duration``: the machine's drift
+    from minute to minute falls on both alike. ``kinds`` are the receivers
+    for the extension's slot and the hand-written one's (``("hand",
+    "hand")`` measures the method against itself); odd rounds start the
+    hand-written slot first.
+    """
+    slots = dict(zip(KINDS, kinds, strict=True))
+    order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+    namespaces = {slot: f"bench_{uuid.uuid4().hex[:10]}" for slot in order}
+    servers: dict[str, Server] = {}
+    try:
+        for slot in order:
+            prepare(slots[slot], store, namespaces[slot])
+            log = logs / f"{store}-{slot}-{number}.log"
+            servers[slot] = Server(slots[slot], store, namespaces[slot], log, mode)
+            servers[slot].warm_up(namespaces[slot])
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            running = {
+                slot: pool.submit(run_wrk, servers[slot].port, events, duration, mode)
+                for slot in order
+            }
+            return {slot: running[slot].result() for slot in KINDS}
+    finally:
+        for server in servers.values():
+            server.stop()
+        for namespace in namespaces.values():
+            clean(store, namespace)
+
+
 def machine() -> str:
     """One line on the machine the numbers come from."""
     model = "unknown CPU"
@@ -355,7 +402,12 @@ def service_versions(stores: list[str]) -> list[str]:
     return found
 
 
-def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: int) -> str:
+def table(
+    results: dict[str, dict[str, list[Result]]],
+    duration: float,
+    rounds: int,
+    labels: tuple[str, str],
+) -> str:
     """The markdown table for the README."""
     lines = [
         "| store | receiver | requests/s | p50 ms | p99 ms | max ms | extension / hand-written"
@@ -374,7 +426,7 @@ def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: 
             p50 = statistics.median(r.p50_us for r in runs) / 1000
             p99 = statistics.median(r.p99_us for r in runs) / 1000
             worst = max(r.max_us for r in runs) / 1000
-            label = "flask-ploints" if kind == "extension" else "hand-written"
+            label = labels[KINDS.index(kind)]
             name = "redis + celery (202)" if store == "celery" else store
             ratio = ""
             if kind == "extension":
@@ -387,6 +439,20 @@ def table(results: dict[str, dict[str, list[Result]]], duration: float, rounds: 
     return "\n".join(lines)
 
 
+def line(store: str, kind: str, number: int, result: Result) -> str:
+    """One run's line of progress, with any errors wrk counted."""
+    problems = {
+        name: value
+        for name, value in vars(result).items()
+        if name.endswith(("errors", "timeouts", "non_2xx", "wrapped")) and value
+    }
+    return (
+        f"{store:>10} {kind:>9} round {number + 1}: {result.rate:8,.0f} req/s"
+        f"  p50 {result.p50_us / 1000:5.1f} ms  p99 {result.p99_us / 1000:5.1f} ms"
+        f"  max {result.max_us / 1000:6.0f} ms" + (f"  {problems}" if problems else "")
+    )
+
+
 def main() -> None:
     """Run every store and receiver, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -395,7 +461,17 @@ def main() -> None:
     parser.add_argument("--stores", default="memory,redis,postgresql,celery")
     parser.add_argument("--events", type=int, default=200_000, help="distinct events to send")
     parser.add_argument("--mode", choices=sorted(MODES), default="sync", help="gunicorn workers")
+    parser.add_argument(
+        "--paired", action="store_true", help="run both receivers at the same time, each round"
+    )
+    parser.add_argument(
+        "--against-itself",
+        action="store_true",
+        help="with --paired: the hand-written receiver in both slots, to see the method's bias",
+    )
     args = parser.parse_args()
+    if args.against_itself and not args.paired:
+        parser.error("--against-itself needs --paired")
     mode = MODES[args.mode]
 
     if shutil.which("wrk") is None:
@@ -418,39 +494,46 @@ def main() -> None:
         work = Path(directory)
         events = work / "events.tsv"
         write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}")
+        kinds = ("hand", "hand") if args.against_itself else KINDS
         for store in stores:
             results[store] = {kind: [] for kind in KINDS}
             for number in range(args.rounds):
-                order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
-                for kind in order:
-                    result = one_run(kind, store, events, args.duration, work, number, mode)
-                    results[store][kind].append(result)
-                    problems = {
-                        name: value
-                        for name, value in vars(result).items()
-                        if name.endswith(("errors", "timeouts", "non_2xx", "wrapped")) and value
+                if args.paired:
+                    measured = paired_run(store, events, args.duration, work, number, mode, kinds)
+                else:
+                    order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+                    measured = {
+                        kind: one_run(kind, store, events, args.duration, work, number, mode)
+                        for kind in order
                     }
-                    print(
-                        f"{store:>10} {kind:>9} round {number + 1}: {result.rate:8,.0f} req/s"
-                        f"  p50 {result.p50_us / 1000:5.1f} ms  p99 {result.p99_us / 1000:5.1f} ms"
-                        f"  max {result.max_us / 1000:6.0f} ms"
-                        + (f"  {problems}" if problems else ""),
-                        flush=True,
-                    )
+                for kind, result in measured.items():
+                    results[store][kind].append(result)
+                    print(line(store, kind, number, result), flush=True)
 
     today = datetime.date.today().isoformat()
+    how = (
+        "both receivers at the same time, each"
+        if args.paired
+        else "one receiver at a time, in alternating order,"
+    )
     print()
     print(
         f"gunicorn {version('gunicorn')} with {mode.describe()}"
-        f" for {args.duration:g} s per run, {args.rounds} runs each (mean req/s, median"
-        f" latencies); distinct pre-signed events; loopback; {today}"
+        f" for {args.duration:g} s per run, {args.rounds} runs each ({how} on its own"
+        f" gunicorn; mean req/s, median latencies); distinct pre-signed events; loopback; {today}"
+        + ("; the hand-written receiver in both slots" if args.against_itself else "")
     )
     print(
         f"Machine: {machine()}; Python {platform.python_version()}, Flask {version('flask')},"
         f" {', '.join(service_versions(stores))}"
     )
     print()
-    print(table(results, args.duration, args.rounds))
+    labels = (
+        ("hand-written", "hand-written")
+        if args.against_itself
+        else ("flask-ploints", "hand-written")
+    )
+    print(table(results, args.duration, args.rounds, labels))
 
 
 if __name__ == "__main__":

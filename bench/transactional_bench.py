@@ -56,6 +56,7 @@ from pathlib import Path
 from gunicorn_bench import MODES
 from gunicorn_bench import Mode
 from gunicorn_bench import Result
+from gunicorn_bench import line
 from gunicorn_bench import machine
 from gunicorn_bench import run_wrk
 from transactional_apps import KINDS
@@ -209,19 +210,6 @@ def one_run(kind: str, url: str, events: Path, duration: float, log: Path, mode:
         drop_tables(url, namespace)
 
 
-def _line(name: str, kind: str, number: int, result: Result) -> str:
-    problems = {
-        field: value
-        for field, value in vars(result).items()
-        if field.endswith(("errors", "timeouts", "non_2xx", "wrapped")) and value
-    }
-    return (
-        f"{name:>10} {kind:>9} round {number + 1}: {result.rate:7,.0f} req/s"
-        f"  p50 {result.p50_us / 1000:6.1f} ms  p99 {result.p99_us / 1000:6.1f} ms"
-        + (f"  {problems}" if problems else "")
-    )
-
-
 def table(results: dict[str, dict[str, list[Result]]]) -> str:
     """The markdown table: mean req/s, median p50 and p99, the ratios."""
     lines = [
@@ -277,7 +265,7 @@ def main() -> None:
                     log = work / f"{name}-{kind}-{number}.log"
                     result = one_run(kind, urls[name], events, args.duration, log, mode)
                     results[name][kind].append(result)
-                    print(_line(name, kind, number, result), flush=True)
+                    print(line(name, kind, number, result), flush=True)
                 ext, twin = (results[name][kind][number] for kind in KINDS)
                 print(f"{name:>10} round {number + 1}: extension / twin {ext.rate / twin.rate:.2f}")
 
