@@ -10,7 +10,7 @@ import hashlib
 
 from .errors import ConfigError
 
-__all__ = ["ACCOUNT_SEPARATOR", "DEFAULT_NAME", "MAX_KEY_LENGTH", "MAX_NAMESPACE", "Namespace"]
+__all__ = ["DEFAULT_NAME", "MAX_KEY_LENGTH", "MAX_NAMESPACE", "Namespace"]
 
 #: The longest key a store is given: SQL stores keep 255 characters.
 MAX_KEY_LENGTH = 255
@@ -21,10 +21,9 @@ DEFAULT_NAME = "ploints"
 # Between a namespace and an event id: the parser refuses control
 # characters in ids, so no id of one instance can spell another's key.
 _SEPARATOR = "\x1f"
-#: Between an account and an event id: another character than the
-#: namespace's, so that no account's key can spell another instance's
-#: namespace.
-ACCOUNT_SEPARATOR = "\x1e"
+# Between an account and an event id: another character, so that no
+# account's key can spell another instance's namespace.
+_ACCOUNT_SEPARATOR = "\x1e"
 
 
 class Namespace:
@@ -62,7 +61,7 @@ class Namespace:
             The ``account`` parameter.
         """
         if account is not None:
-            event_id = account + ACCOUNT_SEPARATOR + event_id
+            event_id = account + _ACCOUNT_SEPARATOR + event_id
         if not self._prefix and (account is None or len(event_id) <= MAX_KEY_LENGTH):
             return event_id
         key = self._prefix + event_id
@@ -83,7 +82,7 @@ class Namespace:
             key = key[len(self._prefix) :]
         elif _SEPARATOR in key:
             return None
-        account, separator, event_id = key.rpartition(ACCOUNT_SEPARATOR)
+        account, separator, event_id = key.rpartition(_ACCOUNT_SEPARATOR)
         return (account, event_id) if separator else (None, key)
 
     def event_id(self, key: str) -> str | None:

@@ -40,8 +40,6 @@ from .errors import DispatchError
 from .errors import HandlerError
 from .events import Event
 from .logfields import log_event as _log
-from .namespace import ACCOUNT_SEPARATOR
-from .namespace import MAX_KEY_LENGTH
 from .namespace import Namespace
 from .outcomes import MAX_ERROR
 from .outcomes import Outcome
@@ -137,8 +135,9 @@ class Processor:
         self.namespace = Namespace(name, settings.namespace)
         # str() of a str is that same str: the cheapest key of an id that
         # is its own key, on every delivery's path.
-        self._prefixed = self.namespace.prefixed
-        self._id_key: t.Callable[[str], str] = self.namespace.key if self._prefixed else str
+        self._id_key: t.Callable[[str], str] = (
+            self.namespace.key if self.namespace.prefixed else str
+        )
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
@@ -242,15 +241,10 @@ class Processor:
         return failed
 
     def _key(self, event: Event) -> str:
-        # Namespace.key, without its call in the common cases: no namespace,
-        # and an account's key short enough.
-        account = event.account
-        if account is None:
+        # The key of the id of one account of an endpoint for many.
+        if event.account is None:
             return self._id_key(event.id)
-        key = account + ACCOUNT_SEPARATOR + event.id
-        if self._prefixed or len(key) > MAX_KEY_LENGTH:
-            return self.namespace.key(event.id, account)
-        return key
+        return self.namespace.key(event.id, event.account)
 
     def _skipped(self, event: Event, claim: Claim) -> Result:
         result = _DUPLICATE if claim.status is ClaimStatus.DONE else _IN_FLIGHT
