@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import shlex
 import time
 import typing as t
 
@@ -98,7 +99,7 @@ _RAISED = "failed: a handler raised %r"
 _SKIPPED = "skipped by the worker: %s"
 _LAPSED_IN_QUEUE = "claimed again: its claim lapsed in the queue"
 _GAVE_UP = "failed after %d attempt(s)%s; %s"
-_RECORDED = "recorded as failed: replay it with flask_ploints.replay.replay"
+_RECORDED = "recorded as failed: replay it with: flask ploints replay %s"
 _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may process it again"
 
 
@@ -231,7 +232,11 @@ class Processor:
         """
         failed = self._fail(event, token, error_text(error) + note)
         ran = "" if handlers_ran else " (its handlers did not run)"
-        end = _RECORDED if failed else "not recorded: have Ploints resend it"
+        end = (
+            _RECORDED % self._replay_args(event)
+            if failed
+            else "not recorded: have Ploints resend it"
+        )
         took = duration if handlers_ran else None
         _log(
             logging.ERROR, event, Outcome.FAILED, took, _GAVE_UP, attempts, ran, end, exc_info=error
@@ -239,6 +244,15 @@ class Processor:
         if handlers_ran:
             self._failed(app, event, error, duration)
         return failed
+
+    def _replay_args(self, event: Event) -> str:
+        # Quoted for a shell: an id is the sender's text.
+        args = [event.id]
+        if event.account is not None:
+            args += ["--account", event.account]
+        if self.name != "ploints":
+            args += ["--name", self.name]
+        return shlex.join(args)
 
     def _key(self, event: Event) -> str:
         # The key of the id of one account of an endpoint for many.
