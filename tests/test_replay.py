@@ -354,17 +354,29 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("celery", "kombu")))
     assert result.stdout == "[]\n"
 
 
+@pytest.mark.parametrize(
+    ("name", "account", "options"),
+    [("ploints", None, ""), ("shop", None, " --name shop"), ("ploints", "m 1", " --account 'm 1'")],
+)
 def test_give_up_names_the_command_that_replays_the_event(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    account: str | None,
+    options: str,
 ) -> None:
     handler = Handler()
-    webhooks = PlointsWebhooks(name="shop")
+    webhooks = PlointsWebhooks(name=name)
     webhooks.on("points.earned")(handler)
-    app = build_app({"PLOINTS_DEDUPE_STORE": "sqlite:///" + str(tmp_path / "x.db")}, webhooks)[0]
+    config: dict[str, t.Any] = {"PLOINTS_DEDUPE_STORE": "sqlite:///" + str(tmp_path / "x.db")}
+    if account is not None:
+        config["PLOINTS_WEBHOOK_URL"] = "/webhooks/ploints/<account>"
+        config["PLOINTS_WEBHOOK_SECRET"] = {account: "whsec_m1"}.get
+    app = build_app(config, webhooks)[0]
     processor = webhooks.receiver(app).processor
     # An id a shell would split: the command quotes it.
-    event = parse_event(_body("evt 1's"))
-    claim = processor.store.claim(processor.namespace.key(event.id), 60, event.raw)
+    event = parse_event(_body("evt 1's"), account)
+    claim = processor.store.claim(processor.namespace.key(event.id, account), 60, event.raw)
     with caplog.at_level(logging.ERROR, logger="flask_ploints"):
         recorded = processor.give_up(
             app, event, claim.token, RuntimeError("boom"), attempts=3, handlers_ran=True
@@ -374,7 +386,7 @@ def test_give_up_names_the_command_that_replays_the_event(
     message = record.getMessage()
     assert message == (
         """event "evt 1's" ('points.earned') failed after 3 attempt(s); recorded as failed:"""
-        """ replay it with: flask ploints replay 'evt 1'"'"'s' --name shop"""
+        f""" replay it with: flask ploints replay 'evt 1'"'"'s'{options}"""
     )
     # The command, run as logged, replays the event.
     args = shlex.split(message.split("flask ploints ", 1)[1])
