@@ -47,6 +47,10 @@ SENDER_TIMEOUT = sender.TIMEOUT
 #: fit in 63 characters.
 MAX_TABLE_NAME = 63 - len("ix__status_updated")
 
+# PLOINTS_TRACE_CONTEXT: a delivery's trace starts fresh, or joins the one
+# the request carried in.
+_TRACE_CONTEXTS = ("fresh", "join")
+
 #: Every key with its default, and the keyword argument that overrides it.
 DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_WEBHOOK_SECRET": ("secret", None),
@@ -64,6 +68,7 @@ DEFAULTS: dict[str, tuple[str, t.Any]] = {
     "PLOINTS_REDIS_PREFIX": ("redis_prefix", "ploints:"),
     "PLOINTS_METRICS": ("metrics", False),
     "PLOINTS_OPENTELEMETRY": ("opentelemetry", False),
+    "PLOINTS_TRACE_CONTEXT": ("trace_context", "fresh"),
     "PLOINTS_SQL_TABLE": ("sql_table", "ploints_events"),
     "PLOINTS_SQL_TIMEOUT": ("sql_timeout", 2.0),
     "PLOINTS_CELERY_APP": ("celery_app", None),
@@ -367,6 +372,11 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         raise ConfigError(
             f"PLOINTS_SQL_TABLE must be at most {MAX_TABLE_NAME} characters, so that its index"
             " names fit PostgreSQL's and MySQL's limit of 63"
+        )
+    trace_context = get("PLOINTS_TRACE_CONTEXT")
+    if not isinstance(trace_context, str) or trace_context not in _TRACE_CONTEXTS:
+        raise ConfigError(
+            f"PLOINTS_TRACE_CONTEXT must be 'fresh' or 'join', not {redact(trace_context)}"
         )
     lookup = check_lookup(url, get("PLOINTS_WEBHOOK_SECRET"))
     return Settings(

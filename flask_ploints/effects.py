@@ -45,6 +45,17 @@ def after_commit(func: t.Callable[_P, object], /, *args: _P.args, **kwargs: _P.k
     runs at least once (again on every retry of a failure). An exception it
     raises is logged; the event stays processed.
 
+    A ``SystemExit`` or ``KeyboardInterrupt`` it raises is logged as its
+    failure too, and not carried out: the event is committed, so the answer
+    must be the ``200`` that stops the sender's retries, and the calls after
+    it still run. A server's worker cannot go down after its answer from
+    inside the view that makes it, so a call that must stop the process
+    should signal it instead (``os.kill(os.getpid(), signal.SIGTERM)``),
+    which lets the server finish the answer first.
+
+    .. versionchanged:: 0.2
+        A process exit raised by the call no longer escapes the request.
+
     :raises RuntimeError: called outside an event's handlers.
     """
     pending = _pending.get()
@@ -73,7 +84,18 @@ def run(pending: list[t.Callable[[], object]], event: Event) -> None:
     for call in pending:
         try:
             call()
-        except Exception:
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # The event is committed: raising on would answer the sender an
+            # error (or nothing) and have it retry what is done.
+            logger.error(
+                "event %r: an after_commit call raised %s, not carried out: the event is"
+                " committed and answered processed",
+                event.id,
+                type(exc).__name__,
+                exc_info=exc,
+                extra=event_fields(event, Outcome.PROCESSED),
+            )
+        except BaseException:
             logger.exception(
                 "event %r: an after_commit call raised",
                 event.id,

@@ -66,7 +66,7 @@ class PlointsWebhooks:
         every app: ``secret``, ``url``, ``store``, ``namespace``, ``retention``, ``lease``,
         ``dispatch``, ``max_bytes``, ``require_https``, ``max_event_age``,
         ``slow_handler_share``, ``memory_store_max_entries``,
-        ``redis_prefix``, ``metrics``, ``opentelemetry``, ``sql_table``, ``sql_timeout``, ``celery_app``,
+        ``redis_prefix``, ``metrics``, ``opentelemetry``, ``trace_context``, ``sql_table``, ``sql_timeout``, ``celery_app``,
         ``celery_queue``, ``celery_lease``, ``celery_publish_timeout``,
         ``celery_max_retries``, ``celery_retry_backoff`` and
         ``celery_retry_backoff_max``; see :doc:`/configuration`. The

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import shlex
 import time
 import typing as t
 
@@ -98,7 +99,8 @@ _RAISED = "failed: a handler raised %r"
 _SKIPPED = "skipped by the worker: %s"
 _LAPSED_IN_QUEUE = "claimed again: its claim lapsed in the queue"
 _GAVE_UP = "failed after %d attempt(s)%s; %s"
-_RECORDED = "recorded as failed: replay it with flask_ploints.replay.replay"
+_RECORDED = "recorded as failed: replay it with: flask ploints replay %s"
+_NOT_RESENT = "not recorded: have Ploints resend it"
 _LAPSED = "processed after its claim lapsed (slower than its lease); a retry may process it again"
 
 
@@ -133,6 +135,7 @@ class Processor:
         self._keep_payload = not dispatcher.runs_inline
         #: How the instance's event ids become store keys.
         self.namespace = Namespace(name, settings.namespace)
+        self._replay_name = "" if name == "ploints" else f" --name {shlex.quote(name)}"
         # str() of a str is that same str: the cheapest key of an id that
         # is its own key, on every delivery's path.
         self._id_key: t.Callable[[str], str] = (
@@ -231,7 +234,9 @@ class Processor:
         """
         failed = self._fail(event, token, error_text(error) + note)
         ran = "" if handlers_ran else " (its handlers did not run)"
-        end = _RECORDED if failed else "not recorded: have Ploints resend it"
+        # Quoted for a shell: the id is the sender's text.
+        replay = shlex.join([event.id] + (["--account", event.account] if event.account else []))
+        end = _RECORDED % (replay + self._replay_name) if failed else _NOT_RESENT
         took = duration if handlers_ran else None
         _log(
             logging.ERROR, event, Outcome.FAILED, took, _GAVE_UP, attempts, ran, end, exc_info=error

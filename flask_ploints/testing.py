@@ -1,6 +1,7 @@
 """Helpers for testing the handlers of an app that uses flask-ploints.
 
-Installed with the package, this module is also a pytest plugin: with an
+They work without pytest. With pytest, the plugin installed with the
+package (:mod:`flask_ploints.pytest_plugin`) adds a fixture: with an
 ``app`` fixture in your ``conftest.py`` (as pytest-flask expects), the
 ``ploints_client`` fixture posts correctly signed events to it::
 
@@ -20,7 +21,6 @@ import threading
 import time
 import typing as t
 
-import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
@@ -35,13 +35,24 @@ from .stores import ClaimStatus
 from .stores import DedupeStore
 from .stores import InspectableStore
 
+if t.TYPE_CHECKING:
+    from pytest import fixture as _fixture
+else:
+    try:
+        from pytest import fixture as _fixture
+    except ImportError:
+        # The helpers need no pytest; the contracts, test classes, only
+        # ever run under it.
+        def _fixture(func):
+            return func
+
+
 __all__ = [
     "FakeClock",
     "InspectableStoreContract",
     "PlointsClient",
     "StoreContract",
     "build_event",
-    "ploints_client",
     "send_event",
 ]
 
@@ -148,12 +159,6 @@ def send_event(
     return PlointsClient(app, name).send(type, data, id=id, account=account)
 
 
-@pytest.fixture
-def ploints_client(app: Flask) -> PlointsClient:
-    """A :class:`PlointsClient` for the ``app`` fixture's default instance."""
-    return PlointsClient(app)
-
-
 class FakeClock:
     """A clock in seconds since the epoch that moves only when told, for the
     ``clock`` argument of a store under test.
@@ -201,7 +206,7 @@ class StoreContract:
     #: Seconds used as a lease or retention that does not.
     long = 60.0
 
-    @pytest.fixture
+    @_fixture
     def clock(self) -> FakeClock:
         """A :class:`FakeClock` for the ``store`` fixture to give its store;
         :meth:`advance` then moves it instead of sleeping.
@@ -360,6 +365,8 @@ class InspectableStoreContract(StoreContract):
             2,
             "boom 1",
         )
+        import pytest
+
         assert stored.updated_at == pytest.approx(time.time(), abs=5)
         store.commit("evt_1", again.token, self.long)
         done = store.get("evt_1")

@@ -1,13 +1,16 @@
 """OpenTelemetry traces: ``PLOINTS_OPENTELEMETRY = True``.
 
 When it is on, each instance makes these spans with the tracer
-``flask_ploints``, each a child of the span current where it starts:
+``flask_ploints``, each (but a fresh delivery's) a child of the span
+current where it starts:
 
 =====================  ========================================================
 span                   where
 =====================  ========================================================
-``ploints.deliver``    a delivery, inside the request (a child of the Flask
-                       server span when the app is instrumented)
+``ploints.deliver``    a delivery, inside the request: the root of a new
+                       trace, linked to the span current in the request
+                       (``PLOINTS_TRACE_CONTEXT = "fresh"``, the default), or
+                       its child (``"join"``)
 ``ploints.rerun``      a replay, or a re-run from the delivery log
 ``ploints.process``    a Celery worker's attempt at an event, in the trace of
                        the delivery that queued it
@@ -23,6 +26,15 @@ The three event spans carry ``ploints.event.id``, ``ploints.event.type``,
 raised, with status ``ERROR``. With Celery dispatch the W3C trace context
 (the globally configured propagator's headers) travels in each task
 message's headers, so the worker's spans join the delivery's trace.
+
+A delivery's trace starts fresh by default because the request's trace
+context is the caller's: an instrumented app (opentelemetry-instrumentation-
+flask, or code that extracts the ``traceparent`` and ``baggage`` headers
+with the global propagator) makes it current before the signature is
+checked, so anyone who can reach the endpoint would choose the trace the
+handlers' spans join and the baggage they read. A fresh delivery runs in an
+empty context: no baggage, a new trace id, and the incoming span only as a
+link.
 
 Needs ``opentelemetry-api``: ``pip install 'flask-ploints[otel]'``, plus an
 SDK and exporter set up by the app. Imported only when the key is on.
@@ -50,6 +62,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from flask import Flask
 
+from .config import Settings
 from .config import redact
 from .dispatch import Handlers
 from .dispatch import WrappedHandlers
@@ -169,6 +182,23 @@ class Tracing:
             name, context=context, kind=kind, attributes=event_attributes(event)
         )
 
+    @contextlib.contextmanager
+    def fresh_span(self, name: str, event: Event) -> t.Iterator[trace.Span]:
+        """Start the current span ``name`` about ``event`` as the root of a
+        new trace, in a context without the current one's values (its
+        baggage), linked to the span current where it starts, if any.
+        """
+        incoming = trace.get_current_span().get_span_context()
+        links = [trace.Link(incoming)] if incoming.is_valid else None
+        token = otel_context.attach(otel_context.Context())
+        try:
+            with self.tracer.start_as_current_span(
+                name, links=links, attributes=event_attributes(event)
+            ) as span:
+                yield span
+        finally:
+            otel_context.detach(token)
+
     def handler_span(self, func: t.Callable[..., t.Any]) -> t.ContextManager[trace.Span]:
         """Start the current span of one handler, named after it."""
         name = getattr(func, "__qualname__", None) or repr(func)
@@ -215,13 +245,27 @@ class TracedProcessor(Processor):
     :param args: the processor's arguments.
     """
 
-    def __init__(self, tracing: Tracing, *args: t.Any, **kwargs: t.Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, tracing: Tracing, name: str, settings: Settings, *args: t.Any, **kwargs: t.Any
+    ) -> None:
+        super().__init__(name, settings, *args, **kwargs)
         self.tracing = tracing
+        self._fresh = settings.values["PLOINTS_TRACE_CONTEXT"] == "fresh"
 
     def deliver(self, app: Flask, event: Event) -> Result:
-        """See :meth:`Processor.deliver`; in a ``ploints.deliver`` span."""
-        with self.tracing.event_span(DELIVER_SPAN, event) as span:
+        """See :meth:`Processor.deliver`; in a ``ploints.deliver`` span,
+        which starts a new trace unless ``PLOINTS_TRACE_CONTEXT`` is
+        ``"join"``.
+
+        .. versionchanged:: 0.2
+            The span starts a new trace by default.
+        """
+        started: t.ContextManager[trace.Span]
+        if self._fresh:
+            started = self.tracing.fresh_span(DELIVER_SPAN, event)
+        else:
+            started = self.tracing.event_span(DELIVER_SPAN, event)
+        with started as span:
             result = super().deliver(app, event)
             set_outcome(span, result)
             return result

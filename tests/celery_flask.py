@@ -1,6 +1,6 @@
 """Flask's "Background Tasks with Celery" pattern, as every Celery test app
 uses it: :mod:`tests.celery_app`, :mod:`tests.accounts_app` and
-:mod:`tests.crash_app`. Importing it builds nothing, unlike those modules,
+:mod:`tests.crash_app`. docs/celery.rst shows the same function. Importing it builds nothing, unlike those modules,
 which build their worker's app on import when their variables are set.
 """
 

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
+from flask.cli import ScriptInfo
 from werkzeug.serving import make_server
 
 from flask_ploints import EVENT_TYPES
@@ -162,9 +163,12 @@ def test_send_reports_a_failing_handler_and_exits_non_zero(
     def broken(event: Event) -> None:
         raise RuntimeError("boom")
 
-    result = run(app, "send", "points.earned")
+    result = run(app, "send", "points.earned", "--id", "evt_1")
     assert result.exit_code == 1
-    assert result.output == '500 {"error": "handler failed"}\n'
+    assert result.output == (
+        '500 {"error": "handler failed"}'
+        " (event 'evt_1' ('points.earned') failed: a handler raised RuntimeError('boom'))\n"
+    )
 
 
 @pytest.fixture
@@ -403,7 +407,11 @@ def test_replay_runs_a_failed_event_again(
 
     result = run(kept_app, "replay", "evt_1")
     # Failed again: said, and a non-zero status for scripts.
-    assert (result.exit_code, result.output) == (1, "evt_1: failed\n")
+    assert (result.exit_code, result.output) == (
+        1,
+        "evt_1: failed (event 'evt_1' ('points.earned') failed: a handler raised"
+        " RuntimeError('still broken on evt_1'))\n",
+    )
     assert calls == [("points.earned", "evt_1")]
     stored = kept.store.get("evt_1")
     assert stored is not None
@@ -859,3 +867,112 @@ def test_register_for_an_account_checks_the_url_and_the_endpoint(api: str) -> No
         " has no <account>",
     )
     assert PlointsAPI.requests == []
+
+
+# A store that is down, an app that cannot start: one line each, and a
+# non-zero status.
+
+#: A Redis store behind a port nothing listens on.
+REDIS_DOWN = "redis://127.0.0.1:1/0"
+_REDIS_REFUSED = (
+    " (event 'evt_1' ('points.earned') not claimed: the dedupe store failed: StoreError:"
+    " Redis: Error 111 connecting to 127.0.0.1:1. Connection refused.)"
+)
+_UNAVAILABLE = '503 {"error": "dedupe store unavailable"}'
+
+
+def test_send_with_the_store_down_is_one_line() -> None:
+    app = build_app({"PLOINTS_DEDUPE_STORE": REDIS_DOWN})[0]
+    result = run(app, "send", "points.earned", "--id", "evt_1")
+    assert (result.exit_code, result.output) == (1, f"{_UNAVAILABLE}{_REDIS_REFUSED}\n")
+
+
+def test_simulate_with_the_store_down_is_one_line_per_delivery() -> None:
+    app = build_app({"PLOINTS_DEDUPE_STORE": REDIS_DOWN})[0]
+    result = run(app, "simulate", "points.earned", "--id", "evt_1", "--speed", "1000000")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"attempt {attempt} (sender's +{delay} s): {_UNAVAILABLE}{_REDIS_REFUSED}"
+        for attempt, delay in enumerate([0, 60, 300, 1800, 7200, 43200], start=1)
+    ] + ["Error: the sender gave up after 6 attempts; the event is marked failed"]
+
+
+def _no_secret() -> Flask:
+    app = Flask("no_secret")
+    app.testing = True
+    PlointsWebhooks(app)
+    return app
+
+
+_NO_SECRET = (
+    "PLOINTS_WEBHOOK_SECRET is not set: set it to the secret Ploints gave for this endpoint"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["send", "points.earned"],
+        ["simulate", "points.earned"],
+        ["sign", "-"],
+        ["events"],
+        ["failed"],
+        ["replay", "evt_1"],
+        ["purge"],
+        ["register", "--url", "https://example.com/hook", "--events", "points.earned"],
+    ],
+    ids=lambda args: args[0] if isinstance(args, list) else None,
+)
+def test_an_app_that_cannot_start_is_a_one_line_error(args: list[str]) -> None:
+    runner = Flask("runner").test_cli_runner()
+    result = runner.invoke(ploints, args, obj=ScriptInfo(create_app=_no_secret), input="")
+    assert_one_line_error(result, _NO_SECRET)
+
+
+_CLI_APPS = {
+    "nosecret": "app = Flask('nosecret')\nPlointsWebhooks(app)\n",
+    "storedown": (
+        "app = Flask('storedown')\n"
+        "app.config['PLOINTS_WEBHOOK_SECRET'] = 'whsec_cli'\n"
+        f"app.config['PLOINTS_DEDUPE_STORE'] = {REDIS_DOWN!r}\n"
+        "PlointsWebhooks(app)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "app_name, args, stdout, stderr",
+    [
+        ("nosecret", ["send", "points.earned"], "", f"Error: {_NO_SECRET}\n"),
+        ("nosecret", ["events"], "", f"Error: {_NO_SECRET}\n"),
+        (
+            "storedown",
+            ["send", "points.earned", "--id", "evt_1"],
+            f"{_UNAVAILABLE}{_REDIS_REFUSED}\n",
+            "",
+        ),
+        (
+            "storedown",
+            ["replay", "evt_1"],
+            "",
+            "Error: the dedupe store is unavailable; try again later\n",
+        ),
+    ],
+    ids=["send-no-secret", "events-no-secret", "send-store-down", "replay-store-down"],
+)
+def test_misuse_under_a_real_flask_command(
+    tmp_path: Path, app_name: str, args: list[str], stdout: str, stderr: str
+) -> None:
+    (tmp_path / f"{app_name}.py").write_text(
+        "from flask import Flask\nfrom flask_ploints import PlointsWebhooks\n" + _CLI_APPS[app_name]
+    )
+    flask = Path(sys.executable).with_name("flask")
+    result = subprocess.run(
+        [str(flask), "--app", app_name, "ploints", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Python's last-resort handler would print each log record's traceback.
+    assert (result.returncode, result.stdout, result.stderr) == (1, stdout, stderr)

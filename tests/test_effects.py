@@ -104,3 +104,35 @@ def test_after_commit_error_is_logged(shop: Shop, caplog: pytest.LogCaptureFixtu
     stored = shop.stored("evt_1")
     assert stored is not None and stored.status is EventState.DONE
     assert shop.rows() == ["evt_1"]
+
+
+@pytest.mark.parametrize(
+    "process_exit", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"]
+)
+def test_after_commit_process_exit_is_logged_and_answered_processed(
+    shop: Shop, caplog: pytest.LogCaptureFixture, process_exit: BaseException
+) -> None:
+    calls: list[str] = []
+
+    def stop() -> None:
+        raise process_exit
+
+    def register(event: Event) -> None:
+        after_commit(stop)
+        after_commit(calls.append, event.id)
+
+    shop.then = register
+    with caplog.at_level(logging.ERROR, logger="flask_ploints"):
+        response = shop.sender.post(body("evt_1"))
+    # The commit earned the 200: the sender must not retry a done event.
+    assert (response.status_code, response.get_json()) == (200, PROCESSED)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"event 'evt_1': an after_commit call raised {type(process_exit).__name__}, not carried out:"
+        " the event is committed and answered processed"
+    )
+    assert record.exc_info is not None and record.exc_info[1] is process_exit
+    assert calls == ["evt_1"]
+    stored = shop.stored("evt_1")
+    assert stored is not None and stored.status is EventState.DONE
+    assert shop.sender.post(body("evt_1")).get_json() == DUPLICATE

@@ -253,7 +253,7 @@ def test_worker_records(workers: tuple[Workers, Recorder]) -> None:
         ),
         (
             "event 'evt_1' ('points.earned') failed after 2 attempt(s); recorded as failed:"
-            " replay it with flask_ploints.replay.replay",
+            " replay it with: flask ploints replay evt_1",
             _expected("evt_1", "failed", durations[1]),
         ),
     ]

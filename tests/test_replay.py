@@ -8,6 +8,8 @@ Nothing here imports Celery: the handlers run inline, in this process.
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import subprocess
 import sys
 import typing as t
@@ -22,6 +24,7 @@ from flask_ploints import Event
 from flask_ploints import InvalidEvent
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
+from flask_ploints.cli import ploints
 from flask_ploints.dispatch import Dispatcher
 from flask_ploints.events import parse_event
 from flask_ploints.replay import ReplayOutcome
@@ -349,3 +352,44 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("celery", "kombu")))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "account", "options"),
+    [("ploints", None, ""), ("shop", None, " --name shop"), ("ploints", "m 1", " --account 'm 1'")],
+)
+def test_give_up_names_the_command_that_replays_the_event(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    account: str | None,
+    options: str,
+) -> None:
+    handler = Handler()
+    webhooks = PlointsWebhooks(name=name)
+    webhooks.on("points.earned")(handler)
+    config: dict[str, t.Any] = {"PLOINTS_DEDUPE_STORE": "sqlite:///" + str(tmp_path / "x.db")}
+    if account is not None:
+        config["PLOINTS_WEBHOOK_URL"] = "/webhooks/ploints/<account>"
+        config["PLOINTS_WEBHOOK_SECRET"] = {account: "whsec_m1"}.get
+    app = build_app(config, webhooks)[0]
+    processor = webhooks.receiver(app).processor
+    # An id a shell would split: the command quotes it.
+    event = parse_event(_body("evt 1's"), account)
+    claim = processor.store.claim(processor.namespace.key(event.id, account), 60, event.raw)
+    with caplog.at_level(logging.ERROR, logger="flask_ploints"):
+        recorded = processor.give_up(
+            app, event, claim.token, RuntimeError("boom"), attempts=3, handlers_ran=True
+        )
+    assert recorded is True
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message == (
+        """event "evt 1's" ('points.earned') failed after 3 attempt(s); recorded as failed:"""
+        f""" replay it with: flask ploints replay 'evt 1'"'"'s'{options}"""
+    )
+    # The command, run as logged, replays the event.
+    args = shlex.split(message.split("flask ploints ", 1)[1])
+    result = app.test_cli_runner().invoke(ploints, args)
+    assert (result.exit_code, result.output) == (0, "evt 1's: processed\n")
+    assert handler.runs == ["evt 1's"]

@@ -11,8 +11,13 @@ What the tests show:
 * ``test_delivery_span_per_outcome``: one ``ploints.deliver`` span per
   delivery with the event's id and type, the outcome, the duplicate and
   in-flight flags, and an ``ERROR`` status for failed and unavailable.
-* ``test_delivery_span_is_a_child_of_the_current_span``: a span the app
-  opened around the request is the delivery span's parent.
+* ``test_incoming_trace_context_and_baggage``: with the app instrumented
+  (the request's ``traceparent`` and ``baggage`` extracted by the global
+  propagator, as opentelemetry-instrumentation-flask does), a delivery
+  starts a new trace linked to the server span and its handlers see no
+  baggage, unless ``PLOINTS_TRACE_CONTEXT = "join"``.
+* ``test_delivery_span_joins_the_current_span_when_told``: with ``"join"``,
+  a span the app opened around the request is the delivery span's parent.
 * ``test_handler_spans``: a span per handler and per signal receiver, in
   the order they run, children of the delivery span; the one that raised
   records the exception with status ``ERROR``; those after it never ran.
@@ -28,8 +33,9 @@ What the tests show:
   sits inside its handler's.
 * ``test_celery_worker_joins_the_trace``: on a real worker (RabbitMQ), the
   ``ploints.process`` span of each attempt, a retry's included, and its
-  handler spans sit in the trace of the request that queued the event,
-  children of its delivery span.
+  handler spans sit in the trace of the delivery that queued the event
+  (a fresh one, linked to the request's span), children of its delivery
+  span.
 """
 
 from __future__ import annotations
@@ -39,9 +45,15 @@ import json
 import subprocess
 import sys
 import typing as t
+from contextvars import Token
 from pathlib import Path
 
 import pytest
+from flask import Flask
+from flask import request
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider
@@ -169,11 +181,83 @@ def test_unavailable_span(provider: TracerProvider, exporter: InMemorySpanExport
     ]
 
 
-def test_delivery_span_is_a_child_of_the_current_span(
+#: A caller's W3C trace context and baggage, as any client can send them.
+INCOMING_TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+INCOMING_HEADERS = {
+    "traceparent": f"00-{INCOMING_TRACE_ID:032x}-00f067aa0ba902b7-01",
+    "baggage": "tenant=acme,role=admin",
+}
+
+
+def _instrumented(app: Flask, provider: TracerProvider) -> None:
+    """What opentelemetry-instrumentation-flask does to ``app``: before the
+    view, extract the request's context with the global propagator (W3C
+    trace context and baggage) and make a server span in it current.
+    """
+    tracer = provider.get_tracer("instrumentation")
+    state: list[tuple[trace.Span, list[Token[otel_context.Context]]]] = []
+
+    @app.before_request
+    def start() -> None:
+        tokens = [otel_context.attach(propagate.extract(request.headers))]
+        span = tracer.start_span(f"POST {request.path}", kind=trace.SpanKind.SERVER)
+        tokens.append(otel_context.attach(trace.set_span_in_context(span)))
+        state.append((span, tokens))
+
+    @app.teardown_request
+    def end(error: BaseException | None) -> None:
+        span, tokens = state.pop()
+        span.end()
+        for token in reversed(tokens):
+            otel_context.detach(token)
+
+
+@pytest.mark.parametrize("setting", [None, "fresh", "join"])
+def test_incoming_trace_context_and_baggage(
+    provider: TracerProvider, exporter: InMemorySpanExporter, setting: str | None
+) -> None:
+    webhooks = PlointsWebhooks()
+    seen: list[tuple[dict[str, object], int]] = []
+
+    @webhooks.on("points.earned")
+    def earned(event: Event) -> None:
+        seen.append((dict(baggage.get_all()), trace.get_current_span().get_span_context().trace_id))
+
+    config: dict[str, t.Any] = {"PLOINTS_OPENTELEMETRY": provider}
+    if setting is not None:
+        config["PLOINTS_TRACE_CONTEXT"] = setting
+    app, _ = build_app(config, webhooks)
+    _instrumented(app, provider)
+    body = build_event("points.earned", id="evt_1")
+    response = PlointsClient(app).post(body, headers=INCOMING_HEADERS)
+    assert response.status_code == 200
+
+    [server] = [span for span in exporter.get_finished_spans() if span.name.startswith("POST")]
+    [deliver] = _spans(exporter, "ploints.deliver")
+    [handler] = _spans(exporter, "test_incoming_trace_context_and_baggage.<locals>.earned")
+    assert server.context is not None and deliver.context is not None
+    # The instrumentation's own span joins the caller's trace either way.
+    assert server.context.trace_id == INCOMING_TRACE_ID
+    assert handler.parent is not None and handler.parent.span_id == deliver.context.span_id
+    if setting == "join":
+        assert deliver.parent is not None and deliver.parent.span_id == server.context.span_id
+        assert deliver.context.trace_id == INCOMING_TRACE_ID
+        assert list(deliver.links) == []
+        assert seen == [({"tenant": "acme", "role": "admin"}, INCOMING_TRACE_ID)]
+    else:
+        # Fresh, the default: a new trace, the caller's span only a link,
+        # and none of the caller's baggage.
+        assert deliver.parent is None
+        assert deliver.context.trace_id != INCOMING_TRACE_ID
+        assert [link.context.span_id for link in deliver.links] == [server.context.span_id]
+        assert seen == [({}, deliver.context.trace_id)]
+
+
+def test_delivery_span_joins_the_current_span_when_told(
     provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    app, _ = build_app({"PLOINTS_OPENTELEMETRY": provider})
-    # Stands for the Flask server span of an instrumented app.
+    app, _ = build_app({"PLOINTS_OPENTELEMETRY": provider, "PLOINTS_TRACE_CONTEXT": "join"})
+    # Stands for any span the app opened around the request.
     with provider.get_tracer("test").start_as_current_span("POST /webhooks/ploints") as request:
         assert PlointsClient(app).send("points.earned", id="evt_1").status_code == 200
     [deliver] = _spans(exporter, "ploints.deliver")
@@ -322,6 +406,11 @@ def test_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(wrong.value) == (
         "PLOINTS_OPENTELEMETRY must be True, False or an OpenTelemetry TracerProvider, not 'yes'"
     )
+    for value in ("yes", ["join"]):
+        with pytest.raises(ConfigError) as wrong:
+            build_app({"PLOINTS_OPENTELEMETRY": True, "PLOINTS_TRACE_CONTEXT": value})
+        shown = "'yes'" if value == "yes" else "a list"
+        assert str(wrong.value) == f"PLOINTS_TRACE_CONTEXT must be 'fresh' or 'join', not {shown}"
     # As if opentelemetry-api were not installed: importing it fails.
     monkeypatch.delitem(sys.modules, "flask_ploints.tracing", raising=False)
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
@@ -388,7 +477,9 @@ def test_celery_worker_joins_the_trace(
         "queued",
     )
     assert deliver.context is not None and rerun_span.context is not None
-    assert deliver.context.trace_id == request.get_span_context().trace_id
+    # A fresh trace, linked to the request's span.
+    assert deliver.parent is None
+    assert [link.context.span_id for link in deliver.links] == [request.get_span_context().span_id]
 
     # The worker's spans, in the order they ended: per attempt, its
     # handler's span then its own, each attempt (the retry's too) a child

@@ -1,5 +1,6 @@
-"""Traces of every delivery: a span per delivery and per handler, in the
-trace of the request, with the app's own spans inside its handlers."""
+"""Traces of every delivery: a span per delivery and per handler, each
+delivery a trace of its own linked to the request's span, with the app's own
+spans inside its handlers."""
 
 from __future__ import annotations
 

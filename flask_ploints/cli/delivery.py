@@ -28,9 +28,11 @@ from ..state import Receiver
 from ..state import delivery_target
 from .group import current_flask_app
 from .group import finite
+from .group import logged
 from .group import name_option
 from .group import ploints
 from .group import receiver_named
+from .group import summary
 from .http import OPENER
 from .http import check_url
 
@@ -55,8 +57,9 @@ def _post(
     path, secret = target
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)}
     if url is None:
-        response = current_app.test_client().post(path, data=body, headers=headers)
-        return response.status_code, response.get_data(as_text=True).strip()
+        with logged() as records:
+            response = current_app.test_client().post(path, data=body, headers=headers)
+        return response.status_code, response.get_data(as_text=True).strip() + summary(records)
     check_url("--url", url)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:

@@ -18,9 +18,11 @@ from ..replay import replay
 from ..state import Receiver
 from ..stores import InspectableStore
 from .group import current_flask_app
+from .group import logged
 from .group import name_option
 from .group import ploints
 from .group import receiver_named
+from .group import summary
 
 __all__ = ["failed_command", "purge_command", "replay_command"]
 
@@ -72,13 +74,13 @@ def failed_command(limit: int, name: str) -> None:
 def replay_command(event_id: str, account: str | None, name: str) -> None:
     """Run a failed event's handlers again from its stored payload."""
     try:
-        with _store_down():
+        with _store_down(), logged() as records:
             outcome = replay(current_flask_app(), event_id, name=name, account=account)
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error.args[0] if error.args else error)) from None
     except DispatchError:
         raise click.ClickException("the event queue is unavailable; try again later") from None
-    click.echo(f"{event_id}: {outcome}")
+    click.echo(f"{event_id}: {outcome}{summary(records)}")
     if outcome is ReplayOutcome.FAILED:
         # A script must tell a replay that failed again from one that worked.
         sys.exit(1)
