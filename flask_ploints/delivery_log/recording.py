@@ -6,6 +6,7 @@ rows.
 
 from __future__ import annotations
 
+import time
 import traceback
 import typing as t
 
@@ -20,6 +21,9 @@ if t.TYPE_CHECKING:
     from ..events import Event
 
 __all__ = ["connect_signals"]
+
+#: Longest claimed account kept in a rejected row's reason.
+MAX_CLAIMED = 128
 
 
 def _last_line(text: str) -> str:
@@ -59,14 +63,47 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
             started_before=duration,
         )
 
+    def queued(sender: Flask, *, name: str, event: Event, **extra: t.Any) -> None:
+        record("queued", name=name, event=event)
+
+    def retrying(
+        sender: Flask,
+        *,
+        name: str,
+        event: Event,
+        exception: BaseException,
+        duration: float | None,
+        attempt: int,
+        attempts: int,
+        retry_at: float,
+        **extra: t.Any,
+    ) -> None:
+        text = "".join(traceback.format_exception(exception))
+        when = time.strftime("%H:%M:%S", time.gmtime(retry_at))
+        reason = f"attempt {attempt} of {attempts}; next at {when} UTC: {_last_line(text)}"
+        record(
+            "retrying",
+            name=name,
+            event=event,
+            reason=reason,
+            traceback=text,
+            duration=duration,
+            started_before=duration or 0.0,
+        )
+
     def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
-        # The account in the URL, unverified as the reason is; the
-        # signal, sent from the request, does not carry it.
-        account = (request.view_args or {}).get("account") if has_request_context() else None
-        record("rejected", name=name, reason=reason, account=account)
+        # The account the URL names is unverified: kept in the reason, never
+        # in the account column, so that a forged request cannot file a row
+        # under a real account's name (nor show it to that account's staff).
+        claimed = (request.view_args or {}).get("account") if has_request_context() else None
+        if isinstance(claimed, str):
+            reason = f"{reason} (to account {claimed[:MAX_CLAIMED]!r} per its URL, unverified)"
+        record("rejected", name=name, reason=reason)
 
     signals.event_processed.connect(processed, sender=app, weak=False)
     signals.duplicate_skipped.connect(duplicate, sender=app, weak=False)
     signals.handler_failed.connect(failed, sender=app, weak=False)
+    signals.event_queued.connect(queued, sender=app, weak=False)
+    signals.attempt_failed.connect(retrying, sender=app, weak=False)
     signals.signature_rejected.connect(rejected, sender=app, weak=False)
     signals.payload_rejected.connect(rejected, sender=app, weak=False)

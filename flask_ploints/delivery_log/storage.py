@@ -7,7 +7,7 @@ only). Rows of verified, well-formed events keep the raw body, so that a
 failed event can be run again from the page; a rejected request's body is
 never stored, because it is unverified.
 
-Needs SQLAlchemy 2: ``pip install 'flask-ploints[sqlalchemy]'``.
+Needs SQLAlchemy 2: ``pip install "flask-ploints[sqlalchemy]"``.
 
 .. versionadded:: 0.1
 """
@@ -44,7 +44,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the delivery log needs SQLAlchemy 2; install it with:"
-        " pip install 'flask-ploints[sqlalchemy]'"
+        ' pip install "flask-ploints[sqlalchemy]"'
     ) from exc
 
 if t.TYPE_CHECKING:
@@ -81,8 +81,9 @@ class DeliveryLog:
     the log can never change what the endpoint answers, nor hold it for
     longer than one timeout.
 
-    :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
-        be shared.
+    :param engine: the engine to use, or a function that returns it, called
+        once on first use: ``lambda: db.engine`` shares a Flask-SQLAlchemy
+        ``db``'s engine, which it knows only in an app context.
     :param table_name: the table to keep deliveries in.
     :param retention: seconds a row is kept; :meth:`record` purges older
         rows at most every ten minutes. ``None`` keeps them until
@@ -97,12 +98,13 @@ class DeliveryLog:
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-        The ``timeout`` parameter, and the pause after a failed write.
+        The ``timeout`` parameter, and the pause after a failed write;
+        ``engine`` may be a function that returns it.
     """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | t.Callable[[], Engine],
         *,
         table_name: str = "ploints_deliveries",
         retention: float | None = 7 * 86400.0,
@@ -111,18 +113,19 @@ class DeliveryLog:
     ) -> None:
         if retention is not None and retention <= 0:
             raise ValueError(f"retention must be positive seconds or None, not {retention!r}")
-        self.engine = engine
         self.table = make_table(table_name)
         self.retention = retention
         self.timeout = timeout
         self._next_purge = 0.0
         self._paused_until = 0.0
-        self._table = ManagedTable(
-            engine, self.table, create=create_table, error=DeliveryLogError, wait=timeout
-        )
+        self._engine = engine if isinstance(engine, Engine) else None
+        self._find_engine = None if isinstance(engine, Engine) else engine
+        self._managed: ManagedTable | None = None
+        self._create = create_table
         self._alter = create_table
         self._upgraded = False
         self._upgrade_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -151,6 +154,33 @@ class DeliveryLog:
         options = {"pool_pre_ping": False, **(engine_options or {})}
         engine = engine_from_url(url, timeout=timeout, engine_options=options)
         return cls(engine, timeout=timeout, **kwargs)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the log's database; one given as a function is
+        asked for on first use.
+        """
+        if self._engine is None:
+            assert self._find_engine is not None
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = self._find_engine()
+        return self._engine
+
+    @property
+    def _table(self) -> ManagedTable:
+        if self._managed is None:
+            engine = self.engine
+            with self._engine_lock:
+                if self._managed is None:
+                    self._managed = ManagedTable(
+                        engine,
+                        self.table,
+                        create=self._create,
+                        error=DeliveryLogError,
+                        wait=self.timeout,
+                    )
+        return self._managed
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -261,6 +291,7 @@ class DeliveryLog:
         before: int | None = None,
         outcomes: t.Collection[str] | None = None,
         account: str | None = None,
+        accounts: t.Collection[str] | None = None,
     ) -> list[Delivery]:
         """Return up to ``limit`` deliveries, newest first.
 
@@ -270,7 +301,12 @@ class DeliveryLog:
         :param before: only rows whose id is smaller, to page back.
         :param outcomes: only these outcomes.
         :param account: only the deliveries to this account.
+        :param accounts: only the deliveries to these accounts (none for an
+            empty collection).
         :raises DeliveryLogError: the database refused.
+
+        .. versionchanged:: 0.2
+            The ``account`` and ``accounts`` parameters.
         """
         self._prepare()
         c = self.table.c
@@ -285,13 +321,25 @@ class DeliveryLog:
             statement = statement.where(c.event_id == event_id)
         if before is not None:
             statement = statement.where(c.id < before)
-        if account is not None:
+        if account is not None or accounts is not None:
             if "account" not in c:
                 return []
-            statement = statement.where(c.account == account)
+            if account is not None:
+                statement = statement.where(c.account == account)
+            if accounts is not None:
+                if not accounts:
+                    return []
+                statement = statement.where(c.account.in_(sorted(accounts)))
         with self._begin() as conn:
             rows = conn.execute(statement).all()
-        return [delivery(row) for row in rows]
+        found = [delivery(row) for row in rows]
+        # Compared again here, exactly: a case-insensitive collation would
+        # match "ACME" for "acme", and scoping admits only what it names.
+        if account is not None:
+            found = [row for row in found if row.account == account]
+        if accounts is not None:
+            found = [row for row in found if row.account in accounts]
+        return found
 
     def count(self, outcome: str, *, since: float) -> int:
         """Return how many rows of ``outcome`` were received since
@@ -319,11 +367,16 @@ class DeliveryLog:
             row = conn.execute(statement).first()
         return None if row is None else delivery(row)
 
-    def event_types(self) -> list[str]:
+    def event_types(self, accounts: t.Collection[str] | None = None) -> list[str]:
         """Return the event types that have rows, sorted.
 
+        :param accounts: only those of rows of these accounts.
         :raises DeliveryLogError: the database refused.
+
+        .. versionchanged:: 0.2
+            The ``accounts`` parameter.
         """
+        self._prepare()
         c = self.table.c
         statement = (
             sa.select(c.event_type)
@@ -331,8 +384,29 @@ class DeliveryLog:
             .distinct()
             .order_by(c.event_type)
         )
+        if accounts is not None:
+            if not accounts or "account" not in c:
+                return []
+            statement = statement.where(c.account.in_(sorted(accounts)))
         with self._begin() as conn:
             return [row.event_type for row in conn.execute(statement)]
+
+    def accounts(self) -> list[str]:
+        """Return the accounts that have rows, sorted; rows of rejected
+        requests have none.
+
+        :raises DeliveryLogError: the database refused.
+
+        .. versionadded:: 0.2
+        """
+        self._prepare()
+        c = self.table.c
+        if "account" not in c:
+            return []
+        statement = sa.select(c.account).where(c.account.is_not(None)).distinct()
+        with self._begin() as conn:
+            # Sorted here: the database's collation may order them otherwise.
+            return sorted(row.account for row in conn.execute(statement))
 
     def purge(self, older_than_seconds: float, *, now: float | None = None) -> int:
         """Delete the rows received more than ``older_than_seconds`` ago and
