@@ -5,7 +5,6 @@ failed event; on SQLite, PostgreSQL and MariaDB.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -778,13 +777,14 @@ def test_only_true_grants_access(sqlite_log: DeliveryLog) -> None:
 
 
 def test_a_response_from_the_check_is_what_the_visitor_gets(sqlite_log: DeliveryLog) -> None:
-    shop = Shop(sqlite_log)
+    logged_in = True
+    shop = Shop(
+        sqlite_log,
+        PLOINTS_DELIVERY_LOG_ACCESS=lambda: logged_in or flask.redirect("/login"),
+    )
     failed = _failed_row(shop)
     token = shop.csrf_token(failed.id)
-    state = shop.app.extensions[EXTENSION_KEY]
-    shop.app.extensions[EXTENSION_KEY] = dataclasses.replace(
-        state, access=lambda: False or flask.redirect("/login")
-    )
+    logged_in = False
     for response in (
         shop.browser.get(PAGE),
         shop.browser.get(f"{PAGE}/{failed.id}"),
@@ -910,9 +910,13 @@ class Staff:
 
 
 def _scoped_shop(log: DeliveryLog, staff: Staff) -> Shop:
-    shop, _ = _accounts_shop(log)
-    state = shop.app.extensions[EXTENSION_KEY]
-    shop.app.extensions[EXTENSION_KEY] = dataclasses.replace(state, access=staff, scoped=True)
+    shop = Shop(
+        log,
+        PLOINTS_WEBHOOK_URL="/webhooks/ploints/<account>",
+        PLOINTS_WEBHOOK_SECRET=ACCOUNT_SECRETS.get,
+        PLOINTS_DELIVERY_LOG_ACCESS=staff,
+    )
+    assert shop.app.extensions[EXTENSION_KEY].scoped is True
     return shop
 
 
@@ -999,10 +1003,7 @@ def test_a_scoped_check_that_admits_every_account_sees_everything(
 def test_a_scoped_check_sees_no_rows_of_an_endpoint_of_one_account(
     sqlite_log: DeliveryLog,
 ) -> None:
-    shop = Shop(sqlite_log)
-    staff = Staff("m1")
-    state = shop.app.extensions[EXTENSION_KEY]
-    shop.app.extensions[EXTENSION_KEY] = dataclasses.replace(state, access=staff, scoped=True)
+    shop = Shop(sqlite_log, PLOINTS_DELIVERY_LOG_ACCESS=Staff("m1"))
     failed = _failed_row(shop)
     assert _listed(shop.browser.get(PAGE).get_data(as_text=True)) == []
     assert shop.browser.get(f"{PAGE}/{failed.id}").status_code == 404
