@@ -59,7 +59,7 @@ CSRF_FIELD = "csrf_token"
 #: Rows on one page of the list.
 PAGE_SIZE = 50
 #: How the message of a re-run refused because the event is held ends.
-IN_FLIGHT = "is being processed right now"
+_IN_FLIGHT = "is being processed right now"
 #: Seconds back that the list counts the rejected requests it hides.
 REJECTED_WINDOW = 24 * 3600
 
@@ -290,7 +290,7 @@ def _pretty(payload: bytes) -> str:
 
 def _refusal(app: Flask, delivery: Delivery, exc: Exception) -> str:
     receiver = receivers(app).get(delivery.name)
-    held = isinstance(exc, ValueError) and str(exc).endswith(IN_FLIGHT)
+    held = isinstance(exc, ValueError) and str(exc).endswith(_IN_FLIGHT)
     if not held or receiver is None or receiver.dispatcher.runs_inline:
         return str(exc)
     lease = getattr(receiver.dispatcher, "lease", None)

@@ -6,6 +6,7 @@ rows.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 import typing as t
@@ -15,12 +16,19 @@ from flask import has_request_context
 from flask import request
 
 from .. import signals
+from ..logfields import delivery_fields
+from ..logfields import event_fields
 from .table import MAX_REASON
 
 if t.TYPE_CHECKING:
     from ..events import Event
 
-__all__ = ["connect_signals"]
+__all__ = ["PAUSE", "Safely", "connect_signals"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: Seconds the log skips its rows after a write failed.
+PAUSE = 30.0
 
 #: Longest claimed account kept in a rejected row's reason.
 MAX_CLAIMED = 128
@@ -29,6 +37,37 @@ MAX_CLAIMED = 128
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip()[:MAX_REASON] if lines else ""
+
+
+class Safely:
+    """Calls ``record(outcome, received_at=..., **fields)`` for each
+    delivery; when it raises, logs the error and skips the rows of the next
+    :data:`PAUSE` seconds: the next deliveries would meet the same database.
+    """
+
+    def __init__(self, record: t.Callable[..., object]) -> None:
+        self.record = record
+        self._paused_until = 0.0
+
+    def __call__(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
+        # A blinker receiver that raises stops the receivers after it
+        # (metrics, the app's own), so the error ends here.
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
+        try:
+            self.record(outcome, received_at=time.time() - started_before, **fields)
+        except Exception:
+            self._paused_until = now + PAUSE
+            event = fields.get("event")
+            logger.exception(
+                "the delivery log failed to record a %s delivery; it skips its rows for %g s",
+                outcome,
+                PAUSE,
+                extra=delivery_fields(outcome)
+                if event is None
+                else event_fields(event, outcome, fields.get("duration")),
+            )
 
 
 def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:

@@ -1,11 +1,9 @@
 """The delivery log: one row per delivery outcome, for the delivery log page.
 
 A :class:`DeliveryLog` listens to the lifecycle signals of one app and writes
-a row for each answer the endpoint gives: ``processed``, ``duplicate``,
-``failed`` (with the handler's traceback) and ``rejected`` (with the reason
-only). Rows of verified, well-formed events keep the raw body, so that a
-failed event can be run again from the page; a rejected request's body is
-never stored, because it is unverified.
+a row for each outcome (see :data:`~.table.OUTCOMES`). Rows of verified
+events keep the raw body, so that a failed event can be run again from the
+page; a rejected request's body is never stored: it is unverified.
 
 Needs SQLAlchemy 2: ``pip install "flask-ploints[sqlalchemy]"``.
 
@@ -15,7 +13,6 @@ Needs SQLAlchemy 2: ``pip install "flask-ploints[sqlalchemy]"``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 import typing as t
@@ -23,8 +20,7 @@ import typing as t
 from flask import Flask
 
 from ..errors import DeliveryLogError
-from ..logfields import delivery_fields
-from ..logfields import event_fields
+from .recording import Safely
 from .recording import connect_signals
 from .table import MAX_REASON
 from .table import MAX_TRACEBACK
@@ -54,10 +50,7 @@ if t.TYPE_CHECKING:
 
 __all__ = ["OUTCOMES", "Delivery", "DeliveryLog", "DeliveryLogError"]
 
-logger = logging.getLogger("flask_ploints")
 
-#: Seconds the log skips its rows after a write failed.
-PAUSE = 30.0
 # A purge runs from record() at most this often, so that rows past the
 # retention go without a periodic job and a busy endpoint does not pay for a
 # DELETE on every delivery.
@@ -66,7 +59,7 @@ _PURGE_INTERVAL = 600.0
 
 class DeliveryLog:
     """Records every delivery outcome of an app in one table of a SQL
-    database (PostgreSQL and SQLite are tested), and reads them back for the
+    database (SQLite, PostgreSQL and MariaDB are tested), and reads them back for the
     delivery log page.
 
     .. code-block:: python
@@ -77,7 +70,7 @@ class DeliveryLog:
 
     Writing is part of answering a delivery: each row is one ``INSERT`` in
     the request, bounded by ``timeout``. A write that fails is logged and
-    dropped, and the log then skips its rows for :data:`PAUSE` seconds, so
+    dropped, and the log then skips its rows for 30 seconds (``PAUSE``), so
     the log can never change what the endpoint answers, nor hold it for
     longer than one timeout.
 
@@ -117,11 +110,8 @@ class DeliveryLog:
         self.retention = retention
         self.timeout = timeout
         self._next_purge = 0.0
-        self._paused_until = 0.0
-        self._engine = engine if isinstance(engine, Engine) else None
-        self._find_engine = None if isinstance(engine, Engine) else engine
+        self._engine = engine
         self._managed: ManagedTable | None = None
-        self._create = create_table
         self._alter = create_table
         self._upgraded = False
         self._upgrade_lock = threading.Lock()
@@ -160,27 +150,25 @@ class DeliveryLog:
         """The engine of the log's database; one given as a function is
         asked for on first use.
         """
-        if self._engine is None:
-            assert self._find_engine is not None
-            with self._engine_lock:
-                if self._engine is None:
-                    self._engine = self._find_engine()
-        return self._engine
+        return self._table.engine
 
     @property
     def _table(self) -> ManagedTable:
-        if self._managed is None:
-            engine = self.engine
+        managed = self._managed
+        if managed is None:
             with self._engine_lock:
-                if self._managed is None:
-                    self._managed = ManagedTable(
+                managed = self._managed
+                if managed is None:
+                    engine = self._engine if isinstance(self._engine, Engine) else self._engine()
+                    managed = ManagedTable(
                         engine,
                         self.table,
-                        create=self._create,
+                        create=self._alter,
                         error=DeliveryLogError,
                         wait=self.timeout,
                     )
-        return self._managed
+                    self._managed = managed
+        return managed
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -198,29 +186,7 @@ class DeliveryLog:
         the instance's name), by connecting to the lifecycle signals for
         this app only.
         """
-        connect_signals(app, self._safely)
-
-    def _safely(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
-        # A blinker receiver that raises stops the receivers after it
-        # (metrics, the app's own), so the error ends here.
-        now = time.monotonic()
-        if now < self._paused_until:
-            return
-        try:
-            self.record(outcome, received_at=time.time() - started_before, **fields)
-        except Exception:
-            # The next deliveries would meet the same database: they skip
-            # their rows rather than each wait for it.
-            self._paused_until = now + PAUSE
-            event = fields.get("event")
-            logger.exception(
-                "the delivery log failed to record a %s delivery; it skips its rows for %g s",
-                outcome,
-                PAUSE,
-                extra=delivery_fields(outcome)
-                if event is None
-                else event_fields(event, outcome, fields.get("duration")),
-            )
+        connect_signals(app, Safely(self.record))
 
     def record(
         self,
@@ -321,25 +287,18 @@ class DeliveryLog:
             statement = statement.where(c.event_id == event_id)
         if before is not None:
             statement = statement.where(c.id < before)
-        if account is not None or accounts is not None:
-            if "account" not in c:
+        wanted = None if accounts is None else set(accounts)
+        if account is not None:
+            wanted = {account} if wanted is None else wanted & {account}
+        if wanted is not None:
+            if not wanted or "account" not in c:
                 return []
-            if account is not None:
-                statement = statement.where(c.account == account)
-            if accounts is not None:
-                if not accounts:
-                    return []
-                statement = statement.where(c.account.in_(sorted(accounts)))
+            statement = statement.where(c.account.in_(sorted(wanted)))
         with self._begin() as conn:
             rows = conn.execute(statement).all()
-        found = [delivery(row) for row in rows]
-        # Compared again here, exactly: a case-insensitive collation would
-        # match "ACME" for "acme", and scoping admits only what it names.
-        if account is not None:
-            found = [row for row in found if row.account == account]
-        if accounts is not None:
-            found = [row for row in found if row.account in accounts]
-        return found
+        # Compared again, exactly: a case-insensitive collation matches "ACME"
+        # for "acme", and scoping admits only the accounts it names.
+        return [delivery(row) for row in rows if wanted is None or row.account in wanted]
 
     def count(self, outcome: str, *, since: float) -> int:
         """Return how many rows of ``outcome`` were received since
@@ -392,8 +351,7 @@ class DeliveryLog:
             return [row.event_type for row in conn.execute(statement)]
 
     def accounts(self) -> list[str]:
-        """Return the accounts that have rows, sorted; rows of rejected
-        requests have none.
+        """Return the accounts that have rows, sorted.
 
         :raises DeliveryLogError: the database refused.
 
@@ -404,8 +362,7 @@ class DeliveryLog:
         if "account" not in c:
             return []
         statement = sa.select(c.account).where(c.account.is_not(None)).distinct()
-        with self._begin() as conn:
-            # Sorted here: the database's collation may order them otherwise.
+        with self._begin() as conn:  # sorted here, whatever the collation
             return sorted(row.account for row in conn.execute(statement))
 
     def purge(self, older_than_seconds: float, *, now: float | None = None) -> int:
