@@ -32,6 +32,7 @@ from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.delivery_log import delivery_log
 from flask_ploints.delivery_log.table import make_table
+from flask_ploints.events import parse_event
 from flask_ploints.stores import StoreError
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -1112,3 +1113,17 @@ def test_the_docs_name_the_template_folder_that_exists() -> None:
         "delivery.html",
         "error.html",
     ]
+
+
+def test_the_account_filter_compares_exactly(any_log: DeliveryLog) -> None:
+    # MariaDB's default collation finds "ACME" for "acme": scoping must not.
+    for account, event_id in [("acme", "evt_1"), ("ACME", "evt_2"), ("acme ", "evt_3")]:
+        raw = json.dumps(build_event("points.earned", id=event_id)).encode()
+        any_log.record("processed", name="ploints", event=parse_event(raw, account))
+    assert [row.event_id for row in any_log.recent(account="acme")] == ["evt_1"]
+    assert [row.event_id for row in any_log.recent(accounts=["acme"])] == ["evt_1"]
+    assert [row.event_id for row in any_log.recent(accounts=["ACME", "acme "])] == [
+        "evt_3",
+        "evt_2",
+    ]
+    assert any_log.recent(account="acme", accounts=["ACME"]) == []
