@@ -397,13 +397,10 @@ def test_the_delivery_log_shows_the_queue_and_each_attempt(
         assert "Re-run of evt_bad: queued." in page
         _until(lambda: recorder.count("event_processed") == {"evt_bad": 1}, "the re-run")
         _until(lambda: len(_log_rows(app, "evt_bad")) == 5, "the re-run's rows")
-        assert [outcome for outcome, _ in _log_rows(app, "evt_bad")] == [
-            "processed",
-            "queued",
-            "failed",
-            "retrying",
-            "queued",
-        ]
+        rows = [outcome for outcome, _ in _log_rows(app, "evt_bad")]
+        assert rows[2:] == ["failed", "retrying", "queued"]
+        # The worker may write its row before the endpoint's queued one.
+        assert sorted(rows[:2]) == ["processed", "queued"]
     finally:
         next(made, None)
         delivery_log(app).engine.dispose()
