@@ -34,12 +34,14 @@ if t.TYPE_CHECKING:
     from .events import Event
 
 __all__ = [
+    "attempt_failed",
     "badge_issued",
     "campaign_conversion",
     "customer_created",
     "customer_tier_changed",
     "duplicate_skipped",
     "event_processed",
+    "event_queued",
     "event_received",
     "handler_failed",
     "notify",
@@ -90,6 +92,21 @@ payload_rejected = _signals.signal("ploints.payload-rejected")
 #: Celery dispatch it is sent once, when the worker gives up on the event;
 #: earlier failed attempts are only logged.
 handler_failed = _signals.signal("ploints.handler-failed")
+
+#: With Celery dispatch, an event's task was queued (the endpoint's ``202``,
+#: or a re-run). Arguments: ``event``.
+#:
+#: .. versionadded:: 0.2
+event_queued = _signals.signal("ploints.event-queued")
+#: With Celery dispatch, one of a worker's attempts at an event failed and
+#: the next one is queued. Arguments: ``event``, ``exception``, ``duration``
+#: (seconds spent in the handlers; ``None`` when they did not run, the
+#: dedupe store having failed first), ``attempt`` (this attempt's number,
+#: from 1), ``attempts`` (how many there can be), ``retry_at`` (when the
+#: next one runs, in seconds since the epoch).
+#:
+#: .. versionadded:: 0.2
+attempt_failed = _signals.signal("ploints.attempt-failed")
 
 _BY_TYPE: dict[str, Signal] = {name: _signals.signal(name) for name in EVENT_TYPES}
 
@@ -177,6 +194,8 @@ _OUTCOMES = {
     event_processed.name: "processed",
     duplicate_skipped.name: "duplicate",
     handler_failed.name: "failed",
+    event_queued.name: "queued",
+    attempt_failed.name: "retrying",
     signature_rejected.name: REJECTED,
     payload_rejected.name: REJECTED,
 }

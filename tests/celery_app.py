@@ -33,6 +33,8 @@ tracer provider that writes each finished span to the Redis list
 ``NAMESPACE:spans``, where the test reads them. When it holds
 ``"TEST_RECORD_LOGS": true``, the worker writes each ``flask_ploints`` log
 record (its message and its ``ploints_*`` fields) to ``NAMESPACE:logs``.
+When it holds ``"TEST_DELIVERY_LOG": {"url": ..., "table": ...}``, the app
+records its deliveries in that table (the page admits everybody).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from flask import Flask
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
+from flask_ploints.delivery_log import DeliveryLog
 
 from .celery_flask import celery_init_app
 from .celery_flask import celery_settings
@@ -129,6 +132,13 @@ def create_app(
         CELERY=celery_settings(broker_url),
     )
     app.config.update(config or {})
+    log = app.config.get("TEST_DELIVERY_LOG")
+    if log is not None:
+        app.config.update(
+            PLOINTS_DELIVERY_LOG=DeliveryLog.from_url(log["url"], table_name=log["table"]),
+            PLOINTS_DELIVERY_LOG_ACCESS=lambda: True,
+            SECRET_KEY="celery-test",
+        )
     celery_init_app(app)
     webhooks = PlointsWebhooks(app)
     recorder = Recorder(redis_url, namespace)

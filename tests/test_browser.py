@@ -1,5 +1,6 @@
 """The delivery log page in a real headless Chromium: deliveries over HTTP,
-the list, a filter, a failed event's traceback, and the Re-run button.
+the list, a filter, a failed event's traceback, and the Re-run button; a
+merchant's staff's list, with the badges of Celery's rows.
 
 Chromium is Debian's (``apt-get install chromium``), driven by Playwright
 for Python through ``executable_path``; Playwright's own browser downloads
@@ -28,6 +29,7 @@ from werkzeug.serving import make_server
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints.delivery_log import DeliveryLog
+from flask_ploints.events import parse_event
 from flask_ploints.samples import SAMPLE_DATA
 from flask_ploints.samples import build_event
 from flask_ploints.signature import SIGNATURE_HEADER
@@ -224,3 +226,55 @@ def test_rerun_a_failed_delivery_in_chromium(log: DeliveryLog) -> None:
         finally:
             browser.close()
     assert [row.outcome for row in log.recent(event_id="evt_b41e07")] == ["processed", "failed"]
+
+
+def test_a_merchants_staff_sees_its_rows_and_the_celery_badges_in_chromium(
+    log: DeliveryLog,
+) -> None:
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    app = Flask("ploints_browser")
+    app.testing = True
+    app.config.update(
+        SECRET_KEY="browser-test",
+        PLOINTS_WEBHOOK_URL="/webhooks/ploints/<account>",
+        PLOINTS_WEBHOOK_SECRET={"m1": SECRET, "m2": SECRET}.get,
+        PLOINTS_DELIVERY_LOG=log,
+        # The staff of merchant m1 only.
+        PLOINTS_DELIVERY_LOG_ACCESS=lambda account: account == "m1",
+    )
+    PlointsWebhooks(app)
+    ids = {}
+    for outcome, account, event_id in [
+        ("queued", "m1", "evt_q1"),
+        ("retrying", "m1", "evt_q1"),
+        ("processed", "m2", "evt_m2"),
+    ]:
+        raw = json.dumps(build_event("points.earned", id=event_id)).encode()
+        reason = (
+            "attempt 1 of 4; next at 09:00:00 UTC: OSError: down" if outcome == "retrying" else None
+        )
+        ids[event_id] = log.record(
+            outcome, name="ploints", event=parse_event(raw, account), reason=reason
+        )
+    with Server(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{server.url}/ploints/deliveries")
+            assert page.locator("tbody .badge").all_inner_texts() == ["retrying", "queued"]
+            assert "evt_m2" not in page.locator("body").inner_text()
+            for name in ("queued", "retrying"):
+                style = page.locator(f"tbody .badge.{name}").evaluate(
+                    "badge => getComputedStyle(badge).backgroundColor"
+                )
+                assert style not in ("rgba(0, 0, 0, 0)", "transparent"), (name, style)
+            answer = page.goto(f"{server.url}/ploints/deliveries/{ids['evt_m2']}")
+            assert answer is not None
+            assert answer.status == 404
+        finally:
+            browser.close()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ from pathlib import Path
 import amqp
 import kombu
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 from flask import Flask
 
@@ -56,7 +58,10 @@ from flask_ploints import ConfigError
 from flask_ploints import PlointsWebhooks
 from flask_ploints.celery import TASK_NAME
 from flask_ploints.celery import CeleryDispatcher
+from flask_ploints.delivery_log import delivery_log
+from flask_ploints.delivery_log.table import make_table
 from flask_ploints.dispatch import DispatchError
+from flask_ploints.events import parse_event
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
 from flask_ploints.signature import sign
@@ -323,6 +328,114 @@ def test_failing_handler_gives_up_then_replays(
         assert recorder.count("handler_failed") == {"evt_bad": 1}
     finally:
         next(made, None)
+
+
+def _log_rows(app: Flask, event_id: str) -> list[tuple[str, str | None]]:
+    return [(row.outcome, row.reason) for row in delivery_log(app).recent(event_id=event_id)]
+
+
+def _csrf_token(browser: t.Any, delivery_id: int) -> str:
+    page = browser.get(f"/ploints/deliveries/{delivery_id}").get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match is not None, page
+    return match.group(1)
+
+
+@pytest.fixture
+def log_table(postgres_url: str, unique: str) -> t.Iterator[dict[str, str]]:
+    """The delivery log of the workers and the sender: a table of its own."""
+    yield {"url": postgres_url, "table": unique}
+    engine = sa.create_engine(postgres_url)
+    try:
+        make_table(unique).drop(engine, checkfirst=True)
+    finally:
+        engine.dispose()
+
+
+def test_the_delivery_log_shows_the_queue_and_each_attempt(
+    workers: Workers, recorder: Recorder, redis_url: str, unique: str, log_table: dict[str, str]
+) -> None:
+    workers.config = {
+        "PLOINTS_CELERY_MAX_RETRIES": 1,
+        "PLOINTS_CELERY_RETRY_BACKOFF": 0.2,
+        "PLOINTS_CELERY_RETRY_BACKOFF_MAX": 0.3,
+        "TEST_DELIVERY_LOG": log_table,
+    }
+    made = _make_app(workers.amqp_url, redis_url, unique, **workers.config)
+    app, client = next(made)
+    try:
+        _assert_queued(client.send("points.earned", {"fail": True}, id="evt_bad"))
+        # The 202 has its row before any worker runs.
+        assert _log_rows(app, "evt_bad") == [("queued", None)]
+        workers.start()
+        _until(lambda: recorder.count("handler_failed") == {"evt_bad": 1}, "the worker to give up")
+        _until(lambda: len(_log_rows(app, "evt_bad")) == 3, "the worker's rows")
+        error = "RuntimeError: handler broke on purpose on evt_bad"
+        (failed, retrying, queued) = delivery_log(app).recent(event_id="evt_bad")
+        assert (failed.outcome, failed.reason) == ("failed", error)
+        assert retrying.outcome == "retrying"
+        assert retrying.reason is not None
+        assert re.fullmatch(
+            rf"attempt 1 of 2; next at \d\d:\d\d:\d\d UTC: {error}", retrying.reason
+        ), retrying.reason
+        assert retrying.traceback is not None
+        assert retrying.traceback.endswith(f"{error}\n")
+        assert retrying.duration is not None
+        assert retrying.payload == failed.payload == queued.payload
+        assert queued.outcome == "queued"
+
+        # A re-run from the page queues a task, which has its row too, and
+        # the worker's processed one follows.
+        recorder.fix()
+        browser = app.test_client()
+        response = browser.post(
+            f"/ploints/deliveries/{failed.id}/rerun",
+            data={"csrf_token": _csrf_token(browser, failed.id)},
+        )
+        assert response.status_code == 303
+        page = browser.get(response.headers["Location"]).get_data(as_text=True)
+        assert "Re-run of evt_bad: queued." in page
+        _until(lambda: recorder.count("event_processed") == {"evt_bad": 1}, "the re-run")
+        _until(lambda: len(_log_rows(app, "evt_bad")) == 5, "the re-run's rows")
+        rows = [outcome for outcome, _ in _log_rows(app, "evt_bad")]
+        assert rows[2:] == ["failed", "retrying", "queued"]
+        # The worker may write its row before the endpoint's queued one.
+        assert sorted(rows[:2]) == ["processed", "queued"]
+    finally:
+        next(made, None)
+        delivery_log(app).engine.dispose()
+
+
+def test_a_rerun_refused_while_the_worker_holds_the_claim_says_why(
+    workers: Workers, redis_url: str, unique: str, log_table: dict[str, str]
+) -> None:
+    # No worker: the queued task holds its claim for PLOINTS_CELERY_LEASE.
+    made = _make_app(workers.amqp_url, redis_url, unique, TEST_DELIVERY_LOG=log_table)
+    app, _ = next(made)
+    try:
+        log = delivery_log(app)
+        raw = json.dumps(build_event("points.earned", id="evt_held")).encode()
+        failed = log.record(
+            "failed", name="ploints", event=parse_event(raw), reason="RuntimeError: earlier"
+        )
+        browser = app.test_client()
+        token = _csrf_token(browser, failed)
+        response = browser.post(f"/ploints/deliveries/{failed}/rerun", data={"csrf_token": token})
+        page = browser.get(response.headers["Location"]).get_data(as_text=True)
+        assert "Re-run of evt_held: queued." in page
+        response = browser.post(f"/ploints/deliveries/{failed}/rerun", data={"csrf_token": token})
+        page = browser.get(response.headers["Location"]).get_data(as_text=True)
+        assert (
+            "Re-run of evt_held refused: a Celery worker holds this event&#39;s claim: it is"
+            " queued, running, or waiting for its next attempt, and keeps the claim"
+            " (PLOINTS_CELERY_LEASE, 3600 s from its last attempt) until the event is processed"
+            " or the worker gives up, so that it never runs twice at once. Nothing ran; its"
+            " attempts are listed below as they happen. Re-run it once the last one is failed."
+        ) in page
+        assert [outcome for outcome, _ in _log_rows(app, "evt_held")] == ["queued", "failed"]
+    finally:
+        next(made, None)
+        delivery_log(app).engine.dispose()
 
 
 # Without a worker or a broker.

@@ -1,6 +1,6 @@
 """The delivery log and its page: a row per outcome, rejected requests
 without their body, filters, detail, access check, CSRF, and re-running a
-failed event; on SQLite and PostgreSQL.
+failed event; on SQLite, PostgreSQL and MariaDB.
 """
 
 from __future__ import annotations
@@ -9,12 +9,19 @@ import importlib.util
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 import typing as t
 from pathlib import Path
 
+import flask
+import flask_login
+import hypothesis
+import hypothesis.strategies
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 from flask.testing import FlaskClient
 
 from flask_ploints import ConfigError
@@ -25,6 +32,7 @@ from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.delivery_log import delivery_log
 from flask_ploints.delivery_log.table import make_table
+from flask_ploints.events import parse_event
 from flask_ploints.stores import StoreError
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -100,7 +108,14 @@ def postgres_log(postgres_url: str, unique: str) -> t.Iterator[DeliveryLog]:
     _drop(log)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture
+def mariadb_log(mariadb_url: str, unique: str) -> t.Iterator[DeliveryLog]:
+    log = DeliveryLog.from_url(mariadb_url, table_name=unique)
+    yield log
+    _drop(log)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
 def any_log(request: pytest.FixtureRequest) -> DeliveryLog:
     log: DeliveryLog = request.getfixturevalue(f"{request.param}_log")
     return log
@@ -595,15 +610,16 @@ def test_the_account_of_each_delivery_is_shown_and_filtered(any_log: DeliveryLog
     forged = json.dumps(build_event("points.earned", id="evt_2")).encode()
     assert shop.sender.post(forged, signature="0" * 64, account="m1").status_code == 401
     assert _accounts(any_log.recent()) == [
-        ("m1", None, "rejected"),
+        (None, None, "rejected"),
         ("m2", "evt_1", "duplicate"),
         ("m2", "evt_1", "processed"),
         ("m1", "evt_1", "processed"),
     ]
-    assert _accounts(any_log.recent(account="m1")) == [
-        ("m1", None, "rejected"),
-        ("m1", "evt_1", "processed"),
-    ]
+    # The URL's account of a forged request is kept apart, as unverified.
+    assert any_log.recent()[0].reason == (
+        "invalid signature (to account 'm1' per its URL, unverified)"
+    )
+    assert _accounts(any_log.recent(account="m1")) == [("m1", "evt_1", "processed")]
     assert any_log.recent(account="m9") == []
 
     page = shop.browser.get(f"{PAGE}?account=m2").get_data(as_text=True)
@@ -612,8 +628,10 @@ def test_the_account_of_each_delivery_is_shown_and_filtered(any_log: DeliveryLog
     assert page.count(f'<a href="{PAGE}?account=m2">m2</a>') == 2
     assert f'<a href="{PAGE}?account=m1">m1</a>' not in page
     page = shop.browser.get(f"{PAGE}?account=m1&outcome=rejected").get_data(as_text=True)
+    assert page.count('<span class="badge rejected">rejected</span>') == 0
+    page = shop.browser.get(f"{PAGE}?outcome=rejected").get_data(as_text=True)
     assert page.count('<span class="badge rejected">rejected</span>') == 1
-    assert page.count('<span class="badge processed">processed</span>') == 0
+    assert "(to account &#39;m1&#39; per its URL, unverified)" in page
 
 
 def test_an_endpoint_of_one_account_has_no_account_column(shop: Shop) -> None:
@@ -714,3 +732,398 @@ def test_a_table_of_0_1_that_the_app_migrates_is_used_without_accounts(
     assert "account" in _columns(log)
     shop.sender.send("points.earned", id="evt_newer", account="m2")
     assert _accounts(log.recent(account="m2")) == [("m2", "evt_newer", "processed")]
+
+
+# The access check: only True grants.
+
+
+def _failed_row(shop: Shop, event_id: str = "evt_1") -> Delivery:
+    shop.broken = True
+    assert shop.sender.send("points.earned", id=event_id).status_code == 500
+    shop.broken = False
+    (failed,) = shop.log.recent(outcome="failed", event_id=event_id)
+    return failed
+
+
+def test_only_true_grants_access(sqlite_log: DeliveryLog) -> None:
+    shop = Shop(sqlite_log)
+    failed = _failed_row(shop)
+    token = shop.csrf_token(failed.id)
+
+    @hypothesis.given(
+        hypothesis.strategies.one_of(
+            hypothesis.strategies.none(),
+            hypothesis.strategies.booleans(),
+            hypothesis.strategies.integers(),
+            hypothesis.strategies.floats(allow_nan=True),
+            hypothesis.strategies.text(),
+            hypothesis.strategies.binary(),
+            hypothesis.strategies.lists(hypothesis.strategies.integers()),
+            hypothesis.strategies.dictionaries(
+                hypothesis.strategies.text(), hypothesis.strategies.integers()
+            ),
+        ).filter(lambda value: value is not True)
+    )
+    @hypothesis.settings(max_examples=60, deadline=None)
+    def refused(answer: object) -> None:
+        shop.allowed = answer  # type: ignore[assignment]
+        assert shop.browser.get(PAGE).status_code == 403
+        assert shop.browser.get(f"{PAGE}/{failed.id}").status_code == 403
+        assert shop.rerun(failed.id, token).status_code == 403
+
+    refused()
+    assert shop.handled == []
+    shop.allowed = True
+    assert shop.browser.get(PAGE).status_code == 200
+
+
+def test_a_response_from_the_check_is_what_the_visitor_gets(sqlite_log: DeliveryLog) -> None:
+    logged_in = True
+    shop = Shop(
+        sqlite_log,
+        PLOINTS_DELIVERY_LOG_ACCESS=lambda: logged_in or flask.redirect("/login"),
+    )
+    failed = _failed_row(shop)
+    token = shop.csrf_token(failed.id)
+    logged_in = False
+    for response in (
+        shop.browser.get(PAGE),
+        shop.browser.get(f"{PAGE}/{failed.id}"),
+        shop.rerun(failed.id, token),
+    ):
+        assert response.status_code == 302
+        assert response.headers["Location"] == "/login"
+    assert shop.handled == []
+
+
+def test_an_exception_in_the_check_is_the_apps_own_error(sqlite_log: DeliveryLog) -> None:
+    def access() -> bool:
+        raise LookupError("no such user")
+
+    app, _ = build_app(
+        {
+            "SECRET_KEY": "x",
+            "PLOINTS_DELIVERY_LOG": sqlite_log,
+            "PLOINTS_DELIVERY_LOG_ACCESS": access,
+        }
+    )
+    seen: list[str] = []
+
+    @app.errorhandler(LookupError)
+    def handle(error: LookupError) -> tuple[str, int]:
+        seen.append(str(error))
+        return "sign in again", 401
+
+    response = app.test_client().get(PAGE)
+    assert (response.status_code, response.get_data(as_text=True)) == (401, "sign in again")
+    assert seen == ["no such user"]
+
+
+class User(flask_login.UserMixin):  # type: ignore[misc]
+    def __init__(self, user_id: str, *, is_staff: bool) -> None:
+        self.id = user_id
+        self.is_staff = is_staff
+
+
+def _login_app(log: DeliveryLog, access: t.Callable[[], object]) -> Flask:
+    users = {"ann": User("ann", is_staff=True), "bob": User("bob", is_staff=False)}
+    app, _ = build_app(
+        {"SECRET_KEY": "x", "PLOINTS_DELIVERY_LOG": log, "PLOINTS_DELIVERY_LOG_ACCESS": access}
+    )
+    manager = flask_login.LoginManager(app)
+    manager.user_loader(users.get)
+
+    @app.get("/login/<user_id>")
+    def login(user_id: str) -> str:
+        flask_login.login_user(users[user_id])
+        return "in"
+
+    return app
+
+
+def test_the_documented_check_with_flask_login(sqlite_log: DeliveryLog) -> None:
+    from flask_login import current_user
+
+    app = _login_app(sqlite_log, lambda: current_user.is_authenticated and current_user.is_staff)
+    anonymous = app.test_client()
+    assert anonymous.get(PAGE).status_code == 403
+    staff = app.test_client()
+    assert staff.get("/login/ann").status_code == 200
+    assert staff.get(PAGE).status_code == 200
+    other = app.test_client()
+    assert other.get("/login/bob").status_code == 200
+    assert other.get(PAGE).status_code == 403
+
+
+def test_the_login_redirect_idiom_with_flask_login(sqlite_log: DeliveryLog) -> None:
+    from flask_login import current_user
+
+    app = _login_app(
+        sqlite_log, lambda: current_user.is_authenticated or flask.redirect("/login/ann")
+    )
+    client = app.test_client()
+    response = client.get(PAGE)
+    assert (response.status_code, response.headers["Location"]) == (302, "/login/ann")
+    assert client.get("/login/ann").status_code == 200
+    assert client.get(PAGE).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "access",
+    [
+        lambda account, other: True,
+        lambda *, account: True,
+    ],
+)
+def test_a_check_of_more_than_the_account_is_refused(
+    sqlite_log: DeliveryLog, access: t.Callable[..., object]
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^PLOINTS_DELIVERY_LOG_ACCESS must be a function taking no arguments"
+    ):
+        build_app(
+            {
+                "SECRET_KEY": "x",
+                "PLOINTS_DELIVERY_LOG": sqlite_log,
+                "PLOINTS_DELIVERY_LOG_ACCESS": access,
+            }
+        )
+
+
+# Per-account scoping.
+
+
+class Staff:
+    """A scoped access check: admits the accounts in ``accounts``, and every
+    account when ``everything``; records what it was asked.
+    """
+
+    def __init__(self, *accounts: str, everything: bool = False) -> None:
+        self.accounts = set(accounts)
+        self.everything = everything
+        self.asked: list[str | None] = []
+
+    def __call__(self, account: str | None) -> bool:
+        self.asked.append(account)
+        if account is None:
+            return self.everything
+        return self.everything or account in self.accounts
+
+
+def _scoped_shop(log: DeliveryLog, staff: Staff) -> Shop:
+    shop = Shop(
+        log,
+        PLOINTS_WEBHOOK_URL="/webhooks/ploints/<account>",
+        PLOINTS_WEBHOOK_SECRET=ACCOUNT_SECRETS.get,
+        PLOINTS_DELIVERY_LOG_ACCESS=staff,
+    )
+    assert shop.app.extensions[EXTENSION_KEY].scoped is True
+    return shop
+
+
+def _deliver_to_two_accounts(shop: Shop) -> dict[str, Delivery]:
+    """m1: processed; m2: processed, then a failed customer.created; a
+    forged request that names m1 in its URL.
+    """
+    assert shop.sender.send("points.earned", id="evt_1", account="m1").status_code == 200
+    assert shop.sender.send("points.earned", id="evt_2", account="m2").status_code == 200
+    shop.broken = True
+    assert shop.sender.send("customer.created", id="evt_3", account="m2").status_code == 500
+    shop.broken = False
+    forged = json.dumps(build_event("points.earned", id="evt_4")).encode()
+    assert shop.sender.post(forged, signature="0" * 64, account="m1").status_code == 401
+    rows = shop.log.recent()
+    return {
+        "m1": next(row for row in rows if row.account == "m1"),
+        "m2": next(row for row in rows if row.event_id == "evt_2"),
+        "m2 failed": next(row for row in rows if row.outcome == "failed"),
+        "rejected": next(row for row in rows if row.outcome == "rejected"),
+    }
+
+
+def _listed(page: str) -> list[str]:
+    return re.findall(r'<td class="mono"><a href="[^"]+">(evt_\w+)</a></td>', page)
+
+
+def test_a_scoped_check_shows_only_the_rows_of_its_accounts(any_log: DeliveryLog) -> None:
+    staff = Staff("m1")
+    shop = _scoped_shop(any_log, staff)
+    rows = _deliver_to_two_accounts(shop)
+
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert _listed(page) == ["evt_1"]
+    # Not even the type of another account's event, nor the forged requests.
+    assert "customer.created" not in page
+    assert "rejected request" not in page
+    assert staff.asked == [None, "m1", "m2"]
+    for query in ("?account=m2", "?outcome=rejected", "?outcome=failed", "?account=m2&type=x"):
+        assert _listed(shop.browser.get(PAGE + query).get_data(as_text=True)) == []
+    assert _listed(shop.browser.get(f"{PAGE}?account=m1").get_data(as_text=True)) == ["evt_1"]
+
+    assert shop.browser.get(f"{PAGE}/{rows['m1'].id}").status_code == 200
+    for refused in ("m2", "m2 failed", "rejected"):
+        assert shop.browser.get(f"{PAGE}/{rows[refused].id}").status_code == 404
+    # The same 404 as for an id no row has.
+    assert shop.browser.get(f"{PAGE}/{10**9}").status_code == 404
+
+    with shop.browser.session_transaction() as session:
+        session["_ploints_csrf"] = "known-token"
+    assert shop.rerun(rows["m2 failed"].id, "known-token").status_code == 404
+    assert shop.handled == ["evt_1", "evt_2"]
+    assert shop.log.recent(outcome="failed", account="m2") == [rows["m2 failed"]]
+
+
+def test_a_scoped_check_reruns_the_rows_of_its_accounts(sqlite_log: DeliveryLog) -> None:
+    staff = Staff("m2")
+    shop = _scoped_shop(sqlite_log, staff)
+    rows = _deliver_to_two_accounts(shop)
+    failed = rows["m2 failed"]
+    response = shop.rerun(failed.id, shop.csrf_token(failed.id))
+    assert response.status_code == 303
+    page = shop.browser.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Re-run of evt_3: processed." in page
+    assert shop.handled == ["evt_1", "evt_2", "evt_3"]
+    listed = _listed(shop.browser.get(PAGE).get_data(as_text=True))
+    assert listed == ["evt_3", "evt_3", "evt_2"]
+
+
+def test_a_scoped_check_that_admits_every_account_sees_everything(
+    sqlite_log: DeliveryLog,
+) -> None:
+    staff = Staff(everything=True)
+    shop = _scoped_shop(sqlite_log, staff)
+    rows = _deliver_to_two_accounts(shop)
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    assert _listed(page) == ["evt_3", "evt_2", "evt_1"]
+    assert "1 rejected request in the last 24 hours is not listed here" in page
+    assert staff.asked == [None]
+    for row in rows.values():
+        assert shop.browser.get(f"{PAGE}/{row.id}").status_code == 200
+
+
+def test_a_scoped_check_sees_no_rows_of_an_endpoint_of_one_account(
+    sqlite_log: DeliveryLog,
+) -> None:
+    shop = Shop(sqlite_log, PLOINTS_DELIVERY_LOG_ACCESS=Staff("m1"))
+    failed = _failed_row(shop)
+    assert _listed(shop.browser.get(PAGE).get_data(as_text=True)) == []
+    assert shop.browser.get(f"{PAGE}/{failed.id}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "access",
+    [
+        lambda account: account == "m1",
+        lambda account=None: account == "m1",
+        lambda *accounts: accounts == ("m1",),
+    ],
+)
+def test_the_check_takes_the_account_when_it_has_a_parameter(
+    sqlite_log: DeliveryLog, access: t.Callable[..., bool]
+) -> None:
+    app, _ = build_app(
+        {
+            "SECRET_KEY": "x",
+            "PLOINTS_DELIVERY_LOG": sqlite_log,
+            "PLOINTS_DELIVERY_LOG_ACCESS": access,
+            "PLOINTS_WEBHOOK_URL": "/webhooks/ploints/<account>",
+            "PLOINTS_WEBHOOK_SECRET": ACCOUNT_SECRETS.get,
+        }
+    )
+    assert app.extensions[EXTENSION_KEY].scoped is True
+    sender = PlointsClient(app)
+    assert sender.send("points.earned", id="evt_1", account="m1").status_code == 200
+    assert sender.send("points.earned", id="evt_2", account="m2").status_code == 200
+    assert _listed(app.test_client().get(PAGE).get_data(as_text=True)) == ["evt_1"]
+
+
+# Flask-SQLAlchemy's db, and no SQLAlchemy at all.
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'app.db'}"
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+def test_a_flask_sqlalchemy_db_is_the_log(database_url: str, unique: str) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    db = SQLAlchemy()
+    app, _ = build_app(
+        {
+            "SECRET_KEY": "x",
+            "SQLALCHEMY_DATABASE_URI": database_url,
+            "PLOINTS_DELIVERY_LOG": db,
+            "PLOINTS_DELIVERY_LOG_ACCESS": lambda: True,
+        }
+    )
+    # After the extension: the log asks db for its engine on first use.
+    db.init_app(app)
+    log = delivery_log(app)
+    try:
+        # The default table, which other runs on the same database may share:
+        # only this test's event is looked at, and deleted.
+        assert PlointsClient(app).send("points.earned", id=unique).status_code == 200
+        with app.app_context():
+            assert log.engine is db.engine
+            (row,) = log.recent(event_id=unique)
+        assert (row.event_type, row.outcome) == ("points.earned", "processed")
+        page = app.test_client().get(f"{PAGE}/{row.id}").get_data(as_text=True)
+        assert f'<h1 class="mono">{unique}</h1>' in page
+    finally:
+        with app.app_context():
+            with db.engine.begin() as connection:
+                connection.execute(sa.delete(log.table).where(log.table.c.event_id == unique))
+            db.engine.dispose()
+
+
+def test_without_sqlalchemy_the_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"
+        "from flask import Flask\n"
+        "from flask_ploints import ConfigError, PlointsWebhooks\n"
+        "app = Flask('x')\n"
+        "app.config.update(PLOINTS_WEBHOOK_SECRET='s', PLOINTS_DELIVERY_LOG='sqlite://',"
+        " PLOINTS_DELIVERY_LOG_ACCESS=lambda: True, SECRET_KEY='x')\n"
+        "try:\n"
+        "    PlointsWebhooks(app)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == (
+        "PLOINTS_DELIVERY_LOG: the delivery log needs SQLAlchemy 2; install it with:"
+        ' pip install "flask-ploints[sqlalchemy]"\n'
+    )
+
+
+def test_the_docs_name_the_template_folder_that_exists() -> None:
+    root = Path(__file__).parent.parent
+    text = (root / "docs" / "delivery-log.rst").read_text()
+    folders = re.findall(r"``(flask_ploints/[^`]*templates[^`]*)``", text)
+    assert folders == ["flask_ploints/delivery_log/templates/ploints/"]
+    assert sorted(path.name for path in (root / folders[0]).iterdir()) == [
+        "base.html",
+        "deliveries.html",
+        "delivery.html",
+        "error.html",
+    ]
+
+
+def test_the_account_filter_compares_exactly(any_log: DeliveryLog) -> None:
+    # MariaDB's default collation finds "ACME" for "acme": scoping must not.
+    for account, event_id in [("acme", "evt_1"), ("ACME", "evt_2"), ("acme ", "evt_3")]:
+        raw = json.dumps(build_event("points.earned", id=event_id)).encode()
+        any_log.record("processed", name="ploints", event=parse_event(raw, account))
+    assert [row.event_id for row in any_log.recent(account="acme")] == ["evt_1"]
+    assert [row.event_id for row in any_log.recent(accounts=["acme"])] == ["evt_1"]
+    assert [row.event_id for row in any_log.recent(accounts=["ACME", "acme "])] == [
+        "evt_3",
+        "evt_2",
+    ]
+    assert any_log.recent(account="acme", accounts=["ACME"]) == []

@@ -12,6 +12,7 @@ import warnings
 import celery  # type: ignore[import-untyped]
 from flask import Flask
 
+from .. import signals
 from ..accounts import Accounts
 from ..config import CelerySettings
 from ..config import ConfigError
@@ -19,6 +20,7 @@ from ..config import Settings
 from ..errors import DispatchError
 from ..errors import PlointsWarning
 from ..events import Event
+from ..signals import notify
 from ..signature import sign
 from .publisher import Publisher
 from .task import bind
@@ -116,6 +118,7 @@ class CeleryDispatcher:
             self._publish(name, event.raw, claim.token, event.account, pooled=True)
         except Exception as exc:
             raise DispatchError(f"could not queue event {event.id} on Celery: {exc!r}") from exc
+        notify(signals.event_queued, app, name, event=event)
 
     def close(self) -> None:
         """Close the broker connections this dispatcher keeps for publishing.

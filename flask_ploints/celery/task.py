@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import typing as t
 import weakref
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from flask import Flask
 from flask import current_app
 from flask import has_app_context
 
+from .. import signals
 from ..config import CelerySettings
 from ..errors import PlointsError
 from ..errors import SecretLookupError
@@ -28,6 +30,7 @@ from ..logfields import REJECTED
 from ..logfields import delivery_fields
 from ..logfields import log_event
 from ..processing import Outcome
+from ..signals import notify
 from ..signature import verify
 from ..state import Receiver
 from ..state import receiver_for
@@ -255,6 +258,17 @@ class _Attempt:
                     self.settings.max_retries + 1,
                     delay,
                     exc,
+                )
+                notify(
+                    signals.attempt_failed,
+                    self.app,
+                    self.name,
+                    event=event,
+                    exception=exc,
+                    duration=took,
+                    attempt=attempts,
+                    attempts=self.settings.max_retries + 1,
+                    retry_at=time.time() + delay,
                 )
                 raise Retry(exc=exc, when=delay)
         self.processor.give_up(

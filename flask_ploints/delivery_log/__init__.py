@@ -7,7 +7,8 @@ Off unless ``PLOINTS_DELIVERY_LOG`` is set; only then does
 SQLAlchemy with it), record every delivery of the app in a
 :class:`DeliveryLog` and serve the page at ``PLOINTS_DELIVERY_LOG_URL``. It
 refuses to start without an access check (``PLOINTS_DELIVERY_LOG_ACCESS``,
-called before every request of the page; ``False`` answers ``403``) and
+called before every request of the page: only ``True`` grants, a response
+is what the visitor gets, anything else answers ``403``) and
 without ``SECRET_KEY``, which signs the session that holds the page's CSRF
 token. See :doc:`/delivery-log`.
 

@@ -6,12 +6,24 @@ keys.
 
 from __future__ import annotations
 
+import inspect
+import typing as t
+
 from flask import Flask
-from sqlalchemy.engine import Engine
 
 from ..config import DELIVERY_LOG_DEFAULTS
 from ..config import ConfigError
 from ..config import parse_seconds
+
+try:
+    from sqlalchemy.engine import Engine
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    # The first import of SQLAlchemy when the package is imported.
+    raise ImportError(
+        "the delivery log needs SQLAlchemy 2; install it with:"
+        ' pip install "flask-ploints[sqlalchemy]"'
+    ) from exc
+
 from .page import blueprint
 from .state import EXTENSION_KEY
 from .state import DeliveryLogPage
@@ -44,10 +56,7 @@ def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
             "PLOINTS_DELIVERY_LOG_ACCESS is not set: the delivery log shows payloads and re-runs"
             " events, so give it a function that returns True only for users allowed to see it"
         )
-    if not callable(access):
-        raise ConfigError(
-            f"PLOINTS_DELIVERY_LOG_ACCESS must be a function taking no arguments, not {access!r}"
-        )
+    scoped = _takes_account(access)
     if not app.secret_key:
         raise ConfigError(
             "SECRET_KEY is not set: the delivery log keeps its CSRF token in the signed session"
@@ -68,10 +77,52 @@ def init_delivery_log(app: Flask) -> DeliveryLogPage | None:
     assert timeout is not None  # parse_seconds gives None only when allowed
     log = _make_log(value, retention, timeout)
     log.connect(app)
-    state = DeliveryLogPage(log=log, access=access, url=url.rstrip("/"))
+    state = DeliveryLogPage(log=log, access=access, url=url.rstrip("/"), scoped=scoped)
     app.extensions[EXTENSION_KEY] = state
     app.register_blueprint(blueprint, url_prefix=state.url)
     return state
+
+
+def _takes_account(access: object) -> bool:
+    """Whether the access check takes the account it is asked about, read
+    once, here, from its signature: one positional parameter (``access(account)``)
+    or none (``access()``, all or nothing).
+
+    :raises ConfigError: it is not callable, or needs more than one argument.
+    """
+    message = (
+        "PLOINTS_DELIVERY_LOG_ACCESS must be a function taking no arguments, or one (the"
+        f" account it is asked about, None for every account), not {access!r}"
+    )
+    if not callable(access):
+        raise ConfigError(message)
+    try:
+        parameters = inspect.signature(access).parameters.values()
+    except (TypeError, ValueError):
+        # No signature to read (some builtins): called as in 0.1.
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p
+        for p in parameters
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(required) > 1 or any(p.kind not in positional for p in required):
+        raise ConfigError(message)
+    return any(p.kind in positional or p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def _is_flask_sqlalchemy(value: object) -> bool:
+    return type(value).__module__.startswith("flask_sqlalchemy") and hasattr(type(value), "engine")
+
+
+def _engine_of(db: t.Any) -> t.Callable[[], Engine]:
+    # Flask-SQLAlchemy knows the app's engine only in an app context, and
+    # its init_app may come after this one: the log asks on first use.
+    def engine() -> Engine:
+        return t.cast(Engine, db.engine)
+
+    return engine
 
 
 def _make_log(value: object, retention: float | None, timeout: float) -> DeliveryLog:
@@ -79,6 +130,8 @@ def _make_log(value: object, retention: float | None, timeout: float) -> Deliver
         return value
     if isinstance(value, Engine):
         return DeliveryLog(value, retention=retention, timeout=timeout)
+    if _is_flask_sqlalchemy(value):
+        return DeliveryLog(_engine_of(value), retention=retention, timeout=timeout)
     if isinstance(value, str) and "://" in value:
         try:
             return DeliveryLog.from_url(value, retention=retention, timeout=timeout)
@@ -87,6 +140,6 @@ def _make_log(value: object, retention: float | None, timeout: float) -> Deliver
             # holds no password (make_url masks it).
             raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
     raise ConfigError(
-        "PLOINTS_DELIVERY_LOG must be a database URL, a SQLAlchemy Engine, a DeliveryLog"
-        f" or None, not {type(value).__name__}"
+        "PLOINTS_DELIVERY_LOG must be a database URL, a SQLAlchemy Engine, a Flask-SQLAlchemy"
+        f" extension (db), a DeliveryLog or None, not {type(value).__name__}"
     )

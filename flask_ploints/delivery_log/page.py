@@ -41,7 +41,9 @@ from ..errors import StoreError
 from ..logfields import delivery_fields
 from ..outcomes import Outcome
 from ..replay import rerun as rerun_body
+from ..state import receivers
 from .state import page_state
+from .storage import DeliveryLog
 from .table import MAX_ID
 from .table import OUTCOMES
 from .table import Delivery
@@ -56,6 +58,8 @@ CSRF_SESSION_KEY = "_ploints_csrf"
 CSRF_FIELD = "csrf_token"
 #: Rows on one page of the list.
 PAGE_SIZE = 50
+#: How the message of a re-run refused because the event is held ends.
+_IN_FLIGHT = "is being processed right now"
 #: Seconds back that the list counts the rejected requests it hides.
 REJECTED_WINDOW = 24 * 3600
 
@@ -75,11 +79,53 @@ def _exempt_from_app_csrf(endpoint: str | None, values: dict[str, t.Any] | None)
 
 
 @blueprint.before_request
-def _check_access() -> None:
-    if not page_state().access():
+def _check_access() -> BaseResponse | None:
+    # Only True grants: a check written as ``is_authenticated or
+    # redirect(...)`` returns its redirect, which the visitor gets. An
+    # exception propagates to the app's own error handling, and grants
+    # nothing.
+    state = page_state()
+    answer = state.access(None) if state.scoped else state.access()
+    if isinstance(answer, BaseResponse):
+        return answer
+    if answer is not True and not state.scoped:
         abort(403)
+    # A scoped check that does not admit every account is asked about each
+    # account the request would show or act on.
+    g.ploints_every_account = answer is True
     if request.method == "POST":
         _check_csrf()
+    return None
+
+
+def _every_account() -> bool:
+    return bool(g.get("ploints_every_account", False))
+
+
+def _admits(account: str | None) -> bool:
+    """Whether the access check admits the rows of ``account``; rows of no
+    account (of an endpoint of one account, and rejected requests) only to
+    a check that admits every account.
+    """
+    if _every_account():
+        return True
+    return account is not None and page_state().access(account) is True
+
+
+def _visible(delivery: Delivery) -> bool:
+    if delivery.outcome == "rejected":
+        return _every_account()
+    return _admits(delivery.account)
+
+
+def _admitted_accounts(log: DeliveryLog, account: str | None) -> list[str] | None:
+    """The accounts whose rows the request may show: ``None`` for every
+    one; else those the check admits, of ``account`` or of all present.
+    """
+    if _every_account():
+        return None
+    candidates = [account] if account is not None else log.accounts()
+    return [name for name in candidates if _admits(name)]
 
 
 def _csrf_token() -> str:
@@ -199,19 +245,26 @@ def index() -> str:
     many there were in the last day.
     """
     log = page_state().log
-    event_types = log.event_types()
-    event_type = _choice("type", event_types)
-    outcome = _choice("outcome", OUTCOMES)
     # Free text: a platform's accounts are too many for a list.
     account = request.args.get("account") or None
+    admitted = _admitted_accounts(log, account)
+    event_types = log.event_types(admitted)
+    event_type = _choice("type", event_types)
+    outcome = _choice("outcome", OUTCOMES)
     before = _row_id(request.args.get("before"))
     shown = None if outcome is not None else [name for name in OUTCOMES if name != "rejected"]
     rows = log.recent(
-        PAGE_SIZE + 1, event_type, outcome, before=before, outcomes=shown, account=account
+        PAGE_SIZE + 1,
+        event_type,
+        outcome,
+        before=before,
+        outcomes=shown,
+        account=account,
+        accounts=admitted,
     )
     older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
     hidden = 0
-    if outcome is None and event_type is None and account is None:
+    if outcome is None and event_type is None and account is None and admitted is None:
         hidden = log.count("rejected", since=time.time() - REJECTED_WINDOW)
     return _render(
         "ploints/deliveries.html",
@@ -235,13 +288,39 @@ def _pretty(payload: bytes) -> str:
         return payload.decode("utf-8", "replace")
 
 
+def _refusal(app: Flask, delivery: Delivery, exc: Exception) -> str:
+    receiver = receivers(app).get(delivery.name)
+    held = isinstance(exc, ValueError) and str(exc).endswith(_IN_FLIGHT)
+    if not held or receiver is None or receiver.dispatcher.runs_inline:
+        return str(exc)
+    lease = getattr(receiver.dispatcher, "lease", None)
+    until = "" if lease is None else f" (PLOINTS_CELERY_LEASE, {lease:g} s from its last attempt)"
+    return (
+        "a Celery worker holds this event's claim: it is queued, running, or waiting for its"
+        f" next attempt, and keeps the claim{until} until the event is processed or the worker"
+        " gives up, so that it never runs twice at once. Nothing ran; its attempts are listed"
+        " below as they happen. Re-run it once the last one is failed."
+    )
+
+
+def _shown(log: DeliveryLog, delivery_id: int) -> Delivery:
+    """The row ``delivery_id``, or a ``404`` if there is none or the access
+    check does not admit its account: the same answer, so that ids of
+    other accounts cannot be probed.
+    """
+    delivery = log.get(_checked(delivery_id))
+    if delivery is None or not _visible(delivery):
+        abort(404)
+    return delivery
+
+
 @blueprint.get("/<int:delivery_id>")
 def detail(delivery_id: int) -> str:
     """One delivery: its payload, its traceback, the other deliveries of the
     same event, and the re-run button when it failed.
     """
     log = page_state().log
-    delivery = log.get(_checked(delivery_id)) or abort(404)
+    delivery = _shown(log, delivery_id)
     history: list[Delivery] = []
     if delivery.event_id is not None:
         # The same id from another account is another event.
@@ -260,7 +339,7 @@ def rerun(delivery_id: int) -> BaseResponse:
     """Run a failed delivery's event again, through the same claim, handlers
     and commit as a delivery; the outcome is flashed and recorded in the log.
     """
-    delivery = page_state().log.get(_checked(delivery_id)) or abort(404)
+    delivery = _shown(page_state().log, delivery_id)
     back = redirect(url_for(".detail", delivery_id=delivery_id), 303)
     if delivery.outcome != "failed" or delivery.payload is None:
         flash("Only a failed delivery can be re-run.", "error")
@@ -270,8 +349,8 @@ def rerun(delivery_id: int) -> BaseResponse:
         outcome = rerun_body(app, delivery.payload, name=delivery.name, account=delivery.account)
     except (RuntimeError, ValueError) as exc:
         # The instance is gone from the app, the body no longer parses, or a
-        # delivery of the event is running right now.
-        flash(f"Re-run of {delivery.event_id} refused: {exc}", "error")
+        # delivery of the event holds its claim right now.
+        flash(f"Re-run of {delivery.event_id} refused: {_refusal(app, delivery, exc)}", "error")
         return back
     except (StoreError, DispatchError):
         logger.exception(

@@ -6,6 +6,8 @@ rows.
 
 from __future__ import annotations
 
+import logging
+import time
 import traceback
 import typing as t
 
@@ -14,17 +16,58 @@ from flask import has_request_context
 from flask import request
 
 from .. import signals
+from ..logfields import delivery_fields
+from ..logfields import event_fields
 from .table import MAX_REASON
 
 if t.TYPE_CHECKING:
     from ..events import Event
 
-__all__ = ["connect_signals"]
+__all__ = ["PAUSE", "Safely", "connect_signals"]
+
+logger = logging.getLogger("flask_ploints")
+
+#: Seconds the log skips its rows after a write failed.
+PAUSE = 30.0
+
+#: Longest claimed account kept in a rejected row's reason.
+MAX_CLAIMED = 128
 
 
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip()[:MAX_REASON] if lines else ""
+
+
+class Safely:
+    """Calls ``record(outcome, received_at=..., **fields)`` for each
+    delivery; when it raises, logs the error and skips the rows of the next
+    :data:`PAUSE` seconds: the next deliveries would meet the same database.
+    """
+
+    def __init__(self, record: t.Callable[..., object]) -> None:
+        self.record = record
+        self._paused_until = 0.0
+
+    def __call__(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
+        # A blinker receiver that raises stops the receivers after it
+        # (metrics, the app's own), so the error ends here.
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
+        try:
+            self.record(outcome, received_at=time.time() - started_before, **fields)
+        except Exception:
+            self._paused_until = now + PAUSE
+            event = fields.get("event")
+            logger.exception(
+                "the delivery log failed to record a %s delivery; it skips its rows for %g s",
+                outcome,
+                PAUSE,
+                extra=delivery_fields(outcome)
+                if event is None
+                else event_fields(event, outcome, fields.get("duration")),
+            )
 
 
 def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
@@ -59,14 +102,47 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
             started_before=duration,
         )
 
+    def queued(sender: Flask, *, name: str, event: Event, **extra: t.Any) -> None:
+        record("queued", name=name, event=event)
+
+    def retrying(
+        sender: Flask,
+        *,
+        name: str,
+        event: Event,
+        exception: BaseException,
+        duration: float | None,
+        attempt: int,
+        attempts: int,
+        retry_at: float,
+        **extra: t.Any,
+    ) -> None:
+        text = "".join(traceback.format_exception(exception))
+        when = time.strftime("%H:%M:%S", time.gmtime(retry_at))
+        reason = f"attempt {attempt} of {attempts}; next at {when} UTC: {_last_line(text)}"
+        record(
+            "retrying",
+            name=name,
+            event=event,
+            reason=reason,
+            traceback=text,
+            duration=duration,
+            started_before=duration or 0.0,
+        )
+
     def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
-        # The account in the URL, unverified as the reason is; the
-        # signal, sent from the request, does not carry it.
-        account = (request.view_args or {}).get("account") if has_request_context() else None
-        record("rejected", name=name, reason=reason, account=account)
+        # The account the URL names is unverified: kept in the reason, never
+        # in the account column, so that a forged request cannot file a row
+        # under a real account's name (nor show it to that account's staff).
+        claimed = (request.view_args or {}).get("account") if has_request_context() else None
+        if isinstance(claimed, str):
+            reason = f"{reason} (to account {claimed[:MAX_CLAIMED]!r} per its URL, unverified)"
+        record("rejected", name=name, reason=reason)
 
     signals.event_processed.connect(processed, sender=app, weak=False)
     signals.duplicate_skipped.connect(duplicate, sender=app, weak=False)
     signals.handler_failed.connect(failed, sender=app, weak=False)
+    signals.event_queued.connect(queued, sender=app, weak=False)
+    signals.attempt_failed.connect(retrying, sender=app, weak=False)
     signals.signature_rejected.connect(rejected, sender=app, weak=False)
     signals.payload_rejected.connect(rejected, sender=app, weak=False)

@@ -29,11 +29,17 @@ class DeliveryLogPage:
     :param log: where deliveries are recorded and read from.
     :param access: the app's access check.
     :param url: where the page is served.
+    :param scoped: whether ``access`` takes the account it is asked about
+        (``access(account)``), or none (all or nothing).
+
+    .. versionchanged:: 0.2
+        The ``scoped`` field.
     """
 
     log: DeliveryLog
-    access: t.Callable[[], bool]
+    access: t.Callable[..., object]
     url: str
+    scoped: bool = False
 
 
 def delivery_log(app: Flask | None = None) -> DeliveryLog:

@@ -1,13 +1,11 @@
 """The delivery log: one row per delivery outcome, for the delivery log page.
 
 A :class:`DeliveryLog` listens to the lifecycle signals of one app and writes
-a row for each answer the endpoint gives: ``processed``, ``duplicate``,
-``failed`` (with the handler's traceback) and ``rejected`` (with the reason
-only). Rows of verified, well-formed events keep the raw body, so that a
-failed event can be run again from the page; a rejected request's body is
-never stored, because it is unverified.
+a row for each outcome (see :data:`~.table.OUTCOMES`). Rows of verified
+events keep the raw body, so that a failed event can be run again from the
+page; a rejected request's body is never stored: it is unverified.
 
-Needs SQLAlchemy 2: ``pip install 'flask-ploints[sqlalchemy]'``.
+Needs SQLAlchemy 2: ``pip install "flask-ploints[sqlalchemy]"``.
 
 .. versionadded:: 0.1
 """
@@ -15,7 +13,6 @@ Needs SQLAlchemy 2: ``pip install 'flask-ploints[sqlalchemy]'``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 import typing as t
@@ -23,8 +20,7 @@ import typing as t
 from flask import Flask
 
 from ..errors import DeliveryLogError
-from ..logfields import delivery_fields
-from ..logfields import event_fields
+from .recording import Safely
 from .recording import connect_signals
 from .table import MAX_REASON
 from .table import MAX_TRACEBACK
@@ -44,7 +40,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the delivery log needs SQLAlchemy 2; install it with:"
-        " pip install 'flask-ploints[sqlalchemy]'"
+        ' pip install "flask-ploints[sqlalchemy]"'
     ) from exc
 
 if t.TYPE_CHECKING:
@@ -54,10 +50,7 @@ if t.TYPE_CHECKING:
 
 __all__ = ["OUTCOMES", "Delivery", "DeliveryLog", "DeliveryLogError"]
 
-logger = logging.getLogger("flask_ploints")
 
-#: Seconds the log skips its rows after a write failed.
-PAUSE = 30.0
 # A purge runs from record() at most this often, so that rows past the
 # retention go without a periodic job and a busy endpoint does not pay for a
 # DELETE on every delivery.
@@ -66,7 +59,7 @@ _PURGE_INTERVAL = 600.0
 
 class DeliveryLog:
     """Records every delivery outcome of an app in one table of a SQL
-    database (PostgreSQL and SQLite are tested), and reads them back for the
+    database (SQLite, PostgreSQL and MariaDB are tested), and reads them back for the
     delivery log page.
 
     .. code-block:: python
@@ -77,12 +70,13 @@ class DeliveryLog:
 
     Writing is part of answering a delivery: each row is one ``INSERT`` in
     the request, bounded by ``timeout``. A write that fails is logged and
-    dropped, and the log then skips its rows for :data:`PAUSE` seconds, so
+    dropped, and the log then skips its rows for 30 seconds (``PAUSE``), so
     the log can never change what the endpoint answers, nor hold it for
     longer than one timeout.
 
-    :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
-        be shared.
+    :param engine: the engine to use, or a function that returns it, called
+        once on first use: ``lambda: db.engine`` shares a Flask-SQLAlchemy
+        ``db``'s engine, which it knows only in an app context.
     :param table_name: the table to keep deliveries in.
     :param retention: seconds a row is kept; :meth:`record` purges older
         rows at most every ten minutes. ``None`` keeps them until
@@ -97,12 +91,13 @@ class DeliveryLog:
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-        The ``timeout`` parameter, and the pause after a failed write.
+        The ``timeout`` parameter, and the pause after a failed write;
+        ``engine`` may be a function that returns it.
     """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | t.Callable[[], Engine],
         *,
         table_name: str = "ploints_deliveries",
         retention: float | None = 7 * 86400.0,
@@ -111,18 +106,16 @@ class DeliveryLog:
     ) -> None:
         if retention is not None and retention <= 0:
             raise ValueError(f"retention must be positive seconds or None, not {retention!r}")
-        self.engine = engine
         self.table = make_table(table_name)
         self.retention = retention
         self.timeout = timeout
         self._next_purge = 0.0
-        self._paused_until = 0.0
-        self._table = ManagedTable(
-            engine, self.table, create=create_table, error=DeliveryLogError, wait=timeout
-        )
+        self._engine = engine
+        self._managed: ManagedTable | None = None
         self._alter = create_table
         self._upgraded = False
         self._upgrade_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -152,6 +145,31 @@ class DeliveryLog:
         engine = engine_from_url(url, timeout=timeout, engine_options=options)
         return cls(engine, timeout=timeout, **kwargs)
 
+    @property
+    def engine(self) -> Engine:
+        """The engine of the log's database; one given as a function is
+        asked for on first use.
+        """
+        return self._table.engine
+
+    @property
+    def _table(self) -> ManagedTable:
+        managed = self._managed
+        if managed is None:
+            with self._engine_lock:
+                managed = self._managed
+                if managed is None:
+                    engine = self._engine if isinstance(self._engine, Engine) else self._engine()
+                    managed = ManagedTable(
+                        engine,
+                        self.table,
+                        create=self._alter,
+                        error=DeliveryLogError,
+                        wait=self.timeout,
+                    )
+                    self._managed = managed
+        return managed
+
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
 
@@ -168,29 +186,7 @@ class DeliveryLog:
         the instance's name), by connecting to the lifecycle signals for
         this app only.
         """
-        connect_signals(app, self._safely)
-
-    def _safely(self, outcome: str, *, started_before: float = 0.0, **fields: t.Any) -> None:
-        # A blinker receiver that raises stops the receivers after it
-        # (metrics, the app's own), so the error ends here.
-        now = time.monotonic()
-        if now < self._paused_until:
-            return
-        try:
-            self.record(outcome, received_at=time.time() - started_before, **fields)
-        except Exception:
-            # The next deliveries would meet the same database: they skip
-            # their rows rather than each wait for it.
-            self._paused_until = now + PAUSE
-            event = fields.get("event")
-            logger.exception(
-                "the delivery log failed to record a %s delivery; it skips its rows for %g s",
-                outcome,
-                PAUSE,
-                extra=delivery_fields(outcome)
-                if event is None
-                else event_fields(event, outcome, fields.get("duration")),
-            )
+        connect_signals(app, Safely(self.record))
 
     def record(
         self,
@@ -261,6 +257,7 @@ class DeliveryLog:
         before: int | None = None,
         outcomes: t.Collection[str] | None = None,
         account: str | None = None,
+        accounts: t.Collection[str] | None = None,
     ) -> list[Delivery]:
         """Return up to ``limit`` deliveries, newest first.
 
@@ -270,7 +267,12 @@ class DeliveryLog:
         :param before: only rows whose id is smaller, to page back.
         :param outcomes: only these outcomes.
         :param account: only the deliveries to this account.
+        :param accounts: only the deliveries to these accounts (none for an
+            empty collection).
         :raises DeliveryLogError: the database refused.
+
+        .. versionchanged:: 0.2
+            The ``account`` and ``accounts`` parameters.
         """
         self._prepare()
         c = self.table.c
@@ -285,13 +287,18 @@ class DeliveryLog:
             statement = statement.where(c.event_id == event_id)
         if before is not None:
             statement = statement.where(c.id < before)
+        wanted = None if accounts is None else set(accounts)
         if account is not None:
-            if "account" not in c:
+            wanted = {account} if wanted is None else wanted & {account}
+        if wanted is not None:
+            if not wanted or "account" not in c:
                 return []
-            statement = statement.where(c.account == account)
+            statement = statement.where(c.account.in_(sorted(wanted)))
         with self._begin() as conn:
             rows = conn.execute(statement).all()
-        return [delivery(row) for row in rows]
+        # Compared again, exactly: a case-insensitive collation matches "ACME"
+        # for "acme", and scoping admits only the accounts it names.
+        return [delivery(row) for row in rows if wanted is None or row.account in wanted]
 
     def count(self, outcome: str, *, since: float) -> int:
         """Return how many rows of ``outcome`` were received since
@@ -319,11 +326,16 @@ class DeliveryLog:
             row = conn.execute(statement).first()
         return None if row is None else delivery(row)
 
-    def event_types(self) -> list[str]:
+    def event_types(self, accounts: t.Collection[str] | None = None) -> list[str]:
         """Return the event types that have rows, sorted.
 
+        :param accounts: only those of rows of these accounts.
         :raises DeliveryLogError: the database refused.
+
+        .. versionchanged:: 0.2
+            The ``accounts`` parameter.
         """
+        self._prepare()
         c = self.table.c
         statement = (
             sa.select(c.event_type)
@@ -331,8 +343,27 @@ class DeliveryLog:
             .distinct()
             .order_by(c.event_type)
         )
+        if accounts is not None:
+            if not accounts or "account" not in c:
+                return []
+            statement = statement.where(c.account.in_(sorted(accounts)))
         with self._begin() as conn:
             return [row.event_type for row in conn.execute(statement)]
+
+    def accounts(self) -> list[str]:
+        """Return the accounts that have rows, sorted.
+
+        :raises DeliveryLogError: the database refused.
+
+        .. versionadded:: 0.2
+        """
+        self._prepare()
+        c = self.table.c
+        if "account" not in c:
+            return []
+        statement = sa.select(c.account).where(c.account.is_not(None)).distinct()
+        with self._begin() as conn:  # sorted here, whatever the collation
+            return sorted(row.account for row in conn.execute(statement))
 
     def purge(self, older_than_seconds: float, *, now: float | None = None) -> int:
         """Delete the rows received more than ``older_than_seconds`` ago and

@@ -30,7 +30,7 @@ logger = logging.getLogger("flask_ploints")
 #: The largest row id: the columns are 64-bit.
 MAX_ID = 2**63 - 1
 #: Every outcome a row can record, in the order the page lists them.
-OUTCOMES: tuple[str, ...] = ("processed", "duplicate", "failed", "rejected")
+OUTCOMES: tuple[str, ...] = ("processed", "duplicate", "failed", "queued", "retrying", "rejected")
 
 #: Longest reason kept; reasons are short fixed strings of the receiver.
 MAX_REASON = 500
@@ -51,10 +51,12 @@ class Delivery:
     :param event_type: the event type; ``None`` for a rejected request.
     :param outcome: one of :data:`OUTCOMES`.
     :param reason: why a request was rejected, or the last line of a
-        failure; ``None`` otherwise.
+        failure (of a ``retrying`` attempt, after its number and when the
+        next one runs); ``None`` otherwise.
     :param payload: the raw body of a verified event; never kept for a
         rejected request.
-    :param traceback: the handler's traceback, for ``failed``.
+    :param traceback: the handler's traceback, for ``failed`` and
+        ``retrying``.
     :param duration: seconds spent in the handlers, for ``processed`` and
         ``failed``.
     :param account: the account of an endpoint for many accounts that the
