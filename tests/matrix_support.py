@@ -299,7 +299,10 @@ class Journal:
     def runs(self) -> list[tuple[str | None, str, str]]:
         if self._client is None:
             return list(self._runs)
-        return [tuple(json.loads(item)) for item in self._client.lrange(self._key, 0, -1)]  # type: ignore[misc]
+        items = self._client.lrange(self._key, 0, -1)
+        return [
+            (account, event_id, outcome) for account, event_id, outcome in map(json.loads, items)
+        ]
 
     def close(self) -> None:
         if self._client is not None:
