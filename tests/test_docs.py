@@ -365,3 +365,47 @@ def test_every_test_the_docs_cite_exists() -> None:
     )
     missing += sorted(f"tests/{module}.py" for module in files if not defined[module])
     assert missing == [], "the docs name tests that do not exist:\n" + "\n".join(missing)
+
+
+def _matrix_table() -> dict[tuple[str, str], dict[str, str]]:
+    """The guarantee matrix's table on the Guarantees page: for each (store,
+    dispatch) row, each promise's cell.
+    """
+    page = (EXAMPLES.parent / "guarantees.rst").read_text()
+    section = page.split("\nThe guarantee matrix\n", 1)[1]
+    table = section.split(".. list-table::", 1)[1].split("\n\n", 2)[1]
+    rows: list[list[str]] = []
+    for line in table.splitlines():
+        if line.startswith("   * - "):
+            rows.append([line.removeprefix("   * - ")])
+        elif line.startswith("     - "):
+            rows[-1].append(line.removeprefix("     - "))
+    header, *body = rows
+    return {
+        (store.strip("`"), dispatch): dict(zip(header[2:], cells, strict=True))
+        for store, dispatch, *cells in body
+    }
+
+
+def test_the_guarantee_matrix_table_lists_the_cells_the_test_runs() -> None:
+    """Each (store, dispatch, promise) of the table names the account modes
+    that ``tests/test_matrix.py`` runs it with, no more and no fewer.
+    """
+    from .matrix_support import ACCOUNTS
+    from .matrix_support import PROMISES
+    from .matrix_support import cells
+
+    every = [accounts.name for accounts in ACCOUNTS]
+    runs: dict[tuple[str, str], dict[str, str]] = {}
+    for promise in PROMISES:
+        for cell in cells(promise):
+            runs.setdefault((cell.store.name, cell.dispatch), dict.fromkeys(PROMISES, ""))
+    for key, row in runs.items():
+        for promise in PROMISES:
+            names = [
+                cell.accounts.name
+                for cell in cells(promise)
+                if (cell.store.name, cell.dispatch) == key
+            ]
+            row[promise] = "all" if names == every else ", ".join(names) or "—"
+    assert _matrix_table() == runs
