@@ -11,6 +11,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
+from ...ordering import Turn
+from ...ordering import TurnStatus
 from ..base import Claim
 from ..base import ClaimStatus
 from ..base import EventState
@@ -24,6 +26,8 @@ from .connections import run
 from .dbapi import Cursor
 from .dbapi import DriverError
 from .dbapi import Query
+from .ordering import OrderStatements
+from .ordering import make_order_table
 from .statements import Holder
 from .statements import Statements
 from .statements import holder
@@ -98,6 +102,12 @@ class SQLAlchemyStore:
         self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
         self._table = ManagedTable(
             engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
+        )
+        #: ``latest_by``'s table: the table's name with ``_order``.
+        self.order_table = make_order_table(f"{table_name}_order")
+        self._order_sql = OrderStatements(self.order_table, dialect)
+        self._order_managed = ManagedTable(
+            engine, self.order_table, create=create_table, error=StoreError, wait=statement_timeout
         )
 
     @classmethod
@@ -325,3 +335,52 @@ class SQLAlchemyStore:
             return run(
                 self._connections, self.engine.dialect, self._queries, operation, self._timeout
             )
+
+    # -- latest_by (flask_ploints.ordering.OrderedStore)
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`: one ``UPDATE`` when the
+        turn is free, in the table named after the store's with ``_order``.
+        """
+        self._order_managed.ready()
+        sql = self._order_sql
+        token = secrets.token_hex(8)
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
+
+        def begin(cursor: Cursor, _retry: bool) -> t.Any:
+            if cursor.execute(sql.take, params).rowcount == 1:
+                return None
+            row = cursor.first(sql.read, params)
+            if row is None:
+                cursor.execute(sql.insert, params)
+                if cursor.execute(sql.take, params).rowcount == 1:
+                    return None
+                row = cursor.first(sql.read, params)
+            return row
+
+        for _ in range(_CLAIM_ROUNDS):
+            now = params["now"] = self._clock()
+            params["turn_end"] = now + lease
+            row = self._run(begin)
+            if row is None:
+                return Turn(TurnStatus.RUN, token)
+            newest, expires, holder, turn_ends = row
+            # Ours: taken by a first run whose answer was lost.
+            if holder == token:
+                return Turn(TurnStatus.RUN, token)
+            if holder and turn_ends > now:
+                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+            if newest is not None and expires > now and timestamp < newest:
+                return Turn(TurnStatus.STALE, newest=int(newest))
+        raise StoreError(f"the turn on {key!r} kept racing with other requests")
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`. One ``UPDATE``."""
+        now = self._clock()
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token}
+        if timestamp is None:
+            statement = self._order_sql.end_failed
+        else:
+            statement = self._order_sql.end_applied
+            params.update(stamp=timestamp, now=now, keep_until=now + retention)
+        return self._settle(statement, params, None)
