@@ -38,7 +38,7 @@ if t.TYPE_CHECKING:
     from .events import Event
     from .stores import DedupeStore
 
-__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnStatus", "require_ordered"]
+__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnStatus"]
 
 # Between the handler's name and the key's value; both are the user's text,
 # the separator keeps "a" + "b:c" apart from "a:b" + "c".
@@ -123,13 +123,13 @@ class KeyBusy(Exception):
         self.retry_after = retry_after
 
 
-def millis(moment: datetime) -> int:
+def _millis(moment: datetime) -> int:
     """Milliseconds since the epoch of an event's timestamp."""
     return round(moment.timestamp() * 1000)
 
 
-def from_millis(value: int) -> datetime:
-    """The aware datetime of :func:`millis`."""
+def _from_millis(value: int) -> datetime:
+    """The aware datetime of :func:`_millis`."""
     return datetime.fromtimestamp(value / 1000, tz=UTC)
 
 
@@ -184,11 +184,11 @@ class Guard:
         key = processor.namespace.key(self.name + _SEPARATOR + value, event.account)
         if len(key) > _MAX_KEY:
             key = "#" + hashlib.sha256(key.encode()).hexdigest()
-        stamp = millis(event.timestamp)
+        stamp = _millis(event.timestamp)
         turn = self._begin(store, key, stamp, processor.dispatcher.lease)
         if turn.status is TurnStatus.STALE:
             assert turn.newest is not None
-            newer = from_millis(turn.newest)
+            newer = _from_millis(turn.newest)
             _log(
                 logging.INFO,
                 event,
