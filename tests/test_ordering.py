@@ -25,6 +25,7 @@ from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
 from flask_ploints.errors import ConfigError
 from flask_ploints.stores import MemoryStore
+from flask_ploints.testing import PlointsClient
 
 from . import ordering_app
 from .ordering_app import EMAIL
@@ -266,8 +267,6 @@ def test_a_given_name_is_the_handlers_identity() -> None:
 
     key = (lambda e: e.data["customerEmail"],)[0]
     webhooks.on("customer.tier_changed", latest_by=key, name="tier")(first)
-    from flask_ploints.testing import PlointsClient
-
     client = PlointsClient(app)
     data = {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"}
     client.send("customer.tier_changed", data, id="evt_new", timestamp=stamp(2000))
@@ -327,3 +326,58 @@ class Plain:
 
 def plain_store(config: t.Mapping[str, t.Any]) -> Plain:
     return Plain()
+
+
+def _tier_app(config: dict[str, t.Any]) -> tuple[Flask, PlointsClient]:
+    webhooks = PlointsWebhooks()
+
+    @webhooks.on("customer.tier_changed", latest_by=lambda e: e.data["customerEmail"], name="tier")
+    def tier(event: Event) -> None:
+        pass
+
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": "memory", **config}, webhooks)
+    return app, PlointsClient(app)
+
+
+def _change(client: PlointsClient, seconds: int, id: str) -> int:
+    data = {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"}
+    response = client.send("customer.tier_changed", data, id=id, timestamp=stamp(seconds))
+    return response.status_code
+
+
+def test_a_stale_event_is_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from flask_ploints.metrics import Metrics
+
+    registry = CollectorRegistry()
+    _, client = _tier_app({"PLOINTS_METRICS": Metrics(registry)})
+    assert [_change(client, s, f"evt_{s}") for s in (2000, 1000, 1500, 3000)] == [200] * 4
+    labels = {"type": "customer.tier_changed", "handler": "tier"}
+    assert registry.get_sample_value("ploints_handler_stale_total", labels) == 2
+    processed = {"type": "customer.tier_changed", "outcome": "processed"}
+    assert registry.get_sample_value("ploints_deliveries_total", processed) == 4
+
+
+def test_a_stale_event_marks_its_handler_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, client = _tier_app({"PLOINTS_OPENTELEMETRY": provider})
+    assert _change(client, 2000, "evt_new") == 200
+    assert _change(client, 1000, "evt_old") == 200
+    handler_spans = [
+        span for span in exporter.get_finished_spans() if span.name.endswith("<locals>.tier")
+    ]
+    assert [dict(span.attributes or {}).get("ploints.stale") for span in handler_spans] == [
+        None,
+        True,
+    ]
+    attributes = dict(handler_spans[1].attributes or {})
+    assert attributes["ploints.stale.key"] == EMAIL
+    assert attributes["ploints.stale.newer"] == stamp(2000).isoformat()
+    provider.shutdown()
