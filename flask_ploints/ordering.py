@@ -24,10 +24,11 @@ import hashlib
 import logging
 import time
 import typing as t
-from dataclasses import dataclass
+import weakref
 from datetime import UTC
 from datetime import datetime
 
+from flask import Flask
 from flask import current_app
 
 from . import signals
@@ -63,8 +64,7 @@ class TurnStatus(enum.Enum):
     BUSY = "busy"
 
 
-@dataclass(frozen=True, slots=True)
-class Turn:
+class Turn(t.NamedTuple):
     """The answer to :meth:`OrderedStore.order_begin`.
 
     :param status: what the caller must do.
@@ -146,6 +146,15 @@ def require_ordered(store: DedupeStore) -> None:
         )
 
 
+_Bound = tuple[
+    t.Callable[[str, int, float], Turn],
+    t.Callable[[str, str, "int | None", float], bool],
+    t.Callable[[str, "str | None"], str],
+    float,
+    float,
+]
+
+
 class Guard:
     """A handler registered with ``latest_by``, as the receiver calls it.
 
@@ -170,22 +179,24 @@ class Guard:
         self.name = name
         self.instance = instance
         self.is_async = is_async
+        # What the guard needs of each app it runs on, found once.
+        self._bound: weakref.WeakKeyDictionary[Flask, _Bound] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, func)
 
     def __call__(self, event: Event) -> None:
-        # Imported here: state imports processing, which imports this module.
-        from .state import receiver_for
-
         app = current_app._get_current_object()  # type: ignore[attr-defined]
-        receiver = receiver_for(app, self.instance)
-        store = t.cast(OrderedStore, receiver.store)
-        processor = receiver.processor
+        bound = self._bound.get(app)
+        if bound is None:
+            bound = self._bound[app] = self._bind(app)
+        begin, end, key_of, lease, retention = bound
         value = str(self.key(event))
-        key = processor.namespace.key(self.name + _SEPARATOR + value, event.account)
+        key = key_of(self.name + _SEPARATOR + value, event.account)
         if len(key) > _MAX_KEY:
             key = "#" + hashlib.sha256(key.encode()).hexdigest()
         stamp = _millis(event.timestamp)
-        turn = self._begin(store, key, stamp, processor.dispatcher.lease)
+        turn = begin(key, stamp, lease)
+        if turn.status is TurnStatus.BUSY:
+            turn = self._wait(begin, key, stamp, lease, turn)
         if turn.status is TurnStatus.STALE:
             assert turn.newest is not None
             newer = _from_millis(turn.newest)
@@ -211,19 +222,32 @@ class Guard:
             return
         if turn.status is TurnStatus.BUSY:
             raise KeyBusy(value, turn.retry_after)
-        retention = receiver.settings.retention
         try:
             (app.ensure_sync(self.func) if self.is_async else self.func)(event)
         except BaseException:
-            store.order_end(key, turn.token, None, retention)
+            end(key, turn.token, None, retention)
             raise
-        store.order_end(key, turn.token, stamp, retention)
+        end(key, turn.token, stamp, retention)
+
+    def _bind(self, app: Flask) -> _Bound:
+        # Imported here: state imports processing, which imports this module.
+        from .state import receiver_for
+
+        receiver = receiver_for(app, self.instance)
+        store = t.cast(OrderedStore, receiver.store)
+        processor = receiver.processor
+        return (
+            store.order_begin,
+            store.order_end,
+            processor.namespace.key,
+            processor.dispatcher.lease,
+            receiver.settings.retention,
+        )
 
     @staticmethod
-    def _begin(store: OrderedStore, key: str, stamp: int, lease: float) -> Turn:
-        turn = store.order_begin(key, stamp, lease)
-        if turn.status is not TurnStatus.BUSY:
-            return turn
+    def _wait(
+        begin: t.Callable[[str, int, float], Turn], key: str, stamp: int, lease: float, turn: Turn
+    ) -> Turn:
         deadline = time.monotonic() + _WAIT
         pause = iter(_PAUSES)
         while True:
@@ -231,6 +255,6 @@ class Guard:
             if left <= 0:
                 return turn
             time.sleep(min(next(pause, _PAUSES[-1]), left))
-            turn = store.order_begin(key, stamp, lease)
+            turn = begin(key, stamp, lease)
             if turn.status is not TurnStatus.BUSY:
                 return turn
