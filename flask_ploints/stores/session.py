@@ -427,7 +427,7 @@ class SessionStore:
                 # connection could not create the table now.
                 sql.table.create(connection, checkfirst=True)
             else:
-                store._order_managed.ready()
+                store.prepare_order()
             with bounded_lock_wait(connection, self.lock_timeout):
                 row = connection.execute(sql.lock, params).first()
                 if row is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import typing as t
 
@@ -10,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateTable
 
 from ...ordering import Turn
 from ...ordering import TurnStatus
@@ -106,9 +108,8 @@ class SQLAlchemyStore:
         #: ``latest_by``'s table: the table's name with ``_order``.
         self.order_table = make_order_table(f"{table_name}_order")
         self._order_sql = OrderStatements(self.order_table, dialect)
-        self._order_managed = ManagedTable(
-            engine, self.order_table, create=create_table, error=StoreError, wait=statement_timeout
-        )
+        self._order_missing = create_table
+        self._order_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -338,11 +339,47 @@ class SQLAlchemyStore:
 
     # -- latest_by (flask_ploints.ordering.OrderedStore)
 
+    def prepare_order(self) -> None:
+        """Create :attr:`order_table` unless it exists, on first use (unless
+        the store was made with ``create_table=False``). On a connection of
+        the store's own: the ones it keeps between calls may be all of the
+        pool's.
+
+        :raises StoreError: the database refused.
+        """
+        if not self._order_missing:
+            return
+        with self._order_lock:
+            if not self._order_missing:
+                return
+            ddl = str(
+                CreateTable(self.order_table, if_not_exists=True).compile(
+                    dialect=self.engine.dialect
+                )
+            )
+            with self._table.use():
+                for attempt in (1, 2):
+                    connection = self._connections.take()
+                    try:
+                        cursor = connection.cursor()
+                        try:
+                            cursor.execute(ddl)
+                        finally:
+                            cursor.close()
+                        break
+                    except Exception as exc:
+                        # Another process created it at the same moment.
+                        if attempt == 2:
+                            raise StoreError(f"database: {type(exc).__name__}: {exc}") from exc
+                    finally:
+                        self._connections.give_back(connection)
+            self._order_missing = False
+
     def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
         """See :meth:`.OrderedStore.order_begin`: one ``UPDATE`` when the
         turn is free, in the table named after the store's with ``_order``.
         """
-        self._order_managed.ready()
+        self.prepare_order()
         sql = self._order_sql
         token = secrets.token_hex(8)
         params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
