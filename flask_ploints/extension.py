@@ -266,6 +266,7 @@ class PlointsWebhooks:
                     name or f"{func.__module__}.{func.__qualname__}",
                     self.name,
                     inspect.iscoroutinefunction(handler),
+                    self.receiver,
                 )
             self.handlers.connect(event_types, handler)
             return func

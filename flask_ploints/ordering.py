@@ -37,7 +37,6 @@ from .logfields import log_event as _log
 
 if t.TYPE_CHECKING:
     from .events import Event
-    from .stores import DedupeStore
 
 __all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnStatus"]
 
@@ -133,7 +132,7 @@ def _from_millis(value: int) -> datetime:
     return datetime.fromtimestamp(value / 1000, tz=UTC)
 
 
-def require_ordered(store: DedupeStore) -> None:
+def require_ordered(store: object) -> None:
     """Refuse ``latest_by`` with a store that cannot keep its promise.
 
     :raises ConfigError: the store is not an :class:`OrderedStore`; the
@@ -164,6 +163,8 @@ class Guard:
     :param instance: the name of the :class:`~flask_ploints.PlointsWebhooks`
         instance it is registered on.
     :param is_async: whether ``func`` is a coroutine function.
+    :param find: returns the instance's state on an app (its
+        :class:`~flask_ploints.state.Receiver`).
     """
 
     def __init__(
@@ -173,8 +174,10 @@ class Guard:
         name: str,
         instance: str,
         is_async: bool,
+        find: t.Callable[[Flask], t.Any],
     ) -> None:
         self.func = func
+        self.find = find
         self.key = key
         self.name = name
         self.instance = instance
@@ -230,10 +233,7 @@ class Guard:
         end(key, turn.token, stamp, retention)
 
     def _bind(self, app: Flask) -> _Bound:
-        # Imported here: state imports processing, which imports this module.
-        from .state import receiver_for
-
-        receiver = receiver_for(app, self.instance)
+        receiver = self.find(app)
         store = t.cast(OrderedStore, receiver.store)
         processor = receiver.processor
         return (
