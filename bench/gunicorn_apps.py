@@ -6,7 +6,9 @@ environment picks the receiver:
 ``BENCH_KIND``
     ``extension`` (:class:`~flask_ploints.PlointsWebhooks`) or ``hand``
     (the sender's Node example written in Flask, with the same store work
-    done the plain way).
+    done the plain way); or ``tier`` and ``latest_by``: the extension with
+    one handler of ``customer.tier_changed`` that keeps each customer's
+    tier, registered without and with ``latest_by``.
 ``BENCH_STORE``
     ``memory``, ``redis`` or ``postgresql``; or ``celery``: dedupe in Redis
     and hand each event to Celery (``PLOINTS_DISPATCH = "celery"``), which
@@ -68,8 +70,10 @@ def _handle(event_id: str) -> None:
     """The handler's work: none, so the receiver itself is measured."""
 
 
-def extension_app(store: str, namespace: str) -> Flask:
-    """The extension, with its store chosen by URL as in production."""
+def extension_app(store: str, namespace: str, tier: str = "") -> Flask:
+    """The extension, with its store chosen by URL as in production; with
+    ``tier`` (``"tier"`` or ``"latest_by"``), a tier handler as well.
+    """
     app = Flask("bench_extension")
     app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
     app.config["PLOINTS_DEDUPE_STORE"] = {
@@ -92,6 +96,16 @@ def extension_app(store: str, namespace: str) -> Flask:
     @webhooks.on("points.earned")
     def award(event: Event) -> None:
         _handle(event.id)
+
+    if tier:
+        tiers: dict[str, str] = {}
+        options: dict[str, t.Any] = {}
+        if tier == "latest_by":
+            options = {"latest_by": lambda event: event.data["customerEmail"], "name": "tier"}
+
+        @webhooks.on("customer.tier_changed", **options)
+        def keep_tier(event: Event) -> None:
+            tiers[event.data["customerEmail"]] = event.data["newTier"]
 
     return app
 
@@ -225,4 +239,6 @@ def create_app() -> Flask:
     namespace = os.environ["BENCH_NAMESPACE"]
     if kind == "extension":
         return extension_app(store, namespace)
+    if kind in ("tier", "latest_by"):
+        return extension_app(store, namespace, kind)
     return hand_written_app(store, namespace)

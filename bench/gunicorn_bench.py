@@ -26,8 +26,13 @@ The load generator is ``wrk`` (Debian package ``wrk``: ``apt-get install
 wrk``). It shares the machine's cores with the servers, as does the store's
 own server, so the numbers are for this whole box, not for gunicorn alone.
 
+``--paired --latest-by`` compares the cost of ``latest_by``: the
+extension with a tier handler registered with ``latest_by`` in the first
+slot, the same handler without it in the second, both sent tier changes of
+500 customers (each applied, none stale).
+
 Run: ``.venv/bin/python bench/gunicorn_bench.py [--mode sync|gthread] [--duration 10] [--rounds 2]
-[--stores memory,redis,postgresql,celery] [--paired [--against-itself]]``.
+[--stores memory,redis,postgresql,celery] [--paired [--against-itself | --latest-by]]``.
 """
 
 from __future__ import annotations
@@ -140,12 +145,19 @@ def _reachable(url: str, default_port: int) -> bool:
     return True
 
 
-def write_events(path: Path, count: int, prefix: str) -> None:
-    """Write ``count`` distinct signed events as ``signature<TAB>body`` lines."""
+def write_events(path: Path, count: int, prefix: str, tiers: bool = False) -> None:
+    """Write ``count`` distinct signed events as ``signature<TAB>body`` lines;
+    tier changes of 500 customers when ``tiers``.
+    """
     key = SECRET.encode()
     with path.open("w") as out:
         for number in range(count):
-            event = build_event(TYPES[number % len(TYPES)], id=f"{prefix}_{number:08d}")
+            event_id = f"{prefix}_{number:08d}"
+            if tiers:
+                data = {"customerEmail": f"c{number % 500}@example.com", "newTier": f"t{number}"}
+                event = build_event("customer.tier_changed", data, id=event_id)
+            else:
+                event = build_event(TYPES[number % len(TYPES)], id=event_id)
             body = json.dumps(event)
             signature = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
             out.write(f"{signature}\t{body}\n")
@@ -283,6 +295,7 @@ def clean(store: str, namespace: str) -> None:
 
         with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
             connection.execute(f"DROP TABLE IF EXISTS {namespace}")
+            connection.execute(f"DROP TABLE IF EXISTS {namespace}_order")
 
 
 def run_wrk(port: int, events: Path, duration: float, mode: Mode) -> Result:
@@ -469,9 +482,16 @@ def main() -> None:
         action="store_true",
         help="with --paired: the hand-written receiver in both slots, to see the method's bias",
     )
+    parser.add_argument(
+        "--latest-by",
+        action="store_true",
+        help="with --paired: a tier handler with latest_by against the same without it",
+    )
     args = parser.parse_args()
     if args.against_itself and not args.paired:
         parser.error("--against-itself needs --paired")
+    if args.latest_by and not args.paired:
+        parser.error("--latest-by needs --paired")
     mode = MODES[args.mode]
 
     if shutil.which("wrk") is None:
@@ -493,8 +513,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ploints-bench-") as directory:
         work = Path(directory)
         events = work / "events.tsv"
-        write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}")
+        write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}", tiers=args.latest_by)
         kinds = ("hand", "hand") if args.against_itself else KINDS
+        if args.latest_by:
+            kinds = ("latest_by", "tier")
         for store in stores:
             results[store] = {kind: [] for kind in KINDS}
             for number in range(args.rounds):
@@ -522,6 +544,7 @@ def main() -> None:
         f" for {args.duration:g} s per run, {args.rounds} runs each ({how} on its own"
         f" gunicorn; mean req/s, median latencies); distinct pre-signed events; loopback; {today}"
         + ("; the hand-written receiver in both slots" if args.against_itself else "")
+        + ("; tier changes, with latest_by against without" if args.latest_by else "")
     )
     print(
         f"Machine: {machine()}; Python {platform.python_version()}, Flask {version('flask')},"
@@ -533,6 +556,8 @@ def main() -> None:
         if args.against_itself
         else ("flask-ploints", "hand-written")
     )
+    if args.latest_by:
+        labels = ("latest_by", "without")
     print(table(results, args.duration, args.rounds, labels))
 
 

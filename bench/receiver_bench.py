@@ -21,8 +21,16 @@ on a fresh app and store, so drift on the machine hits both alike.
   signed with its own secret. Its rate is compared with the extension's
   (single account) in the same rounds.
 
+* latest_by (``--latest-by STORE``): instead of the above, the extension
+  with one handler of ``customer.tier_changed`` registered with
+  ``latest_by`` the customer's email, against the same handler without it,
+  both on ``STORE`` (``memory``, a Redis URL or a database URL), each round
+  on fresh keys or tables. The events are tier changes of 500 customers,
+  each applied (none stale), so every delivery pays for the guard.
+
 Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
-[--accounts N] [--clock wall|cpu] [--chunk N] [--gc-freeze] [--profile]``. With
+[--accounts N] [--latest-by STORE] [--clock wall|cpu] [--chunk N]
+[--gc-freeze] [--profile]``. With
 ``--chunk``, each round runs the receivers in turn, N requests at a time,
 rather than one after the other: on a machine busy with other work, the
 steadier comparison. ``--profile`` runs the extension once more
@@ -46,6 +54,7 @@ import statistics
 import sys
 import time
 import typing as t
+import uuid
 
 from flask import Flask
 from flask import jsonify
@@ -109,6 +118,57 @@ def extension_app(name: str = "extension", **config: t.Any) -> Flask:
     return app
 
 
+def latest_by_app(store: str, ordered: bool, made: list[Flask]) -> t.Callable[[], Flask]:
+    """The extension with a tier handler, with ``latest_by`` when
+    ``ordered``, on ``store``; each app made is appended to ``made``.
+    """
+
+    def factory() -> Flask:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        app = Flask("latest_by" if ordered else "without_latest_by")
+        app.testing = True
+        app.config.update(
+            PLOINTS_WEBHOOK_SECRET=SECRET,
+            PLOINTS_DEDUPE_STORE=MemoryStore() if store == "memory" else store,
+            PLOINTS_REDIS_PREFIX=f"{name}:",
+            PLOINTS_SQL_TABLE=name,
+        )
+        webhooks = PlointsWebhooks(app)
+        tiers: dict[str, str] = {}
+        options: dict[str, t.Any] = {}
+        if ordered:
+            options = {"latest_by": lambda event: event.data["customerEmail"], "name": "tier"}
+
+        @webhooks.on("customer.tier_changed", **options)
+        def tier(event: Event) -> None:
+            tiers[event.data["customerEmail"]] = event.data["newTier"]
+
+        made.append(app)
+        return app
+
+    return factory
+
+
+def forget(apps: list[Flask]) -> None:
+    """Remove what the stores of ``apps`` kept: Redis keys, SQL tables."""
+    for app in apps:
+        store = app.extensions["ploints"]["ploints"].store
+        prefix = app.config["PLOINTS_REDIS_PREFIX"]
+        client = getattr(store, "client", None)
+        if client is not None:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            store.close()
+            with engine.begin() as connection:
+                table_name = app.config["PLOINTS_SQL_TABLE"]
+                for table in (table_name, f"{table_name}_order"):
+                    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            engine.dispose()
+
+
 def account_secrets(count: int) -> dict[str, str]:
     """The secrets of ``count`` accounts, by account."""
     return {f"merchant_{number:05d}": f"whsec_bench_{number:05d}" for number in range(count)}
@@ -128,15 +188,21 @@ def many_accounts_app(secrets: dict[str, str]) -> t.Callable[[], Flask]:
 
 
 def build_environs(
-    count: int, secrets: dict[str, str] | None = None
+    count: int, secrets: dict[str, str] | None = None, tiers: bool = False
 ) -> list[tuple[Environ, bytes]]:
     """``count`` distinct signed deliveries, as environ templates and bodies;
-    to the accounts of ``secrets`` in turn when given.
+    to the accounts of ``secrets`` in turn when given; tier changes of 500
+    customers when ``tiers``.
     """
     result = []
     accounts = list(secrets or {})
     for number in range(count):
-        event = build_event(TYPES[number % len(TYPES)], id=f"evt_bench_{number:08d}")
+        event_id = f"evt_bench_{number:08d}"
+        if tiers:
+            data = {"customerEmail": f"c{number % 500}@example.com", "newTier": f"t{number}"}
+            event = build_event("customer.tier_changed", data, id=event_id)
+        else:
+            event = build_event(TYPES[number % len(TYPES)], id=event_id)
         body = json.dumps(event).encode()
         path, secret = URL, SECRET
         if secrets is not None:
@@ -248,6 +314,11 @@ def main() -> None:
         help="Also run the extension on one endpoint for this many accounts.",
     )
     parser.add_argument(
+        "--latest-by",
+        metavar="STORE",
+        help="Compare a handler with latest_by to one without, on STORE: memory or a URL.",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -277,6 +348,14 @@ def main() -> None:
         "extension": extension_app,
     }
     inputs = {"hand-written": templates, "extension": templates}
+    made: list[Flask] = []
+    if args.latest_by:
+        tier_templates = build_environs(args.events, tiers=True)
+        receivers = {
+            "without": latest_by_app(args.latest_by, False, made),
+            "latest_by": latest_by_app(args.latest_by, True, made),
+        }
+        inputs = {"without": tier_templates, "latest_by": tier_templates}
     if args.accounts > 0:
         secrets = account_secrets(args.accounts)
         receivers["many accounts"] = many_accounts_app(secrets)
@@ -307,6 +386,16 @@ def main() -> None:
             f"{name:>13}: median {statistics.median(rates[name]):,.0f} req/s,"
             f" best {max(rates[name]):,.0f} req/s"
         )
+    if args.latest_by:
+        forget(made)
+        ordered, plain = rates["latest_by"], rates["without"]
+        paired = statistics.median(o / p for o, p in zip(ordered, plain, strict=True))
+        print(
+            f"latest_by / without on {args.latest_by}: "
+            f"{statistics.median(ordered) / statistics.median(plain):.3f}x (median),"
+            f" {paired:.3f}x (median of the rounds' ratios)"
+        )
+        return
     median_ratio = statistics.median(rates["extension"]) / statistics.median(rates["hand-written"])
     best_ratio = max(rates["extension"]) / max(rates["hand-written"])
     print(f"extension / hand-written: {median_ratio:.2f}x (median), {best_ratio:.2f}x (best)")

@@ -58,7 +58,13 @@ def register(webhooks: PlointsWebhooks) -> None:
         detail = f"{amount:+d} ({event.data.get('description', '')})"
         record(event.data["customerEmail"], event.type, detail).balance += amount
 
-    @webhooks.on("customer.tier_changed")
+    # A balance changes by each event's amount, once (the db store), in any
+    # order. A tier is state: an older change delivered after a newer one
+    # (a retry, a resend) must not move the customer back, so the handler
+    # applies the events of each customer in timestamp order.
+    @webhooks.on(
+        "customer.tier_changed", latest_by=lambda event: event.data["customerEmail"], name="tier"
+    )
     def tier(event: Event) -> None:
         new_tier = event.data["newTier"]
         record(event.data["customerEmail"], "tier", new_tier).tier = new_tier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import typing as t
 import warnings
 
@@ -21,6 +22,8 @@ from .errors import ConfigError
 from .errors import PlointsWarning
 from .events import Event
 from .events import check_event_types
+from .ordering import Guard
+from .ordering import require_ordered
 from .payloads import bind
 from .processing import Processor
 from .state import EXTENSION_KEY
@@ -85,6 +88,10 @@ class PlointsWebhooks:
         self.name = name
         self.options = options
         self.handlers = Handlers()
+        # The stores of the apps set up so far, for handlers registered
+        # with latest_by afterwards; and whether any was registered before.
+        self._stores: list[DedupeStore] = []
+        self._ordered = False
         if app is not None:
             self.init_app(app)
 
@@ -113,6 +120,8 @@ class PlointsWebhooks:
                 f"PLOINTS_WEBHOOK_URL {settings.url!r} is used by another PlointsWebhooks instance"
             )
         store = self._make_store(app, settings)
+        if self._ordered:
+            require_ordered(store)
         tracing = _make_tracing(settings)
         # With tracing on, the handlers run each in its span.
         handlers = self.handlers if tracing is None else tracing.handlers(self.handlers)
@@ -146,6 +155,7 @@ class PlointsWebhooks:
             handlers=self.handlers,
             processor=processor,
         )
+        self._stores.append(store)
 
     def _make_store(self, app: Flask, settings: Settings) -> DedupeStore:
         try:
@@ -189,14 +199,29 @@ class PlointsWebhooks:
         )
 
     @t.overload
-    def on(self, *event_types: str) -> t.Callable[[_Handler], _Handler]: ...
+    def on(
+        self,
+        *event_types: str,
+        latest_by: t.Callable[[Event], object] | None = None,
+        name: str | None = None,
+    ) -> t.Callable[[_Handler], _Handler]: ...
 
     @t.overload
     def on(
-        self, *event_types: str, model: type[_Model]
+        self,
+        *event_types: str,
+        model: type[_Model],
+        latest_by: t.Callable[[Event], object] | None = None,
+        name: str | None = None,
     ) -> t.Callable[[_TypedHandler[_Model]], _TypedHandler[_Model]]: ...
 
-    def on(self, *event_types: str, model: type[t.Any] | None = None) -> t.Any:
+    def on(
+        self,
+        *event_types: str,
+        model: type[t.Any] | None = None,
+        latest_by: t.Callable[[Event], object] | None = None,
+        name: str | None = None,
+    ) -> t.Any:
         """Register a handler for one or more event types.
 
         The handler receives the :class:`~flask_ploints.Event`, may be
@@ -209,12 +234,41 @@ class PlointsWebhooks:
             the handler then receives ``(event, payload)`` with the data
             converted, and data that does not fit counts as a handler
             failure. See :mod:`flask_ploints.payloads`.
-        :raises ValueError: no type, or an unknown one.
+        :param latest_by: returns the entity the handler writes (``lambda
+            e: e.data["customerEmail"]``): for each value, the handler
+            applies events in timestamp order and skips one strictly older
+            than the newest it applied. See :doc:`/ordering`.
+        :param name: with ``latest_by``, the handler's identity in the
+            store; default, its module and qualified name. Renaming it
+            starts afresh.
+        :raises ValueError: no type, or an unknown one; ``name`` without
+            ``latest_by``.
+        :raises ConfigError: ``latest_by`` with a store that cannot keep it
+            (``PLOINTS_DEDUPE_STORE``).
+
+        .. versionchanged:: 0.2
+            The ``latest_by`` and ``name`` parameters.
         """
         event_types = check_event_types(event_types)
+        if latest_by is None and name is not None:
+            raise ValueError("name= names a handler's order, and goes with latest_by=")
+        if latest_by is not None:
+            for store in self._stores:
+                require_ordered(store)
+            self._ordered = True
 
         def decorator(func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
-            self.handlers.connect(event_types, func if model is None else bind(func, model))
+            handler = func if model is None else bind(func, model)
+            if latest_by is not None:
+                handler = Guard(
+                    handler,
+                    latest_by,
+                    name or f"{func.__module__}.{func.__qualname__}",
+                    self.name,
+                    inspect.iscoroutinefunction(handler),
+                    self.receiver,
+                )
+            self.handlers.connect(event_types, handler)
             return func
 
         return decorator

@@ -15,11 +15,14 @@ metric                                          labels
 ``ploints_duplicates_total``                    ``type``
 ``ploints_handler_failures_total``              ``type``
 ``ploints_handler_duration_seconds``            ``type`` (histogram)
+``ploints_handler_stale_total``                 ``type``, ``handler``
 =============================================  ==============================
 
 ``outcome`` is ``processed``, ``duplicate``, ``failed`` or ``rejected``.
 Unknown event types are counted under ``type="other"`` so a sender cannot
-grow the label set.
+grow the label set. ``ploints_handler_stale_total`` counts the events a
+handler registered with ``latest_by`` skipped as stale (see
+:doc:`/ordering`); ``handler`` is the handler's name, from your code.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ class Metrics:
             registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.handler_stale = Counter(
+            "ploints_handler_stale",
+            "Events a latest_by handler skipped, older than the newest it applied.",
+            ["type", "handler"],
+            registry=registry,
+        )
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
 
     def connect(self, app: Flask) -> None:
@@ -105,6 +114,7 @@ class Metrics:
             (signals.handler_failed, self._failed),
             (signals.signature_rejected, self._signature_rejected),
             (signals.payload_rejected, self._payload_rejected),
+            (signals.handler_skipped_stale, self._stale),
         ]
         for signal, receiver in pairs:
             signal.connect(receiver, sender=app, weak=False)
@@ -124,6 +134,9 @@ class Metrics:
         self.deliveries.labels(label, "failed").inc()
         self.handler_failures.labels(label).inc()
         self.handler_duration.labels(label).observe(duration)
+
+    def _stale(self, sender: Flask, *, event: Event, handler: str, **extra: t.Any) -> None:
+        self.handler_stale.labels(_label(event), handler).inc()
 
     def _signature_rejected(self, sender: Flask, **extra: t.Any) -> None:
         self.deliveries.labels("unknown", "rejected").inc()

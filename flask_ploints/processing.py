@@ -42,6 +42,7 @@ from .errors import HandlerError
 from .events import Event
 from .logfields import log_event as _log
 from .namespace import Namespace
+from .ordering import KeyBusy
 from .outcomes import MAX_ERROR
 from .outcomes import Outcome
 from .outcomes import Result
@@ -301,6 +302,11 @@ class Processor:
         error, duration, pending = self._run(
             event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
         )
+        if isinstance(error, KeyBusy):
+            # Not a failure: another delivery holds a latest_by key.
+            self._release(event, claim.token)
+            _log(logging.INFO, event, Outcome.IN_FLIGHT, duration, "skipped: %s", error)
+            return Result(Outcome.IN_FLIGHT, retry_after=error.retry_after)
         if error is not None:
             self._settle(event, claim.token, settle, error)
             _log(logging.ERROR, event, Outcome.FAILED, duration, _RAISED, error, exc_info=error)

@@ -44,6 +44,7 @@ __all__ = [
     "event_queued",
     "event_received",
     "handler_failed",
+    "handler_skipped_stale",
     "notify",
     "on",
     "payload_rejected",
@@ -83,6 +84,14 @@ event_processed = _signals.signal("ploints.event-processed")
 #: A delivery of an event that was already processed was skipped.
 #: Arguments: ``event``.
 duplicate_skipped = _signals.signal("ploints.duplicate-skipped")
+#: A handler registered with ``latest_by`` skipped an event strictly older
+#: than the newest it applied for the same key; the delivery goes on (see
+#: :doc:`/ordering`). Arguments: ``event``, ``handler`` (the handler's name
+#: in the store), ``key`` (the key's value) and ``newer`` (the timestamp of
+#: the newest event applied, an aware datetime).
+#:
+#: .. versionadded:: 0.2
+handler_skipped_stale = _signals.signal("ploints.handler-skipped-stale")
 #: A request failed signature verification (``401``). Arguments: ``reason``,
 #: a short fixed string. The body is not passed: it is unverified.
 signature_rejected = _signals.signal("ploints.signature-rejected")

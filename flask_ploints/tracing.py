@@ -23,7 +23,10 @@ The three event spans carry ``ploints.event.id``, ``ploints.event.type``,
 :class:`~flask_ploints.processing.Outcome` value), ``ploints.duplicate`` and
 ``ploints.in_flight``; their status is ``ERROR`` when the outcome is
 ``failed`` or ``unavailable``. A handler span records what its handler
-raised, with status ``ERROR``. With Celery dispatch the W3C trace context
+raised, with status ``ERROR``; that of a ``latest_by`` handler that
+skipped a stale event carries ``ploints.stale`` (``True``),
+``ploints.stale.key`` and ``ploints.stale.newer`` (the newer timestamp, ISO
+8601). With Celery dispatch the W3C trace context
 (the globally configured propagator's headers) travels in each task
 message's headers, so the worker's spans join the delivery's trace.
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import typing as t
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version
 
@@ -62,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from flask import Flask
 
+from . import signals
 from .config import Settings
 from .config import redact
 from .dispatch import Handlers
@@ -142,6 +147,14 @@ class _RequestGetter(Getter[t.Any]):
 _REQUEST_GETTER = _RequestGetter()
 
 
+def _mark_stale(sender: Flask, *, newer: datetime, key: str, **extra: t.Any) -> None:
+    """Mark the span of a ``latest_by`` handler that skipped a stale event."""
+    span = trace.get_current_span()
+    span.set_attribute("ploints.stale", True)
+    span.set_attribute("ploints.stale.key", key)
+    span.set_attribute("ploints.stale.newer", newer.isoformat())
+
+
 class Tracing:
     """The tracer of one instance on one app, and what makes its spans.
 
@@ -151,6 +164,8 @@ class Tracing:
 
     def __init__(self, provider: trace.TracerProvider | None = None) -> None:
         self.tracer = trace.get_tracer(TRACER_NAME, _version(), tracer_provider=provider)
+        # Once for every app: outside a recording span it does nothing.
+        signals.handler_skipped_stale.connect(_mark_stale, weak=False)
 
     @classmethod
     def from_setting(cls, setting: object) -> Tracing:

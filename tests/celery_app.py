@@ -26,7 +26,9 @@ event's data holds ``"sleep": seconds`` and this is the first start of the
 event, it sleeps that long; when it holds ``"fail": true`` it raises unless
 the key ``NAMESPACE:fixed`` exists. Then it records one effect. Each effect
 stands for one time the event was processed. The ``handler_failed`` and
-``event_processed`` signals are counted too.
+``event_processed`` signals are counted too. A second handler, of
+``customer.tier_changed`` with ``latest_by`` the customer's email, appends
+each event id it applies to the list ``NAMESPACE:tiers``.
 
 When the config turns ``PLOINTS_OPENTELEMETRY`` on, the worker sets a global
 tracer provider that writes each finished span to the Redis list
@@ -152,6 +154,12 @@ def create_app(
         if event.data.get("fail") and not recorder.fixed():
             raise RuntimeError(f"handler broke on purpose on {event.id}")
         recorder.add("effects", event.id)
+
+    @webhooks.on(
+        "customer.tier_changed", latest_by=lambda event: event.data["customerEmail"], name="tier"
+    )
+    def tier(event: Event) -> None:
+        recorder.client.rpush(recorder.key("tiers"), event.id)
 
     def failed(sender: Flask, *, event: Event, **extra: t.Any) -> None:
         recorder.add("handler_failed", event.id)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import typing as t
 import uuid
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -17,6 +18,9 @@ from .support import POSTGRES_URL
 from .support import REDIS_URL
 from .support import build_app
 from .support import require_service
+
+if t.TYPE_CHECKING:
+    from .ordering_app import Loyalty
 
 pytest_plugins = ["pytester"]
 
@@ -83,3 +87,31 @@ def restore_signals() -> t.Iterator[None]:
         assert signal is not None
         for key in set(signal.receivers) - before[id(signal)]:
             signal.disconnect(signal.receivers[key])
+
+
+@pytest.fixture
+def make_loyalty(
+    request: pytest.FixtureRequest, unique: str, tmp_path: Path
+) -> t.Iterator[t.Callable[..., Loyalty]]:
+    """Build :class:`~tests.ordering_app.Loyalty` apps of a kind, all on
+    one store; what they kept is removed after the test.
+    """
+    # Imported here: the module needs Flask-SQLAlchemy and redis.
+    from .ordering_app import Loyalty
+    from .ordering_app import clean
+    from .ordering_app import store_url
+
+    made: list[tuple[str, str]] = []
+    apps: list[Loyalty] = []
+
+    def make(kind: str, **config: t.Any) -> Loyalty:
+        url = store_url(request, kind, tmp_path)
+        made.append((kind, url))
+        apps.append(Loyalty(kind, url, unique, **config))
+        return apps[-1]
+
+    yield make
+    for loyalty in apps:
+        loyalty.close()
+    for kind, url in set(made):
+        clean(kind, url, unique)

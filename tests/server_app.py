@@ -17,6 +17,9 @@ server and every test:
 
 The handler holds each event for ``data["hold"]`` seconds (default 0) before
 recording it, so that copies of one id overlap and some are answered ``409``.
+A second handler, of ``customer.tier_changed`` with ``latest_by`` the
+customer's email, holds each event as long, then appends its id to the list
+``NAMESPACE:tiers``.
 
 Gunicorn and waitress call :func:`create_app`; uWSGI imports
 :data:`application` from :mod:`tests.server_wsgi`; ``python -m
@@ -75,6 +78,22 @@ def create_app() -> Flask:
         if hold:
             time.sleep(float(hold))
         clients[0].rpush(effects_key(namespace), event.id)
+
+    def redis_client() -> t.Any:
+        if not clients:
+            import redis
+
+            clients.append(
+                redis.Redis.from_url(os.environ["PLOINTS_SERVERS_EFFECTS"], socket_timeout=5)
+            )
+        return clients[0]
+
+    @webhooks.on(
+        "customer.tier_changed", latest_by=lambda event: event.data["customerEmail"], name="tier"
+    )
+    def tier(event: Event) -> None:
+        time.sleep(float(event.data.get("hold", 0)))
+        redis_client().rpush(f"{namespace}:tiers", event.id)
 
     if behind_proxy:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_for=1)  # type: ignore[method-assign]

@@ -45,6 +45,8 @@ import subprocess
 import sys
 import time
 import typing as t
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import amqp
@@ -167,6 +169,33 @@ def test_queued_then_processed_once(
     stored = _store(app).get("evt_happy")
     assert stored is not None
     assert (stored.status, stored.attempts) == ("done", 1)
+
+
+def test_latest_by_is_judged_in_the_worker(
+    workers: Workers, sender: tuple[Flask, PlointsClient], recorder: Recorder
+) -> None:
+    _, client = sender
+    now = int(time.time())
+
+    def change(event_id: str, tier: str, seconds: int) -> None:
+        data = {"customerEmail": "jane@example.com", "previousTier": "Bronze", "newTier": tier}
+        moment = datetime.fromtimestamp(now + seconds, tz=UTC)
+        _assert_queued(client.send("customer.tier_changed", data, id=event_id, timestamp=moment))
+
+    # All queued: the endpoint judges nothing; the worker, at run time.
+    change("evt_gold", "Gold", -60)
+    change("evt_silver", "Silver", -3600)
+    change("evt_platinum", "Platinum", 0)
+    workers.start()
+    _drain(client, recorder)
+    tiers = recorder.client.lrange(recorder.key("tiers"), 0, -1)
+    assert tiers == [b"evt_gold", b"evt_platinum"]
+    assert recorder.count("event_processed") == {
+        "evt_gold": 1,
+        "evt_silver": 1,
+        "evt_platinum": 1,
+        "evt_drain": 1,
+    }
 
 
 def test_duplicate_while_queued_or_running(

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import typing as t
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import flask
@@ -1127,3 +1129,32 @@ def test_the_account_filter_compares_exactly(any_log: DeliveryLog) -> None:
         "evt_2",
     ]
     assert any_log.recent(account="acme", accounts=["ACME"]) == []
+
+
+def test_a_stale_skip_is_noted_on_the_processed_row(sqlite_log: DeliveryLog) -> None:
+    shop = Shop(sqlite_log)
+
+    @shop.webhooks.on(
+        "customer.tier_changed", latest_by=lambda e: e.data["customerEmail"], name="tier"
+    )
+    def tier(event: Event) -> None:
+        pass
+
+    now = int(time.time())
+    data = {"customerEmail": "jane@example.com", "previousTier": "Bronze", "newTier": "Gold"}
+    for event_id, seconds_ago in (("evt_new", 60), ("evt_old", 3600)):
+        moment = datetime.fromtimestamp(now - seconds_ago, tz=UTC)
+        response = shop.sender.send("customer.tier_changed", data, id=event_id, timestamp=moment)
+        assert response.status_code == 200
+    newer = datetime.fromtimestamp(now - 60, tz=UTC).isoformat()
+    with shop.app.app_context():
+        rows = sqlite_log.recent(limit=10)
+    assert _summary(list(reversed(rows))) == [
+        ("evt_new", "customer.tier_changed", "processed", None),
+        (
+            "evt_old",
+            "customer.tier_changed",
+            "processed",
+            f"stale for handler 'tier': key 'jane@example.com', {newer} applied",
+        ),
+    ]

@@ -14,6 +14,9 @@ import types
 import typing as t
 import uuid
 import warnings
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,18 @@ def test_signals(examples: t.Callable[[str], types.ModuleType], restore_signals:
     client.send("reward.redeemed", id="evt_2")
     client.send("reward.redeemed", id="evt_2")
     assert module.log == ["tier Gold", "reward Free coffee via ploints", "duplicate evt_2"]
+
+
+def test_ordering(examples: t.Callable[[str], types.ModuleType]) -> None:
+    ordering = examples("ordering")
+    client = _client(ordering.app)
+    now = datetime.now(UTC).replace(microsecond=0)
+    data = {"customerEmail": "jane@example.com", "previousTier": "Bronze"}
+    gold = client.send("customer.tier_changed", {**data, "newTier": "Gold"}, timestamp=now)
+    late = now - timedelta(hours=2)
+    silver = client.send("customer.tier_changed", {**data, "newTier": "Silver"}, timestamp=late)
+    assert (gold.status_code, silver.status_code) == (200, 200)
+    assert ordering.tiers == {"jane@example.com": "Gold"}
 
 
 def test_typed(examples: t.Callable[[str], types.ModuleType]) -> None:

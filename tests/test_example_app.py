@@ -9,7 +9,10 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import typing as t
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,19 @@ def test_forged_request_is_refused_over_http(example: Flask) -> None:
         server.shutdown()
         thread.join()
     assert (result.returncode, result.stdout) == (0, '401 {"error": "invalid signature"}\n')
+
+
+def test_an_older_tier_change_delivered_late_keeps_the_newer_tier(example: Flask) -> None:
+    client = PlointsClient(example)
+    now = int(time.time())
+    email = "jane@example.com"
+
+    def change(tier: str, seconds_ago: int) -> int:
+        data = {"customerEmail": email, "previousTier": "Bronze", "newTier": tier}
+        moment = datetime.fromtimestamp(now - seconds_ago, tz=UTC)
+        return client.send("customer.tier_changed", data, timestamp=moment).status_code
+
+    assert change("Gold", 60) == 200
+    # Silver's first delivery failed an hour ago; its retry arrives now.
+    assert change("Silver", 3600) == 200
+    assert _customers(example)[email]["tier"] == "Gold"

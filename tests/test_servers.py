@@ -60,6 +60,8 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -553,6 +555,74 @@ def test_postgresql_url_store_under_many_threads(
     slowest = max(answers, key=lambda answer: answer.seconds)
     assert Counter(answer.status for answer in answers) == {200: 64}, slowest
     assert slowest.seconds < SLOWEST, slowest
+
+
+@pytest.mark.parametrize("store", ["redis", "postgresql"])
+def test_latest_by_under_gunicorn_gthread(
+    namespace: Namespace,
+    serve: t.Callable[..., Server],
+    request: pytest.FixtureRequest,
+    store: str,
+    unique: str,
+) -> None:
+    """24 tier changes for one customer from 8 concurrent senders, each
+    retrying its ``409`` answers, on two gthread workers sharing the store:
+    the ``latest_by`` handler applies a strictly increasing sequence that
+    ends with the newest. On PostgreSQL a burst of 64 deliveries comes
+    first, so the store keeps all its connections when the order's table
+    is first used.
+    """
+    port = _free_port()
+    url = REDIS_URL if store == "redis" else request.getfixturevalue("postgres_store")
+    serve(
+        f"gunicorn-gthread-latest-by-{store}",
+        COMMANDS["gunicorn-gthread"](port),
+        namespace.env(url),
+        lambda: _answers_get(port),
+    )
+    if store == "postgresql":
+        warm = burst(port, [f"evt_warm_{n:02d}" for n in range(64)], copies=1, threads=64)
+        assert Counter(answer.status for answer in warm) == {200: 64}
+    base = int(time.time()) - 3600
+    bodies = {}
+    for number in range(24):
+        event = build_event(
+            "customer.tier_changed",
+            {"customerEmail": "jane@example.com", "newTier": f"t{number}", "hold": 0.02},
+            id=f"evt_t{number:02d}",
+            timestamp=datetime.fromtimestamp(base + number, tz=UTC),
+        )
+        bodies[number] = json.dumps(event).encode()
+    order = list(bodies)
+    random.Random(24).shuffle(order)
+
+    def deliver(number: int) -> list[Answer]:
+        answers = [post(port, f"evt_t{number:02d}", bodies[number])]
+        deadline = time.monotonic() + 60
+        while answers[-1].status == 409 and time.monotonic() < deadline:
+            time.sleep(random.uniform(0.0, 0.05))
+            answers.append(post(port, f"evt_t{number:02d}", bodies[number]))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = [a for each in pool.map(deliver, order) for a in each]
+    statuses = Counter(answer.status for answer in answers)
+    print(f"{len(answers)} deliveries: {dict(statuses)}")
+    assert set(statuses) <= {200, 409}, [a for a in answers if a.status not in (200, 409)]
+    assert statuses[200] == 24
+    assert max(answer.seconds for answer in answers) < SLOWEST
+    applied = [
+        int(item.decode()[len("evt_t") :])
+        for item in namespace.client.lrange(f"{namespace.name}:tiers", 0, -1)
+    ]
+    assert applied == sorted(set(applied))
+    assert applied[-1] == 23
+    assert len([name for name in namespace.effects() if name.startswith("evt_t")]) == 24
+    if store == "postgresql":
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f"DROP TABLE IF EXISTS {unique}_store_order")
 
 
 # --- the production shape: nginx terminating TLS in front of gunicorn -------

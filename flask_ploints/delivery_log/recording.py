@@ -6,10 +6,12 @@ rows.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import traceback
 import typing as t
+from datetime import datetime
 
 from flask import Flask
 from flask import has_request_context
@@ -32,6 +34,12 @@ PAUSE = 30.0
 
 #: Longest claimed account kept in a rejected row's reason.
 MAX_CLAIMED = 128
+
+# What the latest_by handlers of the event being processed skipped as stale,
+# for the reason of its processed row.
+_stale: contextvars.ContextVar[tuple[Event, list[str]] | None] = contextvars.ContextVar(
+    "ploints_log_stale", default=None
+)
 
 
 def _last_line(text: str) -> str:
@@ -76,7 +84,30 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
     """
 
     def processed(sender: Flask, *, name: str, event: Event, duration: float) -> None:
-        record("processed", name=name, event=event, duration=duration, started_before=duration)
+        noted = _stale.get()
+        reason = None
+        if noted is not None:
+            _stale.set(None)
+            # Another event's when that one ended without a row (a 409).
+            if noted[0] is event:
+                reason = "; ".join(noted[1])[:MAX_REASON]
+        record(
+            "processed",
+            name=name,
+            event=event,
+            duration=duration,
+            started_before=duration,
+            **({} if reason is None else {"reason": reason}),
+        )
+
+    def stale(
+        sender: Flask, *, event: Event, handler: str, key: str, newer: datetime, **extra: t.Any
+    ) -> None:
+        noted = _stale.get()
+        if noted is None or noted[0] is not event:
+            noted = (event, [])
+            _stale.set(noted)
+        noted[1].append(f"stale for handler {handler!r}: key {key!r}, {newer.isoformat()} applied")
 
     def duplicate(sender: Flask, *, name: str, event: Event, **extra: t.Any) -> None:
         record("duplicate", name=name, event=event)
@@ -90,6 +121,7 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
         duration: float,
         **extra: t.Any,
     ) -> None:
+        _stale.set(None)
         text = "".join(traceback.format_exception(exception)) if exception else None
         reason = _last_line(text) if text else None
         record(
@@ -146,3 +178,4 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
     signals.attempt_failed.connect(retrying, sender=app, weak=False)
     signals.signature_rejected.connect(rejected, sender=app, weak=False)
     signals.payload_rejected.connect(rejected, sender=app, weak=False)
+    signals.handler_skipped_stale.connect(stale, sender=app, weak=False)

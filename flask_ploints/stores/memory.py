@@ -8,6 +8,8 @@ import time
 import typing as t
 from collections import deque
 
+from ..ordering import Turn
+from ..ordering import TurnStatus
 from .base import Claim
 from .base import ClaimStatus
 from .base import EventState
@@ -83,6 +85,9 @@ class MemoryStore:
         # Tokens only need to be unique within this store.
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
+        # latest_by's state: key -> [newest ms or None, remembered until,
+        # holder's token or "", holder's turn ends].
+        self._orders: dict[str, list[t.Any]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -206,6 +211,51 @@ class MemoryStore:
     def _forget(self, event_id: str, entry: _Entry) -> None:
         if self._entries.get(event_id) is entry:
             del self._entries[event_id]
+
+    # -- latest_by (flask_ploints.ordering.OrderedStore)
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`."""
+        with self._lock:
+            now = self._clock()
+            state = self._orders.get(key)
+            if state is None:
+                if len(self._orders) >= self.max_entries:
+                    self._forget_orders(now)
+                state = self._orders[key] = [None, 0.0, "", 0.0]
+            newest, until, holder, turn_ends = state
+            if holder and turn_ends > now:
+                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+            if until <= now:
+                newest = state[0] = None
+            if newest is not None and timestamp < newest:
+                return Turn(TurnStatus.STALE, newest=newest)
+            token = str(next(self._tokens))
+            state[2:] = [token, now + lease]
+            return Turn(TurnStatus.RUN, token, newest)
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`."""
+        with self._lock:
+            now = self._clock()
+            state = self._orders.get(key)
+            # A turn that outlived its lease still ends, unless taken over.
+            if state is None or state[2] != token:
+                return False
+            if timestamp is not None and (state[0] is None or state[0] < timestamp):
+                state[0:2] = [timestamp, now + retention]
+            elif timestamp is not None:
+                state[1] = now + retention
+            state[2:] = ["", 0.0]
+            return True
+
+    def _forget_orders(self, now: float) -> None:
+        # Past the bound: drop what expired, then the oldest remembered.
+        orders = self._orders
+        for key in [key for key, state in orders.items() if state[1] <= now and state[3] <= now]:
+            del orders[key]
+        while len(orders) >= self.max_entries:
+            del orders[next(iter(orders))]
 
 
 def _stored(event_id: str, entry: _Entry) -> StoredEvent:

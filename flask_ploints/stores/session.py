@@ -32,6 +32,9 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
 from ..errors import HandlerError
+from ..ordering import KeyBusy
+from ..ordering import Turn
+from ..ordering import TurnStatus
 from .base import Claim
 from .base import ClaimStatus
 from .base import EventState
@@ -54,6 +57,8 @@ if t.TYPE_CHECKING:
 __all__ = ["SessionStore", "current_session"]
 
 _CLAIM_ROUNDS = 5
+# The token of a turn held by the transaction's row lock.
+_LOCKED = "\x00locked"
 _UPSERTS: dict[str, t.Callable[[sa.Table], t.Any]] = {
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
@@ -398,3 +403,63 @@ class SessionStore:
     def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
         """See :meth:`.SQLAlchemyStore.purge`."""
         return self._store().purge(now, in_flight_grace=in_flight_grace)
+
+    # -- latest_by (flask_ploints.ordering.OrderedStore)
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`. In a held claim's
+        transaction, the turn is the key's row locked (``SELECT ... FOR
+        UPDATE``) until the transaction ends, so the newest applied commits
+        or rolls back with the handlers' writes; a lock wait past
+        :attr:`lock_timeout` raises :class:`~flask_ploints.ordering.KeyBusy`.
+        Outside one, as :meth:`.SQLAlchemyStore.order_begin`.
+        """
+        store = self._store()
+        held = _held.get()
+        if held is None:
+            return store.order_begin(key, timestamp, lease)
+        sql = store._order_sql
+        params: dict[str, t.Any] = {"ordered": key, "now": self._clock()}
+        try:
+            connection = held.session.connection()
+            if connection.dialect.name == "sqlite":
+                # Its transaction holds the database's write lock: another
+                # connection could not create the table now.
+                sql.table.create(connection, checkfirst=True)
+            else:
+                store.prepare_order()
+            with bounded_lock_wait(connection, self.lock_timeout):
+                row = connection.execute(sql.lock, params).first()
+                if row is None:
+                    connection.execute(sql.insert, params)
+                    row = connection.execute(sql.lock, params).first()
+        except SQLAlchemyError as exc:
+            if is_lock_wait(exc):
+                raise KeyBusy(key, self.lock_timeout) from None
+            raise database_error(exc, StoreError) from driver_exception(exc)
+        if (
+            row is not None
+            and row.newest is not None
+            and row.expires > params["now"]
+            and timestamp < row.newest
+        ):
+            return Turn(TurnStatus.STALE, newest=row.newest)
+        return Turn(TurnStatus.RUN, _LOCKED)
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`. A turn of the held claim's
+        transaction writes in it, and commits with it.
+        """
+        if token != _LOCKED:
+            return self._store().order_end(key, token, timestamp, retention)
+        held = _held.get()
+        if held is None or timestamp is None:
+            # The handler raised: the transaction rolls back.
+            return held is not None
+        now = self._clock()
+        params = {"ordered": key, "stamp": timestamp, "now": now, "keep_until": now + retention}
+        try:
+            held.session.connection().execute(self._store()._order_sql.advance, params)
+        except SQLAlchemyError as exc:
+            raise database_error(exc, StoreError) from driver_exception(exc)
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import typing as t
 
@@ -10,7 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateTable
 
+from ...ordering import Turn
+from ...ordering import TurnStatus
 from ..base import Claim
 from ..base import ClaimStatus
 from ..base import EventState
@@ -24,6 +28,8 @@ from .connections import run
 from .dbapi import Cursor
 from .dbapi import DriverError
 from .dbapi import Query
+from .ordering import OrderStatements
+from .ordering import make_order_table
 from .statements import Holder
 from .statements import Statements
 from .statements import holder
@@ -99,6 +105,11 @@ class SQLAlchemyStore:
         self._table = ManagedTable(
             engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
         )
+        #: ``latest_by``'s table: the table's name with ``_order``.
+        self.order_table = make_order_table(f"{table_name}_order")
+        self._order_sql = OrderStatements(self.order_table, dialect)
+        self._order_missing = create_table
+        self._order_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -325,3 +336,88 @@ class SQLAlchemyStore:
             return run(
                 self._connections, self.engine.dialect, self._queries, operation, self._timeout
             )
+
+    # -- latest_by (flask_ploints.ordering.OrderedStore)
+
+    def prepare_order(self) -> None:
+        """Create :attr:`order_table` unless it exists, on first use (unless
+        the store was made with ``create_table=False``). On a connection of
+        the store's own: the ones it keeps between calls may be all of the
+        pool's.
+
+        :raises StoreError: the database refused.
+        """
+        if not self._order_missing:
+            return
+        with self._order_lock:
+            if not self._order_missing:
+                return
+            ddl = str(
+                CreateTable(self.order_table, if_not_exists=True).compile(
+                    dialect=self.engine.dialect
+                )
+            )
+            with self._table.use():
+                for attempt in (1, 2):
+                    connection = self._connections.take()
+                    try:
+                        cursor = connection.cursor()
+                        try:
+                            cursor.execute(ddl)
+                        finally:
+                            cursor.close()
+                        break
+                    except Exception as exc:
+                        # Another process created it at the same moment.
+                        if attempt == 2:
+                            raise StoreError(f"database: {type(exc).__name__}: {exc}") from exc
+                    finally:
+                        self._connections.give_back(connection)
+            self._order_missing = False
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`: one ``UPDATE`` when the
+        turn is free, in the table named after the store's with ``_order``.
+        """
+        self.prepare_order()
+        sql = self._order_sql
+        token = secrets.token_hex(8)
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
+
+        def begin(cursor: Cursor, _retry: bool) -> t.Any:
+            if cursor.execute(sql.take, params).rowcount == 1:
+                return None
+            row = cursor.first(sql.read, params)
+            if row is None:
+                cursor.execute(sql.insert, params)
+                if cursor.execute(sql.take, params).rowcount == 1:
+                    return None
+                row = cursor.first(sql.read, params)
+            return row
+
+        for _ in range(_CLAIM_ROUNDS):
+            now = params["now"] = self._clock()
+            params["turn_end"] = now + lease
+            row = self._run(begin)
+            if row is None:
+                return Turn(TurnStatus.RUN, token)
+            newest, expires, holder, turn_ends = row
+            # Ours: taken by a first run whose answer was lost.
+            if holder == token:
+                return Turn(TurnStatus.RUN, token)
+            if holder and turn_ends > now:
+                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+            if newest is not None and expires > now and timestamp < newest:
+                return Turn(TurnStatus.STALE, newest=int(newest))
+        raise StoreError(f"the turn on {key!r} kept racing with other requests")
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`. One ``UPDATE``."""
+        now = self._clock()
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token}
+        if timestamp is None:
+            statement = self._order_sql.end_failed
+        else:
+            statement = self._order_sql.end_applied
+            params.update(stamp=timestamp, now=now, keep_until=now + retention)
+        return self._settle(statement, params, None)

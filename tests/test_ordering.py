@@ -1,0 +1,383 @@
+"""Events out of order: ``latest_by`` (see docs/ordering.rst)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from flask_ploints import Event
+from flask_ploints import PlointsWebhooks
+from flask_ploints import signals
+from flask_ploints.errors import ConfigError
+from flask_ploints.stores import MemoryStore
+from flask_ploints.testing import PlointsClient
+
+from . import ordering_app
+from .ordering_app import EMAIL
+from .ordering_app import KINDS
+from .ordering_app import Loyalty
+from .ordering_app import stamp
+from .support import build_app
+
+Make = t.Callable[..., Loyalty]
+#: The stores that are shared between processes.
+SHARED = [kind for kind in KINDS if kind != "memory"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_newer_then_older_skips_only_that_handler(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("gold", 2000, id="evt_gold") == 200
+    assert loyalty.send("silver", 1000, id="evt_silver") == 200
+    assert loyalty.applied == [("gold", 2000)]
+    assert loyalty.audited == ["evt_gold", "evt_silver"]
+    # Dedupe recorded the stale event's id: a retry of it is a duplicate.
+    response = loyalty.sender.send(
+        "customer.tier_changed",
+        {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "silver"},
+        id="evt_silver",
+        timestamp=stamp(1000),
+    )
+    assert response.get_json() == {"received": True, "duplicate": True}
+    assert loyalty.send("platinum", 3000) == 200
+    assert loyalty.applied == [("gold", 2000), ("platinum", 3000)]
+    if loyalty.db is not None:
+        assert loyalty.committed() == ("platinum", [2000, 3000])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_key_is_ordered_on_its_own(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("gold", 2000) == 200
+    data = {"customerEmail": "joe@example.com", "previousTier": "bronze", "newTier": "silver"}
+    response = loyalty.sender.send("customer.tier_changed", data, timestamp=stamp(1000))
+    assert response.status_code == 200
+    assert loyalty.applied == [("gold", 2000), ("silver", 1000)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ties_run(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("gold", 2000) == 200
+    assert loyalty.send("silver", 2000) == 200
+    assert loyalty.applied == [("gold", 2000), ("silver", 2000)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failure_advances_nothing(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("silver", 1000) == 200
+    loyalty.broken = True
+    assert loyalty.send("gold", 3000, id="evt_gold") == 500
+    loyalty.broken = False
+    # Judged against silver, not the gold that failed.
+    assert loyalty.send("bronze", 2000) == 200
+    assert loyalty.send("gold", 3000, id="evt_gold") == 200
+    assert loyalty.applied == [("silver", 1000), ("gold", 3000), ("bronze", 2000), ("gold", 3000)]
+    if loyalty.db is not None:
+        assert loyalty.committed() == ("gold", [1000, 2000, 3000])
+
+
+@pytest.mark.parametrize("kind", SHARED)
+def test_the_newest_applied_survives_another_process(
+    make_loyalty: Make, kind: str, unique: str
+) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("gold", 2000) == 200
+    url = loyalty.app.config["PLOINTS_DEDUPE_STORE"]
+    if loyalty.db is not None:
+        url = loyalty.app.config["SQLALCHEMY_DATABASE_URI"]
+
+    def other(seconds: int) -> dict[str, t.Any]:
+        command = [sys.executable, "-m", "tests.ordering_app", kind, url, unique]
+        command += [str(seconds), str(ordering_app.BASE)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        found: dict[str, t.Any] = json.loads(done.stdout)
+        return found
+
+    assert other(1000) == {"status": 200, "applied": []}
+    assert other(3000) == {"status": 200, "applied": [["tier3000", 3000]]}
+    assert loyalty.send("silver", 2500) == 200
+    assert loyalty.applied == [("gold", 2000)]
+    if loyalty.db is not None:
+        assert loyalty.committed() == ("tier3000", [2000, 3000])
+
+
+def deliver_all(loyalty: Loyalty, events: list[tuple[str, int]], senders: int) -> int:
+    """Deliver ``events`` (each a distinct event) from ``senders`` threads,
+    each retrying a ``409`` until it is answered ``200``; the number of
+    ``409`` answers.
+    """
+    pending: queue.Queue[tuple[str, str, int]] = queue.Queue()
+    for number, (tier, seconds) in enumerate(events):
+        pending.put((f"evt_{number}", tier, seconds))
+    conflicts = []
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            while True:
+                try:
+                    event_id, tier, seconds = pending.get_nowait()
+                except queue.Empty:
+                    return
+                deadline = time.monotonic() + 60
+                while (status := loyalty.send(tier, seconds, id=event_id)) == 409:
+                    conflicts.append(event_id)
+                    assert time.monotonic() < deadline
+                    time.sleep(random.uniform(0.0, 0.02))
+                assert status == 200, status
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    return len(conflicts)
+
+
+@pytest.mark.parametrize("kind", ["redis", "db-postgresql", "sql-postgresql", "memory"])
+def test_concurrent_senders_never_apply_an_older_after_a_newer(
+    make_loyalty: Make, kind: str
+) -> None:
+    loyalty = make_loyalty(kind)
+    seconds = list(range(1000, 1024))
+    shuffled = seconds[:]
+    random.Random(7).shuffle(shuffled)
+    loyalty.delay = 0.01
+    deliver_all(loyalty, [(f"t{s}", s) for s in shuffled], senders=8)
+    applied = [moment for _, moment in loyalty.applied]
+    assert applied == sorted(set(applied))
+    assert applied[-1] == 1023
+    assert len(loyalty.audited) == 24
+    if loyalty.db is not None:
+        tier, rows = loyalty.committed()
+        assert tier == "t1023"
+        assert rows == applied
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    order=st.permutations(range(8)),
+    retries=st.lists(st.integers(0, 7), max_size=6),
+)
+def test_any_order_with_retries_ends_with_the_newest(order: list[int], retries: list[int]) -> None:
+    loyalty = Loyalty("memory", "memory", "ploints_events")
+    deliveries = list(order)
+    # A retry of an event already delivered, anywhere after it.
+    for event in retries:
+        at = deliveries.index(event)
+        deliveries.insert(random.Random(event).randint(at + 1, len(deliveries)), event)
+    for event in deliveries:
+        assert loyalty.send(f"t{event}", 1000 + event, id=f"evt_{event}") == 200
+    applied = [moment for _, moment in loyalty.applied]
+    assert applied == sorted(set(applied))
+    assert applied[-1] == 1007
+    assert sorted(set(loyalty.audited)) == sorted(f"evt_{event}" for event in range(8))
+
+
+def test_a_key_held_by_another_delivery_answers_409(make_loyalty: Make) -> None:
+    loyalty = make_loyalty("memory")
+    store = loyalty.webhooks.receiver(loyalty.app).store
+    assert isinstance(store, MemoryStore)
+    # Another delivery's turn on the key, as the receiver takes it.
+    key = f"tests.ordering_app.Loyalty.tier\x1f{EMAIL}"
+    turn = store.order_begin(key, 1_000_000, 30.0)
+    started = time.monotonic()
+    response = loyalty.sender.send(
+        "customer.tier_changed",
+        {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"},
+        id="evt_busy",
+        timestamp=stamp(2000),
+    )
+    assert response.status_code == 409
+    assert 28 <= int(response.headers["Retry-After"]) <= 30
+    assert time.monotonic() - started < 5
+    assert loyalty.applied == []
+    # The claim was released: once the turn ends, the retry runs.
+    assert store.order_end(key, turn.token, 1_000_000, 60.0)
+    assert loyalty.send("gold", 2000, id="evt_busy") == 200
+    assert loyalty.applied == [("gold", 2000)]
+
+
+def test_a_stale_event_is_signalled_and_logged(
+    make_loyalty: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    loyalty = make_loyalty("memory")
+    assert loyalty.send("gold", 2000) == 200
+    seen: list[dict[str, t.Any]] = []
+
+    def record(sender: Flask, **kwargs: t.Any) -> None:
+        seen.append({"sender": sender, **kwargs})
+
+    with (
+        signals.handler_skipped_stale.connected_to(record),
+        caplog.at_level(logging.INFO, "flask_ploints"),
+    ):
+        assert loyalty.send("silver", 1000, id="evt_old") == 200
+    [sent] = seen
+    assert sent["sender"] is loyalty.app
+    assert sent["name"] == "ploints"
+    assert sent["event"].id == "evt_old"
+    assert sent["handler"] == "tests.ordering_app.Loyalty.tier"
+    assert sent["key"] == EMAIL
+    assert sent["newer"] == stamp(2000)
+    [record_] = [r for r in caplog.records if "stale" in r.getMessage()]
+    assert record_.getMessage() == (
+        "event 'evt_old' ('customer.tier_changed') skipped by handler"
+        " 'tests.ordering_app.Loyalty.tier': stale for key 'jane@example.com'"
+        f" ({stamp(2000).isoformat()} applied)"
+    )
+
+
+def test_a_given_name_is_the_handlers_identity() -> None:
+    webhooks = PlointsWebhooks()
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": "memory"}, webhooks)
+    applied: list[str] = []
+
+    def first(event: Event) -> None:
+        applied.append("first " + event.id)
+
+    def renamed(event: Event) -> None:
+        applied.append("renamed " + event.id)
+
+    key = (lambda e: e.data["customerEmail"],)[0]
+    webhooks.on("customer.tier_changed", latest_by=key, name="tier")(first)
+    client = PlointsClient(app)
+    data = {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"}
+    client.send("customer.tier_changed", data, id="evt_new", timestamp=stamp(2000))
+    # Same name, another function: the same order.
+    webhooks.handlers._by_type["customer.tier_changed"].clear()
+    webhooks.on("customer.tier_changed", latest_by=key, name="tier")(renamed)
+    client.send("customer.tier_changed", data, id="evt_old", timestamp=stamp(1000))
+    assert applied == ["first evt_new"]
+
+
+@pytest.mark.parametrize("store", [None, "tests.test_ordering:plain_store"])
+def test_a_store_without_order_refuses_latest_by(store: str | None) -> None:
+    webhooks = PlointsWebhooks()
+    app = build_app({"PLOINTS_DEDUPE_STORE": store}, webhooks)[0]
+    message = (
+        "PLOINTS_DEDUPE_STORE: latest_by needs a store that keeps the newest event applied per"
+        " key (memory, Redis, SQL or db); {} does not"
+    )
+    name = "NullStore" if store is None else "Plain"
+    # Registered after init_app: refused at registration.
+    with pytest.raises(ConfigError) as caught:
+        webhooks.on("customer.tier_changed", latest_by=lambda e: e.id)
+    assert str(caught.value) == message.format(name)
+    assert app.name == "ploints_test"
+    # Registered before init_app: refused by init_app.
+    early = PlointsWebhooks()
+    early.on("customer.tier_changed", latest_by=lambda e: e.id)(lambda e: None)
+    with pytest.raises(ConfigError) as caught:
+        build_app({"PLOINTS_DEDUPE_STORE": store}, early)
+    assert str(caught.value) == message.format(name)
+
+
+def test_name_goes_with_latest_by() -> None:
+    with pytest.raises(ValueError) as caught:
+        PlointsWebhooks().on("customer.tier_changed", name="tier")
+    assert str(caught.value) == "name= names a handler's order, and goes with latest_by="
+
+
+class Plain:
+    """A custom store with the dedupe methods only."""
+
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> t.Any:
+        raise NotImplementedError
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        raise NotImplementedError
+
+    def release(self, event_id: str, token: str) -> bool:
+        raise NotImplementedError
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        raise NotImplementedError
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        raise NotImplementedError
+
+
+def plain_store(config: t.Mapping[str, t.Any]) -> Plain:
+    return Plain()
+
+
+def _tier_app(config: dict[str, t.Any]) -> tuple[Flask, PlointsClient]:
+    webhooks = PlointsWebhooks()
+
+    @webhooks.on("customer.tier_changed", latest_by=lambda e: e.data["customerEmail"], name="tier")
+    def tier(event: Event) -> None:
+        pass
+
+    app, _ = build_app({"PLOINTS_DEDUPE_STORE": "memory", **config}, webhooks)
+    return app, PlointsClient(app)
+
+
+def _change(client: PlointsClient, seconds: int, id: str) -> int:
+    data = {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"}
+    response = client.send("customer.tier_changed", data, id=id, timestamp=stamp(seconds))
+    return response.status_code
+
+
+def test_a_stale_event_is_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from flask_ploints.metrics import Metrics
+
+    registry = CollectorRegistry()
+    _, client = _tier_app({"PLOINTS_METRICS": Metrics(registry)})
+    assert [_change(client, s, f"evt_{s}") for s in (2000, 1000, 1500, 3000)] == [200] * 4
+    labels = {"type": "customer.tier_changed", "handler": "tier"}
+    assert registry.get_sample_value("ploints_handler_stale_total", labels) == 2
+    processed = {"type": "customer.tier_changed", "outcome": "processed"}
+    assert registry.get_sample_value("ploints_deliveries_total", processed) == 4
+
+
+def test_a_stale_event_marks_its_handler_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, client = _tier_app({"PLOINTS_OPENTELEMETRY": provider})
+    assert _change(client, 2000, "evt_new") == 200
+    assert _change(client, 1000, "evt_old") == 200
+    handler_spans = [
+        span for span in exporter.get_finished_spans() if span.name.endswith("<locals>.tier")
+    ]
+    assert [dict(span.attributes or {}).get("ploints.stale") for span in handler_spans] == [
+        None,
+        True,
+    ]
+    attributes = dict(handler_spans[1].attributes or {})
+    assert attributes["ploints.stale.key"] == EMAIL
+    assert attributes["ploints.stale.newer"] == stamp(2000).isoformat()
+    provider.shutdown()
