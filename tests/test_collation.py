@@ -3,7 +3,9 @@ on every database: ids that a collation would fold together (case, accents,
 trailing spaces, NFC and NFD, the Kelvin sign) are distinct events, through
 the endpoint, with the SQL store from a URL and with ``db``, on MariaDB,
 PostgreSQL and SQLite. A table of an earlier build that folds them is
-refused on first use, with the statement that fixes it.
+refused on first use, with the statement that fixes it. A key no row can
+hold (a NUL, which PostgreSQL refuses in text) finds nothing on every
+database.
 """
 
 from __future__ import annotations
@@ -222,7 +224,9 @@ def test_a_folding_table_is_refused_with_its_fix(
         engine.dispose()
 
 
-def test_delivery_log_keeps_folded_ids_apart(database: str, unique: str) -> None:
+@pytest.fixture
+def logged(database: str, unique: str) -> t.Iterator[tuple[DeliveryLog, PlointsClient]]:
+    """A delivery log on ``database`` and a sender to an app that keeps it."""
     log = DeliveryLog.from_url(database, table_name=unique)
     app, _ = build_app(
         {
@@ -231,13 +235,31 @@ def test_delivery_log_keeps_folded_ids_apart(database: str, unique: str) -> None
             "PLOINTS_DELIVERY_LOG_ACCESS": lambda: True,
         }
     )
-    sender = PlointsClient(app)
     try:
-        for first, second in FIXED_PAIRS:
-            assert sender.post(body(first)).status_code == 200
-            assert sender.post(body(second)).status_code == 200
-            assert [d.event_id for d in log.recent(event_id=first)] == [first]
-            assert [d.event_id for d in log.recent(event_id=second)] == [second]
+        yield log, PlointsClient(app)
     finally:
         log.table.drop(log.engine, checkfirst=True)
         log.engine.dispose()
+
+
+def test_delivery_log_keeps_folded_ids_apart(logged: tuple[DeliveryLog, PlointsClient]) -> None:
+    log, sender = logged
+    for first, second in FIXED_PAIRS:
+        assert sender.post(body(first)).status_code == 200
+        assert sender.post(body(second)).status_code == 200
+        assert [d.event_id for d in log.recent(event_id=first)] == [first]
+        assert [d.event_id for d in log.recent(event_id=second)] == [second]
+
+
+def test_delivery_log_filter_of_a_nul_finds_nothing(
+    logged: tuple[DeliveryLog, PlointsClient],
+) -> None:
+    log, sender = logged
+    assert sender.post(body("evt_1")).status_code == 200
+    page = sender.client.get("/ploints/deliveries?account=%00")
+    assert page.status_code == 200
+    assert "evt_1" not in page.get_data(as_text=True)
+    assert sender.client.get("/ploints/deliveries?account=acct%00x").status_code == 200
+    assert log.recent(account="\x00") == []
+    assert log.recent(event_id="evt_1\x00") == []
+    assert log.recent(event_type="points.earned\x00") == []
