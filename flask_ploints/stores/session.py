@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import secrets
 import time
 import typing as t
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
@@ -66,6 +68,9 @@ class _Held:
 
     token: str
     session: Session
+    #: The DBAPI connection of the transaction, for the bounds of the
+    #: store's statements on it.
+    dbapi: object
     guard: Guard
     #: The claim was the worker's durable claim, taken over in the
     #: transaction: settling it outside the transaction goes to its row.
@@ -129,8 +134,17 @@ class SessionStore:
         transaction may stay open before its connection is cut, which rolls
         it back and frees its locks; ``None`` for no bound. A worker's run of
         a queued event may stay open for its lease instead, when longer.
-        PostgreSQL only (a connection with a socket).
+        PostgreSQL and MariaDB/MySQL (a connection with a socket).
+    :param statement_timeout: the most seconds each of the store's own
+        statements may take (the claim may wait ``lock_timeout`` more for a
+        row lock) before its connection is cut and the call raises
+        :class:`.StoreError`; also the connect timeout of the session's
+        engine when the app gave none. ``None`` for no bound. See
+        :doc:`/sql-store`.
     :param clock: the time in seconds since the epoch.
+
+    .. versionchanged:: 0.2
+        The ``statement_timeout`` parameter.
     """
 
     def __init__(
@@ -140,6 +154,7 @@ class SessionStore:
         table_name: str = "ploints_events",
         lock_timeout: float = 2.0,
         transaction_timeout: float | None = 8.0,
+        statement_timeout: float | None = 2.0,
         clock: t.Callable[[], float] = time.time,
     ) -> None:
         self._owns_sessions = isinstance(session, sessionmaker)
@@ -149,6 +164,7 @@ class SessionStore:
         self.table_name = table_name
         self.lock_timeout = lock_timeout
         self.transaction_timeout = transaction_timeout
+        self.statement_timeout = statement_timeout
         self._clock = clock
         self._outside: SQLAlchemyStore | None = None
         self._statements: Statements | None = None
@@ -162,7 +178,14 @@ class SessionStore:
             engine = self.session.get_bind()
             if not isinstance(engine, sa.Engine):
                 engine = engine.engine
-            store = SQLAlchemyStore(engine, table_name=self.table_name, clock=self._clock)
+            store = SQLAlchemyStore(
+                engine,
+                table_name=self.table_name,
+                clock=self._clock,
+                statement_timeout=self.statement_timeout,
+            )
+            if self.statement_timeout is not None:
+                _bound_connects(engine, self.statement_timeout)
             name = engine.dialect.name
             self._statements = Statements(store.table, _UPSERTS.get(name), name, held=True)
             self._outside = store
@@ -198,7 +221,13 @@ class SessionStore:
         }
         try:
             connection = session.connection()
-            found = self._hold(connection, params, lease, retention, adopt=token is not None)
+            dbapi = connection.connection.dbapi_connection
+            # The lock wait is bounded by the database; this, the rest.
+            bound = deadline(dbapi, _plus(self.lock_timeout, self.statement_timeout))
+            try:
+                found = self._hold(connection, params, lease, retention, adopt=token is not None)
+            finally:
+                bound.release()
         except SQLAlchemyError as exc:
             self._abandon(session)
             if is_lock_wait(exc):
@@ -215,10 +244,10 @@ class SessionStore:
                 # moved off the request. Its transaction may last as long
                 # as the claim it holds.
                 limit = max(limit, lease)
-            guard = deadline(connection.connection.dbapi_connection, limit)
+            guard = deadline(dbapi, limit)
             # A claim of its own when the worker's had lapsed: not durable.
             adopted = token is not None and found.token == token
-            _held.set(_Held(found.token, session, guard, adopted, payload=params["body"]))
+            _held.set(_Held(found.token, session, dbapi, guard, adopted, payload=params["body"]))
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
         if found.status is EventState.DONE and found.expires > now:
@@ -316,6 +345,10 @@ class SessionStore:
         with contextlib.suppress(SQLAlchemyError):
             session.rollback()
 
+    def _roll_back(self, held: _Held) -> None:
+        with deadline(held.dbapi, self.statement_timeout):
+            self._abandon(held.session)
+
     def _take(self, token: str) -> _Held | None:
         held = _held.get()
         if held is None or held.token != token:
@@ -346,12 +379,14 @@ class SessionStore:
         held = self._take(token)
         if held is None:
             return self._store().commit(event_id, token, retention)
+        bound = deadline(held.dbapi, self.statement_timeout)
         try:
             held.session.commit()
         except SQLAlchemyError as exc:
             self._abandon(held.session)
             raise database_error(exc, StoreError) from driver_exception(exc)
         finally:
+            bound.release()
             self._close(held)
         return True
 
@@ -362,7 +397,7 @@ class SessionStore:
         held = self._take(token)
         if held is None:
             return self._store().release(event_id, token)
-        self._abandon(held.session)
+        self._roll_back(held)
         self._close(held)
         return self._store().release(event_id, token) if held.adopted else True
 
@@ -376,7 +411,7 @@ class SessionStore:
         """
         held = self._take(token)
         if held is not None:
-            self._abandon(held.session)
+            self._roll_back(held)
             self._close(held)
             if not held.adopted:
                 claim = self._store().claim(event_id, 60.0, held.payload)
@@ -398,3 +433,28 @@ class SessionStore:
     def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
         """See :meth:`.SQLAlchemyStore.purge`."""
         return self._store().purge(now, in_flight_grace=in_flight_grace)
+
+
+def _plus(first: float | None, second: float | None) -> float | None:
+    return None if first is None or second is None else first + second
+
+
+def _bound_connects(engine: sa.Engine, seconds: float) -> None:
+    """Give ``engine``'s new connections a connect timeout when the app's
+    engine options gave none: a claim or a commit may have to connect, and
+    the deadline of a statement has no socket to cut before.
+    """
+    name = engine.dialect.name
+    if name == "postgresql":
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        value = max(2, math.ceil(seconds))
+    elif name in ("mysql", "mariadb"):
+        value = max(1, math.ceil(seconds))
+    else:
+        return
+
+    @sa_event.listens_for(engine, "do_connect")
+    def connect(
+        dialect: t.Any, record: t.Any, cargs: list[t.Any], cparams: dict[str, t.Any]
+    ) -> None:
+        cparams.setdefault("connect_timeout", value)

@@ -6,8 +6,10 @@ One daemon thread per process keeps the deadlines of the statements in
 progress. When one passes, it shuts the connection's socket down, which the
 driver sees as a lost connection: the call fails at once, and the pool
 replaces the connection. It works for any driver whose connection has a
-``fileno()`` (psycopg 3 and 2); others go unguarded (SQLite has no socket and
-its own busy timeout; MySQL drivers take ``read_timeout``).
+``fileno()`` (psycopg 3 and 2), and for PyMySQL, whose socket is found in
+:func:`_fileno` (the one use of its internals; pinned by
+``test_pymysql_connections_are_guarded``). Others go unguarded (SQLite has no
+socket and its own busy timeout).
 
 .. versionadded:: 0.2
 """
@@ -123,6 +125,10 @@ def deadline(connection: object, seconds: float | None) -> Guard:
 
 def _fileno(connection: object) -> int | None:
     fileno = getattr(connection, "fileno", None)
+    if fileno is None:
+        # PyMySQL has no fileno(), and no public way to its socket: its
+        # read_timeout bounds a statement only on an engine the store made.
+        fileno = getattr(getattr(connection, "_sock", None), "fileno", None)
     if fileno is None:
         return None
     try:

@@ -46,13 +46,16 @@ def engine_from_url(
 
     :param url: a SQLAlchemy database URL.
     :param timeout: seconds to wait to connect, and for a connection of a
-        full pool; on SQLite, for another process's write lock.
+        full pool; on SQLite, for another process's write lock. With PyMySQL
+        and mysqlclient, one second more (rounded up) is the driver's read
+        and write timeout, behind the statement deadline.
     :param engine_options: more keyword arguments for
         :func:`sqlalchemy.create_engine`; they win over the above.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-        ``timeout`` bounds the wait for a pooled connection too.
+        ``timeout`` bounds the wait for a pooled connection too, and sets
+        the read and write timeouts of MySQL drivers.
     """
     parsed = make_url(_with_driver(url))
     options: dict[str, t.Any] = {"pool_pre_ping": True}
@@ -63,6 +66,10 @@ def engine_from_url(
         connect_args["connect_timeout"] = max(2, math.ceil(timeout))
     elif backend in ("mysql", "mariadb"):
         connect_args["connect_timeout"] = max(1, math.ceil(timeout))
+        if parsed.get_driver_name() in ("pymysql", "mysqldb"):
+            # Behind the store's statement deadline, a second bound of the
+            # driver's own, should the deadline not find the socket.
+            connect_args["read_timeout"] = connect_args["write_timeout"] = math.ceil(timeout) + 1
     elif backend == "sqlite":
         connect_args["timeout"] = timeout
         connect_args["check_same_thread"] = False
