@@ -68,6 +68,8 @@ class _Held:
 
     token: str
     session: Session
+    #: The connection's transaction the claim was written in.
+    root: t.Any
     #: The DBAPI connection of the transaction, for the bounds of the
     #: store's statements on it.
     dbapi: object
@@ -247,7 +249,10 @@ class SessionStore:
             guard = deadline(dbapi, limit)
             # A claim of its own when the worker's had lapsed: not durable.
             adopted = token is not None and found.token == token
-            _held.set(_Held(found.token, session, dbapi, guard, adopted, payload=params["body"]))
+            root = connection.get_transaction()
+            _held.set(
+                _Held(found.token, session, root, dbapi, guard, adopted, payload=params["body"])
+            )
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
         if found.status is EventState.DONE and found.expires > now:
@@ -316,7 +321,10 @@ class SessionStore:
     def handler_scope(self, event: Event) -> t.Iterator[None]:
         """Run the handlers in the held claim's transaction. A handler that
         raised rolls it back; one that committed or rolled back the session
-        itself fails the event, since its writes went without the rest.
+        or its connection itself fails the event, since its writes went
+        without the rest, and so does one that left the transaction unusable
+        (it caught a database error): a handler's failure, not the store's.
+        A ``COMMIT`` statement goes unseen: the store commits the rest.
         """
         held = _held.get()
         if held is None:
@@ -333,12 +341,25 @@ class SessionStore:
             raise
         finally:
             _handling.reset(handling)
-        if held.session.get_transaction() is not transaction:
-            self._abandon(held.session)
-            raise HandlerError(
-                f"a handler of event {event.id!r} committed or rolled back the session; with"
-                " PLOINTS_DEDUPE_STORE = db, handlers write and flask-ploints commits"
+        root = held.root
+        current = held.session.get_transaction()
+        if current is transaction and transaction is not None and not transaction.is_active:
+            problem = (
+                "left the session's transaction unusable: it caught a database error (roll"
+                " back to a savepoint, session.begin_nested(), to go on after one)"
             )
+        elif current is not transaction or (
+            root is not None
+            and (not root.is_active or root.connection.get_transaction() is not root)
+        ):
+            problem = "committed or rolled back the session (or its connection)"
+        else:
+            return
+        self._roll_back(held)
+        raise HandlerError(
+            f"a handler of event {event.id!r} {problem}; with PLOINTS_DEDUPE_STORE = db,"
+            " handlers write and flask-ploints commits"
+        )
 
     def _abandon(self, session: Session) -> None:
         # A failing rollback: the connection is gone, its transaction with it.
