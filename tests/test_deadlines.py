@@ -247,6 +247,15 @@ def test_a_silent_database_with_db_answers_503_within_the_timeout(
         )
         # Its lock wait, then its statements, each at most the timeout.
         assert took < 2 * TIMEOUT + SLACK
+        proxy.freeze()
+        try:
+            response, took = _timed(lambda: shop.sender.post(body("evt_2")))
+        finally:
+            proxy.thaw()
+        # A new connection meets the same silence: the connect timeout the
+        # app gave, or the store's (libpq counts at least 2 s).
+        assert answer(t.cast(TestResponse, response))[0] == 503
+        assert took < 2 + SLACK
         retry = shop.sender.post(body("evt_2"))
         assert retry.status_code in (200, 409)
         assert answer(shop.sender.post(body("evt_3"))) == (200, PROCESSED)

@@ -41,6 +41,7 @@ from .base import StoredEvent
 from .base import StoreError
 from .sql.deadline import Guard
 from .sql.deadline import deadline
+from .sql.deadline import pymysql_connect
 from .sql.locks import bounded_lock_wait
 from .sql.locks import is_lock_wait
 from .sql.statements import Holder
@@ -69,7 +70,7 @@ class _Held:
     token: str
     session: Session
     #: The connection's transaction the claim was written in.
-    root: t.Any
+    root: sa.RootTransaction | None
     #: The DBAPI connection of the transaction, for the bounds of the
     #: store's statements on it.
     dbapi: object
@@ -474,8 +475,13 @@ def _bound_connects(engine: sa.Engine, seconds: float) -> None:
     else:
         return
 
+    pymysql = engine.dialect.driver == "pymysql"
+
     @sa_event.listens_for(engine, "do_connect")
     def connect(
         dialect: t.Any, record: t.Any, cargs: list[t.Any], cparams: dict[str, t.Any]
-    ) -> None:
+    ) -> t.Any:
         cparams.setdefault("connect_timeout", value)
+        if pymysql:
+            return pymysql_connect(dialect.loaded_dbapi, cargs, cparams, seconds)
+        return None

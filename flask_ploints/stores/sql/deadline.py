@@ -24,7 +24,7 @@ import threading
 import time
 import typing as t
 
-__all__ = ["Guard", "deadline"]
+__all__ = ["Guard", "deadline", "pymysql_connect"]
 
 
 class Guard:
@@ -150,3 +150,19 @@ def _cut(fileno: int) -> None:
         return
     with sock, contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def pymysql_connect(
+    dbapi: t.Any, cargs: t.Sequence[t.Any], cparams: dict[str, t.Any], seconds: float
+) -> t.Any:
+    """A PyMySQL connection whose handshake waits at most ``seconds`` per
+    read and write (its ``connect_timeout`` bounds only the TCP connect),
+    and whose later statements wait as the app's options say: the
+    deadline cannot guard a socket before it exists.
+    """
+    options = {"read_timeout": seconds, "write_timeout": seconds, **cparams}
+    connection = dbapi.connect(*cargs, **options)
+    # PyMySQL applies these before each read and write; no public setter.
+    connection._read_timeout = cparams.get("read_timeout")
+    connection._write_timeout = cparams.get("write_timeout")
+    return connection
