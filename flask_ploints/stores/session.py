@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import secrets
 import time
 import typing as t
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
@@ -40,13 +36,11 @@ from .base import EventState
 from .base import StoredEvent
 from .base import StoreError
 from .sql.deadline import Guard
+from .sql.deadline import bound_connects
 from .sql.deadline import deadline
-from .sql.deadline import pymysql_connect
-from .sql.locks import bounded_lock_wait
+from .sql.locks import hold_row
 from .sql.locks import is_lock_wait
-from .sql.statements import Holder
 from .sql.statements import Statements
-from .sql.statements import holder
 from .sql.store import SQLAlchemyStore
 from .sql.tables import database_error
 from .sql.tables import driver_exception
@@ -56,7 +50,6 @@ if t.TYPE_CHECKING:
 
 __all__ = ["SessionStore", "current_session"]
 
-_CLAIM_ROUNDS = 5
 _UPSERTS: dict[str, t.Callable[[sa.Table], t.Any]] = {
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
@@ -188,7 +181,7 @@ class SessionStore:
                 statement_timeout=self.statement_timeout,
             )
             if self.statement_timeout is not None:
-                _bound_connects(engine, self.statement_timeout)
+                bound_connects(engine, self.statement_timeout)
             name = engine.dialect.name
             self._statements = Statements(store.table, _UPSERTS.get(name), name, held=True)
             self._outside = store
@@ -226,9 +219,11 @@ class SessionStore:
             connection = session.connection()
             dbapi = connection.connection.dbapi_connection
             # The lock wait is bounded by the database; this, the rest.
-            bound = deadline(dbapi, _plus(self.lock_timeout, self.statement_timeout))
+            statements = self.statement_timeout
+            bound = deadline(dbapi, None if statements is None else self.lock_timeout + statements)
             try:
-                found = self._hold(connection, params, lease, retention, adopt=token is not None)
+                times = (lease, retention, self._clock, self.lock_timeout)
+                found = hold_row(connection, self._statements, params, *times, token is not None)
             finally:
                 bound.release()
         except SQLAlchemyError as exc:
@@ -259,64 +254,6 @@ class SessionStore:
         if found.status is EventState.DONE and found.expires > now:
             return Claim(ClaimStatus.DONE)
         return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(found.lease_expires - now, 0.0))
-
-    def _hold(
-        self,
-        connection: Connection,
-        params: dict[str, t.Any],
-        lease: float,
-        retention: float,
-        *,
-        adopt: bool,
-    ) -> Holder | None:
-        sql: t.Any = self._statements
-        assert sql is not None
-        dialect = connection.dialect.name
-        with bounded_lock_wait(connection, self.lock_timeout):
-            for _ in range(_CLAIM_ROUNDS):
-                now = params["now"] = self._clock()
-                params["lease_end"] = now + lease
-                params["keep_until"] = now + retention
-                if adopt:
-                    # The worker's own claim, marked done in the transaction.
-                    taken = connection.execute(sql.commit, params)
-                    if taken.rowcount == 1:
-                        return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-                    params["claim_token"] = secrets.token_hex(8)
-                    adopt = False
-                if (
-                    sql.insert_held is not None
-                    and connection.execute(sql.insert_held, params).first()
-                ):
-                    return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-                if sql.claim is not None:
-                    found = holder(connection.execute(sql.claim, params).first())
-                elif dialect == "sqlite":
-                    assert sql.upsert is not None
-                    found = holder(connection.execute(sql.upsert, params).first())
-                    if found is None:
-                        found = holder(connection.execute(sql.holder, params).first())
-                else:
-                    found = self._insert_or_take_over(connection, sql, params)
-                if found is not None:
-                    return found
-        return None
-
-    @staticmethod
-    def _insert_or_take_over(
-        connection: Connection, sql: t.Any, params: dict[str, t.Any]
-    ) -> Holder | None:
-        ours = Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-        try:
-            # Not for the transaction: so that racing claims of one id never deadlock.
-            with connection.begin_nested():
-                connection.execute(sql.insert, params)
-            return ours
-        except IntegrityError:
-            pass
-        if connection.execute(sql.take_over, params).rowcount == 1:
-            return ours
-        return holder(connection.execute(sql.holder_locked, params).first())
 
     @contextlib.contextmanager
     def handler_scope(self, event: Event) -> t.Iterator[None]:
@@ -455,33 +392,3 @@ class SessionStore:
     def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
         """See :meth:`.SQLAlchemyStore.purge`."""
         return self._store().purge(now, in_flight_grace=in_flight_grace)
-
-
-def _plus(first: float | None, second: float | None) -> float | None:
-    return None if first is None or second is None else first + second
-
-
-def _bound_connects(engine: sa.Engine, seconds: float) -> None:
-    """Give ``engine``'s new connections a connect timeout when the app's
-    engine options gave none: a claim or a commit may have to connect, and
-    the deadline of a statement has no socket to cut before.
-    """
-    name = engine.dialect.name
-    if name == "postgresql":
-        # libpq counts whole seconds and treats anything under 2 as 2.
-        value = max(2, math.ceil(seconds))
-    elif name in ("mysql", "mariadb"):
-        value = max(1, math.ceil(seconds))
-    else:
-        return
-
-    pymysql = engine.dialect.driver == "pymysql"
-
-    @sa_event.listens_for(engine, "do_connect")
-    def connect(
-        dialect: t.Any, record: t.Any, cargs: list[t.Any], cparams: dict[str, t.Any]
-    ) -> t.Any:
-        cparams.setdefault("connect_timeout", value)
-        if pymysql:
-            return pymysql_connect(dialect.loaded_dbapi, cargs, cparams, seconds)
-        return None

@@ -24,7 +24,10 @@ import threading
 import time
 import typing as t
 
-__all__ = ["Guard", "deadline", "pymysql_connect"]
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = ["Guard", "bound_connects", "deadline", "pymysql_connect"]
 
 
 class Guard:
@@ -166,3 +169,29 @@ def pymysql_connect(
     connection._read_timeout = cparams.get("read_timeout")
     connection._write_timeout = cparams.get("write_timeout")
     return connection
+
+
+def bound_connects(engine: Engine, seconds: float) -> None:
+    """Give ``engine``'s new connections a connect timeout when the app's
+    engine options gave none (and PyMySQL's handshake a bound, see
+    :func:`pymysql_connect`): a claim or a commit may have to connect, and
+    a deadline has no socket to cut before.
+    """
+    name = engine.dialect.name
+    if name == "postgresql":
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        value = max(2, math.ceil(seconds))
+    elif name in ("mysql", "mariadb"):
+        value = max(1, math.ceil(seconds))
+    else:
+        return
+    pymysql = engine.dialect.driver == "pymysql"
+
+    @event.listens_for(engine, "do_connect")
+    def connect(
+        dialect: t.Any, record: t.Any, cargs: list[t.Any], cparams: dict[str, t.Any]
+    ) -> t.Any:
+        cparams.setdefault("connect_timeout", value)
+        if pymysql:
+            return pymysql_connect(dialect.loaded_dbapi, cargs, cparams, seconds)
+        return None
