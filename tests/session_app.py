@@ -5,10 +5,12 @@ of :func:`flask_ploints.after_commit`, on PostgreSQL, SQLite and MariaDB.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import typing as t
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ WAIT = 15.0
 PROCESSED = {"received": True}
 DUPLICATE = {"received": True, "duplicate": True}
 #: What a handler does after writing its row.
-Mode = t.Literal["ok", "raise", "commit"]
+Mode = t.Literal["ok", "raise", "commit", "connection commit", "raw commit", "swallow"]
 
 
 def database_url(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> str:
@@ -116,7 +118,10 @@ class Shop:
         self.webhooks = PlointsWebhooks(self.app)
         self.webhooks.on_any(self.handle)
         #: ``"raise"``: the handler raises after its write; ``"commit"``: it
-        #: commits the session, then writes a second row.
+        #: commits the session (``"connection commit"``: its connection;
+        #: ``"raw commit"``: a ``COMMIT`` statement), then writes a second
+        #: row; ``"swallow"``: it writes a row of a taken id, and swallows the
+        #: ``IntegrityError``.
         self.mode: Mode = "ok"
         #: Seconds the handler sleeps after its write.
         self.delay = 0.0
@@ -144,10 +149,24 @@ class Shop:
         time.sleep(self.delay)
         if self.mode == "raise":
             raise RuntimeError(f"broken on {event.id}")
-        if self.mode == "commit":
-            self.db.session.commit()
-            self.db.session.add(self.model(event_id=f"{event.id} after the commit"))
-            self.db.session.flush()
+        if self.mode == "swallow":
+            taken = self.db.session.scalars(sa.select(self.model.id).limit(1)).one()
+            self.db.session.add(self.model(id=taken, event_id="taken"))
+            with contextlib.suppress(sa.exc.IntegrityError):
+                self.db.session.flush()
+        if self.mode in ("commit", "connection commit", "raw commit"):
+            with warnings.catch_warnings():
+                # SQLAlchemy warns that the session's connection committed
+                # under it: an error under this suite's filterwarnings.
+                warnings.simplefilter("ignore", sa.exc.SAWarning)
+                if self.mode == "commit":
+                    self.db.session.commit()
+                elif self.mode == "connection commit":
+                    self.db.session.connection().commit()
+                else:
+                    self.db.session.execute(sa.text("COMMIT"))
+                self.db.session.add(self.model(event_id=f"{event.id} after the commit"))
+                self.db.session.flush()
 
     def rows(self) -> list[str]:
         """The event ids of the awards committed, in order of writing."""

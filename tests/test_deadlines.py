@@ -1,11 +1,13 @@
 """Bounded time against a database that stops answering: its TCP
 connections stay open, nothing comes back (a stuck proxy, a failover). The
-SQL store answers ``503`` within its statement timeout, the delivery log
-skips its row, and both recover when the database answers again.
+SQL store (from a URL, or ``db``, on PostgreSQL and MariaDB) answers ``503``
+within its statement timeout, the delivery log skips its row, and both
+recover when the database answers again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -15,9 +17,11 @@ import typing as t
 import uuid
 from urllib.parse import urlsplit
 
+import pymysql
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from werkzeug.test import TestResponse
 
 from flask_ploints import PlointsWebhooks
 from flask_ploints import StoreError
@@ -25,8 +29,13 @@ from flask_ploints.delivery_log import delivery_log
 from flask_ploints.state import receiver_for
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import SQLAlchemyStore
+from flask_ploints.stores.sql.deadline import deadline
 from flask_ploints.testing import PlointsClient
 
+from .session_app import PROCESSED
+from .session_app import Shop
+from .session_app import answer
+from .session_app import body
 from .support import build_app
 
 #: The statement timeout under test, and how long past it an answer may come.
@@ -91,22 +100,37 @@ class FreezingProxy:
                 return
 
 
+@pytest.fixture(params=["postgresql"])
+def database(request: pytest.FixtureRequest) -> str:
+    """The URL of the database under test: PostgreSQL unless a test
+    parametrizes it (``indirect``) with ``"mariadb"`` too.
+    """
+    url: str = request.getfixturevalue(
+        {"postgresql": "postgres_url", "mariadb": "mariadb_url"}[request.param]
+    )
+    return url
+
+
 @pytest.fixture
-def proxied_url(postgres_url: str) -> t.Iterator[tuple[str, FreezingProxy]]:
-    parts = urlsplit(postgres_url)
+def proxied_url(database: str) -> t.Iterator[tuple[str, FreezingProxy]]:
+    parts = urlsplit(database)
     proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     yield parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl(), proxy
     proxy.close()
 
 
 @pytest.fixture
-def table(postgres_url: str) -> t.Iterator[str]:
+def table(database: str) -> t.Iterator[str]:
     name = f"ploints_deadline_{uuid.uuid4().hex[:8]}"
     yield name
-    engine = sa.create_engine(postgres_url)
+    engine = sa.create_engine(database)
     with engine.begin() as connection:
-        connection.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+        connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}_awards"))
+        connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
+
+
+BOTH = pytest.mark.parametrize("database", ["postgresql", "mariadb"], indirect=True)
 
 
 def _timed(call: t.Callable[[], object]) -> tuple[object, float]:
@@ -118,6 +142,7 @@ def _timed(call: t.Callable[[], object]) -> tuple[object, float]:
     return result, time.monotonic() - started
 
 
+@BOTH
 def test_a_silent_database_is_a_store_error_within_the_timeout(
     proxied_url: tuple[str, FreezingProxy], table: str
 ) -> None:
@@ -130,7 +155,7 @@ def test_a_silent_database_is_a_store_error_within_the_timeout(
         assert isinstance(result, StoreError)
         assert took < TIMEOUT + SLACK
         # A new connection meets the same silence: the connect timeout
-        # (libpq counts at least 2 s) bounds it.
+        # (libpq counts at least 2 s; PyMySQL 1 s) bounds it.
         result, took = _timed(lambda: store.claim("evt_frozen", 60))
         assert isinstance(result, StoreError)
         assert took < 2 + SLACK
@@ -142,6 +167,7 @@ def test_a_silent_database_is_a_store_error_within_the_timeout(
         store.engine.dispose()
 
 
+@BOTH
 def test_a_silent_store_answers_503_well_inside_the_senders_timeout(
     proxied_url: tuple[str, FreezingProxy], table: str, webhooks: PlointsWebhooks
 ) -> None:
@@ -196,6 +222,50 @@ def test_a_silent_delivery_log_skips_its_row_and_never_holds_a_delivery(
     ]
 
 
+@BOTH
+@pytest.mark.parametrize("advised", [True, False], ids=["advised", "bare"])
+def test_a_silent_database_with_db_answers_503_within_the_timeout(
+    proxied_url: tuple[str, FreezingProxy], table: str, advised: bool
+) -> None:
+    """``PLOINTS_DEDUPE_STORE = db``, with the engine options the docs advise
+    (a connect timeout) and with none: the extension's own statements are
+    bounded whatever the app's engine does.
+    """
+    url, proxy = proxied_url
+    options = {"connect_args": {"connect_timeout": 2}} if advised else {}
+    shop = Shop(url, table, engine_options=options, PLOINTS_SQL_TIMEOUT=TIMEOUT)
+    try:
+        assert answer(shop.sender.post(body("evt_1"))) == (200, PROCESSED)
+        proxy.freeze()
+        try:
+            response, took = _timed(lambda: shop.sender.post(body("evt_2")))
+        finally:
+            proxy.thaw()
+        assert answer(t.cast(TestResponse, response)) == (
+            503,
+            {"error": "dedupe store unavailable"},
+        )
+        # Its lock wait, then its statements, each at most the timeout.
+        assert took < 2 * TIMEOUT + SLACK
+        proxy.freeze()
+        try:
+            response, took = _timed(lambda: shop.sender.post(body("evt_2")))
+        finally:
+            proxy.thaw()
+        # A new connection meets the same silence: the connect timeout the
+        # app gave, or the store's (libpq counts at least 2 s).
+        assert answer(t.cast(TestResponse, response))[0] == 503
+        assert took < 2 + SLACK
+        retry = shop.sender.post(body("evt_2"))
+        assert retry.status_code in (200, 409)
+        assert answer(shop.sender.post(body("evt_3"))) == (200, PROCESSED)
+        expected = ["evt_1", "evt_2", "evt_3"] if retry.status_code == 200 else ["evt_1", "evt_3"]
+        assert shop.rows() == expected
+    finally:
+        with shop.app.app_context():
+            shop.db.engine.dispose()
+
+
 def _logged_app(url: str) -> Flask:
     webhooks = PlointsWebhooks()
     app, _ = build_app(
@@ -234,3 +304,23 @@ def test_many_threads_on_sqlite_wait_a_bounded_time(tmp_path: t.Any) -> None:
         assert store.claim("evt_2", 60).status is ClaimStatus.CLAIMED
     finally:
         store.engine.dispose()
+
+
+def test_pymysql_connections_are_guarded(mariadb_url: str) -> None:
+    """The deadline finds PyMySQL's socket, which it offers no public way
+    to: this pins the one use of its internals.
+    """
+    url = sa.make_url(mariadb_url)
+    connection = pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, database=url.database
+    )
+    try:
+        cursor = connection.cursor()
+        started = time.monotonic()
+        with deadline(connection, TIMEOUT) as guard, pytest.raises(pymysql.err.OperationalError):
+            cursor.execute("SELECT SLEEP(10)")
+        assert guard.fired
+        assert time.monotonic() - started < TIMEOUT + SLACK
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()

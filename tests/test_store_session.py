@@ -26,6 +26,7 @@ from sqlalchemy.orm import sessionmaker
 from werkzeug.test import TestResponse
 
 from flask_ploints import ConfigError
+from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import current_session
 from flask_ploints.cli import ploints
@@ -133,6 +134,92 @@ def test_handler_commit_fails_the_event(
     assert answer(shop.sender.post(body("evt_1"))) == (200, DUPLICATE)
     assert shop.runs == ["evt_1"]
     assert shop.rows() == ["evt_1"]
+
+
+def test_handler_commit_of_the_connection_fails_the_event(
+    make_shop: t.Callable[..., Shop], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that commits the session's connection
+    (``db.session.connection().commit()``) commits as ``db.session.commit()``
+    does: its write and the event's row. The event fails with a 500 and an
+    error log that names the commit and claims no rollback of what it
+    committed; what it wrote after is rolled back; the retry is a duplicate.
+    """
+    shop = make_shop()
+    shop.mode = "connection commit"
+    # SQLAlchemy's own word, when the store rolls back the rest.
+    warns = pytest.warns(sa.exc.SAWarning, match="^transaction already deassociated")
+    with caplog.at_level(logging.ERROR, logger="flask_ploints"), warns:
+        assert answer(shop.sender.post(body("evt_1"))) == (500, {"error": "handler failed"})
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert "event 'evt_1' ('points.earned') failed: a handler raised HandlerError(" in message
+    assert "committed or rolled back the session" in message
+    assert "rolled back" not in message.replace("committed or rolled back the session", "")
+    assert shop.rows() == ["evt_1"]
+    stored = shop.stored("evt_1")
+    assert stored is not None and stored.status is EventState.DONE
+    shop.mode = "ok"
+    assert answer(shop.sender.post(body("evt_1"))) == (200, DUPLICATE)
+    assert shop.runs == ["evt_1"]
+    assert shop.rows() == ["evt_1"]
+
+
+def test_handler_commit_statement_goes_unseen_and_is_logged_truly(
+    make_shop: t.Callable[..., Shop], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``COMMIT`` statement (``db.session.execute(text("COMMIT"))``) is
+    invisible to SQLAlchemy: the store commits the rest, so every write
+    commits, in two transactions. When a handler raises after one, the
+    event fails (500), what it wrote after is rolled back, and the log
+    claims no rollback of what the statement committed.
+    """
+    shop = make_shop()
+    shop.mode = "raw commit"
+    assert answer(shop.sender.post(body("evt_1"))) == (200, PROCESSED)
+    assert shop.rows() == ["evt_1", "evt_1 after the commit"]
+
+    def fail(event: Event) -> None:
+        shop.db.session.execute(sa.text("COMMIT"))
+        raise RuntimeError("broken after its COMMIT")
+
+    shop.mode = "ok"
+    shop.then = fail
+    with caplog.at_level(logging.ERROR, logger="flask_ploints"):
+        assert answer(shop.sender.post(body("evt_2"))) == (500, {"error": "handler failed"})
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert messages == [
+        "event 'evt_2' ('points.earned') failed: a handler raised"
+        " RuntimeError('broken after its COMMIT')"
+    ]
+    # The row the statement committed makes the retry a duplicate.
+    assert answer(shop.sender.post(body("evt_2"))) == (200, DUPLICATE)
+    assert shop.rows() == ["evt_1", "evt_1 after the commit", "evt_2"]
+
+
+def test_handler_that_swallows_a_database_error_fails_the_event(
+    make_shop: t.Callable[..., Shop], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that catches an ``IntegrityError`` leaves the transaction
+    unusable: a handler failure (500, a log that says so), not the store's;
+    nothing is committed, and the retry runs the event again.
+    """
+    shop = make_shop()
+    assert answer(shop.sender.post(body("evt_0"))) == (200, PROCESSED)
+    shop.mode = "swallow"
+    with caplog.at_level(logging.ERROR, logger="flask_ploints"):
+        assert answer(shop.sender.post(body("evt_1"))) == (500, {"error": "handler failed"})
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert "event 'evt_1' ('points.earned') failed: a handler raised HandlerError(" in message
+    assert "left the session's transaction unusable" in message
+    assert "dedupe store" not in message
+    assert shop.rows() == ["evt_0"]
+    assert shop.stored("evt_1") is None
+    shop.mode = "ok"
+    assert answer(shop.sender.post(body("evt_1"))) == (200, PROCESSED)
+    assert shop.runs == ["evt_0", "evt_1", "evt_1"]
+    assert shop.rows() == ["evt_0", "evt_1"]
 
 
 def test_same_id_at_once_commits_once(make_shop: t.Callable[..., Shop]) -> None:

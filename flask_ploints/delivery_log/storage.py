@@ -274,6 +274,10 @@ class DeliveryLog:
         .. versionchanged:: 0.2
             The ``account`` and ``accounts`` parameters.
         """
+        if any("\x00" in text for text in (event_type, event_id, account) if text is not None):
+            # No row holds one (events with control characters are refused),
+            # and PostgreSQL refuses it in text rather than match nothing.
+            return []
         self._prepare()
         c = self.table.c
         statement = sa.select(self.table).order_by(c.id.desc()).limit(max(limit, 0))

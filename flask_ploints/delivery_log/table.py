@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from ..stores.sql.tables import Key
 from ..stores.sql.tables import ManagedTable
 
 __all__ = [
@@ -103,8 +104,8 @@ def make_table(name: str, *, account: bool = True) -> sa.Table:
         # Float seconds since the epoch, as in SQLAlchemyStore: compared the
         # same way by every dialect.
         sa.Column("received_at", sa.Double(), nullable=False),
-        sa.Column("name", sa.String(128), nullable=False),
-        sa.Column("event_id", sa.String(255), nullable=True),
+        sa.Column("name", Key(128), nullable=False),
+        sa.Column("event_id", Key(255), nullable=True),
         sa.Column("event_type", sa.String(128), nullable=True),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("reason", sa.String(MAX_REASON), nullable=True),
@@ -115,7 +116,7 @@ def make_table(name: str, *, account: bool = True) -> sa.Table:
     sa.Index(f"ix_{name}_received_at", table.c.received_at)
     sa.Index(f"ix_{name}_event_id", table.c.event_id)
     if account:
-        table.append_column(sa.Column(ACCOUNT_COLUMN, sa.String(128), nullable=True))
+        table.append_column(sa.Column(ACCOUNT_COLUMN, Key(128), nullable=True))
         sa.Index(f"ix_{name}_account", table.c.account)
     return table
 

@@ -120,6 +120,7 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
             session,
             table_name=_option(config, "PLOINTS_SQL_TABLE"),
             lock_timeout=_option(config, "PLOINTS_SQL_TIMEOUT"),
+            statement_timeout=_option(config, "PLOINTS_SQL_TIMEOUT"),
         )
     if not isinstance(value, str):
         raise ValueError(

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
@@ -41,12 +39,12 @@ from .base import EventState
 from .base import StoredEvent
 from .base import StoreError
 from .sql.deadline import Guard
+from .sql.deadline import bound_connects
 from .sql.deadline import deadline
 from .sql.locks import bounded_lock_wait
+from .sql.locks import hold_row
 from .sql.locks import is_lock_wait
-from .sql.statements import Holder
 from .sql.statements import Statements
-from .sql.statements import holder
 from .sql.store import SQLAlchemyStore
 from .sql.tables import database_error
 from .sql.tables import driver_exception
@@ -56,7 +54,6 @@ if t.TYPE_CHECKING:
 
 __all__ = ["SessionStore", "current_session"]
 
-_CLAIM_ROUNDS = 5
 # The token of a turn held by the transaction's row lock.
 _LOCKED = "\x00locked"
 _UPSERTS: dict[str, t.Callable[[sa.Table], t.Any]] = {
@@ -71,6 +68,11 @@ class _Held:
 
     token: str
     session: Session
+    #: The connection's transaction the claim was written in.
+    root: sa.RootTransaction | None
+    #: The DBAPI connection of the transaction, for the bounds of the
+    #: store's statements on it.
+    dbapi: object
     guard: Guard
     #: The claim was the worker's durable claim, taken over in the
     #: transaction: settling it outside the transaction goes to its row.
@@ -134,8 +136,17 @@ class SessionStore:
         transaction may stay open before its connection is cut, which rolls
         it back and frees its locks; ``None`` for no bound. A worker's run of
         a queued event may stay open for its lease instead, when longer.
-        PostgreSQL only (a connection with a socket).
+        PostgreSQL and MariaDB/MySQL (a connection with a socket).
+    :param statement_timeout: the most seconds each of the store's own
+        statements may take (the claim may wait ``lock_timeout`` more for a
+        row lock) before its connection is cut and the call raises
+        :class:`.StoreError`; also the connect timeout of the session's
+        engine when the app gave none. ``None`` for no bound. See
+        :doc:`/sql-store`.
     :param clock: the time in seconds since the epoch.
+
+    .. versionchanged:: 0.2
+        The ``statement_timeout`` parameter.
     """
 
     def __init__(
@@ -145,6 +156,7 @@ class SessionStore:
         table_name: str = "ploints_events",
         lock_timeout: float = 2.0,
         transaction_timeout: float | None = 8.0,
+        statement_timeout: float | None = 2.0,
         clock: t.Callable[[], float] = time.time,
     ) -> None:
         self._owns_sessions = isinstance(session, sessionmaker)
@@ -154,6 +166,7 @@ class SessionStore:
         self.table_name = table_name
         self.lock_timeout = lock_timeout
         self.transaction_timeout = transaction_timeout
+        self.statement_timeout = statement_timeout
         self._clock = clock
         self._outside: SQLAlchemyStore | None = None
         self._statements: Statements | None = None
@@ -167,7 +180,14 @@ class SessionStore:
             engine = self.session.get_bind()
             if not isinstance(engine, sa.Engine):
                 engine = engine.engine
-            store = SQLAlchemyStore(engine, table_name=self.table_name, clock=self._clock)
+            store = SQLAlchemyStore(
+                engine,
+                table_name=self.table_name,
+                clock=self._clock,
+                statement_timeout=self.statement_timeout,
+            )
+            if self.statement_timeout is not None:
+                bound_connects(engine, self.statement_timeout)
             name = engine.dialect.name
             self._statements = Statements(store.table, _UPSERTS.get(name), name, held=True)
             self._outside = store
@@ -203,7 +223,15 @@ class SessionStore:
         }
         try:
             connection = session.connection()
-            found = self._hold(connection, params, lease, retention, adopt=token is not None)
+            dbapi = connection.connection.dbapi_connection
+            # The lock wait is bounded by the database; this, the rest.
+            statements = self.statement_timeout
+            bound = deadline(dbapi, None if statements is None else self.lock_timeout + statements)
+            try:
+                times = (lease, retention, self._clock, self.lock_timeout)
+                found = hold_row(connection, self._statements, params, *times, token is not None)
+            finally:
+                bound.release()
         except SQLAlchemyError as exc:
             self._abandon(session)
             if is_lock_wait(exc):
@@ -220,79 +248,27 @@ class SessionStore:
                 # moved off the request. Its transaction may last as long
                 # as the claim it holds.
                 limit = max(limit, lease)
-            guard = deadline(connection.connection.dbapi_connection, limit)
+            guard = deadline(dbapi, limit)
             # A claim of its own when the worker's had lapsed: not durable.
             adopted = token is not None and found.token == token
-            _held.set(_Held(found.token, session, guard, adopted, payload=params["body"]))
+            root = connection.get_transaction()
+            _held.set(
+                _Held(found.token, session, root, dbapi, guard, adopted, payload=params["body"])
+            )
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
         if found.status is EventState.DONE and found.expires > now:
             return Claim(ClaimStatus.DONE)
         return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(found.lease_expires - now, 0.0))
 
-    def _hold(
-        self,
-        connection: Connection,
-        params: dict[str, t.Any],
-        lease: float,
-        retention: float,
-        *,
-        adopt: bool,
-    ) -> Holder | None:
-        sql: t.Any = self._statements
-        assert sql is not None
-        dialect = connection.dialect.name
-        with bounded_lock_wait(connection, self.lock_timeout):
-            for _ in range(_CLAIM_ROUNDS):
-                now = params["now"] = self._clock()
-                params["lease_end"] = now + lease
-                params["keep_until"] = now + retention
-                if adopt:
-                    # The worker's own claim, marked done in the transaction.
-                    taken = connection.execute(sql.commit, params)
-                    if taken.rowcount == 1:
-                        return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-                    params["claim_token"] = secrets.token_hex(8)
-                    adopt = False
-                if (
-                    sql.insert_held is not None
-                    and connection.execute(sql.insert_held, params).first()
-                ):
-                    return Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-                if sql.claim is not None:
-                    found = holder(connection.execute(sql.claim, params).first())
-                elif dialect == "sqlite":
-                    assert sql.upsert is not None
-                    found = holder(connection.execute(sql.upsert, params).first())
-                    if found is None:
-                        found = holder(connection.execute(sql.holder, params).first())
-                else:
-                    found = self._insert_or_take_over(connection, sql, params)
-                if found is not None:
-                    return found
-        return None
-
-    @staticmethod
-    def _insert_or_take_over(
-        connection: Connection, sql: t.Any, params: dict[str, t.Any]
-    ) -> Holder | None:
-        ours = Holder(params["claim_token"], EventState.DONE, 0.0, 0.0)
-        try:
-            # Not for the transaction: so that racing claims of one id never deadlock.
-            with connection.begin_nested():
-                connection.execute(sql.insert, params)
-            return ours
-        except IntegrityError:
-            pass
-        if connection.execute(sql.take_over, params).rowcount == 1:
-            return ours
-        return holder(connection.execute(sql.holder_locked, params).first())
-
     @contextlib.contextmanager
     def handler_scope(self, event: Event) -> t.Iterator[None]:
         """Run the handlers in the held claim's transaction. A handler that
         raised rolls it back; one that committed or rolled back the session
-        itself fails the event, since its writes went without the rest.
+        or its connection itself fails the event, since its writes went
+        without the rest, and so does one that left the transaction unusable
+        (it caught a database error): a handler's failure, not the store's.
+        A ``COMMIT`` statement goes unseen: the store commits the rest.
         """
         held = _held.get()
         if held is None:
@@ -309,17 +285,34 @@ class SessionStore:
             raise
         finally:
             _handling.reset(handling)
-        if held.session.get_transaction() is not transaction:
-            self._abandon(held.session)
-            raise HandlerError(
-                f"a handler of event {event.id!r} committed or rolled back the session; with"
-                " PLOINTS_DEDUPE_STORE = db, handlers write and flask-ploints commits"
+        root = held.root
+        current = held.session.get_transaction()
+        if current is transaction and transaction is not None and not transaction.is_active:
+            problem = (
+                "left the session's transaction unusable: it caught a database error (roll"
+                " back to a savepoint, session.begin_nested(), to go on after one)"
             )
+        elif current is not transaction or (
+            root is not None
+            and (not root.is_active or root.connection.get_transaction() is not root)
+        ):
+            problem = "committed or rolled back the session (or its connection)"
+        else:
+            return
+        self._roll_back(held)
+        raise HandlerError(
+            f"a handler of event {event.id!r} {problem}; with PLOINTS_DEDUPE_STORE = db,"
+            " handlers write and flask-ploints commits"
+        )
 
     def _abandon(self, session: Session) -> None:
         # A failing rollback: the connection is gone, its transaction with it.
         with contextlib.suppress(SQLAlchemyError):
             session.rollback()
+
+    def _roll_back(self, held: _Held) -> None:
+        with deadline(held.dbapi, self.statement_timeout):
+            self._abandon(held.session)
 
     def _take(self, token: str) -> _Held | None:
         held = _held.get()
@@ -351,12 +344,14 @@ class SessionStore:
         held = self._take(token)
         if held is None:
             return self._store().commit(event_id, token, retention)
+        bound = deadline(held.dbapi, self.statement_timeout)
         try:
             held.session.commit()
         except SQLAlchemyError as exc:
             self._abandon(held.session)
             raise database_error(exc, StoreError) from driver_exception(exc)
         finally:
+            bound.release()
             self._close(held)
         return True
 
@@ -367,7 +362,7 @@ class SessionStore:
         held = self._take(token)
         if held is None:
             return self._store().release(event_id, token)
-        self._abandon(held.session)
+        self._roll_back(held)
         self._close(held)
         return self._store().release(event_id, token) if held.adopted else True
 
@@ -381,7 +376,7 @@ class SessionStore:
         """
         held = self._take(token)
         if held is not None:
-            self._abandon(held.session)
+            self._roll_back(held)
             self._close(held)
             if not held.adopted:
                 claim = self._store().claim(event_id, 60.0, held.payload)

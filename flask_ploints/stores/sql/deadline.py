@@ -6,8 +6,10 @@ One daemon thread per process keeps the deadlines of the statements in
 progress. When one passes, it shuts the connection's socket down, which the
 driver sees as a lost connection: the call fails at once, and the pool
 replaces the connection. It works for any driver whose connection has a
-``fileno()`` (psycopg 3 and 2); others go unguarded (SQLite has no socket and
-its own busy timeout; MySQL drivers take ``read_timeout``).
+``fileno()`` (psycopg 3 and 2), and for PyMySQL, whose socket is found in
+:func:`_fileno` (the one use of its internals; pinned by
+``test_pymysql_connections_are_guarded``). Others go unguarded (SQLite has no
+socket and its own busy timeout).
 
 .. versionadded:: 0.2
 """
@@ -22,7 +24,10 @@ import threading
 import time
 import typing as t
 
-__all__ = ["Guard", "deadline"]
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = ["Guard", "bound_connects", "deadline", "pymysql_connect"]
 
 
 class Guard:
@@ -124,6 +129,10 @@ def deadline(connection: object, seconds: float | None) -> Guard:
 def _fileno(connection: object) -> int | None:
     fileno = getattr(connection, "fileno", None)
     if fileno is None:
+        # PyMySQL has no fileno(), and no public way to its socket: its
+        # read_timeout bounds a statement only on an engine the store made.
+        fileno = getattr(getattr(connection, "_sock", None), "fileno", None)
+    if fileno is None:
         return None
     try:
         number = fileno()
@@ -144,3 +153,45 @@ def _cut(fileno: int) -> None:
         return
     with sock, contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def pymysql_connect(
+    dbapi: t.Any, cargs: t.Sequence[t.Any], cparams: dict[str, t.Any], seconds: float
+) -> t.Any:
+    """A PyMySQL connection whose handshake waits at most ``seconds`` per
+    read and write (its ``connect_timeout`` bounds only the TCP connect),
+    and whose later statements wait as the app's options say: the
+    deadline cannot guard a socket before it exists.
+    """
+    options = {"read_timeout": seconds, "write_timeout": seconds, **cparams}
+    connection = dbapi.connect(*cargs, **options)
+    # PyMySQL applies these before each read and write; no public setter.
+    connection._read_timeout = cparams.get("read_timeout")
+    connection._write_timeout = cparams.get("write_timeout")
+    return connection
+
+
+def bound_connects(engine: Engine, seconds: float) -> None:
+    """Give ``engine``'s new connections a connect timeout when the app's
+    engine options gave none (and PyMySQL's handshake a bound, see
+    :func:`pymysql_connect`): a claim or a commit may have to connect, and
+    a deadline has no socket to cut before.
+    """
+    name = engine.dialect.name
+    if name == "postgresql":
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        value = max(2, math.ceil(seconds))
+    elif name in ("mysql", "mariadb"):
+        value = max(1, math.ceil(seconds))
+    else:
+        return
+    pymysql = engine.dialect.driver == "pymysql"
+
+    @event.listens_for(engine, "do_connect")
+    def connect(
+        dialect: t.Any, record: t.Any, cargs: list[t.Any], cparams: dict[str, t.Any]
+    ) -> t.Any:
+        cparams.setdefault("connect_timeout", value)
+        if pymysql:
+            return pymysql_connect(dialect.loaded_dbapi, cargs, cparams, seconds)
+        return None

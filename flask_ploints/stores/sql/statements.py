@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from ..base import EventState
 from ..base import StoredEvent
+from .tables import Key
 
 __all__ = ["Holder", "Statements", "holder", "make_table", "stored"]
 
@@ -50,7 +51,8 @@ def make_table(name: str, dialect: str) -> sa.Table:
     table = sa.Table(
         name,
         sa.MetaData(),
-        sa.Column("id", sa.String(255), primary_key=True),
+        # Compared byte for byte: see Key.
+        sa.Column("id", Key(255), primary_key=True),
         # One of EventState's values.
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("token", sa.String(64), nullable=False),
