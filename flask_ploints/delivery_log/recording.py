@@ -62,7 +62,9 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
     def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
         # The account in the URL, unverified as the reason is; the
         # signal, sent from the request, does not carry it.
-        account = (request.view_args or {}).get("account") if has_request_context() else None
+        value = (request.view_args or {}).get("account") if has_request_context() else None
+        # Its string form: a converter (<uuid:account>) makes it no string.
+        account = None if value is None else str(value)
         record("rejected", name=name, reason=reason, account=account)
 
     signals.event_processed.connect(processed, sender=app, weak=False)
