@@ -258,17 +258,24 @@ class Accounts:
     def for_task(self, app: Flask, endpoint: str, account: str, path: str | None) -> Found | None:
         """Return the account of a task of ``account`` published from a
         delivery to the URL ``path``: the lookup is called with the value
-        the URL map converts ``path`` to for ``endpoint`` (with ``account``
-        itself when there is no path, a replay, or it routes elsewhere), and
-        must name ``account`` again, else the task's account is unknown.
+        :func:`url_value` finds in ``path`` (``account`` itself when there
+        is no path, a replay), and must name ``account`` again, else the
+        task's account is unknown.
 
         :raises SecretLookupError: as :meth:`find`.
         """
-        value: object = account
-        if path is not None:
-            with contextlib.suppress(Exception):
-                matched, arguments = app.url_map.bind("localhost").match(path, method="POST")
-                if matched == endpoint and "account" in arguments:
-                    value = arguments["account"]
+        value = account if path is None else url_value(app, endpoint, path, account)
         found = self.find(value)
         return found if found is not None and found[0] == account else None
+
+
+def url_value(app: Flask, endpoint: str, path: str, default: object) -> object:
+    """Return the ``<account>`` value that ``app``'s URL map converts the
+    decoded URL ``path`` to for ``endpoint``, as a delivery to it gets, or
+    ``default`` when the path routes elsewhere.
+    """
+    try:
+        matched, arguments = app.url_map.bind("localhost").match(path, method="POST")
+    except Exception:
+        return default
+    return arguments.get("account", default) if matched == endpoint else default

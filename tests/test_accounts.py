@@ -847,6 +847,30 @@ def test_every_converter(rule: str, path: str, value: object, name: str) -> None
     assert shop.seen == [(name, "evt_1")]
 
 
+@pytest.mark.parametrize(
+    ("rule", "name", "value"),
+    [
+        ("<int:account>", "42", 42),
+        ("<uuid:account>", str(_UUID), _UUID),
+        ("<float:account>", "1.5", 1.5),
+        ("<path:account>", "eu/acme", "eu/acme"),
+        ("<any(acme, globex):account>", "globex", "globex"),
+    ],
+)
+def test_the_test_client_signs_for_a_converted_account(rule: str, name: str, value: object) -> None:
+    # The lookup gets the converted value when the test client (or the
+    # CLI) signs, as it does when the endpoint verifies.
+    calls: list[object] = []
+
+    def lookup(account: object) -> str | None:
+        calls.append(account)
+        return "whsec_m" if account == value else None
+
+    shop = Shop(lookup, f"/webhooks/ploints/{rule}")
+    _processed(PlointsClient(shop.app).send("points.earned", id="evt_1", account=name))
+    assert (calls, shop.seen) == ([value, value], [(name, "evt_1")])
+
+
 def test_a_converted_value_named_by_its_account() -> None:
     merchants = {_UUID: Account("acme", "whsec_acme")}
     shop = Shop(merchants.get, "/webhooks/ploints/<uuid:account>")
