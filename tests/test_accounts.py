@@ -33,10 +33,31 @@ What the tests show:
 * ``test_failed_and_replay_of_an_account`` (a failed re-run, listed with its
   account, replayed with ``--account``) and
   ``test_send_and_simulate_for_an_account`` (``send``, ``simulate``, ``sign``).
+* One account under many spellings: ``test_each_spelling_of_one_account_runs_once``
+  (Hypothesis: case, accents, NFC/NFD, trailing spaces, percent-encoding,
+  against a lookup that collates as MariaDB does and returns an
+  ``Account``: a captured body runs once, one key in the store),
+  ``test_bare_secrets_name_the_account_as_the_url_spells_it`` (the
+  documented risk), ``test_an_account_names_the_event_logs_and_signals``,
+  ``test_a_bad_account_is_503``,
+  ``test_the_delivery_log_keeps_the_canonical_name``.
+* Converters: ``test_every_converter`` (string, int, uuid, path, float, any
+  and a custom one: the lookup gets the converted value, the account is
+  its string form), ``test_the_test_client_signs_for_a_converted_account``,
+  ``test_a_converted_value_named_by_its_account``.
+* The lookup's load: ``test_a_flood_of_unknown_names`` (the docs' cached
+  lookup in front of a slow table, a threaded server, 400 made-up names
+  from 16 threads: never more lookups at once than the bound, each name
+  asked once, the real account never evicted, none of its deliveries lost)
+  and ``test_slow_lookups_are_bounded`` (hanging lookups fill the slots; the
+  next deliveries are a ``503`` at once, without a call).
 * ``test_two_accounts_on_a_celery_worker`` and
   ``test_a_failed_event_of_an_account_replayed_on_celery``: the same on a
   real worker (RabbitMQ), which verifies each task's proof with the
-  account's own secrets and refuses one signed with another account's.
+  account's own secrets and refuses one signed with another account's;
+  ``test_an_account_under_its_spellings_on_a_celery_worker``: an
+  ``Account`` whose canonical name the lookup does not answer for runs on
+  the worker, which looks it up by the delivery's URL, on a retry too.
 """
 
 from __future__ import annotations
