@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import queue
 import re
-import threading
 import typing as t
 from dataclasses import dataclass
 
@@ -158,9 +158,11 @@ class Accounts:
     def __init__(self, lookup: SecretLookup, in_flight: int | None = None) -> None:
         self.lookup = lookup
         self._checked: dict[str, tuple[tuple[str, ...], tuple[bytes, ...]]] = {}
-        self._slots = threading.BoundedSemaphore(
-            LOOKUPS_IN_FLIGHT if in_flight is None else in_flight
-        )
+        # One token per slot: a SimpleQueue takes and gives back in C, where
+        # a Semaphore runs a Condition in Python.
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(LOOKUPS_IN_FLIGHT if in_flight is None else in_flight):
+            self._slots.put(None)
 
     def find(self, value: object) -> Found | None:
         """Return the account the URL's ``value`` names: its name, secrets
@@ -173,11 +175,15 @@ class Accounts:
             that is not an :class:`Account`, a secret, a list of them or
             ``None``, or an :class:`Account` with a bad name.
         """
-        name = account_name(value)
-        if not _is_name(name):
+        name = value if type(value) is str else str(value)
+        if not 0 < len(name) <= MAX_ACCOUNT_LENGTH or not name.isprintable():
             return None
-        if not self._slots.acquire(blocking=False):
-            raise LookupBusy(f"every secret lookup slot is taken; refused account {name!r}")
+        try:
+            self._slots.get_nowait()
+        except queue.Empty:
+            raise LookupBusy(
+                f"every secret lookup slot is taken; refused account {name!r}"
+            ) from None
         try:
             found = self.lookup(value)
         except Exception as exc:
@@ -185,7 +191,7 @@ class Accounts:
                 f"the secret lookup raised {type(exc).__name__} for account {name!r}"
             ) from exc
         finally:
-            self._slots.release()
+            self._slots.put(None)
         if found is None:
             return None
         if isinstance(found, Account):
