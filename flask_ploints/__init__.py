@@ -7,6 +7,7 @@ from __future__ import annotations
 import typing as _t
 from importlib.metadata import version as _version
 
+from .accounts import Account
 from .effects import after_commit
 from .errors import ConfigError
 from .errors import DeliveryLogError
@@ -28,6 +29,7 @@ if _t.TYPE_CHECKING:
 
 __all__ = [
     "EVENT_TYPES",
+    "Account",
     "ConfigError",
     "DeliveryLogError",
     "DispatchError",

@@ -11,10 +11,12 @@ without any of them importing the extension.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from flask import Flask
 from flask import current_app
 
+from .accounts import url_value
 from .config import Settings
 from .dispatch import Dispatcher
 from .dispatch import Handlers
@@ -121,7 +123,13 @@ def delivery_target(app: Flask, receiver: Receiver, account: str | None) -> tupl
     :raises flask_ploints.errors.SecretLookupError: the lookup failed.
     """
     url = delivery_url(app, receiver, account)
-    secrets = receiver.settings.secrets_of(account)
+    accounts = receiver.settings.accounts
+    if accounts is None:
+        secrets = receiver.settings.secrets_of(account)
+    else:
+        # The lookup gets what the endpoint will: the URL's converted value.
+        value = url_value(app, f"{receiver.name}.receive", unquote(url), account)
+        secrets = accounts.secrets(value)
     if not secrets:
         raise ValueError(f"the secret lookup does not know account {account!r}")
     return url, secrets[0]

@@ -10,10 +10,10 @@ Every request a client can send ends in one of these answers, always JSON:
 202   handed to a worker (async dispatch)
 400   signed, but not a valid event; or a body shorter than its
       ``Content-Length``
-401   signature missing, malformed or wrong
+401   signature missing, malformed or wrong; or, on an endpoint for many
+      accounts, an account the lookup does not know (the same answer, so
+      that it does not tell which accounts exist; the body is not read)
 403   HTTPS required and the request was plain HTTP
-404   an endpoint for many accounts, and an account the lookup does not
-      know (the body is not read)
 405   not a POST
 411   a chunked body the server did not pass on (uWSGI's ``--http-socket``)
 409   the same event is being processed right now (``Retry-After``)
@@ -21,7 +21,8 @@ Every request a client can send ends in one of these answers, always JSON:
 415   Content-Type not JSON
 500   a handler raised; the claim is released so the retry runs again
 503   the dedupe store or the broker is down, or the secret lookup of an
-      endpoint for many accounts failed (``Retry-After``)
+      endpoint for many accounts failed, or has every slot taken by slow
+      calls (``Retry-After``)
 ====  =============================================================
 """
 
@@ -43,6 +44,8 @@ from flask import request
 from werkzeug.wsgi import get_content_length
 
 from . import signals
+from .accounts import LookupBusy
+from .accounts import account_name
 from .body import read_body
 from .config import Settings
 from .errors import DispatchError
@@ -138,9 +141,9 @@ class WebhookEndpoint:
         self._oldest = datetime.min.replace(tzinfo=UTC)
         self._oldest_until = 0.0
 
-    def receive(self, account: str | None = None) -> Response:
+    def receive(self, account: object = None) -> Response:
         """Answer one delivery; ``account`` from the URL of an endpoint for
-        many accounts.
+        many accounts, as its converter made it.
         """
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         # The request object itself, not the proxy: every attribute read
@@ -154,41 +157,51 @@ class WebhookEndpoint:
             return rejected
         keys = self._keys
         secrets: tuple[str, ...] = ()
+        name: str | None = None
         if self._accounts is not None:
             try:
-                found = self._accounts.keys(account or "")
+                found = self._accounts.find(account)
+            except LookupBusy:
+                name = account_name(account)
+                logger.warning(
+                    "rejected a delivery: every secret lookup slot is taken",
+                    extra=delivery_fields(Outcome.UNAVAILABLE, account=name),
+                )
+                return _error(503, "secret lookup busy", {"Retry-After": _RETRY_AFTER})
             except SecretLookupError:
                 logger.exception(
                     "rejected a delivery: the secret lookup failed",
-                    extra=delivery_fields(Outcome.UNAVAILABLE, account=account),
+                    extra=delivery_fields(Outcome.UNAVAILABLE, account=account_name(account)),
                 )
                 return _error(503, "secret lookup unavailable", {"Retry-After": _RETRY_AFTER})
             if found is None:
+                name = account_name(account)
                 logger.warning(
-                    "rejected a delivery: unknown account %r", account, extra=_rejected(account)
+                    "rejected a delivery: unknown account %r", name, extra=_rejected(name)
                 )
-                return _error(404, "unknown account")
-            secrets, keys = found
+                # What a wrong signature answers: no list of accounts by trial.
+                return _error(401, "invalid signature")
+            name, secrets, keys = found
         raw = read_body(req, length, self.settings.max_bytes)
         if raw is None:
             return self._too_large()
         if length is not None and len(raw) < length:
             logger.warning(
                 "rejected a delivery: body shorter than its Content-Length",
-                extra=_rejected(account),
+                extra=_rejected(name),
             )
             return _error(400, "body shorter than Content-Length")
 
         if not verify(raw, self._signature_header(req), keys):
-            logger.warning("rejected a delivery: invalid signature", extra=_rejected(account))
+            logger.warning("rejected a delivery: invalid signature", extra=_rejected(name))
             notify(signals.signature_rejected, app, self.name, reason="invalid signature")
             return _error(401, "invalid signature")
 
         try:
-            event = parse_event(raw, account)
+            event = parse_event(raw, name)
             self._check_age(event)
         except InvalidEvent as exc:
-            logger.warning("rejected a signed delivery: %s", exc, extra=_rejected(account))
+            logger.warning("rejected a signed delivery: %s", exc, extra=_rejected(name))
             notify(signals.payload_rejected, app, self.name, reason=str(exc))
             return _error(400, str(exc))
         notify(signals.event_received, app, self.name, event=event)
@@ -196,7 +209,7 @@ class WebhookEndpoint:
         if self._remembered is None:
             result = self.processor.deliver(app, event)
         else:
-            with self._remembered.verified(event.account or "", secrets):
+            with self._remembered.verified(event.account or "", secrets, req.path):
                 result = self.processor.deliver(app, event)
         # The common answer without a table lookup; the others from _ANSWERS.
         if result.outcome is _PROCESSED_OUTCOME:

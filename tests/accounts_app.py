@@ -4,7 +4,10 @@ runs under a real Celery worker, and builds in the test process too.
 A worker loads it with ``celery -A tests.accounts_app:celery worker``, from
 the same ``PLOINTS_CELERY_TEST_*`` variables as :mod:`tests.celery_app`.
 The accounts' secrets live in Redis (a hash of JSON values, a secret or a
-list of them), so that a test changes them for both processes at once; each
+list of them), so that a test changes them for both processes at once. An
+account set with :meth:`Ledger.set_account` is found under each of its
+spellings only, never its canonical name, and named by an
+:class:`~flask_ploints.Account`; the others by bare secrets. Each
 call of the lookup is counted there by process role (``web`` or
 ``worker``) and account. The handler records, by ``account/id``, each run
 and the account it saw, and fails while the event's data holds
@@ -20,6 +23,7 @@ import typing as t
 import redis
 from flask import Flask
 
+from flask_ploints import Account
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
@@ -44,6 +48,18 @@ class Ledger:
 
     def set_secrets(self, account: str, secrets: str | list[str]) -> None:
         self.client.hset(self.key("secrets"), account, json.dumps(secrets))
+
+    def set_account(self, name: str, secrets: str | list[str], spellings: list[str]) -> None:
+        self.client.hset(self.key("accounts"), name, json.dumps(secrets))
+        for spelling in spellings:
+            self.client.hset(self.key("spellings"), spelling, name)
+
+    def account(self, spelling: str) -> Account | None:
+        name = self.client.hget(self.key("spellings"), spelling)
+        if name is None:
+            return None
+        secrets = json.loads(self.client.hget(self.key("accounts"), name) or "null")
+        return Account(name.decode(), secrets)
 
     def secrets(self, account: str) -> str | list[str] | None:
         found = self.client.hget(self.key("secrets"), account)
@@ -80,9 +96,9 @@ def create_app(
     """
     ledger = Ledger(redis_url, namespace)
 
-    def lookup(account: str) -> str | list[str] | None:
+    def lookup(account: str) -> Account | str | list[str] | None:
         ledger.add("lookups", f"{role}:{account}")
-        return ledger.secrets(account)
+        return ledger.account(account) or ledger.secrets(account)
 
     app = Flask("ploints_accounts_test")
     app.testing = True

@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from flask_ploints import Account
 from flask_ploints import PlointsWarning
 from flask_ploints import signals
 from flask_ploints.signature import sign
@@ -201,7 +202,10 @@ def test_merchants(examples: t.Callable[[str], types.ModuleType]) -> None:
     assert merchants.SECRETS["acme"] == ["whsec_acme_2"]
     assert _signed_post(client, "acme", "whsec_acme_1", "evt_6") == 401
     assert _signed_post(client, "acme", "whsec_acme_2", "evt_7") == 200
-    assert _signed_post(client, "initech", "whsec_acme_2", "evt_8") == 404
+    assert _signed_post(client, "initech", "whsec_acme_2", "evt_8") == 401
+    # Another spelling of acme is acme: the event it already ran is a duplicate.
+    again = client.send("points.earned", id="evt_7", account="ACME")
+    assert again.get_json() == {"received": True, "duplicate": True}
 
 
 def test_cached_lookup(
@@ -211,26 +215,43 @@ def test_cached_lookup(
     calls: list[str] = []
     table = {"acme": ["whsec_acme_1"]}
 
-    def lookup(account: str) -> list[str] | None:
+    def lookup(account: str) -> Account | None:
         calls.append(account)
-        return table.get(account)
+        slug = account.casefold()
+        return Account(slug, table[slug]) if slug in table else None
 
     now = [1000.0]
     monkeypatch.setattr(cached_lookup.time, "monotonic", lambda: now[0])
     cached = cached_lookup.cached_for(60)(lookup)
-    assert [cached("acme"), cached("acme"), cached("globex")] == [
-        ["whsec_acme_1"],
-        ["whsec_acme_1"],
+    acme = Account("acme", ["whsec_acme_1"])
+    assert [cached("acme"), cached("acme"), cached("globex"), cached("globex")] == [
+        acme,
+        acme,
+        None,
         None,
     ]
     assert calls == ["acme", "globex"]
-    now[0] += 60
+    # An unknown name is kept 5 seconds, an account under its name 60.
+    now[0] += 5
+    assert (cached("globex"), cached("acme")) == (None, acme)
+    assert calls == ["acme", "globex", "globex"]
+    now[0] += 55
     table["acme"] = ["whsec_acme_2", "whsec_acme_1"]
-    assert cached("acme") == ["whsec_acme_2", "whsec_acme_1"]
-    assert calls == ["acme", "globex", "acme"]
+    assert cached("acme") == Account("acme", ["whsec_acme_2", "whsec_acme_1"])
+    assert calls == ["acme", "globex", "globex", "acme"]
     cached.cache_clear()
     cached("acme")
-    assert calls == ["acme", "globex", "acme", "acme"]
+    assert calls == ["acme", "globex", "globex", "acme", "acme"]
+    # A flood of made-up names, and of other spellings of acme, does not
+    # push acme out: they have a small cache of their own.
+    del calls[:]
+    for number in range(20_001):
+        assert cached(f"forged{number}") is None
+    for spelling in ("ACME", "Acme", "aCME"):
+        assert cached(spelling) == Account("acme", ["whsec_acme_2", "whsec_acme_1"])
+    assert cached("acme") == Account("acme", ["whsec_acme_2", "whsec_acme_1"])
+    assert len(calls) == 20_004
+    assert "acme" not in calls
 
     loads: list[int] = []
 
@@ -239,11 +260,15 @@ def test_cached_lookup(
         return dict(table)
 
     in_memory = cached_lookup.SecretsInMemory(load)
-    assert (in_memory("acme"), in_memory("globex"), len(loads)) == (table["acme"], None, 1)
+    assert (in_memory("acme"), in_memory("globex"), len(loads)) == (
+        Account("acme", table["acme"]),
+        None,
+        1,
+    )
     table["globex"] = ["whsec_globex_1"]
     assert in_memory("globex") is None
     in_memory.refresh()
-    assert (in_memory("globex"), len(loads)) == (["whsec_globex_1"], 2)
+    assert (in_memory("globex"), len(loads)) == (Account("globex", ["whsec_globex_1"]), 2)
 
 
 def test_merchants_testing_example_runs(
@@ -254,7 +279,7 @@ def test_merchants_testing_example_runs(
     for name in ("merchants.py", "test_merchants.py"):
         shutil.copy(EXAMPLES / name, pytester.path / name)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 @pytest.fixture

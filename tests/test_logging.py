@@ -173,7 +173,7 @@ def test_store_down_and_accounts(caplog: pytest.LogCaptureFixture) -> None:
     assert PlointsClient(down).send("points.earned", id="evt_down").status_code == 503
     assert post("acct_1", "whsec_acct_1") == 200
     assert post("acct_1", "whsec_wrong") == 401
-    assert post("acct_2", "whsec_acct_1") == 404
+    assert post("acct_2", "whsec_acct_1") == 401
     down_record, processed, wrong, unknown = caplog.records
     assert (down_record.getMessage(), _fields(down_record)) == (
         "event 'evt_down' ('points.earned') not claimed: the dedupe store failed",

@@ -2,6 +2,7 @@
 
 from flask import Flask
 
+from flask_ploints import Account
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 
@@ -12,14 +13,21 @@ SECRETS: dict[str, list[str]] = {
 }
 
 
-def merchant_secrets(account: str) -> list[str] | None:
-    """The secrets of ``account``, or None for an account we do not serve."""
-    return SECRETS.get(account)
+def merchant_account(account: str) -> Account | None:
+    """The merchant the URL names, or None for one we do not serve.
+
+    Like a case-insensitive database lookup, ``/ACME`` finds acme too: the
+    Account names it by its one slug, so that each event runs once however
+    the URL spells it.
+    """
+    slug = account.strip().casefold()
+    secrets = SECRETS.get(slug)
+    return None if secrets is None else Account(slug, secrets)
 
 
 app = Flask(__name__)
 app.config["PLOINTS_WEBHOOK_URL"] = "/webhooks/ploints/<account>"
-app.config["PLOINTS_WEBHOOK_SECRET"] = merchant_secrets
+app.config["PLOINTS_WEBHOOK_SECRET"] = merchant_account
 webhooks = PlointsWebhooks(app)
 balances: dict[tuple[str | None, str], int] = {}
 

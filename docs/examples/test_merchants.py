@@ -24,6 +24,17 @@ def test_each_merchant_has_its_own_balances(ploints_client: PlointsClient) -> No
     assert balances[("globex", "jane@example.com")] == 7
 
 
-def test_an_unknown_merchant_is_404(ploints_client: PlointsClient) -> None:
+def test_an_unknown_merchant_is_refused(ploints_client: PlointsClient) -> None:
+    # As a wrong signature is: the answer does not tell which merchants exist.
     response = ploints_client.post({"id": "evt_2"}, signature="0" * 64, account="initech")
-    assert response.status_code == 404
+    assert (response.status_code, response.get_json()) == (401, {"error": "invalid signature"})
+
+
+def test_one_merchant_under_two_spellings_runs_once(ploints_client: PlointsClient) -> None:
+    data = {"customerEmail": "joe@example.com", "amount": 5, "newBalance": 5}
+    first = ploints_client.send("points.earned", data, id="evt_3", account="acme")
+    again = ploints_client.send("points.earned", data, id="evt_3", account="ACME")
+    assert (first.get_json(), again.get_json()) == (
+        {"received": True},
+        {"received": True, "duplicate": True},
+    )

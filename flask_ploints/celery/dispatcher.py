@@ -127,14 +127,21 @@ class CeleryDispatcher:
         self._publisher.close()
 
     def republish(
-        self, name: str, raw: bytes, token: str, account: str | None = None, **options: t.Any
+        self,
+        name: str,
+        raw: bytes,
+        token: str,
+        account: str | None = None,
+        path: str | None = None,
+        **options: t.Any,
     ) -> None:
         """Publish an event's task again, for a worker's retry, on a new
-        connection that cannot have gone stale.
+        connection that cannot have gone stale. ``path`` is the URL path of
+        the event's delivery, on an endpoint for many accounts.
 
         :raises Exception: whatever the broker client raised.
         """
-        self._publish(name, raw, token, account, pooled=False, **options)
+        self._publish(name, raw, token, account, pooled=False, path=path, **options)
 
     def _publish(
         self,
@@ -144,6 +151,7 @@ class CeleryDispatcher:
         account: str | None,
         *,
         pooled: bool,
+        path: str | None = None,
         **options: t.Any,
     ) -> None:
         if self.settings.queue is not None:
@@ -156,8 +164,11 @@ class CeleryDispatcher:
         if account is None or self._accounts is None:
             args = (name, raw.decode("utf-8"), token, sign(raw, self._secret))
         else:
-            secret = self._accounts.current_secret(account)
+            secret, remembered = self._accounts.current(account)
+            path = path or remembered
             args = (name, raw.decode("utf-8"), token, sign(raw, secret), account)
+            if path is not None:
+                args += (path,)
         self._publisher.publish(self.task, args, pooled=pooled, **options)
 
 

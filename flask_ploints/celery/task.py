@@ -48,7 +48,8 @@ logger = logging.getLogger("flask_ploints")
 #: instance's name, the event's raw body as a string, the claim's token, the
 #: proof that the endpoint verified the body (its HMAC-SHA256 under the
 #: instance's current secret, as the sender signs it, or its account's), and
-#: on an endpoint for many accounts, the account.
+#: on an endpoint for many accounts, the account's name and the URL path of
+#: the delivery (the worker calls the lookup with the value it converts to).
 TASK_NAME = "flask_ploints.process_event"
 
 
@@ -62,7 +63,13 @@ class Republisher(t.Protocol):
     tracing: Tracing | None
 
     def republish(
-        self, name: str, raw: bytes, token: str, account: str | None = None, **options: t.Any
+        self,
+        name: str,
+        raw: bytes,
+        token: str,
+        account: str | None = None,
+        path: str | None = None,
+        **options: t.Any,
     ) -> None:
         """Publish the event's task again, on a new connection."""
 
@@ -140,10 +147,11 @@ def _process_event(
     token: str,
     proof: str | None = None,
     account: str | None = None,
+    path: str | None = None,
 ) -> None:
     app = _flask_app(task.app, name)
     with app.app_context(), kept_from_others(task):
-        attempt = _Attempt(task, app, receiver_for(app, name), body, token, account)
+        attempt = _Attempt(task, app, receiver_for(app, name), body, token, account, path)
         tracing = attempt.dispatcher.tracing
         if tracing is None:
             attempt.run(proof)
@@ -165,6 +173,7 @@ class _Attempt:
         body: str,
         token: str,
         account: str | None,
+        path: str | None = None,
     ) -> None:
         self.task = task
         self.app = app
@@ -174,6 +183,7 @@ class _Attempt:
         self.settings = self.dispatcher.settings
         self.instance_settings = receiver.settings
         self.account = account
+        self.path = path
         self.body = body
         self.token = token
         self.retries = int(task.request.retries or 0)
@@ -192,7 +202,7 @@ class _Attempt:
             )
             return
         try:
-            secrets = self.instance_settings.secrets_of(self.account) or ()
+            secrets = self._secrets()
         except SecretLookupError as exc:
             # The lookup may be back by the next attempt.
             self._retry(event, exc, handlers_ran=False)
@@ -211,6 +221,29 @@ class _Attempt:
                 handlers_ran=False,
             )
             return
+        accounts = self.instance_settings.accounts
+        if accounts is None or self.account is None:
+            self._resume(event)
+        else:
+            # A retry is signed with these secrets and keeps the path.
+            with accounts.verified(self.account, secrets, self.path):
+                self._resume(event)
+
+    def _secrets(self) -> tuple[str, ...]:
+        """The secrets that the task's proof is checked against: the
+        instance's, or those of the task's account, which the lookup must
+        name again from the delivery's URL path.
+        """
+        accounts = self.instance_settings.accounts
+        if accounts is None:
+            return self.instance_settings.secrets
+        if self.account is None:
+            return ()
+        endpoint = f"{self.name}.receive"
+        found = accounts.for_task(self.app, endpoint, self.account, self.path)
+        return () if found is None else found[1]
+
+    def _resume(self, event: Event) -> None:
         result = self.processor.resume(self.app, event, self.token)
         if result.outcome is Outcome.FAILED:
             assert result.error is not None
@@ -240,6 +273,7 @@ class _Attempt:
                     event.raw,
                     self.token,
                     event.account,
+                    path=self.path,
                     countdown=delay,
                     retries=self.retries + 1,
                     task_id=self.task.request.id,

@@ -166,9 +166,11 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
         # The account the URL names is unverified: kept in the reason, never
         # in the account column, so that a forged request cannot file a row
         # under a real account's name (nor show it to that account's staff).
-        claimed = (request.view_args or {}).get("account") if has_request_context() else None
-        if isinstance(claimed, str):
-            reason = f"{reason} (to account {claimed[:MAX_CLAIMED]!r} per its URL, unverified)"
+        # Its string form: a converter (<uuid:account>) makes it no string.
+        value = (request.view_args or {}).get("account") if has_request_context() else None
+        if value is not None:
+            claimed = str(value)[:MAX_CLAIMED]
+            reason = f"{reason} (to account {claimed!r} per its URL, unverified)"
         record("rejected", name=name, reason=reason)
 
     signals.event_processed.connect(processed, sender=app, weak=False)
