@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import nox
+from packaging.version import Version
 
 ROOT = Path(__file__).parent
 #: Every extra the suite needs (``docs`` builds the docs only).
@@ -31,8 +32,9 @@ nox.options.reuse_existing_virtualenvs = False
 
 def lowest_constraints() -> list[str]:
     """Pin each ``name>=X`` of ``install_requires`` and of every extra but
-    :data:`TOOLS` to ``name==X``. A requirement without a lower bound, and
-    everything the pinned ones pull in, is left to pip.
+    :data:`TOOLS` to ``name==X``, the highest ``X`` where extras differ. A
+    requirement without a lower bound, and everything the pinned ones pull
+    in, is left to pip.
     """
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
@@ -47,8 +49,9 @@ def lowest_constraints() -> list[str]:
             continue
         name = re.sub(r"[-_.]+", "-", match[1]).lower()
         version = match[3]
-        if pins.setdefault(name, version) != version:
-            raise ValueError(f"setup.cfg: {name} has two lower bounds, {pins[name]} and {version}")
+        # The extras are installed together: the highest bound holds.
+        if name not in pins or Version(version) > Version(pins[name]):
+            pins[name] = version
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 
