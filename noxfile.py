@@ -84,7 +84,10 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lowest(session: nox.Session) -> None:
     """The whole suite with every dependency at its lowest claimed version."""
-    path = Path(session.create_tmp()) / "lowest-constraints.txt"
+    # Beside the virtualenv, not in session.create_tmp(): that would point
+    # TMPDIR into this checkout, where the pytester runs of the suite find
+    # its pytest settings.
+    path = Path(session.virtualenv.location) / "lowest-constraints.txt"
     path.write_text("\n".join(lowest_constraints()) + "\n")
     session.log("constraints:\n" + path.read_text())
     # mypy --strict on this checkout reads the type hints of the installed
