@@ -1,5 +1,8 @@
-"""Sample events of every type, shaped like the sender's, for tests, the CLI
-and the example app.
+"""Example events of every type, for tests, the CLI and the example app.
+
+The sender documents the data of ``points.earned`` only; the data given here
+for the other six types is made up in its style, an example to test with and
+not the sender's format.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from datetime import datetime
 
 __all__ = ["SAMPLE_DATA", "build_event"]
 
-#: Plausible ``data`` for each documented event type. ``points.earned``
-#: follows the sender's documented example; the others use the same style.
+#: Example ``data`` for each documented event type. ``points.earned`` is the
+#: sender's documented example; the sender documents no field of the other
+#: types, so their data here is invented in the same style, not taken from
+#: the sender.
 SAMPLE_DATA: dict[str, dict[str, t.Any]] = {
     "points.earned": {
         "customerEmail": "jane@example.com",
@@ -56,8 +61,9 @@ def build_event(
     """Build an event body as Ploints sends it.
 
     :param type: the event type; any string, so unknown types can be tested.
-    :param data: the payload; default, the type's :data:`SAMPLE_DATA`
-        (or ``{}`` for an unknown type).
+    :param data: the payload; default, the type's example in
+        :data:`SAMPLE_DATA` (invented for every type but ``points.earned``),
+        or ``{}`` for an unknown type.
     :param id: the event id; default, a fresh random ``evt_...`` id.
     :param timestamp: a datetime or ISO 8601 string; default, now in UTC.
     """

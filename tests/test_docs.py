@@ -449,3 +449,29 @@ def test_the_guarantee_matrix_table_lists_the_cells_the_test_runs() -> None:
             ]
             row[promise] = "all" if names == every else ", ".join(names) or "—"
     assert _matrix_table() == runs
+
+README = EXAMPLES.parent.parent / "README.md"
+#: A markdown link or image target: ``[text](target)``.
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_readme_is_for_users() -> None:
+    """The README is the package index's description: short, its install
+    before the contributors' commands, and no link that breaks off the
+    repository.
+    """
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    relative = [target for target in _LINK.findall(text) if not target.startswith("https://")]
+    assert relative == []
+    assert text.index("pip install flask-ploints") < text.index("./scripts/test")
+    for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL):
+        ast.parse(block)
+
+
+def test_the_benchmarks_page_names_benches_that_exist() -> None:
+    page = (EXAMPLES.parent / "benchmarks.rst").read_text()
+    named = set(re.findall(r"\bbench/(\w+\.py)\b", page))
+    assert len(named) >= 6
+    bench = EXAMPLES.parent.parent / "bench"
+    assert sorted(name for name in named if not (bench / name).exists()) == []
