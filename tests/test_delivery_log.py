@@ -667,10 +667,10 @@ def test_rerun_runs_with_the_account_of_the_delivery(sqlite_log: DeliveryLog) ->
 
 
 def _table_of_0_1(log: DeliveryLog) -> None:
-    """Create the log's table as 0.1 did, without the account column, with
+    """Create the log's table as 0.1 did, without the columns of 0.2, with
     one row in it.
     """
-    old = make_table(log.table.name, account=False)
+    old = make_table(log.table.name, added=())
     old.create(log.engine)
     with log.engine.begin() as connection:
         connection.execute(
@@ -717,10 +717,13 @@ def test_a_table_of_0_1_that_the_app_migrates_is_used_without_accounts(
         assert shop.sender.send("points.earned", id="evt_new", account="m1").status_code == 200
     assert seen == [("m1", "evt_new")]
     assert "account" not in _columns(log)
+    name = log.table.name
     assert [record.getMessage() for record in caplog.records] == [
-        f"the delivery log's table {log.table.name!r} has no account column: add it with your"
-        " migrations (see the delivery log's docs); rows are kept without their account until"
-        " then"
+        f"the delivery log's table {name!r} lacks the columns account, status, client, search"
+        f" of 0.2: add them with your migrations (ALTER TABLE {name} ADD COLUMN account"
+        f" VARCHAR(128); ALTER TABLE {name} ADD COLUMN status SMALLINT; ALTER TABLE {name} ADD"
+        f" COLUMN client VARCHAR(64); ALTER TABLE {name} ADD COLUMN search TEXT); until then,"
+        " rows are kept without them"
     ]
     assert _accounts(log.recent()) == [
         (None, "evt_new", "processed"),
@@ -942,7 +945,7 @@ def _deliver_to_two_accounts(shop: Shop) -> dict[str, Delivery]:
 
 
 def _listed(page: str) -> list[str]:
-    return re.findall(r'<td class="mono"><a href="[^"]+">(evt_\w+)</a></td>', page)
+    return re.findall(r'<td class="mono id"><a href="[^"]+">(evt_\w+)</a></td>', page)
 
 
 def test_a_scoped_check_shows_only_the_rows_of_its_accounts(any_log: DeliveryLog) -> None:
