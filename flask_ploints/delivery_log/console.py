@@ -202,7 +202,7 @@ def rerun_many() -> BaseResponse:
     rows = _selected(ids)
     more = not ids and len(rows) > MAX_RERUN
     rows = rows[:MAX_RERUN]
-    skipped = len(ids) - len(rows)
+    skipped = len(ids) - len(rows) if ids else 0
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     results: Counter[str] = Counter()
     seen: set[tuple[str, str | None, str | None]] = set()
