@@ -28,9 +28,9 @@ DEFAULT_PERIOD = 86400.0
 
 # The drawing's size in its own units; it scales to the page's width.
 WIDTH = 720
-HEIGHT = 150
+HEIGHT = 126
 PLOT_TOP = 8
-PLOT_BOTTOM = 124
+PLOT_BOTTOM = 125
 PLOT_LEFT = 4
 PLOT_RIGHT = 716
 
