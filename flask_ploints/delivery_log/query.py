@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-__all__ = ["Filters", "histogram", "search_text", "select_rows"]
+__all__ = ["Filters", "distinct", "histogram", "search_text", "select_rows"]
 
 #: Longest search text kept for a row, in characters.
 MAX_SEARCH = 64 * 1024
@@ -118,6 +118,28 @@ def select_rows(table: sa.Table, filters: Filters, limit: int) -> sa.Select[t.An
     if conditions is None:
         return None
     return sa.select(table).where(*conditions).order_by(table.c.id.desc()).limit(max(limit, 0))
+
+
+def distinct(
+    table: sa.Table, name: str, conditions: list[sa.ColumnElement[bool]], dialect: str
+) -> sa.Select[t.Any]:
+    """The distinct values of the column ``name`` (but ``NULL``) of the rows
+    that ``conditions`` select. On PostgreSQL, a walk of the column's index
+    from one value to the next, as it has no skip scan of its own: a few
+    lookups rather than a scan of every row. MariaDB skips through the
+    index for a ``DISTINCT`` itself, and allows no such walk.
+    """
+    column = table.c[name]
+    if dialect != "postgresql":
+        return sa.select(column).where(column.is_not(None), *conditions).distinct()
+    walk = (
+        sa.select(sa.func.min(column).label("value"))
+        .where(column.is_not(None), *conditions)
+        .cte("walk", recursive=True)
+    )
+    step = sa.select(sa.func.min(column)).where(column > walk.c.value, *conditions)
+    walk = walk.union_all(sa.select(step.scalar_subquery()).where(walk.c.value.is_not(None)))
+    return sa.select(walk.c.value).where(walk.c.value.is_not(None))
 
 
 def histogram(

@@ -21,6 +21,7 @@ from flask import Flask
 
 from ..errors import DeliveryLogError
 from .query import Filters
+from .query import distinct
 from .query import histogram
 from .query import search_text
 from .query import select_rows
@@ -361,8 +362,7 @@ class DeliveryLog:
         conditions = where(self.table, Filters(accounts=accounts))
         if conditions is None or name not in self.table.c:
             return []
-        column = self.table.c[name]
-        statement = sa.select(column).where(column.is_not(None), *conditions).distinct()
+        statement = distinct(self.table, name, conditions, self.engine.dialect.name)
         with self._begin() as conn:  # sorted here, whatever the collation
             return sorted(row[0] for row in conn.execute(statement))
 

@@ -137,6 +137,8 @@ def make_table(
     )
     sa.Index(f"ix_{name}_received_at", table.c.received_at)
     sa.Index(f"ix_{name}_event_id", table.c.event_id)
+    # Of 0.2: the page's list of event types walks it, not the table.
+    sa.Index(f"ix_{name}_event_type", table.c.event_type)
     wanted = set(ADDED_COLUMNS if added is None else added)
     if not account:
         wanted.discard(ACCOUNT_COLUMN)
@@ -196,13 +198,16 @@ def upgrade_table(engine: sa.Engine, table: sa.Table, *, alter: bool) -> list[st
                     if name in missing_columns(connection, table):
                         raise
         missing = []
-        index = next(index for index in table.indexes if index.name == f"ix_{table.name}_account")
-        try:
-            index.create(engine, checkfirst=True)
-        except sa.exc.SQLAlchemyError:
-            # Created by another process meanwhile; the second check sees it.
-            index.create(engine, checkfirst=True)
     if alter:
+        for suffix in ("account", "event_type"):
+            index = next(
+                index for index in table.indexes if index.name == f"ix_{table.name}_{suffix}"
+            )
+            try:
+                index.create(engine, checkfirst=True)
+            except sa.exc.SQLAlchemyError:
+                # Created by another process meanwhile; the second check sees it.
+                index.create(engine, checkfirst=True)
         search_index(engine, table)
     return missing
 
