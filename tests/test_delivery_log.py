@@ -1590,3 +1590,20 @@ def test_a_rejected_request_keeps_its_status_and_client_address(sqlite_log: Deli
     assert '<dt>Answered</dt><dd class="mono">400</dd>' in detail
     assert '<dt>From</dt><dd class="mono">203.0.113.9</dd>' in detail
     assert "but not an event" not in detail
+
+
+def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> None:
+    from flask_ploints.delivery_log.chart import chart
+    from flask_ploints.delivery_log.query import Filters
+
+    now = time.time()
+    for account, outcome in [("acme", "processed"), ("ACME", "failed"), ("acme ", "failed")]:
+        raw = json.dumps(build_event("points.earned", id=f"evt_{outcome}")).encode()
+        any_log.record(outcome, name="ploints", event=parse_event(raw, account), received_at=now)
+    for accounts, processed, failed in [
+        (["acme"], 1, 0),
+        (["ACME"], 0, 1),
+        (["ACME", "acme "], 0, 2),
+    ]:
+        totals = chart(any_log, Filters(accounts=accounts), now=now + 1).totals
+        assert (totals["processed"], totals["failed"]) == (processed, failed), accounts

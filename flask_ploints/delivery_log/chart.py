@@ -82,7 +82,7 @@ def chart(log: DeliveryLog, filters: Filters, now: float | None = None) -> Chart
     """
     start, end = period(filters.since, filters.until, time.time() if now is None else now)
     width = (end - start) / BUCKETS
-    counts = log.histogram(filters, start, width, BUCKETS)
+    counts = log._histogram(filters, start, width, BUCKETS)
     totals = {outcome: sum(counts.get(outcome, [])) for outcome in OUTCOMES}
     highest = max(
         (sum(counts.get(o, [0] * BUCKETS)[i] for o in OUTCOMES) for i in range(BUCKETS)),

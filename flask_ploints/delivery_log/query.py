@@ -175,13 +175,20 @@ def histogram(
         bucket = sa.func.floor(offset)
     wanted = filters.wanted()
     # Scoped, grouped by account too, so that each is compared again
-    # exactly: a case-insensitive collation finds "ACME" for "acme".
-    grouped = [table.c.outcome, bucket] + ([] if wanted is None else [table.c.account])
+    # exactly: a case-insensitive collation finds "ACME" for "acme", and
+    # MariaDB's groups them too unless grouped by their bytes.
+    account: sa.ColumnElement[t.Any] = table.c.account if "account" in table.c else sa.null()
+    if connection.dialect.name in ("mysql", "mariadb"):
+        account = sa.cast(account, sa.LargeBinary)
+    grouped = [table.c.outcome, bucket] + ([] if wanted is None else [account.label("account")])
     statement = (
         sa.select(*grouped, sa.func.count().label("n")).where(*conditions).group_by(*grouped)
     )
     for row in connection.execute(statement):
-        if wanted is not None and row.account not in wanted:
+        name = row.account if wanted is not None else None
+        if isinstance(name, bytes):
+            name = name.decode()
+        if wanted is not None and name not in wanted:
             continue
         index = min(max(int(row[1]), 0), buckets - 1)
         counts.setdefault(row.outcome, [0] * buckets)[index] += int(row.n)

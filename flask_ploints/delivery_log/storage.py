@@ -303,15 +303,10 @@ class DeliveryLog:
         # for "acme", and scoping admits only the accounts it names.
         return [delivery(row) for row in rows if wanted is None or row.account in wanted]
 
-    def histogram(
+    def _histogram(
         self, filters: Filters, start: float, width: float, buckets: int
     ) -> dict[str, list[int]]:
-        """Count the rows of each outcome that ``filters`` select (but for
-        their outcomes and cursor) in ``buckets`` periods of ``width``
-        seconds from ``start``; see :func:`.query.histogram`.
-
-        .. versionadded:: 0.2
-        """
+        """The chart's counts, as :func:`.query.histogram` counts them."""
         with self._begin() as conn:
             return histogram(conn, self.table, filters, start, width, buckets)
 
