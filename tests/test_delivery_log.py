@@ -1607,3 +1607,19 @@ def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> Non
     ]:
         totals = chart(any_log, Filters(accounts=accounts), now=now + 1).totals
         assert (totals["processed"], totals["failed"]) == (processed, failed), accounts
+
+
+def test_the_search_text_of_a_large_payload_is_cut(any_log: DeliveryLog) -> None:
+    from flask_ploints.delivery_log.query import MAX_SEARCH
+
+    # 53 kB of UTF-8, within MariaDB's BLOB for the payload.
+    note = "\U0001f4a5" * 12_000 + "x" * 5_000
+    data = {"email": "Big@Example.com", "note": note, "tail": "unfound"}
+    body = build_event("points.earned", data, id="evt_big")
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    any_log.record("processed", name="ploints", event=parse_event(raw))
+    assert [row.event_id for row in any_log.recent(q="big@example.com")] == ["evt_big"]
+    assert any_log.recent(q="unfound") == []
+    with any_log.engine.connect() as connection:
+        kept = connection.execute(sa.select(any_log.table.c.search)).scalar_one()
+    assert len(kept) == MAX_SEARCH
