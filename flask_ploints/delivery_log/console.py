@@ -33,6 +33,7 @@ from ..logfields import delivery_fields
 from ..outcomes import Outcome
 from ..replay import rerun as rerun_body
 from ..state import receivers
+from .filters import View
 from .page import MAX_RERUN
 from .page import _row_id
 from .page import _shown
@@ -135,14 +136,13 @@ def rerun(delivery_id: int) -> BaseResponse:
     return back
 
 
-def _selected(ids: list[str]) -> list[Delivery]:
+def _selected(ids: list[str], view: View, admitted: list[str] | None) -> list[Delivery]:
     """The rows a bulk re-run acts on: those of ``ids`` that the access
-    check admits, or, with none, the newest failed ones of the view the
-    form names (``all``), at most :data:`MAX_RERUN` + 1, so that more can
-    be told.
+    check admits, or, with none, the newest failed ones of ``view`` among
+    the ``admitted`` accounts, at most :data:`MAX_RERUN` + 1, so that more
+    can be told.
     """
     log = page_state().log
-    view, admitted, _ = current_view(log, request.form)
     if ids:
         if len(ids) > MAX_RERUN:
             abort(400, f"At most {MAX_RERUN} deliveries are re-run per request: select fewer.")
@@ -193,13 +193,13 @@ def rerun_many() -> BaseResponse:
     once however many of its deliveries failed. Flash a summary of the
     outcomes, and go back to the view.
     """
-    view, _, _ = current_view(page_state().log, request.form)
+    view, admitted, _ = current_view(page_state().log, request.form)
     back = redirect(url_for(".index", **view.args()), 303)
     ids = list(dict.fromkeys(request.form.getlist("id")))
     if not ids and not request.form.get("all"):
         flash("Select the failed deliveries to re-run, or re-run all failed in this view.", "error")
         return back
-    rows = _selected(ids)
+    rows = _selected(ids, view, admitted)
     more = not ids and len(rows) > MAX_RERUN
     rows = rows[:MAX_RERUN]
     skipped = len(ids) - len(rows) if ids else 0
