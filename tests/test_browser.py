@@ -1,6 +1,7 @@
 """The delivery log page in a real headless Chromium: deliveries over HTTP,
 the list, a filter, a failed event's traceback, and the Re-run button; a
-merchant's staff's list, with the badges of Celery's rows.
+merchant's staff's list, with the badges of Celery's rows; the console: a
+search, the chart, a bulk re-run, an export, and the phone layout.
 
 Chromium is Debian's (``apt-get install chromium``), driven by Playwright
 for Python through ``executable_path``; Playwright's own browser downloads
@@ -165,10 +166,10 @@ def _rows(page: Page) -> list[str]:
     return [row.inner_text() for row in page.locator("tbody tr").all()]
 
 
-def _screenshot(page: Page, name: str) -> None:
+def _screenshot(page: Page, name: str, *, full_page: bool = True) -> None:
     if os.environ.get("PLOINTS_SCREENSHOT") == "1":
         STATIC.mkdir(exist_ok=True)
-        page.screenshot(path=str(STATIC / name), full_page=True)
+        page.screenshot(path=str(STATIC / name), full_page=full_page)
 
 
 def test_rerun_a_failed_delivery_in_chromium(log: DeliveryLog) -> None:
@@ -204,7 +205,7 @@ def test_rerun_a_failed_delivery_in_chromium(log: DeliveryLog) -> None:
 
             page.select_option("select[name=outcome]", "failed")
             page.get_by_role("button", name="Filter").click()
-            page.wait_for_url("**/ploints/deliveries?type=&outcome=failed")
+            page.wait_for_url("**/ploints/deliveries?q=&since=&until=&type=&outcome=failed")
             (row,) = _rows(page)
             assert "evt_b41e07" in row and "reward.redeemed" in row
             assert "LookupError: no reward named 'Free coffee'" in row
@@ -278,3 +279,135 @@ def test_a_merchants_staff_sees_its_rows_and_the_celery_badges_in_chromium(
             assert answer.status == 404
         finally:
             browser.close()
+
+
+def _morning(log: DeliveryLog, now: float) -> None:
+    """Rows over the last day, for the chart: a steady flow of processed
+    events and duplicates, a burst of failures after a deploy, some forged
+    requests.
+    """
+    for hour in range(24, 0, -1):
+        at = now - hour * 3600
+        for number in range(3 + hour % 5):
+            data = {"customerEmail": f"c{hour}{number}@example.org", "amount": 10}
+            body = build_event("points.earned", data, id=f"evt_h{hour:02d}{number}")
+            raw = json.dumps(body).encode()
+            outcome = "duplicate" if number == 4 else "processed"
+            if hour in (7, 6) and number < 3:
+                outcome = "failed"
+            log.record(outcome, name="ploints", event=parse_event(raw), received_at=at + number)
+        if hour % 6 == 0:
+            log.record(
+                "rejected",
+                name="ploints",
+                reason="invalid signature",
+                status=401,
+                client="198.51.100.23",
+                received_at=at + 30,
+            )
+
+
+def test_the_console_in_chromium(log: DeliveryLog, tmp_path: Path) -> None:
+    """A search, the chart, a bulk re-run, an export and the phone layout,
+    with no CSP violation on any page.
+    """
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    broken = {"reward.redeemed"}
+    app = _shop(log, broken)
+    _morning(log, time.time() - 600)
+    with Server(app) as server, sync_playwright() as playwright:
+        _deliveries(server)
+        failing = build_event("reward.redeemed", SAMPLE_DATA["reward.redeemed"], id="evt_d07a55")
+        assert server.deliver(failing) == 500
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        violations: list[str] = []
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on(
+                "console",
+                lambda message: (
+                    violations.append(message.text)
+                    if "Content Security Policy" in message.text
+                    else None
+                ),
+            )
+            page.goto(f"{server.url}/ploints/deliveries")
+            # The chart: bars drawn, with their colours from the style sheet.
+            bars = page.locator("svg.bars rect.bar")
+            assert bars.count() > 24
+            fill = page.locator("svg.bars rect.bar.failed").first.evaluate(
+                "bar => getComputedStyle(bar).fill"
+            )
+            assert fill == "rgb(217, 45, 32)"
+            box = page.locator("svg.bars").bounding_box()
+            assert box is not None and box["width"] > 1000 and box["height"] == 126
+            totals = page.locator("ul.totals").inner_text()
+            assert "failed 8" in totals and "rejected 5" in totals
+            _screenshot(page, "delivery-log-chart.png", full_page=False)
+
+            # Find: a customer's email, anywhere in the payloads.
+            page.fill("input[name=q]", "JANE@example.com")
+            page.get_by_role("button", name="Filter").click()
+            page.wait_for_url("**/ploints/deliveries?q=JANE%40example.com&**")
+            found = page.locator("td.id").all_inner_texts()
+            assert found == [
+                "evt_d07a55",
+                "evt_e81f30",
+                "evt_b41e07",
+                "evt_7f3a02",
+                "evt_7f3a04",
+                "evt_7f3a03",
+                "evt_7f3a02",
+            ]
+            assert "failed 2" in page.locator("ul.totals").inner_text()
+            _screenshot(page, "delivery-log-search.png")
+
+            # Act: re-run both failures of the search, after the fix.
+            broken.clear()
+            for box_ in page.locator("input[name=id]").all():
+                box_.check()
+            page.get_by_role("button", name="Re-run selected").click()
+            page.wait_for_load_state()
+            assert page.locator(".flash").inner_text() == "Re-ran 2 events: 2 processed."
+            assert page.url.endswith("/ploints/deliveries?q=JANE@example.com")
+            _screenshot(page, "delivery-log-bulk.png")
+
+            # Export the view.
+            with page.expect_download() as download:
+                page.get_by_role("link", name="CSV").click()
+            saved = tmp_path / "export.csv"
+            download.value.save_as(saved)
+            lines = saved.read_text().splitlines()
+            assert lines[0] == (
+                "id,received_at,endpoint,account,event_id,event_type,outcome,status,client,"
+                "reason,duration"
+            )
+            # The re-runs' rows first, then the search's seven.
+            assert [line.split(",")[4:7:2] for line in lines[1:4]] == [
+                ["evt_b41e07", "processed"],
+                ["evt_d07a55", "processed"],
+                ["evt_d07a55", "failed"],
+            ]
+            assert len(lines) == 1 + 2 + 7
+
+            # Phone width: every column on screen, the outcome included.
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.set_default_timeout(TIMEOUT_MS)
+            phone.goto(f"{server.url}/ploints/deliveries")
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390
+            for badge in phone.locator("tbody .badge").all()[:10]:
+                edge = badge.bounding_box()
+                assert edge is not None and edge["x"] + edge["width"] <= 390
+            phone.evaluate("document.querySelector('.toolbar').scrollIntoView()")
+            _screenshot(phone, "delivery-log-phone.png", full_page=False)
+            phone.goto(f"{server.url}/ploints/deliveries?outcome=rejected")
+            assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        finally:
+            browser.close()
+    assert violations == []

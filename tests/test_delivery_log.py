@@ -5,6 +5,7 @@ failed event; on SQLite, PostgreSQL and MariaDB.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import logging
@@ -30,6 +31,7 @@ from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints.delivery_log import EXTENSION_KEY
+from flask_ploints.delivery_log import OUTCOMES
 from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.delivery_log import delivery_log
@@ -669,10 +671,10 @@ def test_rerun_runs_with_the_account_of_the_delivery(sqlite_log: DeliveryLog) ->
 
 
 def _table_of_0_1(log: DeliveryLog) -> None:
-    """Create the log's table as 0.1 did, without the account column, with
+    """Create the log's table as 0.1 did, without the columns of 0.2, with
     one row in it.
     """
-    old = make_table(log.table.name, account=False)
+    old = make_table(log.table.name, added=())
     old.create(log.engine)
     with log.engine.begin() as connection:
         connection.execute(
@@ -695,11 +697,11 @@ def test_a_table_of_0_1_gets_the_account_column_on_first_use(any_log: DeliveryLo
     assert "account" not in _columns(any_log)
     shop, _ = _accounts_shop(any_log)
     shop.sender.send("points.earned", id="evt_new", account="m1")
-    assert "account" in _columns(any_log)
+    assert {"account", "status", "client", "search"} <= _columns(any_log)
     indexes = {
         index["name"] for index in sa.inspect(any_log.engine).get_indexes(any_log.table.name)
     }
-    assert f"ix_{any_log.table.name}_account" in indexes
+    assert {f"ix_{any_log.table.name}_account", f"ix_{any_log.table.name}_event_type"} <= indexes
     assert _accounts(any_log.recent()) == [
         ("m1", "evt_new", "processed"),
         (None, "evt_old", "processed"),
@@ -719,10 +721,13 @@ def test_a_table_of_0_1_that_the_app_migrates_is_used_without_accounts(
         assert shop.sender.send("points.earned", id="evt_new", account="m1").status_code == 200
     assert seen == [("m1", "evt_new")]
     assert "account" not in _columns(log)
+    name = log.table.name
     assert [record.getMessage() for record in caplog.records] == [
-        f"the delivery log's table {log.table.name!r} has no account column: add it with your"
-        " migrations (see the delivery log's docs); rows are kept without their account until"
-        " then"
+        f"the delivery log's table {name!r} lacks the columns account, status, client, search"
+        f" of 0.2: add them with your migrations (ALTER TABLE {name} ADD COLUMN account"
+        f" VARCHAR(128); ALTER TABLE {name} ADD COLUMN status SMALLINT; ALTER TABLE {name} ADD"
+        f" COLUMN client VARCHAR(64); ALTER TABLE {name} ADD COLUMN search TEXT); until then,"
+        " rows are kept without them"
     ]
     assert _accounts(log.recent()) == [
         (None, "evt_new", "processed"),
@@ -944,7 +949,7 @@ def _deliver_to_two_accounts(shop: Shop) -> dict[str, Delivery]:
 
 
 def _listed(page: str) -> list[str]:
-    return re.findall(r'<td class="mono"><a href="[^"]+">(evt_\w+)</a></td>', page)
+    return re.findall(r'<td class="mono id"><a href="[^"]+">(evt_\w+)</a></td>', page)
 
 
 def test_a_scoped_check_shows_only_the_rows_of_its_accounts(any_log: DeliveryLog) -> None:
@@ -1158,3 +1163,494 @@ def test_a_stale_skip_is_noted_on_the_processed_row(sqlite_log: DeliveryLog) -> 
             f"stale for handler 'tier': key 'jane@example.com', {newer} applied",
         ),
     ]
+
+
+# The operations console: find, see, act, export.
+
+DAY = 86400.0
+#: 2026-12-01T00:00:00Z
+DEC_1 = 1_796_083_200.0
+
+
+def _record(log: DeliveryLog, outcome: str, event_id: str, at: float, **data: t.Any) -> int:
+    """Record a delivery of a points.earned event with ``data`` received at
+    ``at``.
+    """
+    body = json.dumps(build_event("points.earned", data or None, id=event_id)).encode()
+    return log.record(outcome, name="ploints", event=parse_event(body), received_at=at)
+
+
+def _ids(page: str) -> list[str]:
+    return re.findall(r'<td class="mono id"><a href="[^"]+">([^<]+)</a></td>', page)
+
+
+def test_q_finds_an_event_by_its_id_or_any_value_of_its_payload(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    jane = {"customer": {"email": "Jane@Example.com", "tags": ["VIP", 7]}, "description": "Gift"}
+    assert shop.sender.send("points.earned", jane, id="evt_Jane_1").status_code == 200
+    assert (
+        shop.sender.send("points.earned", {"note": "100% off_sale"}, id="evt_2").status_code == 200
+    )
+    assert shop.sender.send("points.earned", {"note": "100 off"}, id="evt_3").status_code == 200
+
+    def found(q: str) -> list[str | None]:
+        return [row.event_id for row in any_log.recent(q=q)]
+
+    assert found("jane@example.com") == ["evt_Jane_1"]
+    assert found("JANE@EXAMPLE") == ["evt_Jane_1"]
+    assert found("evt_jane") == ["evt_Jane_1"]
+    assert found("vip") == ["evt_Jane_1"]
+    assert found("gift") == ["evt_Jane_1"]
+    # Values only, not keys; LIKE's wildcards are literal characters.
+    assert found("email") == []
+    assert found("customer") == []
+    assert found("100%") == ["evt_2"]
+    assert found("_sale") == ["evt_2"]
+    assert found("100") == ["evt_3", "evt_2"]
+    assert found("evt_") == ["evt_3", "evt_2", "evt_Jane_1"]
+    page = shop.browser.get(f"{PAGE}?q=Jane%40example.com").get_data(as_text=True)
+    assert _ids(page) == ["evt_Jane_1"]
+    assert '<input type="search" name="q" value="Jane@example.com"' in page
+    # The view is in its links: paging, exports, the bulk form.
+    assert f'href="{PAGE}/export.csv?q=Jane@example.com"' in page
+    assert '<input type="hidden" name="q" value="Jane@example.com">' in page
+
+
+def test_q_on_postgresql_uses_a_trigram_index(postgres_log: DeliveryLog) -> None:
+    shop = Shop(postgres_log)
+    assert shop.sender.send("points.earned", id="evt_1").status_code == 200
+    name = postgres_log.table.name
+    with postgres_log.engine.connect() as connection:
+        definition = connection.execute(
+            sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = :name"),
+            {"name": f"ix_{name}_search"},
+        ).scalar_one()
+    assert definition == (
+        f"CREATE INDEX ix_{name}_search ON public.{name} USING gin (search gin_trgm_ops)"
+    )
+
+
+def test_since_and_until_bound_the_period(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    _record(any_log, "processed", "evt_nov30", DEC_1 - 1)
+    _record(any_log, "processed", "evt_dec1", DEC_1)
+    _record(any_log, "failed", "evt_dec1_noon", DEC_1 + DAY / 2)
+    _record(any_log, "processed", "evt_dec2", DEC_1 + DAY)
+
+    def listed(query: str) -> list[str]:
+        response = shop.browser.get(f"{PAGE}?{query}")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return _ids(response.get_data(as_text=True))
+
+    # A date as until includes its whole day.
+    assert listed("since=2026-12-01&until=2026-12-01") == ["evt_dec1_noon", "evt_dec1"]
+    assert listed("since=2026-12-01") == ["evt_dec2", "evt_dec1_noon", "evt_dec1"]
+    assert listed("until=2026-11-30") == ["evt_nov30"]
+    # Date-times are UTC unless they name their offset; until excludes itself.
+    assert listed("since=2026-12-01T12:00:00&until=2026-12-02T00:00") == ["evt_dec1_noon"]
+    assert listed("since=2026-12-01T12:00:00Z&until=2026-12-01T12:00:01Z") == ["evt_dec1_noon"]
+    assert listed("since=2026-12-01T13:00:00%2B01:00&until=2026-12-01T12:00:00.5") == [
+        "evt_dec1_noon"
+    ]
+    assert listed("since=2026-12-01T12:00:00.001") == ["evt_dec2"]
+    assert listed("since=2026-12-01&outcome=failed&q=noon") == ["evt_dec1_noon"]
+    assert [row.event_id for row in any_log.recent(since=DEC_1, until=DEC_1 + 1)] == ["evt_dec1"]
+
+
+HOSTILE = [
+    "q=%00",
+    "q=a%00b",
+    "account=m%001",
+    "type=%00",
+    "since=%00",
+    "q=" + "x" * 5000,
+    "account=" + "a" * 5000,
+    "since=2026-02-30",
+    "since=2026-13-01",
+    "until=2026-12-07T25:00",
+    "since=99999-01-01",
+    "since=0000-00-00",
+    "since=yesterday",
+    "until=1e9",
+    "since=2026-12-02&until=2026-12-01",
+    "since=2026-12-01T10:00&until=2026-12-01T10:00",
+]
+SQL_FRAGMENTS = [
+    "q=%27%20OR%201%3D1%20--",
+    "q=%25%27%3B%20DROP%20TABLE%20x%3B%20--",
+    "q=%5C",
+    "q=%5C%25",
+    "q=%22%29%20UNION%20SELECT%201--",
+    "account=%27%20OR%20%271%27%3D%271",
+    "type=%27%3B--",
+    "outcome=failed%27--",
+    "q=%F0%9F%92%A5",
+    "q=%FF%FE",
+    "since=0001-01-01",
+    "since=0001-01-01T00:00:00%2B01:00",
+    "until=9999-12-31",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+def test_hostile_query_strings_are_400(any_log: DeliveryLog, query: str) -> None:
+    shop = Shop(any_log)
+    assert shop.sender.send("points.earned", id="evt_1").status_code == 200
+    for path in ("", "/export.csv", "/export.json"):
+        response = shop.browser.get(f"{PAGE}{path}?{query}")
+        assert response.status_code == 400, (path, response.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("query", SQL_FRAGMENTS)
+def test_sql_fragments_in_query_strings_are_an_empty_view(any_log: DeliveryLog, query: str) -> None:
+    shop = Shop(any_log)
+    assert shop.sender.send("points.earned", id="evt_1").status_code == 200
+    response = shop.browser.get(f"{PAGE}?{query}")
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    # Unknown types and outcomes are no filter, as a select would send.
+    expected = ["evt_1"] if query.startswith(("type=", "outcome=", "since=", "until=")) else []
+    assert _ids(page) == expected
+    exported = shop.browser.get(f"{PAGE}/export.json?{query}")
+    assert exported.status_code == 200
+    assert [row["event_id"] for row in exported.get_json()["deliveries"]] == expected
+    assert any_log.recent(q="evt_1")[0].event_id == "evt_1"  # the table is intact
+
+
+@hypothesis.settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(
+    params=hypothesis.strategies.dictionaries(
+        hypothesis.strategies.sampled_from(["q", "since", "until", "account", "type", "outcome"]),
+        hypothesis.strategies.sampled_from(
+            ["\x00", "a\x00", "'", "%", "_", "\\", "2026-02-30", "2026-12-07T09:30", "x" * 5000]
+        )
+        # Characters of dates, of SQL and LIKE, and NUL, often; any other too.
+        | hypothesis.strategies.text(
+            hypothesis.strategies.sampled_from("\x00%_\\'\";-:.TZ+0129 ")
+            # A URL's percent-decoding never gives a lone surrogate.
+            | hypothesis.strategies.characters(exclude_categories=("Cs",)),
+            max_size=300,
+        ),
+        max_size=4,
+    )
+)
+def test_any_query_string_is_answered_without_a_5xx(
+    any_log: DeliveryLog, params: dict[str, str]
+) -> None:
+    shop = Shop(any_log)
+    for path in ("", "/export.csv"):
+        response = shop.browser.get(PAGE + path, query_string=params)
+        assert response.status_code in (200, 400, 404), (params, response.status_code)
+
+
+def test_the_chart_draws_the_periods_outcomes_without_script(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    now = time.time()
+    _record(any_log, "processed", "evt_1", now - 3600)
+    _record(any_log, "processed", "evt_2", now - 3500)
+    _record(any_log, "processed", "evt_3", now - 60)
+    _record(any_log, "failed", "evt_4", now - 30)
+    _record(any_log, "queued", "evt_5", now - 20)
+    any_log.record("rejected", name="ploints", reason="invalid signature", received_at=now - 10)
+    _record(any_log, "failed", "evt_old", now - 2 * DAY)  # before the last day
+    response = shop.browser.get(PAGE)
+    page = response.get_data(as_text=True)
+    assert response.headers["Content-Security-Policy"].startswith("default-src 'none'; style-src")
+    assert "<script" not in page and " style=" not in page
+    assert '<svg class="bars"' in page
+    bars = re.findall(r'<rect class="bar (\w+)"[^>]*><title>(\d+) (\w+),', page)
+    assert sorted(bars) == [
+        ("failed", "1", "failed"),
+        ("processed", "1", "processed"),
+        ("processed", "2", "processed"),
+        ("queued", "1", "queued"),
+        ("rejected", "1", "rejected"),
+    ]
+    totals = dict(re.findall(r'<span class="swatch \w+"></span>(\w+) <strong>(\d+)</strong>', page))
+    assert totals == {
+        name: {"processed": "3", "failed": "1", "queued": "1", "rejected": "1"}.get(name, "0")
+        for name in OUTCOMES
+    }
+    assert '<strong class="rate">25.0 %</strong>' in page
+    # The period of the view: the old failure alone, at a rate of 100 %.
+    old = time.strftime("%Y-%m-%d", time.gmtime(now - 2 * DAY))
+    page = shop.browser.get(f"{PAGE}?since={old}&until={old}").get_data(as_text=True)
+    assert re.findall(r'<rect class="bar (\w+)"', page) == ["failed"]
+    assert '<strong class="rate">100.0 %</strong>' in page
+    assert f'<p class="period">{old} 00:00:00 to ' in page
+
+
+def test_the_chart_of_a_scoped_check_counts_only_its_accounts(any_log: DeliveryLog) -> None:
+    staff = Staff("m1")
+    shop = _scoped_shop(any_log, staff)
+    _deliver_to_two_accounts(shop)
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    totals = dict(re.findall(r'<span class="swatch \w+"></span>(\w+) <strong>(\d+)</strong>', page))
+    assert (totals["processed"], totals["failed"], totals["rejected"]) == ("1", "0", "0")
+    assert re.findall(r'<rect class="bar (\w+)"', page) == ["processed"]
+
+
+def _bulk_token(shop: Shop) -> str:
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match is not None, page
+    return match.group(1)
+
+
+def _flashes(shop: Shop) -> list[str]:
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    return [html.unescape(text) for text in re.findall(r'role="status">([^<]*)</div>', page)]
+
+
+def test_bulk_rerun_of_selected_failed_deliveries(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    shop.broken = True
+    for number in (1, 2, 3):
+        assert shop.sender.send("points.earned", id=f"evt_{number}").status_code == 500
+    shop.broken = False
+    assert shop.sender.send("points.earned", id="evt_ok").status_code == 200
+    ok, third, second, first = any_log.recent()
+    page = shop.browser.get(PAGE).get_data(as_text=True)
+    # Only failed rows can be selected.
+    assert re.findall(r'name="id" value="(\d+)"', page) == [
+        str(third.id),
+        str(second.id),
+        str(first.id),
+    ]
+    token = _bulk_token(shop)
+    response = shop.browser.post(
+        f"{PAGE}/rerun",
+        data={"csrf_token": token, "id": [str(first.id), str(third.id), str(ok.id), "0"]},
+    )
+    assert (response.status_code, response.headers["Location"]) == (303, PAGE)
+    assert _flashes(shop) == [
+        "Re-ran 2 events: 2 processed. Not run, as not failed or not found: 2."
+    ]
+    assert shop.handled == ["evt_ok", "evt_1", "evt_3"]
+    assert [(row.event_id, row.outcome) for row in any_log.recent(2)] == [
+        ("evt_3", "processed"),
+        ("evt_1", "processed"),
+    ]
+    # Nothing selected: nothing runs.
+    response = shop.browser.post(f"{PAGE}/rerun", data={"csrf_token": token})
+    assert response.status_code == 303
+    assert _flashes(shop) == [
+        "Select the failed deliveries to re-run, or re-run all failed in this view."
+    ]
+
+
+@pytest.mark.parametrize("token", [None, "", "not-the-token"])
+def test_bulk_rerun_needs_the_csrf_token(shop: Shop, token: str | None) -> None:
+    shop.broken = True
+    shop.sender.send("points.earned", id="evt_1")
+    shop.broken = False
+    (failed,) = shop.log.recent()
+    _bulk_token(shop)
+    form: dict[str, t.Any] = {"all": "1", "id": str(failed.id)}
+    if token is not None:
+        form["csrf_token"] = token
+    assert shop.browser.post(f"{PAGE}/rerun", data=form).status_code == 400
+    assert shop.handled == []
+
+
+def test_bulk_rerun_of_all_failed_in_a_view_is_bounded(sqlite_log: DeliveryLog) -> None:
+    from flask_ploints.delivery_log.page import MAX_RERUN
+
+    shop = Shop(sqlite_log)
+    now = time.time()
+    for number in range(MAX_RERUN + 2):
+        _record(sqlite_log, "failed", f"evt_{number:03}", now - 100 + number)
+    _record(sqlite_log, "failed", "evt_other", now - 200, note="elsewhere")
+    # The same event failed twice: run once.
+    _record(sqlite_log, "failed", f"evt_{MAX_RERUN + 1:03}", now - 1)
+    token = _bulk_token(shop)
+    response = shop.browser.post(
+        f"{PAGE}/rerun",
+        data={"csrf_token": token, "all": "1", "q": "evt_0", "outcome": "failed"},
+    )
+    assert (response.status_code, response.headers["Location"]) == (
+        303,
+        f"{PAGE}?q=evt_0&outcome=failed",
+    )
+    assert _flashes(shop) == [
+        f"Re-ran {MAX_RERUN - 1} events: {MAX_RERUN - 1} processed. This view holds more failed"
+        f" deliveries than the {MAX_RERUN} that one request re-runs: re-run again, or narrow it"
+        " with since and until."
+    ]
+    assert shop.handled == [f"evt_{number:03}" for number in range(MAX_RERUN + 1, 2, -1)]
+    ids = [str(row.id) for row in sqlite_log.recent(MAX_RERUN + 1)]
+    response = shop.browser.post(f"{PAGE}/rerun", data={"csrf_token": token, "id": ids})
+    assert response.status_code == 400
+    assert f"At most {MAX_RERUN} deliveries are re-run per request" in response.get_data(
+        as_text=True
+    )
+    # Another outcome's view has no failed rows to run.
+    response = shop.browser.post(
+        f"{PAGE}/rerun", data={"csrf_token": token, "all": "1", "outcome": "processed"}
+    )
+    assert _flashes(shop) == ["Re-ran 0 events."]
+    assert len(shop.handled) == MAX_RERUN - 1
+
+
+def test_bulk_rerun_and_exports_of_a_scoped_check(any_log: DeliveryLog) -> None:
+    staff = Staff("m1")
+    shop = _scoped_shop(any_log, staff)
+    rows = _deliver_to_two_accounts(shop)
+    shop.broken = True
+    assert shop.sender.send("points.earned", id="evt_4", account="m1").status_code == 500
+    shop.broken = False
+    token = _bulk_token(shop)
+    # Another account's failed row, selected by id: as if absent.
+    response = shop.browser.post(
+        f"{PAGE}/rerun", data={"csrf_token": token, "id": str(rows["m2 failed"].id)}
+    )
+    assert response.status_code == 303
+    assert _flashes(shop) == ["Re-ran 0 events. Not run, as not failed or not found: 1."]
+    # All failed in the view: m1's only, even asked for m2's account.
+    shop.browser.post(f"{PAGE}/rerun", data={"csrf_token": token, "all": "1", "account": "m2"})
+    assert _flashes(shop) == ["Re-ran 0 events."]
+    shop.browser.post(f"{PAGE}/rerun", data={"csrf_token": token, "all": "1"})
+    assert _flashes(shop) == ["Re-ran 1 event: 1 processed."]
+    assert shop.handled == ["evt_1", "evt_2", "evt_4"]
+
+    exported = shop.browser.get(f"{PAGE}/export.json").get_json()
+    assert [
+        (row["account"], row["event_id"], row["outcome"]) for row in exported["deliveries"]
+    ] == [
+        ("m1", "evt_4", "processed"),
+        ("m1", "evt_4", "failed"),
+        ("m1", "evt_1", "processed"),
+    ]
+    for query in ("?account=m2", "?outcome=rejected", "?q=evt_3"):
+        assert shop.browser.get(f"{PAGE}/export.json{query}").get_json()["deliveries"] == []
+        lines = shop.browser.get(f"{PAGE}/export.csv{query}").get_data(as_text=True).splitlines()
+        assert lines == [",".join(EXPORT_HEADER)]
+
+
+EXPORT_HEADER = (
+    "id",
+    "received_at",
+    "endpoint",
+    "account",
+    "event_id",
+    "event_type",
+    "outcome",
+    "status",
+    "client",
+    "reason",
+    "duration",
+)
+
+
+def test_exports_of_a_view_as_csv_and_json(shop: Shop) -> None:
+    first = _record(shop.log, "processed", "evt_1", DEC_1)
+    body = json.dumps(build_event("points.earned", id="=HYPERLINK(1)")).encode()
+    second = shop.log.record(
+        "failed", name="ploints", event=parse_event(body), reason="-boom", received_at=DEC_1 + 1
+    )
+    shop.log.record("rejected", name="ploints", reason="invalid signature", received_at=DEC_1 + 2)
+    response = shop.browser.get(f"{PAGE}/export.csv?since=2026-12-01")
+    assert response.status_code == 200
+    assert response.mimetype == "text/csv"
+    assert re.fullmatch(
+        r'attachment; filename="ploints-deliveries-\d{8}T\d{6}Z\.csv"',
+        response.headers["Content-Disposition"],
+    )
+    assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert response.get_data(as_text=True).splitlines() == [
+        ",".join(EXPORT_HEADER),
+        # Cells a spreadsheet would run as formulas start with a quote.
+        f"{second},2026-12-01T00:00:01Z,ploints,,'=HYPERLINK(1),points.earned,failed,,,'-boom,",
+        f"{first},2026-12-01T00:00:00Z,ploints,,evt_1,points.earned,processed,,,,",
+    ]
+    exported = shop.browser.get(f"{PAGE}/export.json?outcome=rejected").get_json()
+    assert exported == {
+        "deliveries": [
+            {
+                "id": first + 2,
+                "received_at": "2026-12-01T00:00:02Z",
+                "endpoint": "ploints",
+                "account": None,
+                "event_id": None,
+                "event_type": None,
+                "outcome": "rejected",
+                "status": None,
+                "client": None,
+                "reason": "invalid signature",
+                "duration": None,
+            }
+        ],
+        "truncated": False,
+    }
+    assert shop.browser.get(f"{PAGE}/export.xml").status_code == 404
+
+
+def test_a_rejected_request_keeps_its_status_and_client_address(sqlite_log: DeliveryLog) -> None:
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    shop = Shop(sqlite_log)
+    forged = json.dumps(build_event("points.earned", id="evt_forged")).encode()
+    assert shop.sender.post(forged, signature="0" * 64).status_code == 401
+    shop.app.wsgi_app = ProxyFix(shop.app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+    response = shop.sender.post(
+        b'["signed", "but not an event"]', headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+    assert response.status_code == 400
+    signed, unsigned = sqlite_log.recent()
+    assert (unsigned.status, unsigned.client, unsigned.reason) == (
+        401,
+        "127.0.0.1",
+        "invalid signature",
+    )
+    assert (signed.status, signed.client, signed.reason) == (
+        400,
+        "203.0.113.9",
+        "body is not a JSON object",
+    )
+    assert (signed.payload, signed.event_id) == (None, None)
+    page = shop.browser.get(f"{PAGE}?outcome=rejected").get_data(as_text=True)
+    assert (
+        '<span class="mono">400</span> from <span class="mono">203.0.113.9</span>'
+        " · body is not a JSON object</td>"
+    ) in page
+    detail = shop.browser.get(f"{PAGE}/{signed.id}").get_data(as_text=True)
+    assert '<dt>Answered</dt><dd class="mono">400</dd>' in detail
+    assert '<dt>From</dt><dd class="mono">203.0.113.9</dd>' in detail
+    assert "but not an event" not in detail
+
+
+def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> None:
+    from flask_ploints.delivery_log.chart import chart
+    from flask_ploints.delivery_log.query import Filters
+
+    now = time.time()
+    for account, outcome in [("acme", "processed"), ("ACME", "failed"), ("acme ", "failed")]:
+        raw = json.dumps(build_event("points.earned", id=f"evt_{outcome}")).encode()
+        any_log.record(outcome, name="ploints", event=parse_event(raw, account), received_at=now)
+    for accounts, processed, failed in [
+        (["acme"], 1, 0),
+        (["ACME"], 0, 1),
+        (["ACME", "acme "], 0, 2),
+    ]:
+        totals = chart(any_log, Filters(accounts=accounts), now=now + 1).totals
+        assert (totals["processed"], totals["failed"]) == (processed, failed), accounts
+
+
+def test_the_search_text_of_a_large_payload_is_cut(any_log: DeliveryLog) -> None:
+    from flask_ploints.delivery_log.query import MAX_SEARCH
+
+    # 53 kB of UTF-8, within MariaDB's BLOB for the payload.
+    note = "\U0001f4a5" * 12_000 + "x" * 5_000
+    data = {"email": "Big@Example.com", "note": note, "tail": "unfound"}
+    body = build_event("points.earned", data, id="evt_big")
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    any_log.record("processed", name="ploints", event=parse_event(raw))
+    assert [row.event_id for row in any_log.recent(q="big@example.com")] == ["evt_big"]
+    assert any_log.recent(q="unfound") == []
+    with any_log.engine.connect() as connection:
+        kept = connection.execute(sa.select(any_log.table.c.search)).scalar_one()
+    assert len(kept) == MAX_SEARCH

@@ -450,6 +450,7 @@ def test_the_guarantee_matrix_table_lists_the_cells_the_test_runs() -> None:
             row[promise] = "all" if names == every else ", ".join(names) or "—"
     assert _matrix_table() == runs
 
+
 README = EXAMPLES.parent.parent / "README.md"
 #: A markdown link or image target: ``[text](target)``.
 _LINK = re.compile(r"\]\(([^)\s]+)\)")

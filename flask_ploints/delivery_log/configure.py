@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         ' pip install "flask-ploints[sqlalchemy]"'
     ) from exc
 
+from . import console  # noqa: F401  (its routes are the page's)
 from .page import blueprint
 from .state import EXTENSION_KEY
 from .state import DeliveryLogPage

@@ -19,29 +19,23 @@ import time
 import typing as t
 
 from flask import Blueprint
-from flask import Flask
 from flask import Response
 from flask import abort
 from flask import current_app
-from flask import flash
 from flask import g
-from flask import redirect
 from flask import render_template
 from flask import request
 from flask import session
-from flask import url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from ..compat import exempt_from_csrf
 from ..errors import DeliveryLogError
-from ..errors import DispatchError
-from ..errors import StoreError
-from ..logfields import delivery_fields
-from ..outcomes import Outcome
-from ..replay import rerun as rerun_body
-from ..state import receivers
+from .chart import chart
+from .filters import View
+from .filters import check_values
+from .filters import parse_view
 from .state import page_state
 from .storage import DeliveryLog
 from .table import MAX_ID
@@ -58,10 +52,10 @@ CSRF_SESSION_KEY = "_ploints_csrf"
 CSRF_FIELD = "csrf_token"
 #: Rows on one page of the list.
 PAGE_SIZE = 50
-#: How the message of a re-run refused because the event is held ends.
-_IN_FLIGHT = "is being processed right now"
 #: Seconds back that the list counts the rejected requests it hides.
 REJECTED_WINDOW = 24 * 3600
+#: The most deliveries one bulk re-run runs.
+MAX_RERUN = 50
 
 #: The page's blueprint, registered by
 #: :func:`~flask_ploints.delivery_log.init_delivery_log` under
@@ -211,11 +205,6 @@ def _render(template: str, **context: t.Any) -> str:
     )
 
 
-def _choice(name: str, allowed: t.Iterable[str]) -> str | None:
-    value = request.args.get(name) or None
-    return value if value is None or value in allowed else None
-
-
 def _checked(delivery_id: int) -> int:
     checked = _row_id(delivery_id)
     assert checked is not None
@@ -235,36 +224,56 @@ def _row_id(value: int | str | None) -> int | None:
     return number
 
 
+def current_view(
+    log: DeliveryLog, values: t.Any = None
+) -> tuple[View, list[str] | None, list[str]]:
+    """The view the request asks for (its query string, or ``values``),
+    the accounts the access check admits to it (``None``: every one), and
+    their event types.
+    """
+    values = request.args if values is None else values
+    check_values(values)
+    admitted = _admitted_accounts(log, values.get("account") or None)
+    event_types = log.event_types(admitted)
+    return parse_view(values, event_types), admitted, event_types
+
+
+def shown_outcomes(view: View) -> list[str] | None:
+    """The outcomes a view lists: rejected requests only when filtered for,
+    so that a flood of forged ones cannot push real deliveries off the page.
+    """
+    return None if view.outcome is not None else [name for name in OUTCOMES if name != "rejected"]
+
+
 @blueprint.get("", strict_slashes=False)
 def index() -> str:
     """The list of recent deliveries, newest first, filtered by the query
-    parameters ``type``, ``outcome`` and ``account``; ``before`` (a row id)
-    pages back.
-    Rejected requests are listed only when filtered for, so that a flood of
-    forged ones cannot push real deliveries off the page; the page says how
+    parameters ``q`` (a substring of the event id or of a payload value),
+    ``since`` and ``until`` (ISO 8601, UTC), ``type``, ``outcome`` and
+    ``account``; ``before`` (a row id) pages back. Above it, the chart of
+    the period's outcomes.
+    Rejected requests are listed only when filtered for; the page says how
     many there were in the last day.
     """
     log = page_state().log
-    # Free text: a platform's accounts are too many for a list.
-    account = request.args.get("account") or None
-    admitted = _admitted_accounts(log, account)
-    event_types = log.event_types(admitted)
-    event_type = _choice("type", event_types)
-    outcome = _choice("outcome", OUTCOMES)
+    view, admitted, event_types = current_view(log)
     before = _row_id(request.args.get("before"))
-    shown = None if outcome is not None else [name for name in OUTCOMES if name != "rejected"]
+    filters = view.filters(accounts=admitted)
     rows = log.recent(
         PAGE_SIZE + 1,
-        event_type,
-        outcome,
+        view.event_type,
+        view.outcome,
         before=before,
-        outcomes=shown,
-        account=account,
+        outcomes=shown_outcomes(view),
+        account=view.account,
         accounts=admitted,
+        q=view.q,
+        since=view.since,
+        until=view.until,
     )
     older = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
     hidden = 0
-    if outcome is None and event_type is None and account is None and admitted is None:
+    if not view.filtered and admitted is None:
         hidden = log.count("rejected", since=time.time() - REJECTED_WINDOW)
     return _render(
         "ploints/deliveries.html",
@@ -272,12 +281,15 @@ def index() -> str:
         deliveries=rows[:PAGE_SIZE],
         event_types=event_types,
         outcomes=OUTCOMES,
-        event_type=event_type,
-        outcome=outcome,
-        account=account,
+        view=view,
+        event_type=view.event_type,
+        outcome=view.outcome,
+        account=view.account,
         older=older,
         paged=before is not None,
         hidden_rejected=hidden,
+        chart=chart(log, filters),
+        max_rerun=MAX_RERUN,
     )
 
 
@@ -286,21 +298,6 @@ def _pretty(payload: bytes) -> str:
         return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
     except ValueError:
         return payload.decode("utf-8", "replace")
-
-
-def _refusal(app: Flask, delivery: Delivery, exc: Exception) -> str:
-    receiver = receivers(app).get(delivery.name)
-    held = isinstance(exc, ValueError) and str(exc).endswith(_IN_FLIGHT)
-    if not held or receiver is None or receiver.dispatcher.runs_inline:
-        return str(exc)
-    lease = getattr(receiver.dispatcher, "lease", None)
-    until = "" if lease is None else f" (PLOINTS_CELERY_LEASE, {lease:g} s from its last attempt)"
-    return (
-        "a Celery worker holds this event's claim: it is queued, running, or waiting for its"
-        f" next attempt, and keeps the claim{until} until the event is processed or the worker"
-        " gives up, so that it never runs twice at once. Nothing ran; its attempts are listed"
-        " below as they happen. Re-run it once the last one is failed."
-    )
 
 
 def _shown(log: DeliveryLog, delivery_id: int) -> Delivery:
@@ -332,43 +329,3 @@ def detail(delivery_id: int) -> str:
         payload=None if delivery.payload is None else _pretty(delivery.payload),
         history=history,
     )
-
-
-@blueprint.post("/<int:delivery_id>/rerun")
-def rerun(delivery_id: int) -> BaseResponse:
-    """Run a failed delivery's event again, through the same claim, handlers
-    and commit as a delivery; the outcome is flashed and recorded in the log.
-    """
-    delivery = _shown(page_state().log, delivery_id)
-    back = redirect(url_for(".detail", delivery_id=delivery_id), 303)
-    if delivery.outcome != "failed" or delivery.payload is None:
-        flash("Only a failed delivery can be re-run.", "error")
-        return back
-    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    try:
-        outcome = rerun_body(app, delivery.payload, name=delivery.name, account=delivery.account)
-    except (RuntimeError, ValueError) as exc:
-        # The instance is gone from the app, the body no longer parses, or a
-        # delivery of the event holds its claim right now.
-        flash(f"Re-run of {delivery.event_id} refused: {_refusal(app, delivery, exc)}", "error")
-        return back
-    except (StoreError, DispatchError):
-        logger.exception(
-            "re-run of event %s could not start",
-            delivery.event_id,
-            extra=delivery_fields(
-                Outcome.UNAVAILABLE,
-                event_id=delivery.event_id,
-                event_type=delivery.event_type,
-                account=getattr(delivery, "account", None),
-            ),
-        )
-        flash(
-            f"Re-run of {delivery.event_id} did not start: the dedupe store or the queue is"
-            " unavailable. Nothing ran; try again later.",
-            "error",
-        )
-        return back
-    category = "error" if outcome == "failed" else "message"
-    flash(f"Re-run of {delivery.event_id}: {outcome}.", category)
-    return back

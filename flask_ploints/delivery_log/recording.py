@@ -162,22 +162,33 @@ def connect_signals(app: Flask, record: t.Callable[..., None]) -> None:
             started_before=duration or 0.0,
         )
 
-    def rejected(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
-        # The account the URL names is unverified: kept in the reason, never
-        # in the account column, so that a forged request cannot file a row
-        # under a real account's name (nor show it to that account's staff).
-        # Its string form: a converter (<uuid:account>) makes it no string.
-        value = (request.view_args or {}).get("account") if has_request_context() else None
-        if value is not None:
-            claimed = str(value)[:MAX_CLAIMED]
-            reason = f"{reason} (to account {claimed!r} per its URL, unverified)"
-        record("rejected", name=name, reason=reason)
+    def rejected(status: int) -> t.Callable[..., None]:
+        def receiver(sender: Flask, *, name: str, reason: str, **extra: t.Any) -> None:
+            # The account the URL names is unverified: kept in the reason,
+            # never in the account column, so that a forged request cannot
+            # file a row under a real account's name (nor show it to that
+            # account's staff).
+            claimed = None
+            client = None
+            if has_request_context():
+                claimed = (request.view_args or {}).get("account")
+                # ProxyFix, where the app has it, makes this the client's.
+                client = request.remote_addr
+            # Its string form: a converter (<uuid:account>) makes it no string.
+            if claimed is not None:
+                reason = (
+                    f"{reason} (to account {str(claimed)[:MAX_CLAIMED]!r} per its URL, unverified)"
+                )
+            record("rejected", name=name, reason=reason, status=status, client=client)
+
+        return receiver
 
     signals.event_processed.connect(processed, sender=app, weak=False)
     signals.duplicate_skipped.connect(duplicate, sender=app, weak=False)
     signals.handler_failed.connect(failed, sender=app, weak=False)
     signals.event_queued.connect(queued, sender=app, weak=False)
     signals.attempt_failed.connect(retrying, sender=app, weak=False)
-    signals.signature_rejected.connect(rejected, sender=app, weak=False)
-    signals.payload_rejected.connect(rejected, sender=app, weak=False)
+    # The statuses the endpoint answers them with (see flask_ploints.signals).
+    signals.signature_rejected.connect(rejected(401), sender=app, weak=False)
+    signals.payload_rejected.connect(rejected(400), sender=app, weak=False)
     signals.handler_skipped_stale.connect(stale, sender=app, weak=False)

@@ -20,6 +20,12 @@ import typing as t
 from flask import Flask
 
 from ..errors import DeliveryLogError
+from .query import Filters
+from .query import distinct
+from .query import histogram
+from .query import search_text
+from .query import select_rows
+from .query import where
 from .recording import Safely
 from .recording import connect_signals
 from .table import MAX_REASON
@@ -147,9 +153,7 @@ class DeliveryLog:
 
     @property
     def engine(self) -> Engine:
-        """The engine of the log's database; one given as a function is
-        asked for on first use.
-        """
+        """The log's engine; one given as a function is asked on first use."""
         return self._table.engine
 
     @property
@@ -199,6 +203,8 @@ class DeliveryLog:
         duration: float | None = None,
         received_at: float | None = None,
         account: str | None = None,
+        status: int | None = None,
+        client: str | None = None,
     ) -> int:
         """Write one row and return its id. The lifecycle signals call it
         once :meth:`connect` has run; call it yourself for deliveries made
@@ -216,6 +222,8 @@ class DeliveryLog:
         :param received_at: when the delivery arrived; default, now.
         :param account: the account of a rejected request; a verified
             event's is its own :attr:`~flask_ploints.Event.account`.
+        :param status: the status a rejected request was answered.
+        :param client: the address a rejected request came from.
         :raises ValueError: an unknown outcome, or a rejected row with an
             event.
         :raises DeliveryLogError: the database refused.
@@ -237,8 +245,10 @@ class DeliveryLog:
             "traceback": None if traceback is None else traceback[-MAX_TRACEBACK:],
             "duration": duration,
         }
-        if "account" in self.table.c:
-            values["account"] = account if event is None else event.account
+        added = {"account": account if event is None else event.account, "status": status}
+        added["client"] = None if client is None else client[:64]
+        added["search"] = None if event is None else search_text(event.id, event.raw)
+        values.update((key, value) for key, value in added.items() if key in self.table.c)
         with self._begin() as conn:
             result = conn.execute(sa.insert(self.table).values(values))
             key = result.inserted_primary_key
@@ -258,6 +268,9 @@ class DeliveryLog:
         outcomes: t.Collection[str] | None = None,
         account: str | None = None,
         accounts: t.Collection[str] | None = None,
+        q: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Delivery]:
         """Return up to ``limit`` deliveries, newest first.
 
@@ -269,40 +282,37 @@ class DeliveryLog:
         :param account: only the deliveries to this account.
         :param accounts: only the deliveries to these accounts (none for an
             empty collection).
+        :param q: only those whose event id or a payload value holds this
+            text, compared case-insensitively.
+        :param since: only those received at or after, in epoch seconds.
+        :param until: only those received before.
         :raises DeliveryLogError: the database refused.
 
         .. versionchanged:: 0.2
-            The ``account`` and ``accounts`` parameters.
+            The ``account``, ``accounts``, ``q``, ``since``, ``until`` parameters.
         """
         if any("\x00" in text for text in (event_type, event_id, account) if text is not None):
             # No row holds one (events with control characters are refused),
             # and PostgreSQL refuses it in text rather than match nothing.
             return []
         self._prepare()
-        c = self.table.c
-        statement = sa.select(self.table).order_by(c.id.desc()).limit(max(limit, 0))
-        if event_type is not None:
-            statement = statement.where(c.event_type == event_type)
-        if outcome is not None:
-            statement = statement.where(c.outcome == outcome)
-        if outcomes is not None:
-            statement = statement.where(c.outcome.in_(list(outcomes)))
-        if event_id is not None:
-            statement = statement.where(c.event_id == event_id)
-        if before is not None:
-            statement = statement.where(c.id < before)
-        wanted = None if accounts is None else set(accounts)
-        if account is not None:
-            wanted = {account} if wanted is None else wanted & {account}
-        if wanted is not None:
-            if not wanted or "account" not in c:
-                return []
-            statement = statement.where(c.account.in_(sorted(wanted)))
+        filters = Filters(
+            event_type, outcome, outcomes, event_id, before, account, accounts, q, since, until
+        )
+        statement = select_rows(self.table, filters, limit)
         with self._begin() as conn:
-            rows = conn.execute(statement).all()
+            rows = [] if statement is None else conn.execute(statement).all()
+        wanted = filters.wanted()
         # Compared again, exactly: a case-insensitive collation matches "ACME"
         # for "acme", and scoping admits only the accounts it names.
         return [delivery(row) for row in rows if wanted is None or row.account in wanted]
+
+    def _histogram(
+        self, filters: Filters, start: float, width: float, buckets: int
+    ) -> dict[str, list[int]]:
+        """The chart's counts, as :func:`.query.histogram` counts them."""
+        with self._begin() as conn:
+            return histogram(conn, self.table, filters, start, width, buckets)
 
     def count(self, outcome: str, *, since: float) -> int:
         """Return how many rows of ``outcome`` were received since
@@ -310,12 +320,8 @@ class DeliveryLog:
 
         :raises DeliveryLogError: the database refused.
         """
-        c = self.table.c
-        statement = (
-            sa.select(sa.func.count())
-            .select_from(self.table)
-            .where(c.outcome == outcome, c.received_at >= since)
-        )
+        conditions = where(self.table, Filters(outcome=outcome, since=since))
+        statement = sa.select(sa.func.count()).select_from(self.table).where(*conditions or [])
         with self._begin() as conn:
             return int(conn.execute(statement).scalar_one())
 
@@ -339,20 +345,7 @@ class DeliveryLog:
         .. versionchanged:: 0.2
             The ``accounts`` parameter.
         """
-        self._prepare()
-        c = self.table.c
-        statement = (
-            sa.select(c.event_type)
-            .where(c.event_type.is_not(None))
-            .distinct()
-            .order_by(c.event_type)
-        )
-        if accounts is not None:
-            if not accounts or "account" not in c:
-                return []
-            statement = statement.where(c.account.in_(sorted(accounts)))
-        with self._begin() as conn:
-            return [row.event_type for row in conn.execute(statement)]
+        return self._distinct("event_type", accounts)
 
     def accounts(self) -> list[str]:
         """Return the accounts that have rows, sorted.
@@ -361,13 +354,16 @@ class DeliveryLog:
 
         .. versionadded:: 0.2
         """
+        return self._distinct("account", None)
+
+    def _distinct(self, name: str, accounts: t.Collection[str] | None) -> list[str]:
         self._prepare()
-        c = self.table.c
-        if "account" not in c:
+        conditions = where(self.table, Filters(accounts=accounts))
+        if conditions is None or name not in self.table.c:
             return []
-        statement = sa.select(c.account).where(c.account.is_not(None)).distinct()
+        statement = distinct(self.table, name, conditions, self.engine.dialect.name)
         with self._begin() as conn:  # sorted here, whatever the collation
-            return sorted(row.account for row in conn.execute(statement))
+            return sorted(row[0] for row in conn.execute(statement))
 
     def purge(self, older_than_seconds: float, *, now: float | None = None) -> int:
         """Delete the rows received more than ``older_than_seconds`` ago and

@@ -62,10 +62,13 @@ class Delivery:
         ``failed``.
     :param account: the account of an endpoint for many accounts that the
         delivery came to; ``None`` for an endpoint of one.
+    :param status: the HTTP status a rejected request was answered.
+    :param client: the address a rejected request came from
+        (``request.remote_addr``, the real client's behind ``ProxyFix``).
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-        The ``account`` field.
+        The ``account``, ``status`` and ``client`` fields.
     """
 
     id: int
@@ -79,16 +82,36 @@ class Delivery:
     traceback: str | None
     duration: float | None
     account: str | None = None
+    status: int | None = None
+    client: str | None = None
 
 
 #: The column that 0.2 added, for endpoints of many accounts; a table made by
 #: 0.1 gets it on first use (see :func:`upgrade_table`).
 ACCOUNT_COLUMN = "account"
+#: The columns 0.2 added, each nullable: the account; a rejected request's
+#: status and client address; the lowercased text that ``?q=`` searches.
+ADDED_COLUMNS: tuple[str, ...] = (ACCOUNT_COLUMN, "status", "client", "search")
+#: Longest client address kept (an IPv6 address with a zone fits).
+MAX_CLIENT = 64
 
 
-def make_table(name: str, *, account: bool = True) -> sa.Table:
-    """The log's table ``name``; without its account column (``account``
-    false) for a table of 0.1 that the app migrates itself.
+def _added_column(name: str) -> sa.Column[t.Any]:
+    if name == "status":
+        return sa.Column("status", sa.SmallInteger(), nullable=True)
+    if name == "client":
+        return sa.Column("client", sa.String(MAX_CLIENT), nullable=True)
+    if name == "search":
+        return sa.Column("search", sa.Text(), nullable=True)
+    return sa.Column(name, Key(128), nullable=True)
+
+
+def make_table(
+    name: str, *, account: bool = True, added: t.Iterable[str] | None = None
+) -> sa.Table:
+    """The log's table ``name``, with the columns of :data:`ADDED_COLUMNS`
+    in ``added`` (default, all of them): fewer for a table of 0.1 that the
+    app migrates itself. ``account`` false leaves the account column out.
     """
     table = sa.Table(
         name,
@@ -115,51 +138,109 @@ def make_table(name: str, *, account: bool = True) -> sa.Table:
     )
     sa.Index(f"ix_{name}_received_at", table.c.received_at)
     sa.Index(f"ix_{name}_event_id", table.c.event_id)
-    if account:
-        table.append_column(sa.Column(ACCOUNT_COLUMN, Key(128), nullable=True))
+    # Of 0.2: the page's list of event types walks it, not the table.
+    sa.Index(f"ix_{name}_event_type", table.c.event_type)
+    wanted = set(ADDED_COLUMNS if added is None else added)
+    if not account:
+        wanted.discard(ACCOUNT_COLUMN)
+    for column in ADDED_COLUMNS:
+        if column in wanted:
+            table.append_column(_added_column(column))
+    if ACCOUNT_COLUMN in wanted:
         sa.Index(f"ix_{name}_account", table.c.account)
     return table
 
 
+def add_column_statement(engine: sa.Engine, table: sa.Table, name: str) -> str:
+    """The ``ALTER TABLE`` that adds the column ``name`` of
+    :data:`ADDED_COLUMNS` to ``table``, as the docs tell an app that
+    migrates its table itself.
+    """
+    column = table.c[name] if name in table.c else _added_column(name)
+    preparer = engine.dialect.identifier_preparer
+    return (
+        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN"
+        f" {preparer.format_column(column)} {column.type.compile(engine.dialect)}"
+    )
+
+
+def missing_columns(connection: sa.Connection, table: sa.Table) -> list[str]:
+    """The columns of :data:`ADDED_COLUMNS` that the database's ``table``
+    lacks.
+    """
+    present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
+    return [name for name in ADDED_COLUMNS if name not in present]
+
+
 def has_account_column(connection: sa.Connection, table: sa.Table) -> bool:
     """Whether the database's ``table`` has the account column."""
-    columns = sa.inspect(connection).get_columns(table.name)
-    return any(column["name"] == ACCOUNT_COLUMN for column in columns)
+    return ACCOUNT_COLUMN not in missing_columns(connection, table)
 
 
-def upgrade_table(engine: sa.Engine, table: sa.Table, *, alter: bool) -> bool:
-    """Give a table created before 0.2 its account column and index, when
-    ``alter`` allows it: ``ALTER TABLE ... ADD COLUMN``, a nullable column,
-    so old rows read as of no account. Return whether the table has the
-    column now.
+def upgrade_table(engine: sa.Engine, table: sa.Table, *, alter: bool) -> list[str]:
+    """Give a table created before the columns of :data:`ADDED_COLUMNS`
+    those it lacks, and the account's index, when ``alter`` allows it:
+    ``ALTER TABLE ... ADD COLUMN``, nullable columns, so old rows read as of
+    no account, status, client or search text. Return the columns the table
+    still lacks.
 
     :raises sqlalchemy.exc.SQLAlchemyError: the database refused.
     """
     with engine.connect() as connection:
-        if has_account_column(connection, table):
-            return True
-    if not alter:
+        missing = missing_columns(connection, table)
+    if missing and alter:
+        for name in missing:
+            try:
+                with engine.begin() as connection:
+                    connection.execute(sa.text(add_column_statement(engine, table, name)))
+            except sa.exc.SQLAlchemyError:
+                # Another process added it between the check and the ALTER.
+                with engine.connect() as connection:
+                    if name in missing_columns(connection, table):
+                        raise
+        missing = []
+    if alter:
+        for suffix in ("account", "event_type"):
+            index = next(
+                index for index in table.indexes if index.name == f"ix_{table.name}_{suffix}"
+            )
+            try:
+                index.create(engine, checkfirst=True)
+            except sa.exc.SQLAlchemyError:
+                # Created by another process meanwhile; the second check sees it.
+                index.create(engine, checkfirst=True)
+        search_index(engine, table)
+    return missing
+
+
+def search_index(engine: sa.Engine, table: sa.Table) -> bool:
+    """On PostgreSQL, create the trigram index (``pg_trgm``'s GIN) that
+    makes ``?q=`` a lookup rather than a scan, and the extension if it is
+    missing; return whether the index exists. Other databases scan: a
+    substring is found by no index of theirs.
+    """
+    if engine.dialect.name != "postgresql" or "search" not in table.c:
         return False
-    column = table.c[ACCOUNT_COLUMN]
     preparer = engine.dialect.identifier_preparer
+    index = preparer.quote(f"ix_{table.name}_search")
     statement = (
-        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN"
-        f" {preparer.format_column(column)} {column.type.compile(engine.dialect)}"
+        f"CREATE INDEX IF NOT EXISTS {index} ON {preparer.format_table(table)}"
+        f" USING gin ({preparer.quote('search')} gin_trgm_ops)"
     )
     try:
         with engine.begin() as connection:
+            connection.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+        with engine.begin() as connection:
             connection.execute(sa.text(statement))
-    except sa.exc.SQLAlchemyError:
-        # Another process added it between the check and the ALTER.
-        with engine.connect() as connection:
-            if not has_account_column(connection, table):
-                raise
-    index = next(index for index in table.indexes if index.name == f"ix_{table.name}_account")
-    try:
-        index.create(engine, checkfirst=True)
-    except sa.exc.SQLAlchemyError:
-        # Created by another process meanwhile; the second check sees it.
-        index.create(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError as exc:
+        logger.warning(
+            "the delivery log's search scans table %r: its trigram index could not be created"
+            " (%s); run CREATE EXTENSION pg_trgm as a superuser, then %s",
+            table.name,
+            type(exc).__name__,
+            statement,
+        )
+        return False
     return True
 
 
@@ -177,6 +258,8 @@ def delivery(row: sa.Row[t.Any]) -> Delivery:
         duration=row.duration,
         # A table of 0.1 that the app has not migrated has no such column.
         account=row._mapping.get(ACCOUNT_COLUMN),
+        status=row._mapping.get("status"),
+        client=row._mapping.get("client"),
     )
 
 
@@ -189,12 +272,18 @@ def upgraded(managed: ManagedTable, *, alter: bool) -> sa.Table:
     """
     table = managed.table
     with managed.use():
-        has_account = upgrade_table(managed.engine, table, alter=alter)
-    if has_account:
+        missing = upgrade_table(managed.engine, table, alter=alter)
+    if not missing:
         return table
+    them = "it" if len(missing) == 1 else "them"
     logger.warning(
-        "the delivery log's table %r has no account column: add it with your migrations (see"
-        " the delivery log's docs); rows are kept without their account until then",
+        "the delivery log's table %r lacks the column%s %s of 0.2: add %s with your migrations"
+        " (%s); until then, rows are kept without %s",
         table.name,
+        "" if len(missing) == 1 else "s",
+        ", ".join(missing),
+        them,
+        "; ".join(add_column_statement(managed.engine, table, name) for name in missing),
+        them,
     )
-    return make_table(table.name, account=False)
+    return make_table(table.name, added=[name for name in ADDED_COLUMNS if name not in missing])
