@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from flask_ploints.samples import build_event
+from flask_ploints._samples import build_event
 
 HERE = Path(__file__).resolve().parent
 SECRET = "whsec_bench_gunicorn"

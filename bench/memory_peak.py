@@ -25,7 +25,7 @@ import tracemalloc
 import typing as t
 from pathlib import Path
 
-from flask_ploints.config import DEFAULTS
+from flask_ploints._config import DEFAULTS
 from flask_ploints.stores import MemoryStore
 
 LEASE = DEFAULTS["PLOINTS_CLAIM_LEASE"][1].total_seconds()

@@ -63,8 +63,8 @@ from werkzeug.test import EnvironBuilder
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints.samples import build_event
-from flask_ploints.signature import sign
+from flask_ploints._samples import build_event
+from flask_ploints._signature import sign
 from flask_ploints.stores import MemoryStore
 
 SECRET = "whsec_bench_secret"

@@ -65,7 +65,7 @@ from transactional_apps import URL
 from transactional_apps import create_tables
 from transactional_apps import drop_tables
 
-from flask_ploints.samples import build_event
+from flask_ploints._samples import build_event
 
 HERE = Path(__file__).resolve().parent
 POSTGRES_URL = os.environ.get(

@@ -11,9 +11,9 @@ import sys
 import urllib.error
 import urllib.request
 
-from flask_ploints.samples import build_event
-from flask_ploints.signature import SIGNATURE_HEADER
-from flask_ploints.signature import sign
+from flask_ploints._samples import build_event
+from flask_ploints._signature import SIGNATURE_HEADER
+from flask_ploints._signature import sign
 
 
 def forge(url: str) -> int:

@@ -33,8 +33,8 @@ import weakref
 from flask import Flask
 
 from . import signals
-from .config import redact
-from .events import EVENT_TYPES
+from ._config import redact
+from ._events import EVENT_TYPES
 
 try:
     from prometheus_client import REGISTRY
@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 if t.TYPE_CHECKING:
-    from .events import Event
+    from ._events import Event
 
 __all__ = ["Metrics", "connect_metrics", "default_metrics"]
 

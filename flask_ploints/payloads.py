@@ -29,12 +29,12 @@ import inspect
 import types
 import typing as t
 
-from .errors import PayloadError
+from ._errors import PayloadError
 
 __all__ = ["PayloadError", "PointsEarned", "bind", "convert"]
 
 if t.TYPE_CHECKING:
-    from .events import Event
+    from ._events import Event
 
 _Model = t.TypeVar("_Model")
 

@@ -3,7 +3,7 @@ kept (:func:`replay`), or any verified body, such as one from the delivery
 log (:func:`rerun`).
 
 An event is recorded as failed when a Celery worker gave up on it (see
-:mod:`flask_ploints.celery`), or when a run here failed. Once the cause is
+:mod:`flask_ploints._celery`), or when a run here failed. Once the cause is
 fixed, the event goes through the same steps as a delivery: its id is
 claimed, the instance's dispatcher runs it, and the claim is settled. With
 ``PLOINTS_DISPATCH = "sync"`` the handlers run now and the id is committed;
@@ -29,15 +29,15 @@ import enum
 
 from flask import Flask
 
-from .errors import DispatchError
-from .errors import StoreError
-from .events import parse_event
-from .processing import MAX_ERROR
-from .processing import Outcome
-from .processing import Result
-from .processing import error_text
-from .state import Receiver
-from .state import receiver_for
+from ._errors import DispatchError
+from ._errors import StoreError
+from ._events import parse_event
+from ._processing import MAX_ERROR
+from ._processing import Outcome
+from ._processing import Result
+from ._processing import error_text
+from ._state import Receiver
+from ._state import receiver_for
 from .stores import EventState
 from .stores import InspectableStore
 
@@ -75,8 +75,8 @@ def replay(
     :raises ValueError: the event is not failed (done, or in flight), or a
         delivery took it between the check and the claim; ``account`` is
         missing on an endpoint for many accounts, or given on one for one.
-    :raises flask_ploints.errors.StoreError: the store is unavailable.
-    :raises flask_ploints.errors.DispatchError: the task could not be
+    :raises flask_ploints._errors.StoreError: the store is unavailable.
+    :raises flask_ploints._errors.DispatchError: the task could not be
         queued; the event stays failed.
     """
     receiver = receiver_for(app, name)
@@ -119,11 +119,11 @@ def rerun(
         accounts.
     :raises RuntimeError: no instance of that name on ``app``.
     :raises ValueError: the body is not a valid event
-        (:class:`~flask_ploints.errors.InvalidEvent`), or the event is being
+        (:class:`~flask_ploints._errors.InvalidEvent`), or the event is being
         processed right now; ``account`` is missing on an endpoint for many
         accounts, or given on one for one.
-    :raises flask_ploints.errors.StoreError: the store is unavailable.
-    :raises flask_ploints.errors.DispatchError: the task could not be
+    :raises flask_ploints._errors.StoreError: the store is unavailable.
+    :raises flask_ploints._errors.DispatchError: the task could not be
         queued.
     """
     return _run(app, name, payload, None, account)

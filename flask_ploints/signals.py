@@ -24,14 +24,14 @@ from blinker import NamedSignal
 from blinker import Namespace
 from blinker import Signal
 
-from .events import EVENT_TYPES
-from .events import check_event_types
-from .logfields import REJECTED
-from .logfields import delivery_fields
-from .logfields import event_fields
+from ._events import EVENT_TYPES
+from ._events import check_event_types
+from ._logfields import REJECTED
+from ._logfields import delivery_fields
+from ._logfields import event_fields
 
 if t.TYPE_CHECKING:
-    from .events import Event
+    from ._events import Event
 
 __all__ = [
     "attempt_failed",

@@ -25,12 +25,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from .samples import build_event
-from .signature import SIGNATURE_HEADER
-from .signature import sign
-from .state import delivery_target
-from .state import delivery_url
-from .state import receiver_for
+from ._samples import build_event
+from ._signature import SIGNATURE_HEADER
+from ._signature import sign
+from ._state import delivery_target
+from ._state import delivery_url
+from ._state import receiver_for
 from .stores import ClaimStatus
 from .stores import DedupeStore
 from .stores import InspectableStore

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from flask_ploints import sender
-from flask_ploints.samples import build_event
+from flask_ploints import _sender as sender
+from flask_ploints._samples import build_event
 from flask_ploints.testing import PlointsClient
 
 from . import crash_app

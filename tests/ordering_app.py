@@ -1,5 +1,5 @@
 """An app whose tier handler is registered with ``latest_by``, on each store
-that keeps the order, for the tests of :mod:`flask_ploints.ordering`.
+that keeps the order, for the tests of :mod:`flask_ploints._ordering`.
 
 Run as ``python -m tests.ordering_app KIND URL TABLE SECONDS BASE`` it is another
 process: it delivers one ``customer.tier_changed`` event for

@@ -26,7 +26,7 @@ from werkzeug.test import TestResponse
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import current_session
-from flask_ploints.samples import build_event
+from flask_ploints._samples import build_event
 from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import StoredEvent
 from flask_ploints.testing import PlointsClient

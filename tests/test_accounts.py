@@ -97,16 +97,16 @@ from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import SecretLookupError
-from flask_ploints import accounts
+from flask_ploints import _accounts as accounts
 from flask_ploints import signals
-from flask_ploints.celery import TASK_NAME
-from flask_ploints.cli import ploints
+from flask_ploints._celery import TASK_NAME
+from flask_ploints._cli import ploints
+from flask_ploints._signature import SIGNATURE_HEADER
+from flask_ploints._signature import sign
+from flask_ploints._state import receiver_for
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import rerun
-from flask_ploints.signature import SIGNATURE_HEADER
-from flask_ploints.signature import sign
-from flask_ploints.state import receiver_for
 from flask_ploints.stores import InspectableStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event

@@ -29,12 +29,12 @@ from werkzeug.serving import make_server
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints._events import parse_event
+from flask_ploints._samples import SAMPLE_DATA
+from flask_ploints._samples import build_event
+from flask_ploints._signature import SIGNATURE_HEADER
+from flask_ploints._signature import sign
 from flask_ploints.delivery_log import DeliveryLog
-from flask_ploints.events import parse_event
-from flask_ploints.samples import SAMPLE_DATA
-from flask_ploints.samples import build_event
-from flask_ploints.signature import SIGNATURE_HEADER
-from flask_ploints.signature import sign
 
 from .support import SECRET
 from .support import missing

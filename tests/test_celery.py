@@ -58,15 +58,15 @@ from flask import Flask
 
 from flask_ploints import ConfigError
 from flask_ploints import PlointsWebhooks
-from flask_ploints.celery import TASK_NAME
-from flask_ploints.celery import CeleryDispatcher
+from flask_ploints._celery import TASK_NAME
+from flask_ploints._celery import CeleryDispatcher
+from flask_ploints._dispatch import DispatchError
+from flask_ploints._events import parse_event
+from flask_ploints._signature import sign
 from flask_ploints.delivery_log import delivery_log
-from flask_ploints.delivery_log.table import make_table
-from flask_ploints.dispatch import DispatchError
-from flask_ploints.events import parse_event
+from flask_ploints.delivery_log._table import make_table
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
-from flask_ploints.signature import sign
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
 
@@ -472,7 +472,7 @@ def test_a_rerun_refused_while_the_worker_holds_the_claim_says_why(
 
 def test_importing_the_package_does_not_import_celery() -> None:
     code = (
-        "import sys, flask_ploints, flask_ploints.extension, flask_ploints.replay;"
+        "import sys, flask_ploints, flask_ploints._extension, flask_ploints.replay;"
         " print(sorted(m for m in sys.modules if m.split('.')[0] in ('celery', 'kombu')))"
     )
     result = subprocess.run(

@@ -66,8 +66,8 @@ from celery import Celery
 from flask import Flask
 
 from flask_ploints import PlointsWarning
-from flask_ploints.celery import TASK_NAME
-from flask_ploints.cli import ploints
+from flask_ploints._celery import TASK_NAME
+from flask_ploints._cli import ploints
 from flask_ploints.testing import PlointsClient
 
 from .celery_app import Recorder

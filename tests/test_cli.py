@@ -26,8 +26,8 @@ from flask_ploints import EVENT_TYPES
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import on
-from flask_ploints.cli import ploints
-from flask_ploints.signature import sign
+from flask_ploints._cli import ploints
+from flask_ploints._signature import sign
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import InspectableStore
 from flask_ploints.stores import RedisStore

@@ -35,9 +35,9 @@ from werkzeug.test import TestResponse
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints._samples import build_event
+from flask_ploints._signature import sign
 from flask_ploints.delivery_log import DeliveryLog
-from flask_ploints.samples import build_event
-from flask_ploints.signature import sign
 from flask_ploints.testing import PlointsClient
 
 from .support import SECRET
@@ -493,8 +493,8 @@ def test_optional_packages_are_not_imported() -> None:
         "import sys, json\n"
         "from flask import Flask\n"
         "from flask_ploints import PlointsWebhooks\n"
-        "from flask_ploints.samples import build_event\n"
-        "from flask_ploints.signature import sign\n"
+        "from flask_ploints._samples import build_event\n"
+        "from flask_ploints._signature import sign\n"
         "app = Flask('bare')\n"
         "app.testing = True\n"
         f"app.config['PLOINTS_WEBHOOK_SECRET'] = {SECRET!r}\n"
@@ -514,7 +514,7 @@ def test_optional_packages_are_not_imported() -> None:
 
 
 def test_werkzeug_keeps_its_stream_in_the_request_dict() -> None:
-    """flask_ploints.body reads ``wsgi.input`` itself only while nothing
+    """flask_ploints._body reads ``wsgi.input`` itself only while nothing
     made werkzeug's ``Request.stream``; it tells by that cached property
     being in the request's ``__dict__``. If werkzeug stops keeping it there,
     this fails before any delivery could be read short.

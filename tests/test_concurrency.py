@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints.signature import sign
+from flask_ploints._signature import sign
 from flask_ploints.testing import build_event
 
 from .support import SECRET

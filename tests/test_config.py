@@ -15,7 +15,7 @@ from flask import Flask
 from flask_ploints import ConfigError
 from flask_ploints import PlointsWarning
 from flask_ploints import PlointsWebhooks
-from flask_ploints.config import DEFAULTS
+from flask_ploints._config import DEFAULTS
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import NullStore
 

@@ -25,11 +25,11 @@ from werkzeug.test import TestResponse
 
 from flask_ploints import PlointsWebhooks
 from flask_ploints import StoreError
+from flask_ploints._state import receiver_for
 from flask_ploints.delivery_log import delivery_log
-from flask_ploints.state import receiver_for
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import SQLAlchemyStore
-from flask_ploints.stores.sql.deadline import deadline
+from flask_ploints.stores._sql.deadline import deadline
 from flask_ploints.testing import PlointsClient
 
 from .session_app import PROCESSED

@@ -30,13 +30,13 @@ from flask.testing import FlaskClient
 from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
+from flask_ploints._events import parse_event
 from flask_ploints.delivery_log import EXTENSION_KEY
 from flask_ploints.delivery_log import OUTCOMES
 from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.delivery_log import delivery_log
-from flask_ploints.delivery_log.table import make_table
-from flask_ploints.events import parse_event
+from flask_ploints.delivery_log._table import make_table
 from flask_ploints.stores import StoreError
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
@@ -337,7 +337,7 @@ def test_the_largest_id_is_looked_up(shop: Shop) -> None:
 
 
 def test_list_page_pages_back(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("flask_ploints.delivery_log.page.PAGE_SIZE", 2)
+    monkeypatch.setattr("flask_ploints.delivery_log._page.PAGE_SIZE", 2)
     for number in range(5):
         shop.sender.send("points.earned", id=f"evt_{number}")
     page = shop.browser.get(PAGE).get_data(as_text=True)
@@ -1458,7 +1458,7 @@ def test_bulk_rerun_needs_the_csrf_token(shop: Shop, token: str | None) -> None:
 
 
 def test_bulk_rerun_of_all_failed_in_a_view_is_bounded(sqlite_log: DeliveryLog) -> None:
-    from flask_ploints.delivery_log.page import MAX_RERUN
+    from flask_ploints.delivery_log._page import MAX_RERUN
 
     shop = Shop(sqlite_log)
     now = time.time()
@@ -1624,8 +1624,8 @@ def test_a_rejected_request_keeps_its_status_and_client_address(sqlite_log: Deli
 
 
 def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> None:
-    from flask_ploints.delivery_log.chart import chart
-    from flask_ploints.delivery_log.query import Filters
+    from flask_ploints.delivery_log._chart import chart
+    from flask_ploints.delivery_log._query import Filters
 
     now = time.time()
     for account, outcome in [("acme", "processed"), ("ACME", "failed"), ("acme ", "failed")]:
@@ -1641,7 +1641,7 @@ def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> Non
 
 
 def test_the_search_text_of_a_large_payload_is_cut(any_log: DeliveryLog) -> None:
-    from flask_ploints.delivery_log.query import MAX_SEARCH
+    from flask_ploints.delivery_log._query import MAX_SEARCH
 
     # 53 kB of UTF-8, within MariaDB's BLOB for the payload.
     note = "\U0001f4a5" * 12_000 + "x" * 5_000

@@ -26,7 +26,7 @@ from flask import Flask
 from flask_ploints import Account
 from flask_ploints import PlointsWarning
 from flask_ploints import signals
-from flask_ploints.signature import sign
+from flask_ploints._signature import sign
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import StoreContract
 from flask_ploints.testing import build_event

@@ -12,11 +12,11 @@ from flask import Flask
 
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints.signature import sign
+from flask_ploints._signature import sign
+from flask_ploints._views import WebhookEndpoint
 from flask_ploints.stores import MemoryStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
-from flask_ploints.views import WebhookEndpoint
 
 from .support import SECRET
 from .support import build_app

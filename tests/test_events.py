@@ -14,8 +14,8 @@ from flask import Flask
 
 from flask_ploints import EVENT_TYPES
 from flask_ploints import Event
-from flask_ploints.events import InvalidEvent
-from flask_ploints.events import parse_event
+from flask_ploints._events import InvalidEvent
+from flask_ploints._events import parse_event
 from flask_ploints.testing import PlointsClient
 
 VALID = {"id": "evt_1", "type": "points.earned", "timestamp": "2025-06-15T10:30:00Z", "data": {}}

@@ -24,7 +24,7 @@ from example_app.loyalty import Customer
 from example_app.loyalty import db
 from flask_ploints import EVENT_TYPES
 from flask_ploints import Event
-from flask_ploints.state import receiver_for
+from flask_ploints._state import receiver_for
 from flask_ploints.testing import PlointsClient
 
 

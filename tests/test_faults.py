@@ -59,8 +59,8 @@ from pathlib import Path
 
 import pytest
 
-from flask_ploints.samples import build_event
-from flask_ploints.signature import sign
+from flask_ploints._samples import build_event
+from flask_ploints._signature import sign
 
 from .gunicorn_app import SECRET
 from .gunicorn_app import PostgresRecorder

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from flask_ploints.signature import sign
+from flask_ploints._signature import sign
 from flask_ploints.testing import build_event
 
 from .support import SECRET

@@ -84,14 +84,14 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_is_read() -> None:
     graph = _imports(_modules())
-    assert "flask_ploints.state" in graph["flask_ploints.views"] or (
-        "flask_ploints.processing" in graph["flask_ploints.views"]
+    assert "flask_ploints._state" in graph["flask_ploints._views"] or (
+        "flask_ploints._processing" in graph["flask_ploints._views"]
     )
-    assert graph["flask_ploints.errors"] == set()
-    assert graph["flask_ploints.sender"] == set()
+    assert graph["flask_ploints._errors"] == set()
+    assert graph["flask_ploints._sender"] == set()
     # Type-only and function-level imports count.
-    assert "flask_ploints.delivery_log" in graph["flask_ploints.extension"]
-    assert "flask_ploints.celery" in graph["flask_ploints.extension"]
+    assert "flask_ploints.delivery_log" in graph["flask_ploints._extension"]
+    assert "flask_ploints._celery" in graph["flask_ploints._extension"]
 
 
 def test_a_cycle_is_found() -> None:
@@ -106,18 +106,18 @@ def test_no_import_cycles() -> None:
 @pytest.mark.parametrize(
     "lower",
     [
-        "flask_ploints.errors",
-        "flask_ploints.sender",
-        "flask_ploints.events",
+        "flask_ploints._errors",
+        "flask_ploints._sender",
+        "flask_ploints._events",
         "flask_ploints.stores",
-        "flask_ploints.dispatch",
-        "flask_ploints.processing",
-        "flask_ploints.state",
-        "flask_ploints.views",
-        "flask_ploints.celery",
+        "flask_ploints._dispatch",
+        "flask_ploints._processing",
+        "flask_ploints._state",
+        "flask_ploints._views",
+        "flask_ploints._celery",
         "flask_ploints.replay",
         "flask_ploints.delivery_log",
-        "flask_ploints.cli",
+        "flask_ploints._cli",
         "flask_ploints.testing",
     ],
 )
@@ -126,7 +126,7 @@ def test_nothing_below_the_extension_imports_it(lower: str) -> None:
     below = [name for name in graph if name == lower or name.startswith(lower + ".")]
     assert below
     for name in below:
-        assert "flask_ploints.extension" not in graph[name], name
+        assert "flask_ploints._extension" not in graph[name], name
 
 
 def test_one_module_claims_event_ids() -> None:
@@ -141,7 +141,7 @@ def test_one_module_claims_event_ids() -> None:
                 and node.func.attr == "claim"
             ):
                 callers.add(name)
-    assert callers == {"flask_ploints.processing"}
+    assert callers == {"flask_ploints._processing"}
 
 
 def test_modules_are_small() -> None:

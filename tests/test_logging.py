@@ -1,5 +1,5 @@
 """Structured logs: every record the extension writes about an event or a
-delivery carries the fields of :mod:`flask_ploints.logfields` as ``extra``.
+delivery carries the fields of :mod:`flask_ploints._logfields` as ``extra``.
 
 What the tests show:
 
@@ -37,8 +37,8 @@ from flask_ploints import PlointsWarning
 from flask_ploints import PlointsWebhooks
 from flask_ploints import after_commit
 from flask_ploints import signals
-from flask_ploints.logfields import FIELDS
-from flask_ploints.signature import sign
+from flask_ploints._logfields import FIELDS
+from flask_ploints._signature import sign
 from flask_ploints.stores import Claim
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event

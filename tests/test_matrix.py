@@ -58,9 +58,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-from flask_ploints.samples import build_event
-from flask_ploints.signature import SIGNATURE_HEADER
-from flask_ploints.signature import sign
+from flask_ploints._samples import build_event
+from flask_ploints._signature import SIGNATURE_HEADER
+from flask_ploints._signature import sign
 
 from .celery_support import delete_queue
 from .celery_support import until

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
-from flask_ploints.errors import ConfigError
+from flask_ploints._errors import ConfigError
 from flask_ploints.stores import MemoryStore
 from flask_ploints.testing import PlointsClient
 

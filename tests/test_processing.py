@@ -1,4 +1,4 @@
-"""The processing core (flask_ploints/processing.py): one claim, run and
+"""The processing core (flask_ploints/_processing.py): one claim, run and
 settle path for deliveries, re-runs and workers, the handler scopes, and
 what counts as a handler failure.
 """
@@ -18,13 +18,13 @@ from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
-from flask_ploints.dispatch import SyncDispatcher
-from flask_ploints.events import parse_event
-from flask_ploints.processing import HandlerScope
-from flask_ploints.processing import Outcome
+from flask_ploints._dispatch import SyncDispatcher
+from flask_ploints._events import parse_event
+from flask_ploints._processing import HandlerScope
+from flask_ploints._processing import Outcome
+from flask_ploints._state import receiver_for
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import rerun
-from flask_ploints.state import receiver_for
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import EventState
 from flask_ploints.stores import MemoryStore

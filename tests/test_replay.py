@@ -24,9 +24,9 @@ from flask_ploints import Event
 from flask_ploints import InvalidEvent
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
-from flask_ploints.cli import ploints
-from flask_ploints.dispatch import Dispatcher
-from flask_ploints.events import parse_event
+from flask_ploints._cli import ploints
+from flask_ploints._dispatch import Dispatcher
+from flask_ploints._events import parse_event
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
 from flask_ploints.replay import rerun
@@ -123,7 +123,7 @@ def test_the_app_dispatches_inline(app: Flask) -> None:
     dispatcher = app.extensions["ploints"]["ploints"].dispatcher
     assert isinstance(dispatcher, Dispatcher)
     assert dispatcher.runs_inline is True
-    assert type(dispatcher).__module__ == "flask_ploints.dispatch"
+    assert type(dispatcher).__module__ == "flask_ploints._dispatch"
 
 
 def test_a_failed_run_is_recorded_with_its_payload(app: Flask, handler: Handler) -> None:

@@ -66,8 +66,8 @@ from pathlib import Path
 
 import pytest
 
-from flask_ploints.samples import build_event
-from flask_ploints.signature import sign
+from flask_ploints._samples import build_event
+from flask_ploints._signature import sign
 
 from .server_app import SECRET
 from .server_app import effects_key

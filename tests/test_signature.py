@@ -12,8 +12,8 @@ import pytest
 from flask import Flask
 
 from flask_ploints import PlointsWebhooks
-from flask_ploints.signature import sign
-from flask_ploints.signature import verify
+from flask_ploints._signature import sign
+from flask_ploints._signature import verify
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event

@@ -29,7 +29,7 @@ from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import current_session
-from flask_ploints.cli import ploints
+from flask_ploints._cli import ploints
 from flask_ploints.delivery_log import DeliveryLog
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import rerun

@@ -510,9 +510,9 @@ def test_statements_run_as_sqlalchemy_would_run_them(any_store: SQLAlchemyStore)
     # The store runs its compiled statements on the DBAPI cursor itself:
     # each sends the SQL and parameters that SQLAlchemy's own execution
     # sends, and reads the same rows. An IN list, expanded per call, too.
-    from flask_ploints.stores.sql.dbapi import Cursor
-    from flask_ploints.stores.sql.dbapi import DriverError
-    from flask_ploints.stores.sql.dbapi import Query
+    from flask_ploints.stores._sql.dbapi import Cursor
+    from flask_ploints.stores._sql.dbapi import DriverError
+    from flask_ploints.stores._sql.dbapi import Query
 
     store = any_store
     claim = store.claim("evt_1", 60, b"{}")

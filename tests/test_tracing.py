@@ -26,7 +26,7 @@ What the tests show:
 * ``test_true_uses_the_global_provider``.
 * ``test_off_emits_nothing_and_imports_nothing``: with the key off no span
   is made, the processor and handlers are the plain ones, and (in a fresh
-  interpreter) neither :mod:`flask_ploints.tracing` nor OpenTelemetry is
+  interpreter) neither :mod:`flask_ploints._tracing` nor OpenTelemetry is
   imported by a delivery.
 * ``test_config_errors``: a wrong value, and opentelemetry-api missing.
 * ``test_tracing_example``: ``docs/examples/tracing.py``, whose own span
@@ -66,12 +66,12 @@ from flask_ploints import Event
 from flask_ploints import PlointsWarning
 from flask_ploints import PlointsWebhooks
 from flask_ploints import on
-from flask_ploints.dispatch import Handlers
-from flask_ploints.processing import Processor
+from flask_ploints._dispatch import Handlers
+from flask_ploints._processing import Processor
+from flask_ploints._signature import sign
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import replay
 from flask_ploints.replay import rerun
-from flask_ploints.signature import sign
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event
 
@@ -177,7 +177,7 @@ def test_unavailable_span(provider: TracerProvider, exporter: InMemorySpanExport
     assert span.status.status_code is StatusCode.ERROR
     assert (span.status.description or "").startswith("unavailable: StoreError(")
     assert [(event.name, (event.attributes or {})["exception.type"]) for event in span.events] == [
-        ("exception", "flask_ploints.errors.StoreError")
+        ("exception", "flask_ploints._errors.StoreError")
     ]
 
 
@@ -392,7 +392,7 @@ def test_off_emits_nothing_and_imports_nothing(
         "from flask_ploints.testing import PlointsClient\n"
         "app, _ = build_app()\n"
         "assert PlointsClient(app).send('points.earned').status_code == 200\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'flask_ploints.tracing'))))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'flask_ploints._tracing'))))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -412,7 +412,7 @@ def test_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         shown = "'yes'" if value == "yes" else "a list"
         assert str(wrong.value) == f"PLOINTS_TRACE_CONTEXT must be 'fresh' or 'join', not {shown}"
     # As if opentelemetry-api were not installed: importing it fails.
-    monkeypatch.delitem(sys.modules, "flask_ploints.tracing", raising=False)
+    monkeypatch.delitem(sys.modules, "flask_ploints._tracing", raising=False)
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     with pytest.raises(ConfigError) as missing:
         build_app({"PLOINTS_OPENTELEMETRY": True})

@@ -11,9 +11,9 @@ from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import on
 from flask_ploints import signals
+from flask_ploints._signature import sign
+from flask_ploints._signature import verify
 from flask_ploints.payloads import PointsEarned
-from flask_ploints.signature import sign
-from flask_ploints.signature import verify
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import MemoryStore
 from flask_ploints.testing import PlointsClient

@@ -19,15 +19,15 @@ token. See :doc:`/delivery-log`.
 
 from __future__ import annotations
 
-from ..errors import DeliveryLogError
-from .configure import init_delivery_log
-from .page import blueprint
-from .state import EXTENSION_KEY
-from .state import DeliveryLogPage
-from .state import delivery_log
-from .storage import DeliveryLog
-from .table import OUTCOMES
-from .table import Delivery
+from .._errors import DeliveryLogError
+from ._configure import init_delivery_log
+from ._page import blueprint
+from ._state import EXTENSION_KEY
+from ._state import DeliveryLogPage
+from ._state import delivery_log
+from ._storage import DeliveryLog
+from ._table import OUTCOMES
+from ._table import Delivery
 
 __all__ = [
     "EXTENSION_KEY",

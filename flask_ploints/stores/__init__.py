@@ -6,8 +6,8 @@ Redis URL (``redis://``, ``rediss://``, ``unix://``), a database URL
 (``"myapp.stores:MyStore"``) to a store class or factory that is called with
 the app's config.
 
-:class:`~flask_ploints.stores.redis.RedisStore` and
-:class:`~flask_ploints.stores.sql.SQLAlchemyStore` are imported on first
+:class:`~flask_ploints.stores._redis.RedisStore` and
+:class:`~flask_ploints.stores._sql.SQLAlchemyStore` are imported on first
 access (a module ``__getattr__``), so importing this package never imports
 redis or SQLAlchemy; accessing one without its extra installed raises an
 :class:`ImportError` that names the extra.
@@ -20,23 +20,23 @@ import typing as t
 from werkzeug.utils import ImportStringError
 from werkzeug.utils import import_string
 
-from ..config import DEFAULTS
-from ..config import redact
-from .base import Claim
-from .base import ClaimStatus
-from .base import DedupeStore
-from .base import EventState
-from .base import InspectableStore
-from .base import StoredEvent
-from .base import StoreError
-from .base import TransactionalStore
-from .memory import MemoryStore
-from .memory import NullStore
+from .._config import DEFAULTS
+from .._config import redact
+from ._base import Claim
+from ._base import ClaimStatus
+from ._base import DedupeStore
+from ._base import EventState
+from ._base import InspectableStore
+from ._base import StoredEvent
+from ._base import StoreError
+from ._base import TransactionalStore
+from ._memory import MemoryStore
+from ._memory import NullStore
 
 if t.TYPE_CHECKING:
-    from .redis import RedisStore
-    from .session import SessionStore
-    from .sql import SQLAlchemyStore
+    from ._redis import RedisStore
+    from ._session import SessionStore
+    from ._sql import SQLAlchemyStore
 
 __all__ = [
     "Claim",
@@ -62,15 +62,15 @@ _SQL_BACKENDS = frozenset({"postgresql", "postgres", "sqlite", "mysql", "mariadb
 def __getattr__(name: str) -> t.Any:
     # The production stores import their client library, an optional extra.
     if name == "RedisStore":
-        from .redis import RedisStore
+        from ._redis import RedisStore
 
         return RedisStore
     if name == "SQLAlchemyStore":
-        from .sql import SQLAlchemyStore
+        from ._sql import SQLAlchemyStore
 
         return SQLAlchemyStore
     if name == "SessionStore":
-        from .session import SessionStore
+        from ._session import SessionStore
 
         return SessionStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -101,7 +101,7 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
 
     :param value: the configured value. A Flask-SQLAlchemy extension
         (``db``), a ``scoped_session`` or a ``sessionmaker`` gives a
-        :class:`~flask_ploints.stores.session.SessionStore`.
+        :class:`~flask_ploints.stores._session.SessionStore`.
     :param config: the app's config, for store options:
         ``PLOINTS_MEMORY_STORE_MAX_ENTRIES``, ``PLOINTS_REDIS_PREFIX``
         (default ``"ploints:"``) and ``PLOINTS_SQL_TABLE`` (default
@@ -114,7 +114,7 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
         return value
     session = _session_of(value)
     if session is not None:
-        from .session import SessionStore
+        from ._session import SessionStore
 
         return SessionStore(
             session,
@@ -134,11 +134,11 @@ def store_from_config(value: object, config: t.Mapping[str, t.Any]) -> DedupeSto
     if "://" in value:
         scheme = value.split("://", 1)[0].lower()
         if scheme in _REDIS_SCHEMES:
-            from .redis import RedisStore
+            from ._redis import RedisStore
 
             return RedisStore.from_url(value, prefix=_option(config, "PLOINTS_REDIS_PREFIX"))
         if scheme.split("+", 1)[0] in _SQL_BACKENDS:
-            from .sql import SQLAlchemyStore
+            from ._sql import SQLAlchemyStore
 
             try:
                 return SQLAlchemyStore.from_url(

@@ -1,0 +1,456 @@
+"""A dedupe store in Redis, shared by every worker and host.
+
+Needs the ``redis`` package: ``pip install 'flask-ploints[redis]'`` (which
+also installs hiredis, picked up by redis-py automatically).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import typing as t
+
+from .._ordering import Turn
+from .._ordering import TurnStatus
+from ._base import Claim
+from ._base import ClaimStatus
+from ._base import EventState
+from ._base import StoredEvent
+from ._base import StoreError
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "RedisStore needs the redis package; install it with: pip install 'flask-ploints[redis]'"
+    ) from exc
+
+__all__ = ["RedisStore"]
+
+_DONE = Claim(ClaimStatus.DONE)
+# A value starts with the first letter of its state; the Lua scripts below
+# spell the same letters.
+_STATES = {state.value[:1].encode(): state for state in EventState}
+_DONE_LETTER = b"d"
+_FAILED_LETTER = b"f"
+# The take-over script answers "claimed" when it took the id.
+_CLAIMED_LETTER = b"c"
+assert _STATES[_DONE_LETTER] is EventState.DONE and _STATES[_FAILED_LETTER] is EventState.FAILED
+
+# Each event is one string under ``prefix + event_id``:
+#
+#     <s><token>:<attempts>:<updated ms>:<expires ms>\n<error length>:<error><payload>
+#
+# ``s`` is ``i`` (in flight), ``d`` (done) or ``f`` (failed); the times are
+# the writing client's clock, for inspection and Retry-After only. The key's
+# own TTL is the lease or the retention: Redis forgets an expired entry by
+# itself, and an existing in-flight key is a live lease. A done key keeps
+# the error of an earlier failure but not the payload; one that never
+# failed keeps the times of its claim.
+
+# The settle scripts start by reading the key and checking that ARGV[1], the
+# token, holds its live claim; they return 1 when they acted, 0 otherwise.
+# ARGV[2] is the client's time in ms.
+_OWNED = """
+local key = KEYS[1]
+local value = redis.call('GET', key)
+local owner = 'i' .. ARGV[1] .. ':'
+if not value or string.sub(value, 1, #owner) ~= owner then
+    return 0
+end
+"""
+# What the scripts that rewrite the value need of it: its attempts, error
+# and payload.
+_PARSED = """
+local now = tonumber(ARGV[2])
+local newline = string.find(value, '\\n', #owner, true)
+local attempts = string.match(value, '^(%d+):', #owner + 1)
+local length, start = string.match(value, '^(%d+):()', newline + 1)
+local err = string.sub(value, start, start + tonumber(length) - 1)
+local function write(status, ms, payload)
+    redis.call('SET', key, status .. ARGV[1] .. ':' .. attempts .. ':' .. now .. ':' .. (now + ms)
+        .. '\\n' .. #err .. ':' .. err .. payload, 'PX', ms)
+end
+local function payload()
+    return string.sub(value, start + tonumber(length))
+end
+"""
+# ARGV: token, now, retention ms. A value with neither error nor payload
+# (the common case) only changes its status letter; its times stay those of
+# the claim.
+_COMMIT = (
+    _OWNED
+    + """
+local retention = tonumber(ARGV[3])
+if string.find(value, '\\n', #owner, true) == #value - 2 then
+    redis.call('SETRANGE', key, 0, 'd')
+    redis.call('PEXPIRE', key, retention)
+    return 1
+end
+"""
+    + _PARSED
+    + """
+write('d', retention, '')
+return 1
+"""
+)
+# ARGV: token, now.
+_RELEASE = (
+    _OWNED
+    + """
+redis.call('DEL', key)
+return 1
+"""
+)
+# ARGV: token, now, lease ms.
+_EXTEND = (
+    _OWNED
+    + _PARSED
+    + """
+write('i', tonumber(ARGV[3]), payload())
+return 1
+"""
+)
+# ARGV: token, now, retention ms, error.
+_FAIL = (
+    _OWNED
+    + _PARSED
+    + """
+err = ARGV[4]
+write('f', tonumber(ARGV[3]), payload())
+return 1
+"""
+)
+# A claim that found a failed key takes it over, unless it changed since.
+# ARGV: token, now, lease ms, the value of a fresh claim, payload ('' none).
+# Returns {'claimed' | 'done' | 'in_flight', the holder's expiry in ms}.
+_TAKE_OVER = """
+local key = KEYS[1]
+local lease = tonumber(ARGV[3])
+local value = redis.call('GET', key)
+if not value then
+    redis.call('SET', key, ARGV[4], 'PX', lease)
+    return {'claimed', 0}
+end
+local status, _, attempts, _, expires, length, tail =
+    string.match(value, '^(%a)(%x*):(%d+):(%d+):(%d+)\\n(%d+):(.*)$')
+if status == 'd' then
+    return {'done', 0}
+end
+if status == 'i' then
+    return {'in_flight', tonumber(expires)}
+end
+local now = tonumber(ARGV[2])
+length = tonumber(length)
+local payload = ARGV[5]
+if payload == '' then
+    payload = string.sub(tail, length + 1)
+end
+redis.call('SET', key, 'i' .. ARGV[1] .. ':' .. (tonumber(attempts) + 1) .. ':' .. now .. ':'
+    .. (now + lease) .. '\\n' .. length .. ':' .. string.sub(tail, 1, length) .. payload,
+    'PX', lease)
+return {'claimed', 0}
+"""
+
+# latest_by: KEYS[1] holds the newest timestamp applied (ms), KEYS[2] the
+# token of the turn in progress. ARGV: timestamp, token, lease ms.
+# Returns {'run' | 'stale' | 'busy', newest ms or the turn's ms left or ''}.
+_ORDER_BEGIN = """
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then
+    return {'busy', left}
+end
+local newest = redis.call('GET', KEYS[1])
+if newest and tonumber(newest) > tonumber(ARGV[1]) then
+    return {'stale', newest}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {'run', newest or ''}
+"""
+# ARGV: token, timestamp ('' when nothing was applied), retention ms.
+_ORDER_END = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+    return 0
+end
+redis.call('DEL', KEYS[2])
+if ARGV[2] ~= '' then
+    local newest = redis.call('GET', KEYS[1])
+    if not newest or tonumber(newest) < tonumber(ARGV[2]) then
+        newest = ARGV[2]
+    end
+    redis.call('SET', KEYS[1], newest, 'PX', ARGV[3])
+end
+return 1
+"""
+
+# Enough of a value to hold its header, for listing failed events.
+_HEADER_BYTES = 128
+_SCAN_BATCH = 500
+
+
+def _ms(seconds: float) -> int:
+    # PX refuses 0; a non-positive time means "already over".
+    return max(1, round(seconds * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    for special in "\\*?[]":
+        text = text.replace(special, "\\" + special)
+    return text
+
+
+class RedisStore:
+    """Remembers event ids in Redis, one string key per id with its lease or
+    retention as the key's TTL, so every worker process and host shares the
+    same dedupe state. A new event costs two round trips (``SET NX PX GET``,
+    then a token-checked commit script), a duplicate one. Every
+    :class:`redis.RedisError` is raised as :class:`.StoreError`. Redis 7 or
+    later, one server (no Cluster), and **no eviction** of these keys; see
+    :doc:`/stores` for how it works and how to run it.
+
+    It implements :class:`.InspectableStore`.
+
+    :param client: the redis-py client; responses must not be decoded
+        (``decode_responses=False``, the default).
+    :param prefix: put before every event id to make its key.
+    :param keep_payloads: keep the raw body of in-flight and failed events,
+        for replay. Done events never keep it, to spare Redis memory.
+    :param clock: returns the current time in seconds since the epoch, for
+        the times the store writes into its values; default
+        :func:`time.time`. The TTLs are kept by Redis and do not read it.
+        Tests pass a :class:`~flask_ploints.testing.FakeClock`.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``clock`` parameter.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "ploints:",
+        keep_payloads: bool = True,
+        clock: t.Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.keep_payloads = keep_payloads
+        self._clock = clock
+        self._take_over = client.register_script(_TAKE_OVER)
+        self._commit = client.register_script(_COMMIT)
+        self._release = client.register_script(_RELEASE)
+        self._extend = client.register_script(_EXTEND)
+        self._fail = client.register_script(_FAIL)
+        self._order_begin = client.register_script(_ORDER_BEGIN)
+        self._order_end = client.register_script(_ORDER_END)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "ploints:",
+        timeout: float = 2.0,
+        keep_payloads: bool = True,
+        clock: t.Callable[[], float] = time.time,
+    ) -> RedisStore:
+        """Build a store with its own client for ``url`` (``redis://``,
+        ``rediss://`` or ``unix://``). No connection is made until the first
+        call.
+
+        :param url: where Redis is, as redis-py's ``Redis.from_url`` reads it.
+        :param prefix: put before every event id to make its key.
+        :param timeout: seconds to wait to connect, and for each answer.
+        :param keep_payloads: see :class:`RedisStore`.
+        :param clock: see :class:`RedisStore`.
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            # One immediate retry mends a pooled connection that Redis closed
+            # (a restart); timeouts are not retried, so a dead Redis answers
+            # within the timeout rather than after redis-py's ten retries.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        return cls(client, prefix=prefix, keep_payloads=keep_payloads, clock=clock)
+
+    def key(self, event_id: str) -> str:
+        """Return the Redis key of ``event_id``."""
+        return self.prefix + event_id
+
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
+        """See :meth:`.DedupeStore.claim`. One round trip, two when the id
+        failed before.
+        """
+        token = secrets.token_hex(8)
+        lease_ms = _ms(lease)
+        now = self._now_ms()
+        body = payload if payload and self.keep_payloads else b""
+        value = b"i%s:1:%d:%d\n0:%s" % (token.encode(), now, now + lease_ms, body)
+        key = self.key(event_id)
+        try:
+            # With GET, the reply is the value held before, or None.
+            held = t.cast(
+                "bytes | None", self.client.set(key, value, nx=True, px=lease_ms, get=True)
+            )
+            if held is None:
+                return Claim(ClaimStatus.CLAIMED, token)
+            status, expires = held[:1], _expires(held)
+            if status == _FAILED_LETTER:
+                answer = self._take_over(keys=[key], args=[token, now, lease_ms, value, body])
+                status, expires = answer[0][:1], int(answer[1])
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        if status == _CLAIMED_LETTER:
+            return Claim(ClaimStatus.CLAIMED, token)
+        if status == _DONE_LETTER:
+            return _DONE
+        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(0, expires - now) / 1000)
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.commit`. One round trip."""
+        return self._settle(self._commit, event_id, token, _ms(retention))
+
+    def release(self, event_id: str, token: str) -> bool:
+        """See :meth:`.DedupeStore.release`. One round trip; the key is
+        deleted.
+        """
+        return self._settle(self._release, event_id, token)
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        """See :meth:`.DedupeStore.extend`. One round trip."""
+        return self._settle(self._extend, event_id, token, _ms(lease))
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.fail`. One round trip; the key keeps the
+        error for ``retention`` seconds.
+        """
+        return self._settle(self._fail, event_id, token, _ms(retention), error.encode())
+
+    def get(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`.InspectableStore.get`. One round trip."""
+        try:
+            value = t.cast("bytes | None", self.client.get(self.key(event_id)))
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        return None if value is None else _stored(event_id, value)
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """See :meth:`.InspectableStore.failed`.
+
+        Redis keeps no index of failed events, so this scans every key under
+        the prefix with ``SCAN`` and reads the start of each: it costs
+        O(keys) and is meant for occasional inspection, not for a request
+        path.
+        """
+        found: list[tuple[int, bytes]] = []
+        try:
+            pattern = _glob_escape(self.prefix) + "*"
+            keys = self.client.scan_iter(match=pattern, count=_SCAN_BATCH, _type="string")
+            for batch in _batches(keys, _SCAN_BATCH):
+                with self.client.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.getrange(key, 0, _HEADER_BYTES)
+                    headers = pipe.execute()
+                for key, header in zip(batch, headers, strict=True):
+                    if header[:1] == _FAILED_LETTER:
+                        found.append((_updated(header), key))
+            found.sort(reverse=True)
+            newest = [key for _, key in found[: max(limit, 0)]]
+            values = t.cast("list[bytes | None]", self.client.mget(newest) if newest else [])
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        size = len(self.prefix.encode())
+        # A key may have expired or been claimed again since the scan.
+        return [
+            _stored(key[size:].decode("utf-8", "replace"), value)
+            for key, value in zip(newest, values, strict=True)
+            if value is not None and value[:1] == _FAILED_LETTER
+        ]
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _settle(self, script: t.Any, event_id: str, token: str, *args: t.Any) -> bool:
+        try:
+            return bool(script(keys=[self.key(event_id)], args=[token, self._now_ms(), *args]))
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+
+    # -- latest_by (flask_ploints._ordering.OrderedStore)
+
+    def _order_keys(self, key: str) -> list[str]:
+        # Under "\x1e", which no event id holds (the parser refuses control
+        # characters): never an event's key.
+        return [f"{self.prefix}\x1eo:{key}", f"{self.prefix}\x1et:{key}"]
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`. One round trip."""
+        # "t" first: a value that never starts with a state's letter, so
+        # failed() never takes it for an event.
+        token = "t" + secrets.token_hex(8)
+        try:
+            status, value = self._order_begin(
+                keys=self._order_keys(key), args=[timestamp, token, _ms(lease)]
+            )
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        if status == b"busy":
+            return Turn(TurnStatus.BUSY, retry_after=int(value) / 1000)
+        newest = int(value) if value else None
+        if status == b"stale":
+            return Turn(TurnStatus.STALE, newest=newest)
+        return Turn(TurnStatus.RUN, token, newest)
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`. One round trip."""
+        stamp = "" if timestamp is None else str(timestamp)
+        try:
+            return bool(
+                self._order_end(keys=self._order_keys(key), args=[token, stamp, _ms(retention)])
+            )
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+
+
+def _fields(value: bytes) -> list[bytes]:
+    # The header's fields after the status: token, attempts, updated, expires.
+    return value[1 : value.index(b"\n")].split(b":")
+
+
+def _expires(value: bytes) -> int:
+    return int(_fields(value)[3])
+
+
+def _updated(header: bytes) -> int:
+    return int(_fields(header)[2])
+
+
+def _stored(event_id: str, value: bytes) -> StoredEvent:
+    _, attempts, updated, _ = _fields(value)
+    rest = value[value.index(b"\n") + 1 :]
+    length, _, tail = rest.partition(b":")
+    size = int(length)
+    return StoredEvent(
+        id=event_id,
+        status=_STATES[value[:1]],
+        attempts=int(attempts),
+        error=tail[:size].decode("utf-8", "replace") if size else None,
+        payload=tail[size:] or None,
+        updated_at=int(updated) / 1000,
+    )
+
+
+def _batches(items: t.Iterable[bytes], size: int) -> t.Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

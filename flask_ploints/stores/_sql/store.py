@@ -1,0 +1,423 @@
+"""The dedupe store in a SQL database: :class:`SQLAlchemyStore`."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateTable
+
+from ..._ordering import Turn
+from ..._ordering import TurnStatus
+from .._base import Claim
+from .._base import ClaimStatus
+from .._base import EventState
+from .._base import StoredEvent
+from .._base import StoreError
+from .connections import Connections
+from .connections import Kept
+from .connections import PerCall
+from .connections import pool_limit
+from .connections import run
+from .dbapi import Cursor
+from .dbapi import DriverError
+from .dbapi import Query
+from .ordering import OrderStatements
+from .ordering import make_order_table
+from .statements import Holder
+from .statements import Statements
+from .statements import holder
+from .statements import make_table
+from .statements import stored
+from .tables import ManagedTable
+from .tables import engine_from_url
+
+__all__ = ["SQLAlchemyStore"]
+
+_IN_FLIGHT = EventState.IN_FLIGHT
+_DONE = EventState.DONE
+_FAILED = EventState.FAILED
+_CLAIMED_DONE = Claim(ClaimStatus.DONE)
+# A claim goes round again when the row changes under it (released, purged,
+# or inserted by a concurrent claim after the statement's snapshot); more
+# than a few rounds means something is wrong.
+_CLAIM_ROUNDS = 5
+_T = t.TypeVar("_T")
+
+
+class SQLAlchemyStore:
+    """Remembers event ids in one table of a SQL database, shared by every
+    worker process and host; tested on PostgreSQL (psycopg 3) and SQLite.
+    It implements :class:`.InspectableStore` and raises every database error
+    as :class:`.StoreError`. :doc:`/sql-store` describes its table,
+    statements, connections and clocks.
+
+    :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
+        be shared. The store switches a connection to autocommit mode for
+        the time of a call, and back.
+    :param table_name: the table to keep event ids in.
+    :param keep_payloads: keep each event's raw body, for replay.
+    :param create_table: create the table (if missing) on first use; else
+        call :meth:`create_table` or create it with your migrations.
+    :param clock: the time in seconds since the epoch, for every time the
+        store writes or compares; default, :func:`time.time`.
+    :param statement_timeout: the most seconds one statement may take on a
+        network database before its connection is cut and the call raises
+        :class:`.StoreError`; ``None`` for no bound. See :doc:`/sql-store`.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        The ``clock`` and ``statement_timeout`` parameters.
+    """
+
+    #: Dialects that claim with ``INSERT ... ON CONFLICT``, with their
+    #: ``insert`` construct; others insert, then update.
+    _upserts: t.ClassVar[dict[str, t.Callable[[sa.Table], t.Any]]] = {
+        "postgresql": postgresql.insert,
+        "sqlite": sqlite.insert,
+    }
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        table_name: str = "ploints_events",
+        keep_payloads: bool = True,
+        create_table: bool = True,
+        clock: t.Callable[[], float] = time.time,
+        statement_timeout: float | None = 2.0,
+    ) -> None:
+        self.engine = engine
+        dialect = engine.dialect.name
+        self.table = make_table(table_name, dialect)
+        self.keep_payloads = keep_payloads
+        self._clock = clock
+        self._timeout = statement_timeout
+        self._connections: Connections = PerCall(engine, switch=True, timeout=statement_timeout)
+        self._queries: dict[int, Query] = {}
+        self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
+        self._table = ManagedTable(
+            engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
+        )
+        #: ``latest_by``'s table: the table's name with ``_order``.
+        self.order_table = make_order_table(f"{table_name}_order")
+        self._order_sql = OrderStatements(self.order_table, dialect)
+        self._order_missing = create_table
+        self._order_lock = threading.Lock()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        engine_options: t.Mapping[str, t.Any] | None = None,
+        **kwargs: t.Any,
+    ) -> SQLAlchemyStore:
+        """Build a store with its own engine for ``url`` (see
+        :func:`engine_from_url`), in ``AUTOCOMMIT`` mode and without pings.
+        Except on SQLite, it keeps the connections it used between calls, at
+        most the pool's size plus overflow, until :meth:`close`; see
+        :doc:`/sql-store`. No connection is made until the first call.
+
+        :param url: a SQLAlchemy database URL.
+        :param timeout: seconds to wait to connect, for a free connection,
+            and (unless ``statement_timeout`` is given) for a statement; on
+            SQLite, for another process's write lock.
+        :param engine_options: more keyword arguments for
+            :func:`sqlalchemy.create_engine`; they win over the above.
+        :param kwargs: passed to the constructor (``table_name``,
+            ``keep_payloads``, ``create_table``, ``clock``).
+        """
+        options: dict[str, t.Any] = {
+            "pool_pre_ping": False,
+            "isolation_level": "AUTOCOMMIT",
+            **(engine_options or {}),
+        }
+        autocommit = options["isolation_level"] == "AUTOCOMMIT"
+        if autocommit:
+            # No transaction is ever left open to roll back on checkin.
+            options.setdefault("pool_reset_on_return", None)
+        kwargs.setdefault("statement_timeout", timeout)
+        store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
+        on_sqlite = store.engine.dialect.name == "sqlite"
+        if autocommit and not on_sqlite:
+            limit = pool_limit(options.get("pool_size", 5), options.get("max_overflow", 10))
+            store._connections = Kept(store.engine, limit=limit, wait=timeout)
+        elif autocommit:
+            store._connections = PerCall(store.engine, switch=False, timeout=store._timeout)
+        return store
+
+    def close(self) -> None:
+        """Give back the connections the store keeps between calls. The
+        store connects again if it is used after.
+        """
+        self._connections.drop()
+
+    def create_table(self) -> None:
+        """Create the table and its index unless they exist.
+
+        :raises StoreError: the database refused.
+        """
+        self._table.create()
+
+    def prepare(self) -> None:
+        """Create the table now if the store creates it on first use and
+        this is the first use.
+
+        :raises StoreError: the database refused.
+
+        .. versionadded:: 0.2
+        """
+        self._table.ready()
+
+    def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
+        """See :meth:`.DedupeStore.claim`. The payload is kept when
+        ``keep_payloads`` is set; a new claim without one keeps the last.
+        """
+        token = secrets.token_hex(8)
+        params: dict[str, t.Any] = {
+            "event_id": event_id,
+            "claim_token": token,
+            "body": payload if self.keep_payloads else None,
+        }
+        for _ in range(_CLAIM_ROUNDS):
+            now = params["now"] = self._clock()
+            params["lease_end"] = now + lease
+            found = self._run(lambda cursor, _retry: self._claim(cursor, params))
+            if found is None:
+                # Released or purged between the statements: go round again.
+                continue
+            # Our token: the claim inserted or took over the row, now or in
+            # a first run whose connection died before the answer came back.
+            if found.token == token and found.status == _IN_FLIGHT:
+                return Claim(ClaimStatus.CLAIMED, token)
+            if found.status == _DONE and found.expires > now:
+                return _CLAIMED_DONE
+            if found.status == _IN_FLIGHT and found.lease_expires > now:
+                return Claim(ClaimStatus.IN_FLIGHT, retry_after=found.lease_expires - now)
+        raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
+
+    def _claim(self, cursor: Cursor, params: dict[str, t.Any]) -> Holder | None:
+        """Insert the row, or take it over when it is free; return the row's
+        holder: ours when this claim owns it.
+        """
+        sql = self._sql
+        ours = Holder(params["claim_token"], _IN_FLIGHT, params["lease_end"], 0.0)
+        if sql.insert_new is not None and cursor.execute(sql.insert_new, params).rowcount == 1:
+            return ours
+        if sql.claim is not None:
+            return holder(cursor.first(sql.claim, params))
+        if sql.upsert is not None and self.engine.dialect.insert_returning:
+            found = holder(cursor.first(sql.upsert, params))
+            if found is not None:
+                return found
+        else:
+            # In autocommit mode the failed INSERT leaves the connection usable.
+            try:
+                cursor.execute(sql.insert, params)
+                return ours
+            except DriverError as exc:
+                if not exc.duplicate:
+                    raise
+            if cursor.execute(sql.take_over, params).rowcount == 1:
+                return ours
+        return holder(cursor.first(sql.holder, params))
+
+    def commit(self, event_id: str, token: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.commit`."""
+        now = self._clock()
+        return self._settle(
+            self._sql.commit,
+            {"event_id": event_id, "claim_token": token, "now": now, "keep_until": now + retention},
+            lambda found: found is not None and (found.token, found.status) == (token, _DONE),
+        )
+
+    def release(self, event_id: str, token: str) -> bool:
+        """See :meth:`.DedupeStore.release`. The row is deleted."""
+        return self._settle(
+            self._sql.release,
+            {"event_id": event_id, "claim_token": token, "now": self._clock()},
+            lambda found: found is None,
+        )
+
+    def extend(self, event_id: str, token: str, lease: float) -> bool:
+        """See :meth:`.DedupeStore.extend`."""
+        now = self._clock()
+        # Run again after a first run that did extend, it matches again.
+        return self._settle(
+            self._sql.extend,
+            {"event_id": event_id, "claim_token": token, "now": now, "lease_end": now + lease},
+            None,
+        )
+
+    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+        """See :meth:`.DedupeStore.fail`. The row keeps the error for
+        ``retention`` seconds.
+        """
+        now = self._clock()
+        params = {
+            "event_id": event_id,
+            "claim_token": token,
+            "now": now,
+            "keep_until": now + retention,
+            "reason": error,
+        }
+        return self._settle(
+            self._sql.fail,
+            params,
+            lambda found: found is not None and (found.token, found.status) == (token, _FAILED),
+        )
+
+    def _settle(
+        self,
+        statement: sa.ClauseElement,
+        params: dict[str, t.Any],
+        done_before: t.Callable[[Holder | None], bool] | None,
+    ) -> bool:
+        """Run a conditional ``UPDATE`` or ``DELETE``: ``True`` when it matched.
+
+        :param done_before: when the statement runs a second time (its first
+            connection died) and matches nothing, whether the row shows that
+            the first run did the work before the connection died.
+        """
+
+        def settle(cursor: Cursor, retry: bool) -> bool:
+            if cursor.execute(statement, params).rowcount == 1:
+                return True
+            if not retry or done_before is None:
+                return False
+            return done_before(holder(cursor.first(self._sql.holder, params)))
+
+        return self._run(settle)
+
+    def purge(self, now: float | None = None, *, in_flight_grace: float = 86400.0) -> int:
+        """Delete the rows the store no longer needs, and return how many.
+
+        Those are done and failed rows past their retention, and in-flight
+        rows whose lease ended more than ``in_flight_grace`` seconds ago (their
+        process died; the sender's next retry would claim them anew). Run it
+        from a periodic job; the receiver never calls it.
+
+        :param now: the time to purge as of, in seconds since the epoch;
+            default, the store's clock.
+        :param in_flight_grace: how long to keep an abandoned in-flight row,
+            for inspection.
+        """
+        now = self._clock() if now is None else now
+        params = {"now": now, "abandoned_before": now - in_flight_grace}
+        count: int = self._run(
+            lambda cursor, _retry: cursor.execute(self._sql.purge, params).rowcount
+        )
+        return count
+
+    def get(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`.InspectableStore.get`."""
+        params = {"event_id": event_id, "now": self._clock()}
+        row = self._run(lambda cursor, _retry: cursor.first(self._sql.get, params))
+        return None if row is None else stored(row)
+
+    def failed(self, limit: int = 100) -> list[StoredEvent]:
+        """See :meth:`.InspectableStore.failed`. Uses the table's index of
+        failed rows.
+        """
+        params = {"now": self._clock(), "limit": max(limit, 0)}
+        rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
+        return [stored(row) for row in rows]
+
+    def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
+        with self._table.use():
+            return run(
+                self._connections, self.engine.dialect, self._queries, operation, self._timeout
+            )
+
+    # -- latest_by (flask_ploints._ordering.OrderedStore)
+
+    def prepare_order(self) -> None:
+        """Create :attr:`order_table` unless it exists, on first use (unless
+        the store was made with ``create_table=False``). On a connection of
+        the store's own: the ones it keeps between calls may be all of the
+        pool's.
+
+        :raises StoreError: the database refused.
+        """
+        if not self._order_missing:
+            return
+        with self._order_lock:
+            if not self._order_missing:
+                return
+            ddl = str(
+                CreateTable(self.order_table, if_not_exists=True).compile(
+                    dialect=self.engine.dialect
+                )
+            )
+            with self._table.use():
+                for attempt in (1, 2):
+                    connection = self._connections.take()
+                    try:
+                        cursor = connection.cursor()
+                        try:
+                            cursor.execute(ddl)
+                        finally:
+                            cursor.close()
+                        break
+                    except Exception as exc:
+                        # Another process created it at the same moment.
+                        if attempt == 2:
+                            raise StoreError(f"database: {type(exc).__name__}: {exc}") from exc
+                    finally:
+                        self._connections.give_back(connection)
+            self._order_missing = False
+
+    def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
+        """See :meth:`.OrderedStore.order_begin`: one ``UPDATE`` when the
+        turn is free, in the table named after the store's with ``_order``.
+        """
+        self.prepare_order()
+        sql = self._order_sql
+        token = secrets.token_hex(8)
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
+
+        def begin(cursor: Cursor, _retry: bool) -> t.Any:
+            if cursor.execute(sql.take, params).rowcount == 1:
+                return None
+            row = cursor.first(sql.read, params)
+            if row is None:
+                cursor.execute(sql.insert, params)
+                if cursor.execute(sql.take, params).rowcount == 1:
+                    return None
+                row = cursor.first(sql.read, params)
+            return row
+
+        for _ in range(_CLAIM_ROUNDS):
+            now = params["now"] = self._clock()
+            params["turn_end"] = now + lease
+            row = self._run(begin)
+            if row is None:
+                return Turn(TurnStatus.RUN, token)
+            newest, expires, holder, turn_ends = row
+            # Ours: taken by a first run whose answer was lost.
+            if holder == token:
+                return Turn(TurnStatus.RUN, token)
+            if holder and turn_ends > now:
+                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+            if newest is not None and expires > now and timestamp < newest:
+                return Turn(TurnStatus.STALE, newest=int(newest))
+        raise StoreError(f"the turn on {key!r} kept racing with other requests")
+
+    def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
+        """See :meth:`.OrderedStore.order_end`. One ``UPDATE``."""
+        now = self._clock()
+        params: dict[str, t.Any] = {"ordered": key, "turn_token": token}
+        if timestamp is None:
+            statement = self._order_sql.end_failed
+        else:
+            statement = self._order_sql.end_applied
+            params.update(stamp=timestamp, now=now, keep_until=now + retention)
+        return self._settle(statement, params, None)
