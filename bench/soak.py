@@ -9,7 +9,7 @@ The sender (``--senders`` threads, round robin over the servers) sends each
 event once, paced at ``--rate`` events/s, and retries a failed attempt (a
 connection error, a timeout after the sender's 10 s, any non-2xx status
 such as 5xx or 409) after +1 min, +5 min, +30 min, +2 h, +12 h
-(:data:`flask_ploints._sender.RETRY_SCHEDULE`) divided by ``--compress``
+(:data:`flask_ploints._config.SENDER_RETRY_SCHEDULE`) divided by ``--compress``
 (default 500: the whole schedule in 105 s); after the last it gives up. On
 purpose, as Ploints does when an answer is lost, some events are sent
 again after a 2xx (``--lost-answers``), and some are sent twice at once
@@ -68,9 +68,9 @@ from transactional_bench import Gunicorn
 from transactional_bench import post
 from transactional_bench import signed
 
+from flask_ploints._config import SENDER_RETRY_SCHEDULE as RETRY_SCHEDULE
+from flask_ploints._config import SENDER_TIMEOUT as TIMEOUT
 from flask_ploints._samples import build_event
-from flask_ploints._sender import RETRY_SCHEDULE
-from flask_ploints._sender import TIMEOUT
 
 DB_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHARED_BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")

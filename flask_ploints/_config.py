@@ -1,4 +1,7 @@
-"""Configuration keys, their defaults, and the checks made at start-up.
+"""Configuration keys, their defaults, and the checks made at start-up; and
+what the sender, Ploints, documents about its deliveries (how long it waits
+for an answer and when it retries), which the checks, the endpoint's
+messages and ``flask ploints simulate`` all take from here.
 
 Each setting can come from three places, first found wins: a keyword argument
 to :class:`~flask_ploints.PlointsWebhooks`, the app's config key, the
@@ -18,7 +21,6 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
-from . import _sender as sender
 from ._accounts import Accounts
 from ._accounts import check_lookup
 from ._errors import ConfigError
@@ -27,6 +29,7 @@ from ._errors import PlointsWarning
 __all__ = [
     "DEFAULTS",
     "DELIVERY_LOG_DEFAULTS",
+    "SENDER_RETRY_SCHEDULE",
     "SENDER_RETRY_SPAN",
     "SENDER_TIMEOUT",
     "CelerySettings",
@@ -37,10 +40,18 @@ __all__ = [
     "redact",
 ]
 
-#: :data:`flask_ploints._sender.RETRY_SPAN`, under its earlier name.
-SENDER_RETRY_SPAN = sender.RETRY_SPAN
-#: :data:`flask_ploints._sender.TIMEOUT`, under its earlier name.
-SENDER_TIMEOUT = sender.TIMEOUT
+#: Seconds the sender waits for an answer before it counts a timeout and
+#: retries.
+SENDER_TIMEOUT = 10.0
+
+#: Seconds before each of the sender's attempts, counted from the one
+#: before: the first delivery, then the five retries (+1 min, +5 min,
+#: +30 min, +2 h, +12 h). After the last the event is marked failed and can
+#: only be resent by hand.
+SENDER_RETRY_SCHEDULE: tuple[int, ...] = (0, 60, 5 * 60, 30 * 60, 2 * 3600, 12 * 3600)
+
+#: Seconds from a first delivery to the sender's last retry (about 14.6 h).
+SENDER_RETRY_SPAN = sum(SENDER_RETRY_SCHEDULE)
 
 #: The longest ``PLOINTS_SQL_TABLE``: its longest index name,
 #: ``ix_<table>_status_updated`` on databases without partial indexes, must
@@ -338,9 +349,9 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
         )
     lease = parse_seconds("PLOINTS_CLAIM_LEASE", get("PLOINTS_CLAIM_LEASE"))
     assert lease is not None
-    if lease < sender.TIMEOUT:
+    if lease < SENDER_TIMEOUT:
         raise ConfigError(
-            f"PLOINTS_CLAIM_LEASE must be at least the sender's {sender.TIMEOUT:g} s timeout: a"
+            f"PLOINTS_CLAIM_LEASE must be at least the sender's {SENDER_TIMEOUT:g} s timeout: a"
             " claim that lapses while the sender still waits lets a retry run the event twice"
         )
     max_bytes = get("PLOINTS_WEBHOOK_MAX_BYTES")
@@ -362,11 +373,11 @@ def load_settings(config: t.Mapping[str, t.Any], overrides: t.Mapping[str, t.Any
             raise ConfigError(f"{key} must be a non-empty string, not {redact(get(key))}")
     sql_timeout = parse_seconds("PLOINTS_SQL_TIMEOUT", get("PLOINTS_SQL_TIMEOUT"))
     assert sql_timeout is not None
-    if sql_timeout > sender.TIMEOUT / 4:
+    if sql_timeout > SENDER_TIMEOUT / 4:
         raise ConfigError(
-            f"PLOINTS_SQL_TIMEOUT must be at most {sender.TIMEOUT / 4:g} s: a call may wait that"
+            f"PLOINTS_SQL_TIMEOUT must be at most {SENDER_TIMEOUT / 4:g} s: a call may wait that"
             " long for a connection, to connect and for its statement, and the sender gives up"
-            f" after {sender.TIMEOUT:g} s"
+            f" after {SENDER_TIMEOUT:g} s"
         )
     if len(get("PLOINTS_SQL_TABLE")) > MAX_TABLE_NAME:
         raise ConfigError(

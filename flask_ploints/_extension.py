@@ -314,7 +314,7 @@ def _init_delivery_log(app: Flask) -> None:
         return
     # Imported only now: the package needs SQLAlchemy, an optional extra.
     try:
-        from .delivery_log import init_delivery_log
+        from .delivery_log._configure import init_delivery_log
     except ImportError as exc:
         raise ConfigError(f"PLOINTS_DELIVERY_LOG: {exc}") from None
     init_delivery_log(app)

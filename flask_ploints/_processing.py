@@ -32,8 +32,8 @@ import typing as t
 from flask import Flask
 
 from . import _effects as effects
-from . import _sender as sender
 from . import signals
+from ._config import SENDER_TIMEOUT
 from ._config import Settings
 from ._dispatch import Dispatcher
 from ._dispatch import Handlers
@@ -51,25 +51,14 @@ from .signals import notify
 from .stores import Claim
 from .stores import ClaimStatus
 from .stores import DedupeStore
+from .stores import HandlerScope
 from .stores import TransactionalStore
 
-__all__ = ["MAX_ERROR", "HandlerScope", "Outcome", "Processor", "Result", "error_text"]
+__all__ = ["MAX_ERROR", "Outcome", "Processor", "Result", "error_text"]
 
 # Not a handler failure: the process is going away. The claim is released
 # on the way out, so the sender's retry need not wait for the lease.
 _PROCESS_EXITS = (KeyboardInterrupt, SystemExit)
-
-
-@t.runtime_checkable
-class HandlerScope(t.Protocol):
-    """A store or dispatcher that wraps the handlers of every event it is
-    used for. The scope is entered just before the first handler and left
-    after the last, with the exception of a handler that raised, before the
-    claim is settled.
-    """
-
-    def handler_scope(self, event: Event) -> t.ContextManager[None]:
-        """Return the context manager to run ``event``'s handlers in."""
 
 
 class _Settle(enum.Enum):
@@ -312,7 +301,7 @@ class Processor:
             _log(logging.ERROR, event, Outcome.FAILED, duration, _RAISED, error, exc_info=error)
             return self._failed(app, event, error, duration)
         if duration > self._slow:
-            _log(logging.WARNING, event, None, duration, _SLOW, duration, sender.TIMEOUT)
+            _log(logging.WARNING, event, None, duration, _SLOW, duration, SENDER_TIMEOUT)
         return self._processed(app, event, key, claim.token, duration, pending)
 
     def _processed(

@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if t.TYPE_CHECKING:
     from ._events import Event
 
-__all__ = ["Metrics", "connect_metrics", "default_metrics"]
+__all__ = ["Metrics"]
 
 _KNOWN = frozenset(EVENT_TYPES)
 

@@ -31,7 +31,7 @@ import typing as t
 
 from ._errors import PayloadError
 
-__all__ = ["PayloadError", "PointsEarned", "bind", "convert"]
+__all__ = ["PointsEarned"]
 
 if t.TYPE_CHECKING:
     from ._events import Event

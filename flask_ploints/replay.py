@@ -32,16 +32,14 @@ from flask import Flask
 from ._errors import DispatchError
 from ._errors import StoreError
 from ._events import parse_event
-from ._processing import MAX_ERROR
 from ._processing import Outcome
 from ._processing import Result
-from ._processing import error_text
 from ._state import Receiver
 from ._state import receiver_for
 from .stores import EventState
 from .stores import InspectableStore
 
-__all__ = ["MAX_ERROR", "ReplayOutcome", "error_text", "replay", "rerun"]
+__all__ = ["ReplayOutcome", "replay"]
 
 
 class ReplayOutcome(enum.StrEnum):

@@ -50,7 +50,6 @@ __all__ = [
     "payload_rejected",
     "points_earned",
     "points_redeemed",
-    "require_runnable",
     "reward_redeemed",
     "signal_for",
     "signature_rejected",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from flask_ploints import _sender as sender
+from flask_ploints._config import SENDER_RETRY_SCHEDULE
+from flask_ploints._config import SENDER_TIMEOUT
 from flask_ploints._samples import build_event
 from flask_ploints.testing import PlointsClient
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EVENTS = 5
 #: Ploints' first five attempts, 600 times faster: retries after 0.1, 0.5,
 #: 3 and 12 s.
-SCHEDULE = tuple(delay / 600 for delay in sender.RETRY_SCHEDULE[:5])
+SCHEDULE = tuple(delay / 600 for delay in SENDER_RETRY_SCHEDULE[:5])
 _KILLED = re.compile(r"Worker \(pid:(\d+)\) was sent SIGKILL!")
 
 
@@ -65,7 +66,7 @@ def send(port: int, event_id: str, data: dict[str, t.Any]) -> Delivery:
     for delay in SCHEDULE:
         # The sender's schedule, not a wait for a state.
         time.sleep(delay)
-        answers.append(deliver(port, body, timeout=sender.TIMEOUT))
+        answers.append(deliver(port, body, timeout=SENDER_TIMEOUT))
         if 200 <= answers[-1].status < 300:
             break
     return Delivery(event_id, answers)

@@ -1,19 +1,22 @@
 """The package's shape: no import cycles (type-only and function-level
-imports included), one module that claims event ids, small modules.
+imports included), one module that claims event ids, and a small public
+surface, every name of which docs/api.rst documents.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import typing as t
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "flask_ploints"
-#: The longest a module may be, in lines: a guard against sprawl, not a
-#: reason to split a concept (see STYLE: split by concept, not by size);
-#: the stores hold latest_by's methods beside their dedupe ones.
-MAX_LINES = 480
+#: The most names the public modules (no part of their path starts with an
+#: underscore) may export in their ``__all__``.
+MAX_PUBLIC_NAMES = 60
+API_DOCS = PACKAGE.parent / "docs" / "api.rst"
 
 
 def _module_name(path: Path) -> str:
@@ -88,9 +91,8 @@ def test_the_import_graph_is_read() -> None:
         "flask_ploints._processing" in graph["flask_ploints._views"]
     )
     assert graph["flask_ploints._errors"] == set()
-    assert graph["flask_ploints._sender"] == set()
     # Type-only and function-level imports count.
-    assert "flask_ploints.delivery_log" in graph["flask_ploints._extension"]
+    assert "flask_ploints.delivery_log._configure" in graph["flask_ploints._extension"]
     assert "flask_ploints._celery" in graph["flask_ploints._extension"]
 
 
@@ -107,7 +109,6 @@ def test_no_import_cycles() -> None:
     "lower",
     [
         "flask_ploints._errors",
-        "flask_ploints._sender",
         "flask_ploints._events",
         "flask_ploints.stores",
         "flask_ploints._dispatch",
@@ -144,6 +145,46 @@ def test_one_module_claims_event_ids() -> None:
     assert callers == {"flask_ploints._processing"}
 
 
-def test_modules_are_small() -> None:
-    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
-    assert {name: size for name, size in sizes.items() if size > MAX_LINES} == {}
+def _public_names() -> dict[str, list[str]]:
+    names = {}
+    for name, path in _modules().items():
+        if any(part.startswith("_") for part in name.split(".")):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if (
+                isinstance(node, ast.Assign)
+                and [getattr(target, "id", None) for target in node.targets] == ["__all__"]
+                and isinstance(node.value, ast.List)
+            ):
+                names[name] = [t.cast("ast.Constant", item).value for item in node.value.elts]
+    return names
+
+
+def test_the_public_surface_is_small() -> None:
+    names = _public_names()
+    assert set(names) >= {"flask_ploints", "flask_ploints.stores", "flask_ploints.testing"}
+    assert sum(len(exported) for exported in names.values()) <= MAX_PUBLIC_NAMES
+
+
+def test_every_public_name_is_documented() -> None:
+    text = API_DOCS.read_text()
+    documented = set(re.findall(r"\.\. (?:auto)?\w+:: ([\w.]+)", text))
+    current = ""
+    for line in text.splitlines():
+        module = re.match(r"\.\. (?:auto)?module:: ([\w.]+)", line)
+        if module:
+            current = module[1]
+        member = re.match(r"\.\. auto\w+:: (\w+)$", line)
+        if member and current:
+            documented.add(f"{current}.{member[1]}")
+    missing = [
+        f"{module}.{name}"
+        for module, exported in _public_names().items()
+        for name in exported
+        if f"{module}.{name}" not in documented
+    ]
+    assert missing == []
+
+
+def test_private_modules_are_not_documented_as_api() -> None:
+    assert re.findall(r"\.\. auto\w+:: (\S*\._\w+)", API_DOCS.read_text()) == []

@@ -20,13 +20,13 @@ from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
 from flask_ploints._dispatch import SyncDispatcher
 from flask_ploints._events import parse_event
-from flask_ploints._processing import HandlerScope
 from flask_ploints._processing import Outcome
 from flask_ploints._state import receiver_for
 from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import rerun
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import EventState
+from flask_ploints.stores import HandlerScope
 from flask_ploints.stores import MemoryStore
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event

@@ -7,9 +7,9 @@ import typing as t
 import pytest
 import redis
 
+from flask_ploints import StoreError
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import RedisStore
-from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
 from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract

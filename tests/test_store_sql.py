@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
+from flask_ploints import StoreError
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import SQLAlchemyStore
-from flask_ploints.stores import StoreError
 from flask_ploints.stores import store_from_config
 from flask_ploints.testing import FakeClock
 from flask_ploints.testing import InspectableStoreContract

@@ -15,12 +15,12 @@ import urllib.request
 import click
 from flask import current_app
 
+from .._config import SENDER_RETRY_SCHEDULE as RETRY_SCHEDULE
 from .._errors import SecretLookupError
 from .._events import EVENT_TYPES
 from .._events import InvalidEvent
 from .._events import parse_event
 from .._samples import build_event
-from .._sender import RETRY_SCHEDULE
 from .._signature import SIGNATURE_HEADER
 from .._signature import sign
 from .._state import Receiver

@@ -13,30 +13,12 @@ without ``SECRET_KEY``, which signs the session that holds the page's CSRF
 token. See :doc:`/delivery-log`.
 
 .. versionadded:: 0.2
-   The package; :mod:`flask_ploints.deliveries` and
-   :mod:`flask_ploints.admin` of 0.1 are deprecated aliases.
 """
 
 from __future__ import annotations
 
-from .._errors import DeliveryLogError
-from ._configure import init_delivery_log
-from ._page import blueprint
-from ._state import EXTENSION_KEY
-from ._state import DeliveryLogPage
 from ._state import delivery_log
 from ._storage import DeliveryLog
-from ._table import OUTCOMES
 from ._table import Delivery
 
-__all__ = [
-    "EXTENSION_KEY",
-    "OUTCOMES",
-    "Delivery",
-    "DeliveryLog",
-    "DeliveryLogError",
-    "DeliveryLogPage",
-    "blueprint",
-    "delivery_log",
-    "init_delivery_log",
-]
+__all__ = ["Delivery", "DeliveryLog", "delivery_log"]

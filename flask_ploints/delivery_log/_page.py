@@ -58,7 +58,7 @@ REJECTED_WINDOW = 24 * 3600
 MAX_RERUN = 50
 
 #: The page's blueprint, registered by
-#: :func:`~flask_ploints.delivery_log.init_delivery_log` under
+#: :func:`~flask_ploints.delivery_log._configure.init_delivery_log` under
 #: ``PLOINTS_DELIVERY_LOG_URL``; its templates are ``ploints/*.html``.
 blueprint = Blueprint("ploints_delivery_log", __name__, template_folder="templates")
 

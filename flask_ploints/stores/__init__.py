@@ -26,9 +26,9 @@ from ._base import Claim
 from ._base import ClaimStatus
 from ._base import DedupeStore
 from ._base import EventState
+from ._base import HandlerScope
 from ._base import InspectableStore
 from ._base import StoredEvent
-from ._base import StoreError
 from ._base import TransactionalStore
 from ._memory import MemoryStore
 from ._memory import NullStore
@@ -43,16 +43,15 @@ __all__ = [
     "ClaimStatus",
     "DedupeStore",
     "EventState",
+    "HandlerScope",
     "InspectableStore",
     "MemoryStore",
     "NullStore",
     "RedisStore",
     "SQLAlchemyStore",
     "SessionStore",
-    "StoreError",
     "StoredEvent",
     "TransactionalStore",
-    "store_from_config",
 ]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})

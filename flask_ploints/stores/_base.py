@@ -25,11 +25,15 @@ from dataclasses import dataclass
 
 from .._errors import StoreError
 
+if t.TYPE_CHECKING:
+    from .._events import Event
+
 __all__ = [
     "Claim",
     "ClaimStatus",
     "DedupeStore",
     "EventState",
+    "HandlerScope",
     "InspectableStore",
     "StoreError",
     "StoredEvent",
@@ -211,3 +215,15 @@ class InspectableStore(t.Protocol):
         """Return up to ``limit`` events given up on with
         :meth:`DedupeStore.fail` and still retained, newest first.
         """
+
+
+@t.runtime_checkable
+class HandlerScope(t.Protocol):
+    """A store or dispatcher that wraps the handlers of every event it is
+    used for. The scope is entered just before the first handler and left
+    after the last, with the exception of a handler that raised, before the
+    claim is settled.
+    """
+
+    def handler_scope(self, event: Event) -> t.ContextManager[None]:
+        """Return the context manager to run ``event``'s handlers in."""
