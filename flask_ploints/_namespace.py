@@ -16,7 +16,9 @@ __all__ = ["DEFAULT_NAME", "MAX_KEY_LENGTH", "MAX_NAMESPACE", "Namespace"]
 MAX_KEY_LENGTH = 255
 #: The longest ``PLOINTS_DEDUPE_NAMESPACE``.
 MAX_NAMESPACE = 64
-#: The name of the instance whose event ids are their own keys, as in 0.1.
+#: The name of the instance whose event ids are their own keys: an app with
+#: one instance finds its ids under their own names in the store (no other
+#: instance's key can spell one, since an id holds no U+001F).
 DEFAULT_NAME = "ploints"
 # Between a namespace and an event id: the parser refuses control
 # characters in ids, so no id of one instance can spell another's key.
