@@ -126,11 +126,6 @@ class Processor:
         #: How the instance's event ids become store keys.
         self.namespace = Namespace(name, settings.namespace)
         self._replay_name = "" if name == "ploints" else f" --name {shlex.quote(name)}"
-        # str() of a str is that same str: the cheapest key of an id that
-        # is its own key, on every delivery's path.
-        self._id_key: t.Callable[[str], str] = (
-            self.namespace.key if self.namespace.prefixed else str
-        )
         self._scopes = tuple(
             part.handler_scope for part in (store, dispatcher) if isinstance(part, HandlerScope)
         )
@@ -236,9 +231,6 @@ class Processor:
         return failed
 
     def _key(self, event: Event) -> str:
-        # The key of the id of one account of an endpoint for many.
-        if event.account is None:
-            return self._id_key(event.id)
         return self.namespace.key(event.id, event.account)
 
     def _skipped(self, event: Event, claim: Claim) -> Result:
