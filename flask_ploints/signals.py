@@ -45,8 +45,6 @@ __all__ = [
     "event_received",
     "handler_failed",
     "handler_skipped_stale",
-    "notify",
-    "on",
     "payload_rejected",
     "points_earned",
     "points_redeemed",

@@ -30,13 +30,13 @@ from flask.testing import FlaskClient
 from flask_ploints import ConfigError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
-from flask_ploints._events import parse_event
-from flask_ploints.delivery_log._table import OUTCOMES
 from flask_ploints import StoreError
+from flask_ploints._events import parse_event
 from flask_ploints.delivery_log import Delivery
 from flask_ploints.delivery_log import DeliveryLog
-from flask_ploints.delivery_log._state import EXTENSION_KEY
 from flask_ploints.delivery_log import delivery_log
+from flask_ploints.delivery_log._state import EXTENSION_KEY
+from flask_ploints.delivery_log._table import OUTCOMES
 from flask_ploints.delivery_log._table import make_table
 from flask_ploints.testing import PlointsClient
 from flask_ploints.testing import build_event

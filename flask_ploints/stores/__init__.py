@@ -46,7 +46,6 @@ __all__ = [
     "HandlerScope",
     "InspectableStore",
     "MemoryStore",
-    "NullStore",
     "RedisStore",
     "SQLAlchemyStore",
     "SessionStore",
