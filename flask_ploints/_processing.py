@@ -217,7 +217,7 @@ class Processor:
 
         :return: whether the store recorded the failure.
         """
-        failed = self._fail(event, token, error_text(error) + note)
+        failed = self._fail(event, token, error_text(error) + note, attempts)
         ran = "" if handlers_ran else " (its handlers did not run)"
         # Quoted for a shell: the id is the sender's text.
         replay = shlex.join([event.id] + (["--account", event.account] if event.account else []))
@@ -376,9 +376,11 @@ class Processor:
             # The lease runs out on its own; the retry after that succeeds.
             _log(logging.ERROR, event, None, None, _NOT_RELEASED, exc_info=True)
 
-    def _fail(self, event: Event, token: str, error: str) -> bool:
+    def _fail(self, event: Event, token: str, error: str, attempts: int | None = None) -> bool:
         try:
-            return self.store.fail(self._key(event), token, error, self._retention)
+            return self.store.fail(
+                self._key(event), token, error, self._retention, attempts=attempts
+            )
         except Exception:
             _log(logging.ERROR, event, None, None, _NOT_RECORDED, exc_info=True)
             return False

@@ -373,6 +373,14 @@ class InspectableStoreContract(StoreContract):
         assert done is not None
         assert (done.status, done.attempts) == ("done", 2)
 
+    def test_fail_records_the_attempts_it_is_given(self, store: DedupeStore) -> None:
+        assert isinstance(store, InspectableStore)
+        claim = store.claim("evt_1", self.long)
+        assert store.fail("evt_1", claim.token, "boom", self.long, attempts=6) is True
+        stored = store.get("evt_1")
+        assert stored is not None
+        assert (stored.status, stored.attempts) == ("failed", 6)
+
     def test_failed_lists_the_newest_first(self, store: DedupeStore) -> None:
         assert isinstance(store, InspectableStore)
         for number in range(3):

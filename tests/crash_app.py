@@ -41,7 +41,8 @@ yet, it creates the marker (with its pid) and fails at that point:
 ``"before"`` its write, ``"inside"`` after it (flushed, or committed by the
 handler itself with a non-transactional store), ``"after_commit"`` just
 after the event's commit (:func:`flask_ploints.after_commit`), all three by
-killing its own process; ``"raise"`` raises after the write. With
+killing its own process; ``"raise"`` raises after the write, and
+``"always"`` does so on every attempt, not only the first. With
 ``"sleep": seconds`` it sleeps that long after its write, on every attempt. So only the
 first attempt at an event fails, and the retry goes through.
 """
@@ -232,7 +233,7 @@ def create_app(env: t.Mapping[str, str] | None = None) -> Flask:
             _die(death)
         if first and crash == "after_commit":
             after_commit(_die, death)
-        if first and crash == "raise":
+        if (first and crash == "raise") or crash == "always":
             raise RuntimeError(f"handler broke on purpose on {event.id}")
 
     return app

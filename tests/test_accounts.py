@@ -915,10 +915,13 @@ def test_the_delivery_log_keeps_the_canonical_name(tmp_path: Path, unique: str) 
         _duplicate(shop.post("Acm%C3%A9", "whsec_acme", "evt_1"))
         rows = [(row.account, row.event_id, row.outcome) for row in log.recent()]
         assert rows == [("acme", "evt_1", "duplicate"), ("acme", "evt_1", "processed")]
-        # A rejected request to a converted URL keeps the value's string form.
+        # A rejected request to a converted URL files no account: its
+        # reason keeps the value's string form, unverified.
         other = Shop({_UUID: "whsec_u"}.get, "/webhooks/ploints/<uuid:account>", **config)
         _rejected(other.post(str(_UUID), "whsec_other", "evt_2"))
-        assert [(row.account, row.outcome) for row in log.recent(1)] == [(str(_UUID), "rejected")]
+        assert [(row.account, row.outcome, row.reason) for row in log.recent(1)] == [
+            (None, "rejected", f"invalid signature (to account '{_UUID}' per its URL, unverified)")
+        ]
     finally:
         log.engine.dispose()
 

@@ -332,7 +332,7 @@ def test_failing_handler_gives_up_then_replays(
         _until(lambda: recorder.count("handler_failed") == {"evt_bad": 1}, "the worker to give up")
         stored = _store(app).get("evt_bad")
         assert stored is not None
-        assert stored.status == "failed"
+        assert (stored.status, stored.attempts) == ("failed", 3)
         assert stored.error is not None
         assert stored.error.startswith("Traceback (most recent call last):")
         assert stored.error.endswith("RuntimeError: handler broke on purpose on evt_bad\n")

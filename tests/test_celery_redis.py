@@ -275,8 +275,8 @@ def test_failing_handler_retries_then_fails(
         assert recorder.count("effects") == {}
         stored = store_of(app).get("evt_bad")
         assert stored is not None
-        # attempts counts claims: the worker's retries keep the one claim.
-        assert (stored.status, stored.attempts) == ("failed", 1)
+        # The worker's three attempts, though its retries kept one claim.
+        assert (stored.status, stored.attempts) == ("failed", 3)
         assert stored.error is not None
         assert stored.error.endswith("RuntimeError: handler broke on purpose on evt_bad\n")
         log = workers.output()
@@ -288,7 +288,7 @@ def test_failing_handler_retries_then_fails(
         lines = listed.output.splitlines()
         assert len(lines) == 1
         assert lines[0].startswith("evt_bad  ")
-        assert lines[0].endswith("Z  attempts=1  RuntimeError: handler broke on purpose on evt_bad")
+        assert lines[0].endswith("Z  attempts=3  RuntimeError: handler broke on purpose on evt_bad")
         # Every attempt was acknowledged: nothing waits in the queue or a worker.
         assert broker.queued(workers.namespace) == []
         until(lambda: broker.unacked() == 0, "the acknowledgements")

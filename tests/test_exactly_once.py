@@ -58,6 +58,7 @@ from pathlib import Path
 
 import pytest
 
+from flask_ploints._cli import ploints
 from flask_ploints.testing import PlointsClient
 
 from . import crash_app
@@ -286,6 +287,25 @@ def test_celery_handler_failure_retries_exactly_once(queued: Queued) -> None:
     assert log.count("failed (attempt 1 of 3)") == 1
     assert "failed (attempt 2" not in log
     assert worker.poll() is None
+
+
+def test_celery_handler_that_always_fails_records_every_attempt(queued: Queued) -> None:
+    event_id = "evt_celery_always"
+    _queue(queued, event_id, "always")
+    queued.workers.start()
+    _until(lambda: queued.state(event_id) == "failed", "the worker to give up")
+    # Each of the three attempts wrote and rolled back.
+    assert crash_app.credit_pids(queued.app) == {}
+    assert queued.journal.starts() == {event_id: 3}
+    assert "failed after 3 attempt(s)" in queued.workers.output()
+    with queued.app.app_context():
+        stored = crash_app.store(queued.app).get(event_id)
+    assert stored is not None
+    assert stored.attempts == 3
+    listed = queued.app.test_cli_runner().invoke(ploints, ["failed"])
+    assert listed.exit_code == 0, listed.output
+    assert f"{event_id}  " in listed.output
+    assert "  attempts=3  RuntimeError: handler broke on purpose" in listed.output
 
 
 @_session_env(PLOINTS_CRASH_HOLD_LIMIT="1")

@@ -320,7 +320,9 @@ class Plain:
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         raise NotImplementedError
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         raise NotImplementedError
 
 

@@ -527,6 +527,7 @@ def test_statements_run_as_sqlalchemy_would_run_them(any_store: SQLAlchemyStore)
         "keep_until": now + 60,
         "body": b"{}",
         "reason": "boom",
+        "attempts": 6,
         "abandoned_before": now - 86400,
         "limit": 10,
         "ids": ["evt_1", "evt_2", "evt_3"],

@@ -58,5 +58,7 @@ class SQLiteStore:
     def extend(self, event_id: str, token: str, lease: float) -> bool:
         return self._settle(event_id, token, "in_flight", lease)
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         return self._settle(event_id, token, "failed", retention)

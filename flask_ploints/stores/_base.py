@@ -131,10 +131,16 @@ class DedupeStore(t.Protocol):
         :return: ``False`` when ``token`` no longer owns the claim.
         """
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """Give up on ``event_id``: record ``error`` for ``retention`` seconds
         and let the next delivery of the id claim it again.
 
+        :param attempts: how many times the handlers ran under this claim,
+            when its holder counted them (a Celery worker retries under one
+            claim): recorded as :attr:`StoredEvent.attempts`. ``None`` keeps
+            the count of claims.
         :return: ``False`` when ``token`` no longer owns the claim.
         """
 

@@ -134,9 +134,11 @@ class MemoryStore:
         """See :meth:`.DedupeStore.extend`."""
         return self._settle(event_id, token, EventState.IN_FLIGHT, lease)
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """See :meth:`.DedupeStore.fail`. The error is kept with the id."""
-        return self._settle(event_id, token, EventState.FAILED, retention, error)
+        return self._settle(event_id, token, EventState.FAILED, retention, error, attempts)
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`."""
@@ -176,6 +178,7 @@ class MemoryStore:
         status: EventState,
         seconds: float,
         error: str | None = None,
+        attempts: int | None = None,
     ) -> bool:
         with self._lock:
             now = self._clock()
@@ -187,6 +190,8 @@ class MemoryStore:
             entry.updated = now + self._wall_offset
             if error is not None:
                 entry.error = error
+            if attempts is not None:
+                entry.attempts = attempts
             return True
 
     def _trim(self, now: float, sweep: bool) -> None:
@@ -290,6 +295,8 @@ class NullStore:
         """Do nothing."""
         return True
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """Do nothing."""
         return True

@@ -113,12 +113,15 @@ write('i', tonumber(ARGV[3]), payload())
 return 1
 """
 )
-# ARGV: token, now, retention ms, error.
+# ARGV: token, now, retention ms, error, attempts ('' keeps the count).
 _FAIL = (
     _OWNED
     + _PARSED
     + """
 err = ARGV[4]
+if ARGV[5] ~= '' then
+    attempts = ARGV[5]
+end
 write('f', tonumber(ARGV[3]), payload())
 return 1
 """
@@ -325,11 +328,14 @@ class RedisStore:
         """See :meth:`.DedupeStore.extend`. One round trip."""
         return self._settle(self._extend, event_id, token, _ms(lease))
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """See :meth:`.DedupeStore.fail`. One round trip; the key keeps the
         error for ``retention`` seconds.
         """
-        return self._settle(self._fail, event_id, token, _ms(retention), error.encode())
+        count = "" if attempts is None else str(attempts)
+        return self._settle(self._fail, event_id, token, _ms(retention), error.encode(), count)
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`. One round trip."""

@@ -370,7 +370,9 @@ class SessionStore:
         """See :meth:`.DedupeStore.extend`."""
         return self._store().extend(event_id, token, lease)
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """See :meth:`.DedupeStore.fail`: a held claim is rolled back with
         the handlers' writes, then the event recorded failed outside it.
         """
@@ -383,7 +385,7 @@ class SessionStore:
                 if claim.status is not ClaimStatus.CLAIMED:
                     return False
                 token = claim.token
-        return self._store().fail(event_id, token, error, retention)
+        return self._store().fail(event_id, token, error, retention, attempts)
 
     # -- InspectableStore and purge
 

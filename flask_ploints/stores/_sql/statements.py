@@ -234,7 +234,14 @@ class Statements:
         self.fail = (
             sa.update(table)
             .where(owns)
-            .values(status=_FAILED, error=_error, expires=_keep_until, updated_at=_now)
+            .values(
+                status=_FAILED,
+                error=_error,
+                expires=_keep_until,
+                updated_at=_now,
+                # A worker's count of its attempts, else the count of claims.
+                attempts=sa.func.coalesce(sa.bindparam("attempts", type_=sa.Integer()), c.attempts),
+            )
         )
 
         self.purge = sa.delete(table).where(

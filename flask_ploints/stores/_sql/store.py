@@ -257,7 +257,9 @@ class SQLAlchemyStore:
             None,
         )
 
-    def fail(self, event_id: str, token: str, error: str, retention: float) -> bool:
+    def fail(
+        self, event_id: str, token: str, error: str, retention: float, attempts: int | None = None
+    ) -> bool:
         """See :meth:`.DedupeStore.fail`. The row keeps the error for
         ``retention`` seconds.
         """
@@ -268,6 +270,7 @@ class SQLAlchemyStore:
             "now": now,
             "keep_until": now + retention,
             "reason": error,
+            "attempts": attempts,
         }
         return self._settle(
             self._sql.fail,
