@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -373,7 +374,12 @@ def sentry() -> t.Iterator[_ListTransport]:
         # the standard library for the rest of the process.
         default_integrations=False,
         auto_enabling_integrations=False,
-        integrations=[FlaskIntegration(), LoggingIntegration()],
+        # An error record is an event, as sentry-sdk 2 made it by default and
+        # 3 makes it only when told; no stream of Sentry logs (sentry-sdk 3).
+        integrations=[
+            FlaskIntegration(),
+            LoggingIntegration(level=None, event_level=logging.ERROR),
+        ],
         auto_session_tracking=False,
     )
     yield transport
