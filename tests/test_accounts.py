@@ -1282,7 +1282,7 @@ def test_an_account_under_its_spellings_on_a_celery_worker(
         _duplicate(_post(app, "Acme", "whsec_acme", "evt_same"))
         result = _run(app, "failed")
         assert re.fullmatch(
-            r"evt_retry  \S+ \S+Z  attempts=1  account=merchant-1  RuntimeError: handler broke"
+            r"evt_retry  \S+ \S+Z  attempts=2  account=merchant-1  RuntimeError: handler broke"
             r" on purpose on merchant-1/evt_retry\n",
             result.output,
         ), result.output
