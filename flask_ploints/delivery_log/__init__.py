@@ -17,6 +17,14 @@ token. See :doc:`/delivery-log`.
 
 from __future__ import annotations
 
+try:
+    import sqlalchemy  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the delivery log needs SQLAlchemy 2; install it with:"
+        ' pip install "flask-ploints[sqlalchemy]"'
+    ) from exc
+
 from ._state import delivery_log
 from ._storage import DeliveryLog
 from ._table import Delivery

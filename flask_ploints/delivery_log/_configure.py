@@ -10,20 +10,11 @@ import inspect
 import typing as t
 
 from flask import Flask
+from sqlalchemy.engine import Engine
 
 from .._config import DELIVERY_LOG_DEFAULTS
 from .._config import ConfigError
 from .._config import parse_seconds
-
-try:
-    from sqlalchemy.engine import Engine
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    # The first import of SQLAlchemy when the package is imported.
-    raise ImportError(
-        "the delivery log needs SQLAlchemy 2; install it with:"
-        ' pip install "flask-ploints[sqlalchemy]"'
-    ) from exc
-
 from . import _console  # noqa: F401  (its routes are the page's)
 from ._page import blueprint
 from ._state import EXTENSION_KEY

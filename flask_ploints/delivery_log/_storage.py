@@ -17,9 +17,14 @@ import threading
 import time
 import typing as t
 
+import sqlalchemy as sa
 from flask import Flask
+from sqlalchemy.engine import Engine
 
 from .._errors import DeliveryLogError
+from ..stores._sql.deadline import deadline
+from ..stores._sql.tables import ManagedTable
+from ..stores._sql.tables import engine_from_url
 from ._query import Filters
 from ._query import distinct
 from ._query import histogram
@@ -35,19 +40,6 @@ from ._table import Delivery
 from ._table import delivery
 from ._table import make_table
 from ._table import upgraded
-
-try:
-    import sqlalchemy as sa
-    from sqlalchemy.engine import Engine
-
-    from ..stores._sql.deadline import deadline
-    from ..stores._sql.tables import ManagedTable
-    from ..stores._sql.tables import engine_from_url
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "the delivery log needs SQLAlchemy 2; install it with:"
-        ' pip install "flask-ploints[sqlalchemy]"'
-    ) from exc
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection
