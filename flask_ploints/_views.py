@@ -44,6 +44,7 @@ from flask import current_app
 from flask import request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import get_content_length
 
 from . import signals
 from ._accounts import LookupBusy
@@ -134,8 +135,9 @@ class WebhookEndpoint:
         # The app itself, not the proxy: signals are sent by the real app.
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         req: Request = request._get_current_object()  # type: ignore[attr-defined]
-        # None when chunked or absent.
-        length = req.content_length
+        # None when chunked or absent; read as werkzeug's stream reads it,
+        # from the environ (Request.content_length parses two headers).
+        length = get_content_length(req.environ)
         rejected = self._check_request(req, length)
         if rejected is not None:
             return rejected
@@ -206,7 +208,8 @@ class WebhookEndpoint:
             return self._too_large()
         if length is None and _unreadable_chunks(req.environ):
             return _error(411, "the server passed on no chunked body: send a Content-Length")
-        if not req.is_json:
+        # The sender's exact header needs no parsing (Request.is_json parses it).
+        if req.environ.get("CONTENT_TYPE") != "application/json" and not req.is_json:
             return _error(415, "Content-Type must be application/json")
         return None
 
