@@ -100,7 +100,7 @@ def _takes_account(access: object) -> bool:
     try:
         parameters = inspect.signature(access).parameters.values()
     except (TypeError, ValueError):
-        # No signature to read (some builtins): called as in 0.1.
+        # No signature to read (some builtins): called with no argument.
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [

@@ -6,7 +6,7 @@ form, the CSRF check. The pages are rendered on the server from the
 templates in ``flask_ploints/delivery_log/templates/ploints/``; an app can
 override them by putting its own ``ploints/*.html`` in its template folder.
 
-.. versionadded:: 0.1
+.. versionadded:: 0.2
 """
 
 from __future__ import annotations

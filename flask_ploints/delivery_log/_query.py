@@ -98,14 +98,10 @@ def where(table: sa.Table, filters: Filters) -> list[sa.ColumnElement[bool]] | N
     if filters.until is not None:
         conditions.append(c.received_at < filters.until)
     if filters.q:
-        needle = filters.q.lower()
-        if "search" in c:
-            conditions.append(c.search.contains(needle, autoescape=True))
-        else:  # a table the app migrates itself, without the column yet
-            conditions.append(sa.func.lower(c.event_id).contains(needle, autoescape=True))
+        conditions.append(c.search.contains(filters.q.lower(), autoescape=True))
     wanted = filters.wanted()
     if wanted is not None:
-        if not wanted or "account" not in c:
+        if not wanted:
             return None
         conditions.append(c.account.in_(sorted(wanted)))
     return conditions
@@ -178,7 +174,7 @@ def histogram(
     # Scoped, grouped by account too, so that each is compared again
     # exactly: a case-insensitive collation finds "ACME" for "acme", and
     # MariaDB's groups them too unless grouped by their bytes.
-    account: sa.ColumnElement[t.Any] = table.c.account if "account" in table.c else sa.null()
+    account: sa.ColumnElement[t.Any] = table.c.account
     if connection.dialect.name in ("mysql", "mariadb"):
         account = sa.cast(account, sa.LargeBinary)
     grouped = [table.c.outcome, bucket] + ([] if wanted is None else [account.label("account")])
