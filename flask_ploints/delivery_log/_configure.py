@@ -24,7 +24,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         ' pip install "flask-ploints[sqlalchemy]"'
     ) from exc
 
-from . import _console  # noqa: F401  (its routes are the page's)
 from ._page import blueprint
 from ._state import EXTENSION_KEY
 from ._state import DeliveryLogPage

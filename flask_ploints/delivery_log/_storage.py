@@ -1,7 +1,7 @@
 """The delivery log: one row per delivery outcome, for the delivery log page.
 
 A :class:`DeliveryLog` listens to the lifecycle signals of one app and writes
-a row for each outcome (see :data:`~.table.OUTCOMES`). Rows of verified
+a row for each outcome (see ``OUTCOMES``). Rows of verified
 events keep the raw body, so that a failed event can be run again from the
 page; a rejected request's body is never stored: it is unverified.
 
@@ -309,7 +309,7 @@ class DeliveryLog:
     def _histogram(
         self, filters: Filters, start: float, width: float, buckets: int
     ) -> dict[str, list[int]]:
-        """The chart's counts, as :func:`.query.histogram` counts them."""
+        """The chart's counts, as ``histogram`` counts them."""
         with self._begin() as conn:
             return histogram(conn, self.table, filters, start, width, buckets)
 
