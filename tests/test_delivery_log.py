@@ -1683,7 +1683,7 @@ def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> Non
 
 
 def test_the_search_text_of_a_large_payload_is_cut(any_log: DeliveryLog) -> None:
-    from flask_ploints.delivery_log._query import MAX_SEARCH
+    from flask_ploints.delivery_log._table import MAX_SEARCH
 
     # 53 kB of UTF-8, within MariaDB's BLOB for the payload.
     note = "\U0001f4a5" * 12_000 + "x" * 5_000

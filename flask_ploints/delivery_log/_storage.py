@@ -38,7 +38,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._query import Filters
 from ._query import distinct
 from ._query import histogram
-from ._query import search_text
 from ._query import select_rows
 from ._query import where
 from ._recording import Safely
@@ -52,6 +51,7 @@ from ._table import check_columns
 from ._table import delivery
 from ._table import make_table
 from ._table import search_index
+from ._table import search_text
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection

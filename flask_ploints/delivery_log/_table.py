@@ -1,10 +1,12 @@
-"""The delivery log's table, and the rows it reads back as :class:`Delivery`.
+"""The delivery log's table (with the search text kept with each row), and
+the rows it reads back as :class:`Delivery`.
 
 .. versionadded:: 0.2
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import typing as t
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ if t.TYPE_CHECKING:
 __all__ = [
     "MAX_ID",
     "MAX_REASON",
+    "MAX_SEARCH",
     "MAX_TRACEBACK",
     "OUTCOMES",
     "Delivery",
@@ -26,6 +29,7 @@ __all__ = [
     "delivery",
     "make_table",
     "search_index",
+    "search_text",
 ]
 
 logger = logging.getLogger("flask_ploints")
@@ -88,6 +92,9 @@ class Delivery:
 
 #: Longest client address kept (an IPv6 address with a zone fits).
 MAX_CLIENT = 64
+#: Longest search text kept for a row, in characters: four bytes each in
+#: MariaDB's utf8mb4 stay under its TEXT's 65,535 bytes.
+MAX_SEARCH = 16_000
 
 
 def make_table(name: str) -> sa.Table:
@@ -158,6 +165,32 @@ def check_columns(engine: sa.Engine, table: sa.Table, error: type[PlointsError])
         f"the table {table.name!r} lacks the column{'' if len(missing) == 1 else 's'} {names}"
         f" of the delivery log; fix it with: {'; '.join(fixes)}"
     )
+
+
+def _values(value: object) -> t.Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _values(item)
+    elif isinstance(value, bool):
+        yield "true" if value else "false"
+    elif value is not None:
+        yield str(value)
+
+
+def search_text(event_id: str, raw: bytes) -> str:
+    """The lowercased text that ``?q=`` searches: the event id, then every
+    value of the payload (not its keys), one a line.
+    """
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    # NUL is not text to PostgreSQL; the sender's values never hold it.
+    text = "\n".join([event_id, *_values(parsed)]).replace("\x00", "")
+    return text.lower()[:MAX_SEARCH]
 
 
 def search_index(engine: sa.Engine, table: sa.Table) -> bool:
