@@ -28,6 +28,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from flask_ploints import ConfigError
+from flask_ploints import DeliveryLogError
 from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import StoreError
@@ -670,11 +671,30 @@ def test_rerun_runs_with_the_account_of_the_delivery(sqlite_log: DeliveryLog) ->
     assert seen == [("m1", "evt_1"), ("m2", "evt_1")]
 
 
-def _table_of_0_1(log: DeliveryLog) -> None:
-    """Create the log's table as 0.1 did, without the columns of 0.2, with
-    one row in it.
+#: The columns a pre-release build's table lacks.
+LATER_COLUMNS = ("account", "status", "client", "search")
+
+
+def _table_of_a_prerelease_build(log: DeliveryLog) -> None:
+    """Create the log's table as a build before the release did, without
+    :data:`LATER_COLUMNS` and their index, with one row in it.
     """
-    old = make_table(log.table.name, added=())
+    full = make_table(log.table.name)
+    old = sa.Table(
+        full.name,
+        sa.MetaData(),
+        *(
+            sa.Column(
+                column.name,
+                column.type,
+                primary_key=column.primary_key,
+                nullable=column.nullable,
+                autoincrement=column.primary_key,
+            )
+            for column in full.columns
+            if column.name not in LATER_COLUMNS
+        ),
+    )
     old.create(log.engine)
     with log.engine.begin() as connection:
         connection.execute(
@@ -692,53 +712,71 @@ def _columns(log: DeliveryLog) -> set[str]:
     return {column["name"] for column in sa.inspect(log.engine).get_columns(log.table.name)}
 
 
-def test_a_table_of_0_1_gets_the_account_column_on_first_use(any_log: DeliveryLog) -> None:
-    _table_of_0_1(any_log)
-    assert "account" not in _columns(any_log)
-    shop, _ = _accounts_shop(any_log)
-    shop.sender.send("points.earned", id="evt_new", account="m1")
-    assert {"account", "status", "client", "search"} <= _columns(any_log)
-    indexes = {
-        index["name"] for index in sa.inspect(any_log.engine).get_indexes(any_log.table.name)
-    }
-    assert {f"ix_{any_log.table.name}_account", f"ix_{any_log.table.name}_event_type"} <= indexes
-    assert _accounts(any_log.recent()) == [
-        ("m1", "evt_new", "processed"),
-        (None, "evt_old", "processed"),
-    ]
-    # Another log (another process) on the upgraded table adds nothing.
-    other = DeliveryLog(any_log.engine, table_name=any_log.table.name)
-    assert _accounts(other.recent(account="m1")) == [("m1", "evt_new", "processed")]
+#: The statements that add LATER_COLUMNS, on each database, for a table
+#: named ``{name}``.
+FIXES = {
+    "sqlite": [
+        "ALTER TABLE {name} ADD COLUMN account VARCHAR(128)",
+        "ALTER TABLE {name} ADD COLUMN status SMALLINT",
+        "ALTER TABLE {name} ADD COLUMN client VARCHAR(64)",
+        "ALTER TABLE {name} ADD COLUMN search TEXT",
+        "CREATE INDEX ix_{name}_account ON {name} (account)",
+    ],
+    "postgresql": [
+        "ALTER TABLE {name} ADD COLUMN account VARCHAR(128)",
+        "ALTER TABLE {name} ADD COLUMN status SMALLINT",
+        "ALTER TABLE {name} ADD COLUMN client VARCHAR(64)",
+        "ALTER TABLE {name} ADD COLUMN search TEXT",
+        "CREATE INDEX ix_{name}_account ON {name} (account)",
+    ],
+    # MariaDB, whose dialect is SQLAlchemy's mysql.
+    "mysql": [
+        "ALTER TABLE {name} ADD COLUMN account VARCHAR(128) CHARACTER SET utf8mb4"
+        " COLLATE utf8mb4_nopad_bin",
+        "ALTER TABLE {name} ADD COLUMN status SMALLINT",
+        "ALTER TABLE {name} ADD COLUMN client VARCHAR(64)",
+        "ALTER TABLE {name} ADD COLUMN search TEXT",
+        "CREATE INDEX ix_{name}_account ON {name} (account)",
+    ],
+}
 
 
-def test_a_table_of_0_1_that_the_app_migrates_is_used_without_accounts(
-    sqlite_log: DeliveryLog, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("create_table", [True, False])
+def test_a_table_that_lacks_columns_is_refused_with_the_statements_that_add_them(
+    any_log: DeliveryLog, create_table: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _table_of_0_1(sqlite_log)
-    log = DeliveryLog(sqlite_log.engine, table_name=sqlite_log.table.name, create_table=False)
+    _table_of_a_prerelease_build(any_log)
+    name = any_log.table.name
+    log = DeliveryLog(any_log.engine, table_name=name, create_table=create_table)
     shop, seen = _accounts_shop(log)
-    with caplog.at_level(logging.WARNING, "flask_ploints"):
+    with caplog.at_level(logging.ERROR, "flask_ploints"):
+        # The endpoint answers as ever; the row is what is refused.
         assert shop.sender.send("points.earned", id="evt_new", account="m1").status_code == 200
     assert seen == [("m1", "evt_new")]
-    assert "account" not in _columns(log)
-    name = log.table.name
     assert [record.getMessage() for record in caplog.records] == [
-        f"the delivery log's table {name!r} lacks the columns account, status, client, search"
-        f" of 0.2: add them with your migrations (ALTER TABLE {name} ADD COLUMN account"
-        f" VARCHAR(128); ALTER TABLE {name} ADD COLUMN status SMALLINT; ALTER TABLE {name} ADD"
-        f" COLUMN client VARCHAR(64); ALTER TABLE {name} ADD COLUMN search TEXT); until then,"
-        " rows are kept without them"
+        "the delivery log failed to record a processed delivery; it skips its rows for 30 s"
     ]
-    assert _accounts(log.recent()) == [
-        (None, "evt_new", "processed"),
-        (None, "evt_old", "processed"),
-    ]
-    assert log.recent(account="m1") == []
-    # create_table() adds it.
-    log.create_table()
-    assert "account" in _columns(log)
-    shop.sender.send("points.earned", id="evt_newer", account="m2")
+    fixes = [fix.format(name=name) for fix in FIXES[log.engine.dialect.name]]
+    expected = (
+        f"the table {name!r} lacks the columns account, status, client, search of the delivery"
+        f" log; fix it with: {'; '.join(fixes)}"
+    )
+    with pytest.raises(DeliveryLogError) as refused:
+        log.recent()
+    assert str(refused.value) == expected
+    # Nothing was added behind the app's back.
+    assert not set(LATER_COLUMNS) & _columns(log)
+    with log.engine.begin() as connection:
+        for fix in fixes:
+            connection.execute(sa.text(fix))
+    # The same log, without a restart, then works: old rows of no account.
+    assert _accounts(log.recent()) == [(None, "evt_old", "processed")]
+    shop, seen = _accounts_shop(log)
+    assert shop.sender.send("points.earned", id="evt_newer", account="m2").status_code == 200
     assert _accounts(log.recent(account="m2")) == [("m2", "evt_newer", "processed")]
+    assert [row.event_id for row in log.recent(q="EVT_NEWER")] == ["evt_newer"]
+    indexes = {index["name"] for index in sa.inspect(log.engine).get_indexes(name)}
+    assert f"ix_{name}_account" in indexes
 
 
 # The access check: only True grants.
@@ -1645,7 +1683,7 @@ def test_the_charts_counts_compare_accounts_exactly(any_log: DeliveryLog) -> Non
 
 
 def test_the_search_text_of_a_large_payload_is_cut(any_log: DeliveryLog) -> None:
-    from flask_ploints.delivery_log._query import MAX_SEARCH
+    from flask_ploints.delivery_log._table import MAX_SEARCH
 
     # 53 kB of UTF-8, within MariaDB's BLOB for the payload.
     note = "\U0001f4a5" * 12_000 + "x" * 5_000

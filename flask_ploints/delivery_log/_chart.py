@@ -52,7 +52,7 @@ class Chart:
     start: float
     end: float
     bars: list[Bar] = field(default_factory=list)
-    #: Rows of each outcome of :data:`~.table.OUTCOMES` in the period.
+    #: Rows of each outcome of ``OUTCOMES`` in the period.
     totals: dict[str, int] = field(default_factory=dict)
     #: ``failed`` over ``processed`` and ``failed``; ``None`` without either.
     failure_rate: float | None = None

@@ -15,7 +15,6 @@ from sqlalchemy.engine import Engine
 from .._config import DELIVERY_LOG_DEFAULTS
 from .._config import ConfigError
 from .._config import parse_seconds
-from . import _console  # noqa: F401  (its routes are the page's)
 from ._page import blueprint
 from ._state import EXTENSION_KEY
 from ._state import DeliveryLogPage
@@ -91,7 +90,7 @@ def _takes_account(access: object) -> bool:
     try:
         parameters = inspect.signature(access).parameters.values()
     except (TypeError, ValueError):
-        # No signature to read (some builtins): called as in 0.1.
+        # No signature to read (some builtins): called with no argument.
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [

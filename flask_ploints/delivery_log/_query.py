@@ -1,22 +1,17 @@
 """The delivery log's filters as SQL: the list's, the exports', the bulk
-re-run's and the chart's; and the search text kept with each row.
+re-run's and the chart's.
 
 .. versionadded:: 0.2
 """
 
 from __future__ import annotations
 
-import json
 import typing as t
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-__all__ = ["Filters", "distinct", "histogram", "search_text", "select_rows"]
-
-#: Longest search text kept for a row, in characters: four bytes each in
-#: MariaDB's utf8mb4 stay under its TEXT's 65,535 bytes.
-MAX_SEARCH = 16_000
+__all__ = ["Filters", "distinct", "histogram", "select_rows", "where"]
 
 
 @dataclass(frozen=True)
@@ -51,32 +46,6 @@ class Filters:
         return wanted
 
 
-def _values(value: object) -> t.Iterator[str]:
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _values(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _values(item)
-    elif isinstance(value, bool):
-        yield "true" if value else "false"
-    elif value is not None:
-        yield str(value)
-
-
-def search_text(event_id: str, raw: bytes) -> str:
-    """The lowercased text that ``?q=`` searches: the event id, then every
-    value of the payload (not its keys), one a line.
-    """
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = raw.decode("utf-8", "replace")
-    # NUL is not text to PostgreSQL; the sender's values never hold it.
-    text = "\n".join([event_id, *_values(parsed)]).replace("\x00", "")
-    return text.lower()[:MAX_SEARCH]
-
-
 def where(table: sa.Table, filters: Filters) -> list[sa.ColumnElement[bool]] | None:
     """The conditions of ``filters`` on ``table``; ``None`` when they select
     nothing (no admitted account).
@@ -98,14 +67,10 @@ def where(table: sa.Table, filters: Filters) -> list[sa.ColumnElement[bool]] | N
     if filters.until is not None:
         conditions.append(c.received_at < filters.until)
     if filters.q:
-        needle = filters.q.lower()
-        if "search" in c:
-            conditions.append(c.search.contains(needle, autoescape=True))
-        else:  # a table the app migrates itself, without the column yet
-            conditions.append(sa.func.lower(c.event_id).contains(needle, autoescape=True))
+        conditions.append(c.search.contains(filters.q.lower(), autoescape=True))
     wanted = filters.wanted()
     if wanted is not None:
-        if not wanted or "account" not in c:
+        if not wanted:
             return None
         conditions.append(c.account.in_(sorted(wanted)))
     return conditions
@@ -178,7 +143,7 @@ def histogram(
     # Scoped, grouped by account too, so that each is compared again
     # exactly: a case-insensitive collation finds "ACME" for "acme", and
     # MariaDB's groups them too unless grouped by their bytes.
-    account: sa.ColumnElement[t.Any] = table.c.account if "account" in table.c else sa.null()
+    account: sa.ColumnElement[t.Any] = table.c.account
     if connection.dialect.name in ("mysql", "mariadb"):
         account = sa.cast(account, sa.LargeBinary)
     grouped = [table.c.outcome, bucket] + ([] if wanted is None else [account.label("account")])

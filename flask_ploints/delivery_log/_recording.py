@@ -1,4 +1,4 @@
-"""The lifecycle signals that a :class:`~.storage.DeliveryLog` turns into
+"""The lifecycle signals that a :class:`DeliveryLog` turns into
 rows.
 
 .. versionadded:: 0.2

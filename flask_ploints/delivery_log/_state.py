@@ -31,9 +31,6 @@ class DeliveryLogPage:
     :param url: where the page is served.
     :param scoped: whether ``access`` takes the account it is asked about
         (``access(account)``), or none (all or nothing).
-
-    .. versionchanged:: 0.2
-        The ``scoped`` field.
     """
 
     log: DeliveryLog

@@ -1,13 +1,13 @@
 """The delivery log: one row per delivery outcome, for the delivery log page.
 
 A :class:`DeliveryLog` listens to the lifecycle signals of one app and writes
-a row for each outcome (see :data:`~.table.OUTCOMES`). Rows of verified
+a row for each outcome (see ``OUTCOMES``). Rows of verified
 events keep the raw body, so that a failed event can be run again from the
 page; a rejected request's body is never stored: it is unverified.
 
 Needs SQLAlchemy 2: ``pip install "flask-ploints[sqlalchemy]"``.
 
-.. versionadded:: 0.1
+.. versionadded:: 0.2
 """
 
 from __future__ import annotations
@@ -28,18 +28,20 @@ from ..stores._sql.tables import engine_from_url
 from ._query import Filters
 from ._query import distinct
 from ._query import histogram
-from ._query import search_text
 from ._query import select_rows
 from ._query import where
 from ._recording import Safely
 from ._recording import connect_signals
+from ._table import MAX_CLIENT
 from ._table import MAX_REASON
 from ._table import MAX_TRACEBACK
 from ._table import OUTCOMES
 from ._table import Delivery
+from ._table import check_columns
 from ._table import delivery
 from ._table import make_table
-from ._table import upgraded
+from ._table import search_index
+from ._table import search_text
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -79,18 +81,16 @@ class DeliveryLog:
     :param retention: seconds a row is kept; :meth:`record` purges older
         rows at most every ten minutes. ``None`` keeps them until
         :meth:`purge` is called.
-    :param create_table: create the table (if missing) on first use, and
-        add the ``account`` column of 0.2 to a table of 0.1; else call
-        :meth:`create_table` or create it with your migrations (until they
-        add the column, rows are kept without their account).
+    :param create_table: create the table and its indexes (unless they
+        exist) on first use; else call :meth:`create_table` or create it
+        with your migrations. Either way, a table that lacks a column is
+        refused on first use with a :exc:`DeliveryLogError` that gives the
+        ``ALTER TABLE`` statements that add it.
     :param timeout: the most seconds one use of the database may take on a
         network database before its connection is cut; ``None`` for no
         bound.
 
-    .. versionadded:: 0.1
-    .. versionchanged:: 0.2
-        The ``timeout`` parameter, and the pause after a failed write;
-        ``engine`` may be a function that returns it.
+    .. versionadded:: 0.2
     """
 
     def __init__(
@@ -110,9 +110,9 @@ class DeliveryLog:
         self._next_purge = 0.0
         self._engine = engine
         self._managed: ManagedTable | None = None
-        self._alter = create_table
-        self._upgraded = False
-        self._upgrade_lock = threading.Lock()
+        self._creates = create_table
+        self._checked = False
+        self._check_lock = threading.Lock()
         self._engine_lock = threading.Lock()
 
     @classmethod
@@ -159,7 +159,7 @@ class DeliveryLog:
                     managed = ManagedTable(
                         engine,
                         self.table,
-                        create=self._alter,
+                        create=self._creates,
                         error=DeliveryLogError,
                         wait=self.timeout,
                     )
@@ -167,14 +167,14 @@ class DeliveryLog:
         return managed
 
     def create_table(self) -> None:
-        """Create the table and its index unless they exist.
+        """Create the table and its indexes unless they exist.
 
-        :raises DeliveryLogError: the database refused.
+        :raises DeliveryLogError: the database refused, or the table lacks a
+            column.
         """
         self._table.create()
-        with self._upgrade_lock:
-            self.table = upgraded(self._table, alter=True)
-            self._upgraded = True
+        with self._check_lock:
+            self._check(create=True)
 
     def connect(self, app: Flask) -> None:
         """Record the deliveries of ``app``, of every
@@ -236,11 +236,11 @@ class DeliveryLog:
             "payload": None if event is None else event.raw,
             "traceback": None if traceback is None else traceback[-MAX_TRACEBACK:],
             "duration": duration,
+            "account": account if event is None else event.account,
+            "status": status,
+            "client": None if client is None else client[:MAX_CLIENT],
+            "search": None if event is None else search_text(event.id, event.raw),
         }
-        added = {"account": account if event is None else event.account, "status": status}
-        added["client"] = None if client is None else client[:64]
-        added["search"] = None if event is None else search_text(event.id, event.raw)
-        values.update((key, value) for key, value in added.items() if key in self.table.c)
         with self._begin() as conn:
             result = conn.execute(sa.insert(self.table).values(values))
             key = result.inserted_primary_key
@@ -279,9 +279,6 @@ class DeliveryLog:
         :param since: only those received at or after, in epoch seconds.
         :param until: only those received before.
         :raises DeliveryLogError: the database refused.
-
-        .. versionchanged:: 0.2
-            The ``account``, ``accounts``, ``q``, ``since``, ``until`` parameters.
         """
         if any("\x00" in text for text in (event_type, event_id, account) if text is not None):
             # No row holds one (events with control characters are refused),
@@ -302,7 +299,7 @@ class DeliveryLog:
     def _histogram(
         self, filters: Filters, start: float, width: float, buckets: int
     ) -> dict[str, list[int]]:
-        """The chart's counts, as :func:`.query.histogram` counts them."""
+        """The chart's counts, as ``histogram`` counts them."""
         with self._begin() as conn:
             return histogram(conn, self.table, filters, start, width, buckets)
 
@@ -333,9 +330,6 @@ class DeliveryLog:
 
         :param accounts: only those of rows of these accounts.
         :raises DeliveryLogError: the database refused.
-
-        .. versionchanged:: 0.2
-            The ``accounts`` parameter.
         """
         return self._distinct("event_type", accounts)
 
@@ -343,15 +337,13 @@ class DeliveryLog:
         """Return the accounts that have rows, sorted.
 
         :raises DeliveryLogError: the database refused.
-
-        .. versionadded:: 0.2
         """
         return self._distinct("account", None)
 
     def _distinct(self, name: str, accounts: t.Collection[str] | None) -> list[str]:
         self._prepare()
         conditions = where(self.table, Filters(accounts=accounts))
-        if conditions is None or name not in self.table.c:
+        if conditions is None:
             return []
         statement = distinct(self.table, name, conditions, self.engine.dialect.name)
         with self._begin() as conn:  # sorted here, whatever the collation
@@ -370,14 +362,21 @@ class DeliveryLog:
             return conn.execute(statement).rowcount
 
     def _prepare(self) -> None:
-        # Before a statement is built, as the first use may swap self.table:
-        # a table of 0.1 gets the account column, or is used without it.
         self._table.ready()
-        if not self._upgraded:
-            with self._upgrade_lock:
-                if not self._upgraded:
-                    self.table = upgraded(self._table, alter=self._alter)
-                    self._upgraded = True
+        if not self._checked:
+            with self._check_lock:
+                if not self._checked:
+                    self._check(create=self._creates)
+
+    def _check(self, *, create: bool) -> None:
+        # Until the table has every column, every use is refused: once the
+        # statements of the error have run, the next use goes ahead.
+        managed = self._table
+        with managed.use():
+            check_columns(managed.engine, self.table, DeliveryLogError)
+            if create:
+                search_index(managed.engine, self.table)
+        self._checked = True
 
     @contextlib.contextmanager
     def _begin(self) -> t.Iterator[Connection]:

@@ -1,10 +1,12 @@
-"""The delivery log's table, and the rows it reads back as :class:`Delivery`.
+"""The delivery log's table (with the search text kept with each row), and
+the rows it reads back as :class:`Delivery`.
 
 .. versionadded:: 0.2
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import typing as t
 from dataclasses import dataclass
@@ -12,18 +14,22 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..stores._sql.tables import Key
-from ..stores._sql.tables import ManagedTable
+
+if t.TYPE_CHECKING:
+    from .._errors import PlointsError
 
 __all__ = [
     "MAX_ID",
     "MAX_REASON",
+    "MAX_SEARCH",
     "MAX_TRACEBACK",
     "OUTCOMES",
     "Delivery",
+    "check_columns",
     "delivery",
     "make_table",
-    "upgrade_table",
-    "upgraded",
+    "search_index",
+    "search_text",
 ]
 
 logger = logging.getLogger("flask_ploints")
@@ -66,9 +72,7 @@ class Delivery:
     :param client: the address a rejected request came from
         (``request.remote_addr``, the real client's behind ``ProxyFix``).
 
-    .. versionadded:: 0.1
-    .. versionchanged:: 0.2
-        The ``account``, ``status`` and ``client`` fields.
+    .. versionadded:: 0.2
     """
 
     id: int
@@ -86,33 +90,15 @@ class Delivery:
     client: str | None = None
 
 
-#: The column that 0.2 added, for endpoints of many accounts; a table made by
-#: 0.1 gets it on first use (see :func:`upgrade_table`).
-ACCOUNT_COLUMN = "account"
-#: The columns 0.2 added, each nullable: the account; a rejected request's
-#: status and client address; the lowercased text that ``?q=`` searches.
-ADDED_COLUMNS: tuple[str, ...] = (ACCOUNT_COLUMN, "status", "client", "search")
 #: Longest client address kept (an IPv6 address with a zone fits).
 MAX_CLIENT = 64
+#: Longest search text kept for a row, in characters: four bytes each in
+#: MariaDB's utf8mb4 stay under its TEXT's 65,535 bytes.
+MAX_SEARCH = 16_000
 
 
-def _added_column(name: str) -> sa.Column[t.Any]:
-    if name == "status":
-        return sa.Column("status", sa.SmallInteger(), nullable=True)
-    if name == "client":
-        return sa.Column("client", sa.String(MAX_CLIENT), nullable=True)
-    if name == "search":
-        return sa.Column("search", sa.Text(), nullable=True)
-    return sa.Column(name, Key(128), nullable=True)
-
-
-def make_table(
-    name: str, *, account: bool = True, added: t.Iterable[str] | None = None
-) -> sa.Table:
-    """The log's table ``name``, with the columns of :data:`ADDED_COLUMNS`
-    in ``added`` (default, all of them): fewer for a table of 0.1 that the
-    app migrates itself. ``account`` false leaves the account column out.
-    """
+def make_table(name: str) -> sa.Table:
+    """The log's table ``name``, with its columns and indexes."""
     table = sa.Table(
         name,
         sa.MetaData(),
@@ -135,82 +121,76 @@ def make_table(
         sa.Column("payload", sa.LargeBinary(), nullable=True),
         sa.Column("traceback", sa.Text(), nullable=True),
         sa.Column("duration", sa.Double(), nullable=True),
+        sa.Column("account", Key(128), nullable=True),
+        sa.Column("status", sa.SmallInteger(), nullable=True),
+        sa.Column("client", sa.String(MAX_CLIENT), nullable=True),
+        # The lowercased text that ``?q=`` searches (see search_text).
+        sa.Column("search", sa.Text(), nullable=True),
     )
     sa.Index(f"ix_{name}_received_at", table.c.received_at)
     sa.Index(f"ix_{name}_event_id", table.c.event_id)
-    # Of 0.2: the page's list of event types walks it, not the table.
+    # The page's list of event types walks it, not the table.
     sa.Index(f"ix_{name}_event_type", table.c.event_type)
-    wanted = set(ADDED_COLUMNS if added is None else added)
-    if not account:
-        wanted.discard(ACCOUNT_COLUMN)
-    for column in ADDED_COLUMNS:
-        if column in wanted:
-            table.append_column(_added_column(column))
-    if ACCOUNT_COLUMN in wanted:
-        sa.Index(f"ix_{name}_account", table.c.account)
+    sa.Index(f"ix_{name}_account", table.c.account)
     return table
 
 
-def add_column_statement(engine: sa.Engine, table: sa.Table, name: str) -> str:
-    """The ``ALTER TABLE`` that adds the column ``name`` of
-    :data:`ADDED_COLUMNS` to ``table``, as the docs tell an app that
-    migrates its table itself.
-    """
-    column = table.c[name] if name in table.c else _added_column(name)
-    preparer = engine.dialect.identifier_preparer
-    return (
-        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN"
-        f" {preparer.format_column(column)} {column.type.compile(engine.dialect)}"
-    )
-
-
-def missing_columns(connection: sa.Connection, table: sa.Table) -> list[str]:
-    """The columns of :data:`ADDED_COLUMNS` that the database's ``table``
-    lacks.
-    """
-    present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
-    return [name for name in ADDED_COLUMNS if name not in present]
-
-
-def has_account_column(connection: sa.Connection, table: sa.Table) -> bool:
-    """Whether the database's ``table`` has the account column."""
-    return ACCOUNT_COLUMN not in missing_columns(connection, table)
-
-
-def upgrade_table(engine: sa.Engine, table: sa.Table, *, alter: bool) -> list[str]:
-    """Give a table created before the columns of :data:`ADDED_COLUMNS`
-    those it lacks, and the account's index, when ``alter`` allows it:
-    ``ALTER TABLE ... ADD COLUMN``, nullable columns, so old rows read as of
-    no account, status, client or search text. Return the columns the table
-    still lacks.
+def check_columns(engine: sa.Engine, table: sa.Table, error: type[PlointsError]) -> None:
+    """Raise ``error`` when the database's ``table`` lacks a column of
+    :func:`make_table` (a table made by a pre-release build, or by hand),
+    with the statements that add them and their indexes.
 
     :raises sqlalchemy.exc.SQLAlchemyError: the database refused.
     """
     with engine.connect() as connection:
-        missing = missing_columns(connection, table)
-    if missing and alter:
-        for name in missing:
-            try:
-                with engine.begin() as connection:
-                    connection.execute(sa.text(add_column_statement(engine, table, name)))
-            except sa.exc.SQLAlchemyError:
-                # Another process added it between the check and the ALTER.
-                with engine.connect() as connection:
-                    if name in missing_columns(connection, table):
-                        raise
-        missing = []
-    if alter:
-        for suffix in ("account", "event_type"):
-            index = next(
-                index for index in table.indexes if index.name == f"ix_{table.name}_{suffix}"
-            )
-            try:
-                index.create(engine, checkfirst=True)
-            except sa.exc.SQLAlchemyError:
-                # Created by another process meanwhile; the second check sees it.
-                index.create(engine, checkfirst=True)
-        search_index(engine, table)
-    return missing
+        present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
+    missing = [column for column in table.columns if column.name not in present]
+    if not missing:
+        return
+    dialect = engine.dialect
+    preparer = dialect.identifier_preparer
+    fixes = [
+        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN"
+        f" {preparer.format_column(column)} {column.type.compile(dialect)}"
+        f"{'' if column.nullable else ' NOT NULL'}"
+        for column in missing
+    ]
+    fixes.extend(
+        str(sa.schema.CreateIndex(index).compile(dialect=dialect))
+        for index in sorted(table.indexes, key=lambda index: str(index.name))
+        if any(column in missing for column in index.columns)
+    )
+    names = ", ".join(column.name for column in missing)
+    raise error(
+        f"the table {table.name!r} lacks the column{'' if len(missing) == 1 else 's'} {names}"
+        f" of the delivery log; fix it with: {'; '.join(fixes)}"
+    )
+
+
+def _values(value: object) -> t.Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _values(item)
+    elif isinstance(value, bool):
+        yield "true" if value else "false"
+    elif value is not None:
+        yield str(value)
+
+
+def search_text(event_id: str, raw: bytes) -> str:
+    """The lowercased text that ``?q=`` searches: the event id, then every
+    value of the payload (not its keys), one a line.
+    """
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    # NUL is not text to PostgreSQL; the sender's values never hold it.
+    text = "\n".join([event_id, *_values(parsed)]).replace("\x00", "")
+    return text.lower()[:MAX_SEARCH]
 
 
 def search_index(engine: sa.Engine, table: sa.Table) -> bool:
@@ -219,7 +199,7 @@ def search_index(engine: sa.Engine, table: sa.Table) -> bool:
     missing; return whether the index exists. Other databases scan: a
     substring is found by no index of theirs.
     """
-    if engine.dialect.name != "postgresql" or "search" not in table.c:
+    if engine.dialect.name != "postgresql":
         return False
     preparer = engine.dialect.identifier_preparer
     index = preparer.quote(f"ix_{table.name}_search")
@@ -256,34 +236,7 @@ def delivery(row: sa.Row[t.Any]) -> Delivery:
         payload=None if row.payload is None else bytes(row.payload),
         traceback=row.traceback,
         duration=row.duration,
-        # A table of 0.1 that the app has not migrated has no such column.
-        account=row._mapping.get(ACCOUNT_COLUMN),
-        status=row._mapping.get("status"),
-        client=row._mapping.get("client"),
+        account=row.account,
+        status=row.status,
+        client=row.client,
     )
-
-
-def upgraded(managed: ManagedTable, *, alter: bool) -> sa.Table:
-    """Return the table a log of ``managed`` uses, after
-    :func:`upgrade_table`: without the account column when the app keeps
-    migrating a table of 0.1 itself.
-
-    :raises flask_ploints._errors.DeliveryLogError: the database refused.
-    """
-    table = managed.table
-    with managed.use():
-        missing = upgrade_table(managed.engine, table, alter=alter)
-    if not missing:
-        return table
-    them = "it" if len(missing) == 1 else "them"
-    logger.warning(
-        "the delivery log's table %r lacks the column%s %s of 0.2: add %s with your migrations"
-        " (%s); until then, rows are kept without %s",
-        table.name,
-        "" if len(missing) == 1 else "s",
-        ", ".join(missing),
-        them,
-        "; ".join(add_column_statement(managed.engine, table, name) for name in missing),
-        them,
-    )
-    return make_table(table.name, added=[name for name in ADDED_COLUMNS if name not in missing])
