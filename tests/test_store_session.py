@@ -247,7 +247,7 @@ def test_same_id_at_once_commits_once(make_shop: t.Callable[..., Shop]) -> None:
     assert shop.rows() == ["evt_1"]
 
 
-def test_lock_wait_is_bounded(make_shop: t.Callable[..., Shop]) -> None:
+def test_lock_wait_is_bounded(make_shop: t.Callable[..., Shop], database: str) -> None:
     shop = make_shop(PLOINTS_SQL_TIMEOUT=1)
     gate = shop.gate = threading.Event()
     with ThreadPoolExecutor(1) as pool:
@@ -257,8 +257,12 @@ def test_lock_wait_is_bounded(make_shop: t.Callable[..., Shop]) -> None:
         second, seconds = _timed_post(PlointsClient(shop.app), body("evt_1"))
         gate.set()
         assert answer(first.result(WAIT)) == (200, PROCESSED)
-    assert answer(second) == (409, {"error": "event is being processed"})
-    assert second.headers["Retry-After"] == "1"
+    if database.startswith("sqlite"):
+        # The whole database's lock: not known to be this id's delivery.
+        expected = ((503, {"error": "dedupe store unavailable"}), "60")
+    else:
+        expected = ((409, {"error": "event is being processed"}), "1")
+    assert (answer(second), second.headers["Retry-After"]) == expected
     assert seconds < 1.0 + 3.0
     assert answer(shop.sender.post(body("evt_1"))) == (200, DUPLICATE)
     assert shop.runs == ["evt_1"]

@@ -58,16 +58,18 @@ def bounded_lock_wait(connection: Connection, seconds: float) -> t.Iterator[None
 
 
 def is_lock_wait(exc: SQLAlchemyError) -> bool:
-    """Whether ``exc`` is a lock wait that ran out, not a failure."""
+    """Whether ``exc`` is a wait for another transaction's row lock that ran
+    out, not a failure. SQLite's lock is the whole database's: a wait for it
+    cannot tell a concurrent delivery of the id from any other writer (or a
+    stuck one), so it is a failure of the store.
+    """
     if not isinstance(exc, DBAPIError):
         return False
     orig = exc.orig
     if getattr(orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
         return True
     args = getattr(orig, "args", ())
-    if args and args[0] in _MYSQL_LOCK_ERRORS:
-        return True
-    return "database is locked" in str(orig)
+    return bool(args) and args[0] in _MYSQL_LOCK_ERRORS
 
 
 def hold_row(
