@@ -68,7 +68,7 @@ def is_lock_wait(exc: SQLAlchemyError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
         return True
-    args: tuple[t.Any, ...] = getattr(orig, "args", ())
+    args: tuple[object, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in _MYSQL_LOCK_ERRORS
 
 
