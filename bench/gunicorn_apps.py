@@ -6,16 +6,19 @@ environment picks the receiver:
 ``BENCH_KIND``
     ``extension`` (:class:`~flask_ploints.PlointsWebhooks`) or ``hand``
     (the sender's Node example written in Flask, with the same store work
-    done the plain way); or ``tier`` and ``latest_by``: the extension with
+    done the plain way: on a SQL database, on the driver's own autocommit
+    connection); ``core``: the same, on a SQL database, as a Flask user
+    writes it with SQLAlchemy Core (``engine.begin()`` around each of the
+    two statements); or ``tier`` and ``latest_by``: the extension with
     one handler of ``customer.tier_changed`` that keeps each customer's
     tier, registered without and with ``latest_by``.
 ``BENCH_STORE``
-    ``memory``, ``redis`` or ``postgresql``; or ``celery``: dedupe in Redis
+    ``memory``, ``redis``, ``postgresql`` or ``mariadb``; or ``celery``: dedupe in Redis
     and hand each event to Celery (``PLOINTS_DISPATCH = "celery"``), which
     answers ``202`` once RabbitMQ confirmed the task.
 ``BENCH_NAMESPACE``
     a name only this run uses: the Redis key prefix and the SQL table.
-``BENCH_REDIS_URL``, ``BENCH_POSTGRES_URL``, ``BENCH_BROKER_URL``
+``BENCH_REDIS_URL``, ``BENCH_POSTGRES_URL``, ``BENCH_MARIADB_URL``, ``BENCH_BROKER_URL``
     where the services are.
 
 Both kinds verify the signature over the raw body, parse the JSON, dedupe on
@@ -49,6 +52,7 @@ LEASE = 30
 RETENTION = 7 * 24 * 3600
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TASK_NAME = "flask_ploints.process_event"
 
@@ -80,6 +84,7 @@ def extension_app(store: str, namespace: str, tier: str = "") -> Flask:
         "memory": "memory",
         "redis": REDIS_URL,
         "postgresql": POSTGRES_URL,
+        "mariadb": MARIADB_URL,
         "celery": REDIS_URL,
     }[store]
     app.config["PLOINTS_REDIS_PREFIX"] = f"{namespace}:"
@@ -185,8 +190,95 @@ class _PostgresDedupe:
         )
 
 
-def hand_written_app(store: str, namespace: str) -> Flask:
-    """The sender's Node example in Flask, with the store work done plainly."""
+class _MariaDBDedupe(_PostgresDedupe):
+    """``INSERT IGNORE``, then ``UPDATE``, with PyMySQL on one autocommit
+    connection per worker process.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        import pymysql
+
+        url = sa_url(MARIADB_URL)
+        self.connection = pymysql.connect(
+            host=url.host,
+            port=url.port or 3306,
+            user=url.username,
+            database=url.database,
+            autocommit=True,
+        )
+        self.table = namespace
+
+    def _execute(self, sql: str, event_id: str) -> t.Any:
+        cursor = self.connection.cursor()
+        cursor.execute(sql, (event_id,))
+        return cursor
+
+    def claim(self, event_id: str) -> str | None:
+        if (
+            self._execute(
+                f"INSERT IGNORE INTO {self.table} (id, status) VALUES (%s, 'in_flight')", event_id
+            ).rowcount
+            == 1
+        ):
+            return None
+        row = self._execute(f"SELECT status FROM {self.table} WHERE id = %s", event_id).fetchone()
+        return "in_flight" if row is None else str(row[0])
+
+    def done(self, event_id: str) -> None:
+        self._execute(f"UPDATE {self.table} SET status = 'done' WHERE id = %s", event_id)
+
+
+def sa_url(url: str) -> t.Any:
+    """``url`` parsed by SQLAlchemy, a ``postgresql://`` one with psycopg 3."""
+    import sqlalchemy as sa
+
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return sa.make_url(url)
+
+
+class _CoreDedupe:
+    """The same two statements through SQLAlchemy Core, as a Flask user
+    writes them: ``INSERT ... ON CONFLICT DO NOTHING`` (``INSERT IGNORE`` on
+    MariaDB), then ``UPDATE``, each in ``engine.begin()``, on the engine's
+    default pool.
+    """
+
+    def __init__(self, store: str, namespace: str) -> None:
+        import sqlalchemy as sa
+
+        self.engine = sa.create_engine(
+            sa_url(POSTGRES_URL if store == "postgresql" else MARIADB_URL)
+        )
+        table = sa.table(namespace, sa.column("id"), sa.column("status"))
+        self.table = table
+        if store == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+
+            inserting: t.Any = insert(table).on_conflict_do_nothing()
+        else:
+            inserting = sa.insert(table).prefix_with("IGNORE")
+        self.insert = inserting.execution_options(preserve_rowcount=True)
+        self.select = sa.select(table.c.status)
+        self.update = sa.update(table).values(status="done")
+
+    def claim(self, event_id: str) -> str | None:
+        with self.engine.begin() as connection:
+            inserted = connection.execute(self.insert, {"id": event_id, "status": "in_flight"})
+            if inserted.rowcount == 1:
+                return None
+            status = connection.execute(self.select.where(self.table.c.id == event_id)).scalar()
+        return "in_flight" if status is None else str(status)
+
+    def done(self, event_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(self.update.where(self.table.c.id == event_id))
+
+
+def hand_written_app(store: str, namespace: str, core: bool = False) -> Flask:
+    """The sender's Node example in Flask, with the store work done plainly;
+    with ``core``, through SQLAlchemy Core.
+    """
     app = Flask("bench_hand")
     secret = SECRET.encode()
     # Connected lazily, in the worker process.
@@ -198,8 +290,12 @@ def hand_written_app(store: str, namespace: str) -> Flask:
             made: _Dedupe
             if store in ("redis", "celery"):
                 made = _RedisDedupe(namespace)
+            elif core:
+                made = _CoreDedupe(store, namespace)
             elif store == "postgresql":
                 made = _PostgresDedupe(namespace)
+            elif store == "mariadb":
+                made = _MariaDBDedupe(namespace)
             else:
                 made = _DictDedupe()
             dedupes.append(made)
@@ -241,4 +337,4 @@ def create_app() -> Flask:
         return extension_app(store, namespace)
     if kind in ("tier", "latest_by"):
         return extension_app(store, namespace, kind)
-    return hand_written_app(store, namespace)
+    return hand_written_app(store, namespace, core=kind == "core")

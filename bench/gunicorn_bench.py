@@ -1,9 +1,10 @@
 """Throughput and latency of the extension under gunicorn, beside a
 hand-written receiver doing the same store work the plain way.
 
-For each store (memory, Redis, PostgreSQL, and Redis with Celery dispatch
-over RabbitMQ) and each receiver (the extension,
-and the hand-written one of ``bench/gunicorn_apps.py``), the bench starts
+For each store (memory, Redis, PostgreSQL, MariaDB, and Redis with Celery
+dispatch over RabbitMQ) and each receiver (the extension, and the
+hand-written one of ``bench/gunicorn_apps.py``: on the driver's own
+connection, or with ``--twin core`` through SQLAlchemy Core), the bench starts
 gunicorn on a free loopback port, warms every worker up, then drives it with
 ``wrk`` (one thread, a fixed duration, a 10 s timeout: the sender's) posting
 distinct pre-signed events through ``bench/post_events.lua``. ``--mode
@@ -32,7 +33,7 @@ slot, the same handler without it in the second, both sent tier changes of
 500 customers (each applied, none stale).
 
 Run: ``.venv/bin/python bench/gunicorn_bench.py [--mode sync|gthread] [--duration 10] [--rounds 2]
-[--stores memory,redis,postgresql,celery] [--paired [--against-itself | --latest-by]]``.
+[--stores memory,redis,postgresql,mariadb,celery] [--twin hand|core] [--paired [--against-itself | --latest-by]]``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as t
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ SECRET = "whsec_bench_gunicorn"
 URL_PATH = "/webhooks/ploints"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TYPES = ("points.earned", "points.redeemed", "customer.created", "badge.issued")
 KINDS = ("extension", "hand")
@@ -192,6 +195,7 @@ class Server:
             "BENCH_NAMESPACE": namespace,
             "BENCH_REDIS_URL": REDIS_URL,
             "BENCH_POSTGRES_URL": POSTGRES_URL,
+            "BENCH_MARIADB_URL": MARIADB_URL,
             "BENCH_BROKER_URL": BROKER_URL,
         }
         self.process = subprocess.Popen(
@@ -259,15 +263,36 @@ class Server:
         self.log.close()
 
 
+def _mariadb() -> t.Any:
+    import pymysql
+    import sqlalchemy as sa
+
+    url = sa.make_url(MARIADB_URL)
+    return pymysql.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        database=url.database,
+        autocommit=True,
+    )
+
+
 def prepare(kind: str, store: str, namespace: str) -> None:
     """Create what a run needs before its workers start."""
-    if store == "postgresql" and kind == "hand":
+    if store == "postgresql" and kind in ("hand", "core"):
         import psycopg
 
         with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
             connection.execute(
                 f"CREATE TABLE {namespace} (id text PRIMARY KEY, status text NOT NULL)"
             )
+    elif store == "mariadb" and kind in ("hand", "core"):
+        connection = _mariadb()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"CREATE TABLE {namespace} (id VARCHAR(255) PRIMARY KEY, status VARCHAR(16) NOT NULL)"
+            )
+        connection.close()
 
 
 def clean(store: str, namespace: str) -> None:
@@ -296,6 +321,11 @@ def clean(store: str, namespace: str) -> None:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
             connection.execute(f"DROP TABLE IF EXISTS {namespace}")
             connection.execute(f"DROP TABLE IF EXISTS {namespace}_order")
+    elif store == "mariadb":
+        maria = _mariadb()
+        with maria.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {namespace}, {namespace}_order")
+        maria.close()
 
 
 def run_wrk(port: int, events: Path, duration: float, mode: Mode) -> Result:
@@ -405,6 +435,10 @@ def service_versions(stores: list[str]) -> list[str]:
         with psycopg.connect(POSTGRES_URL) as connection:
             row = connection.execute("SHOW server_version").fetchone()
             found.append(f"PostgreSQL {row[0] if row else '?'}")
+    if "mariadb" in stores:
+        maria = _mariadb()
+        found.append(f"MariaDB {maria.get_server_info()}")
+        maria.close()
     if "celery" in stores:
         from kombu import Connection
 
@@ -483,6 +517,12 @@ def main() -> None:
         help="with --paired: the hand-written receiver in both slots, to see the method's bias",
     )
     parser.add_argument(
+        "--twin",
+        choices=("hand", "core"),
+        default="hand",
+        help="the hand-written receiver's SQL: the driver's own (hand) or SQLAlchemy Core (core)",
+    )
+    parser.add_argument(
         "--latest-by",
         action="store_true",
         help="with --paired: a tier handler with latest_by against the same without it",
@@ -502,6 +542,8 @@ def main() -> None:
             print(f"skipping redis: nothing listens at {REDIS_URL}")
         elif store == "postgresql" and not _reachable(POSTGRES_URL, 5432):
             print(f"skipping postgresql: nothing listens at {POSTGRES_URL}")
+        elif store == "mariadb" and not _reachable(MARIADB_URL.split("+", 1)[-1], 3306):
+            print(f"skipping mariadb: nothing listens at {MARIADB_URL}")
         elif store == "celery" and not (
             _reachable(REDIS_URL, 6379) and _reachable(BROKER_URL, 5672)
         ):
@@ -514,7 +556,8 @@ def main() -> None:
         work = Path(directory)
         events = work / "events.tsv"
         write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}", tiers=args.latest_by)
-        kinds = ("hand", "hand") if args.against_itself else KINDS
+        twin = args.twin
+        kinds = (twin, twin) if args.against_itself else ("extension", twin)
         if args.latest_by:
             kinds = ("latest_by", "tier")
         for store in stores:
@@ -524,9 +567,10 @@ def main() -> None:
                     measured = paired_run(store, events, args.duration, work, number, mode, kinds)
                 else:
                     order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+                    slots = dict(zip(KINDS, kinds, strict=True))
                     measured = {
-                        kind: one_run(kind, store, events, args.duration, work, number, mode)
-                        for kind in order
+                        slot: one_run(slots[slot], store, events, args.duration, work, number, mode)
+                        for slot in order
                     }
                 for kind, result in measured.items():
                     results[store][kind].append(result)
@@ -545,6 +589,7 @@ def main() -> None:
         f" gunicorn; mean req/s, median latencies); distinct pre-signed events; loopback; {today}"
         + ("; the hand-written receiver in both slots" if args.against_itself else "")
         + ("; tier changes, with latest_by against without" if args.latest_by else "")
+        + ("; the hand-written receiver through SQLAlchemy Core" if args.twin == "core" else "")
     )
     print(
         f"Machine: {machine()}; Python {platform.python_version()}, Flask {version('flask')},"
@@ -556,6 +601,10 @@ def main() -> None:
         if args.against_itself
         else ("flask-ploints", "hand-written")
     )
+    if args.twin == "core":
+        labels = tuple(  # type: ignore[assignment]
+            "SQLAlchemy Core" if label == "hand-written" else label for label in labels
+        )
     if args.latest_by:
         labels = ("latest_by", "without")
     print(table(results, args.duration, args.rounds, labels))

@@ -37,7 +37,7 @@ from .support import POSTGRES_URL
 from .support import REDIS_URL
 
 #: What each promise is called, in the docs' table and in the test names.
-PROMISES = ("distinct", "repeat", "retry", "bad body", "silence")
+PROMISES = ("distinct", "repeat", "retry", "bad body", "silence", "visible")
 
 #: The services a store may need: (name, host, port), as ``require_service``
 #: takes them.
@@ -248,6 +248,13 @@ def exclusion(cell: Cell, promise: str) -> str | None:
                 "the endpoint claims before it queues, the same call as sync dispatch; a"
                 " silent broker: tests/test_celery.py::test_broker_never_answers"
             )
+    if promise == "visible":
+        if cell.store.kind not in ("url", "db"):
+            return "no SQL database: nothing for an engine's events to see"
+        if cell.dispatch == "celery":
+            return "the endpoint claims before it queues, through the same store call as sync"
+        if cell.accounts.name != "one":
+            return "the account changes the store's key, not the statements' path"
     if promise == "silence":
         if cell.store.silence is None:
             return "the memory store has no backend to fall silent"

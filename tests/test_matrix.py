@@ -25,6 +25,8 @@ with its reason. The promises:
   stops answering (a TCP proxy on loopback that passes no byte; SQLite's
   write lock held by another connection) is ``503`` within 5 s, nothing
   runs, and the retry once it answers again is processed once.
+* ``test_engine_events_see_each_claim_and_commit``: on a SQL store, a
+  listener on its engine sees each delivery's claim and its commit.
 
 The ids come from Hypothesis, one family of eight per cell and promise,
 drawn anew each run (each family holds every kind of variant), without
@@ -380,6 +382,53 @@ def test_a_failure_runs_again_on_the_retry(
         assert run.runs() == [(account, event_id, "failed"), (account, event_id, "ok")]
         assert answer(run.post(retry_via, failing)) == DUPLICATE
         assert run.runs() == [(account, event_id, "failed"), (account, event_id, "ok")]
+
+
+def _engine(app: Flask) -> sa.Engine:
+    """The engine the app's store runs its statements on."""
+    if "sqlalchemy" in app.extensions:
+        with app.app_context():
+            return t.cast(sa.Engine, app.extensions["sqlalchemy"].engine)
+    return t.cast(sa.Engine, app.extensions["ploints"]["ploints"].store.engine)
+
+
+@pytest.mark.parametrize("cell", cells("visible"), ids=_ids)
+@MATRIX
+@given(data=st.data())
+def test_engine_events_see_each_claim_and_commit(
+    cell: Cell, backends: Backends, celery_cells: CeleryCells, data: st.DataObject
+) -> None:
+    ids = data.draw(id_families(), "family")[:4]
+    table = backends.get(cell.store).name
+    # By URL, autocommit statements; with db, the claim in the handlers'
+    # transaction, committed with it.
+    expected = ["INSERT", "UPDATE"] if cell.store.kind == "url" else ["INSERT", "COMMIT"]
+    seen: list[str] = []
+
+    def statement(conn: t.Any, cursor: t.Any, sql: str, *args: t.Any) -> None:
+        # PostgreSQL's held claim opens with a WITH clause.
+        for verb in ("INSERT INTO", "UPDATE"):
+            if f"{verb} {table}" in sql:
+                seen.append(verb.split()[0])
+
+    def commit(conn: t.Any) -> None:
+        seen.append("COMMIT")
+
+    with running(cell, backends, celery_cells) as run:
+        # The first use creates the table and checks it, in transactions.
+        first, *ids = ids
+        assert answer(run.post(cell.accounts.targets[0], body(first))) == PROCESSED
+        engine = _engine(run.app)
+        sa.event.listen(engine, "before_cursor_execute", statement)
+        sa.event.listen(engine, "commit", commit)
+        try:
+            for event_id in ids:
+                seen.clear()
+                assert answer(run.post(cell.accounts.targets[0], body(event_id))) == PROCESSED
+                assert seen == expected, event_id
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", statement)
+            sa.event.remove(engine, "commit", commit)
 
 
 #: Signed bodies that are no event, and the answer's reason.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from .._base import EventState
 from .._base import StoredEvent
@@ -62,7 +63,11 @@ def make_table(name: str, dialect: str) -> sa.Table:
         sa.Column("expires", sa.Double(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("payload", sa.LargeBinary(), nullable=True),
+        sa.Column(
+            "payload",
+            sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"),
+            nullable=True,
+        ),
         sa.Column("created_at", sa.Double(), nullable=False),
         sa.Column("updated_at", sa.Double(), nullable=False),
     )
@@ -159,17 +164,17 @@ class Statements:
         }
         #: ``INSERT ... ON CONFLICT DO NOTHING``: the claim of an id never
         #: seen, the common case. ``None`` without ON CONFLICT.
-        self.insert_new: sa.ClauseElement | None = None
-        self.insert_held: sa.ClauseElement | None = None
+        self.insert_new: sa.Executable | None = None
+        self.insert_held: sa.Executable | None = None
         #: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE free RETURNING``
         #: the holder: our row when the claim took over the id, no row when
         #: it changed nothing. ``None`` without ON CONFLICT.
-        self.upsert: sa.ClauseElement | None = None
+        self.upsert: sa.Executable | None = None
         #: PostgreSQL only: the upsert as a CTE, then the current holder
         #: when it returned nothing, in one statement. The second SELECT
         #: reads the statement's snapshot, so a row a concurrent claim
         #: inserted since may be missing: no row, and the claim goes round.
-        self.claim: sa.ClauseElement | None = None
+        self.claim: sa.Executable | None = None
         if upsert is not None:
             inserting: t.Any = upsert(table)
             if held and dialect == "postgresql":
@@ -265,12 +270,12 @@ class Statements:
             .limit(sa.bindparam("limit", type_=sa.Integer()))
         )
 
-    def all(self) -> dict[str, sa.ClauseElement]:
+    def all(self) -> dict[str, sa.Executable]:
         """Every statement the dialect has, by name."""
         return {
             name: statement
             for name, statement in vars(self).items()
-            if isinstance(statement, sa.ClauseElement)
+            if isinstance(statement, sa.Executable)
         }
 
 

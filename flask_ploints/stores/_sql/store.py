@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
 import typing as t
+import weakref
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import IntegrityError
 
 from ..._ordering import Turn
 from ..._ordering import TurnStatus
@@ -20,14 +24,7 @@ from .._base import ClaimStatus
 from .._base import EventState
 from .._base import StoredEvent
 from .._base import StoreError
-from .connections import Connections
-from .connections import Kept
-from .connections import PerCall
-from .connections import pool_limit
-from .connections import run
-from .dbapi import Cursor
-from .dbapi import DriverError
-from .dbapi import Query
+from .deadline import deadline
 from .ordering import OrderStatements
 from .ordering import make_order_table
 from .statements import Holder
@@ -37,6 +34,7 @@ from .statements import make_table
 from .statements import stored
 from .tables import ManagedTable
 from .tables import engine_from_url
+from .tables import ensure_table
 
 __all__ = ["SQLAlchemyStore"]
 
@@ -49,6 +47,87 @@ _CLAIMED_DONE = Claim(ClaimStatus.DONE)
 # than a few rounds means something is wrong.
 _CLAIM_ROUNDS = 5
 _T = t.TypeVar("_T")
+#: The engines the stores built: a forked child leaves their pools, the
+#: parent's connections, alone (``dispose(close=False)``).
+_OWN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for engine in list(_OWN_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Compiled:
+    """A statement compiled once for a dialect: its SQL, and how to turn
+    the store's parameters into the driver's (their types' bind processors,
+    in order for a positional paramstyle), from the public
+    :meth:`~sqlalchemy.sql.compiler.SQLCompiler.construct_expanded_state`.
+    """
+
+    __slots__ = ("names", "order", "processors", "sql")
+
+    def __init__(self, statement: sa.Executable, dialect: t.Any) -> None:
+        compiled = t.cast(t.Any, statement).compile(dialect=dialect)
+        state = compiled.construct_expanded_state(dict.fromkeys(compiled.params))
+        self.sql: str = state.statement
+        # Each parameter with its default: SQLite's OFFSET has one.
+        self.names = tuple(compiled.params.items())
+        self.order = None if state.positiontup is None else tuple(state.positiontup)
+        self.processors = []
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if name in compiled.params and process is not None:
+                self.processors.append((name, process))
+
+    def parameters(self, params: t.Mapping[str, t.Any]) -> t.Any:
+        values = {name: params.get(name, default) for name, default in self.names}
+        for name, process in self.processors:
+            values[name] = process(values[name])
+        return values if self.order is None else tuple(values[name] for name in self.order)
+
+
+class _Call:
+    """One call's connection: each statement runs through
+    :meth:`Connection.exec_driver_sql`, seen by the engine's events, under
+    the statement deadline (see :mod:`.deadline`).
+    """
+
+    __slots__ = ("_compiled", "_timeout", "connection", "timed_out")
+
+    def __init__(
+        self, connection: Connection, compiled: dict[int, _Compiled], timeout: float | None
+    ) -> None:
+        self.connection = connection
+        self._compiled = compiled
+        self._timeout = timeout
+        #: A statement ran past its deadline and its connection was cut.
+        self.timed_out = False
+
+    def execute(self, statement: sa.Executable, params: t.Mapping[str, t.Any]) -> t.Any:
+        """The :class:`~sqlalchemy.engine.CursorResult` of ``statement``."""
+        connection = self.connection
+        query = self._compiled.get(id(statement))
+        if query is None:
+            query = self._compiled[id(statement)] = _Compiled(statement, connection.dialect)
+        values = query.parameters(params)
+        guard = deadline(connection.connection.dbapi_connection, self._timeout)
+        try:
+            return connection.exec_driver_sql(query.sql, values)
+        except DBAPIError:
+            if guard.fired:
+                self.timed_out = True
+                if not connection.invalidated:
+                    connection.invalidate()
+            raise
+        finally:
+            guard.release()
+
+    def first(self, statement: sa.Executable, params: t.Mapping[str, t.Any]) -> t.Any:
+        """The first row of ``statement``, or ``None``."""
+        return self.execute(statement, params).first()
 
 
 class SQLAlchemyStore:
@@ -59,8 +138,9 @@ class SQLAlchemyStore:
     statements, connections and clocks.
 
     :param engine: the engine to use; a Flask-SQLAlchemy ``db.engine`` can
-        be shared. The store switches a connection to autocommit mode for
-        the time of a call, and back.
+        be shared. The store's calls check a connection out of its pool in
+        autocommit mode (``isolation_level="AUTOCOMMIT"``), set back when
+        it returns.
     :param table_name: the table to keep event ids in.
     :param keep_payloads: keep each event's raw body, for replay.
     :param create_table: create the table (if missing) on first use; else
@@ -99,8 +179,8 @@ class SQLAlchemyStore:
         self.keep_payloads = keep_payloads
         self._clock = clock
         self._timeout = statement_timeout
-        self._connections: Connections = PerCall(engine, switch=True, timeout=statement_timeout)
-        self._queries: dict[int, Query] = {}
+        self._engine: Engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._compiled: dict[int, _Compiled] = {}
         self._sql = Statements(self.table, self._upserts.get(dialect), dialect)
         self._table = ManagedTable(
             engine, self.table, create=create_table, error=StoreError, wait=statement_timeout
@@ -121,15 +201,14 @@ class SQLAlchemyStore:
         **kwargs: t.Any,
     ) -> SQLAlchemyStore:
         """Build a store with its own engine for ``url`` (see
-        :func:`engine_from_url`), in ``AUTOCOMMIT`` mode and without pings.
-        Except on SQLite, it keeps the connections it used between calls, at
-        most the pool's size plus overflow, until :meth:`close`; see
-        :doc:`/sql-store`. No connection is made until the first call.
+        :func:`engine_from_url`), in ``AUTOCOMMIT`` mode, without pings,
+        the connection given back last used first (``pool_use_lifo``). No
+        connection is made until the first call; see :doc:`/sql-store`.
 
         :param url: a SQLAlchemy database URL.
-        :param timeout: seconds to wait to connect, for a free connection,
-            and (unless ``statement_timeout`` is given) for a statement; on
-            SQLite, for another process's write lock.
+        :param timeout: seconds to wait to connect, for a free connection of
+            the pool, and (unless ``statement_timeout`` is given) for a
+            statement; on SQLite, for another process's write lock.
         :param engine_options: more keyword arguments for
             :func:`sqlalchemy.create_engine`; they win over the above.
         :param kwargs: passed to the constructor (``table_name``,
@@ -144,21 +223,24 @@ class SQLAlchemyStore:
         if autocommit:
             # No transaction is ever left open to roll back on checkin.
             options.setdefault("pool_reset_on_return", None)
+        if "poolclass" not in options and not url.startswith("sqlite"):
+            options.setdefault("pool_use_lifo", True)
         kwargs.setdefault("statement_timeout", timeout)
-        store = cls(engine_from_url(url, timeout=timeout, engine_options=options), **kwargs)
-        on_sqlite = store.engine.dialect.name == "sqlite"
-        if autocommit and not on_sqlite:
-            limit = pool_limit(options.get("pool_size", 5), options.get("max_overflow", 10))
-            store._connections = Kept(store.engine, limit=limit, wait=timeout)
-        elif autocommit:
-            store._connections = PerCall(store.engine, switch=False, timeout=store._timeout)
+        engine = engine_from_url(url, timeout=timeout, engine_options=options)
+        store = cls(engine, **kwargs)
+        if autocommit:
+            # Every connection is in autocommit mode already.
+            store._engine = engine
+        _OWN_ENGINES.add(engine)
         return store
 
     def close(self) -> None:
-        """Give back the connections the store keeps between calls. The
-        store connects again if it is used after.
+        """Close the connections of the pool of a store made by
+        :meth:`from_url` (:meth:`Engine.dispose`); a store given an engine
+        leaves it alone. The store connects again if it is used after.
         """
-        self._connections.drop()
+        if self.engine in _OWN_ENGINES:
+            self.engine.dispose()
 
     def create_table(self) -> None:
         """Create the table and its index unless they exist.
@@ -190,7 +272,7 @@ class SQLAlchemyStore:
         for _ in range(_CLAIM_ROUNDS):
             now = params["now"] = self._clock()
             params["lease_end"] = now + lease
-            found = self._run(lambda cursor, _retry: self._claim(cursor, params))
+            found = self._run(lambda call, _retry: self._claim(call, params))
             if found is None:
                 # Released or purged between the statements: go round again.
                 continue
@@ -204,31 +286,30 @@ class SQLAlchemyStore:
                 return Claim(ClaimStatus.IN_FLIGHT, retry_after=found.lease_expires - now)
         raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
 
-    def _claim(self, cursor: Cursor, params: dict[str, t.Any]) -> Holder | None:
+    def _claim(self, call: _Call, params: dict[str, t.Any]) -> Holder | None:
         """Insert the row, or take it over when it is free; return the row's
         holder: ours when this claim owns it.
         """
         sql = self._sql
         ours = Holder(params["claim_token"], _IN_FLIGHT, params["lease_end"], 0.0)
-        if sql.insert_new is not None and cursor.execute(sql.insert_new, params).rowcount == 1:
+        if sql.insert_new is not None and call.execute(sql.insert_new, params).rowcount == 1:
             return ours
         if sql.claim is not None:
-            return holder(cursor.first(sql.claim, params))
+            return holder(call.first(sql.claim, params))
         if sql.upsert is not None and self.engine.dialect.insert_returning:
-            found = holder(cursor.first(sql.upsert, params))
+            found = holder(call.first(sql.upsert, params))
             if found is not None:
                 return found
         else:
             # In autocommit mode the failed INSERT leaves the connection usable.
             try:
-                cursor.execute(sql.insert, params)
+                call.execute(sql.insert, params)
                 return ours
-            except DriverError as exc:
-                if not exc.duplicate:
-                    raise
-            if cursor.execute(sql.take_over, params).rowcount == 1:
+            except IntegrityError:
+                pass
+            if call.execute(sql.take_over, params).rowcount == 1:
                 return ours
-        return holder(cursor.first(sql.holder, params))
+        return holder(call.first(sql.holder, params))
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
@@ -280,7 +361,7 @@ class SQLAlchemyStore:
 
     def _settle(
         self,
-        statement: sa.ClauseElement,
+        statement: sa.Executable,
         params: dict[str, t.Any],
         done_before: t.Callable[[Holder | None], bool] | None,
     ) -> bool:
@@ -291,12 +372,12 @@ class SQLAlchemyStore:
             the first run did the work before the connection died.
         """
 
-        def settle(cursor: Cursor, retry: bool) -> bool:
-            if cursor.execute(statement, params).rowcount == 1:
+        def settle(call: _Call, retry: bool) -> bool:
+            if call.execute(statement, params).rowcount == 1:
                 return True
             if not retry or done_before is None:
                 return False
-            return done_before(holder(cursor.first(self._sql.holder, params)))
+            return done_before(holder(call.first(self._sql.holder, params)))
 
         return self._run(settle)
 
@@ -315,15 +396,13 @@ class SQLAlchemyStore:
         """
         now = self._clock() if now is None else now
         params = {"now": now, "abandoned_before": now - in_flight_grace}
-        count: int = self._run(
-            lambda cursor, _retry: cursor.execute(self._sql.purge, params).rowcount
-        )
+        count: int = self._run(lambda call, _retry: call.execute(self._sql.purge, params).rowcount)
         return count
 
     def get(self, event_id: str) -> StoredEvent | None:
         """See :meth:`.InspectableStore.get`."""
         params = {"event_id": event_id, "now": self._clock()}
-        row = self._run(lambda cursor, _retry: cursor.first(self._sql.get, params))
+        row = self._run(lambda call, _retry: call.first(self._sql.get, params))
         return None if row is None else stored(row)
 
     def failed(self, limit: int = 100) -> list[StoredEvent]:
@@ -331,52 +410,44 @@ class SQLAlchemyStore:
         failed rows.
         """
         params = {"now": self._clock(), "limit": max(limit, 0)}
-        rows = self._run(lambda cursor, _retry: cursor.execute(self._sql.failed, params).fetchall())
+        rows = self._run(lambda call, _retry: call.execute(self._sql.failed, params).all())
         return [stored(row) for row in rows]
 
-    def _run(self, operation: t.Callable[[Cursor, bool], _T]) -> _T:
+    def _run(self, operation: t.Callable[[_Call, bool], _T]) -> _T:
+        """Call ``operation(call, retry)`` on a connection of the pool; when
+        it turns out dead, once more, with ``retry`` set: SQLAlchemy
+        invalidated it and the pool's older ones, so the second run
+        connects afresh. A failure to connect is not retried, so an
+        unreachable database fails within one connect timeout; nor is a
+        statement past its deadline, so a silent one fails within it.
+        """
         with self._table.use():
-            return run(
-                self._connections, self.engine.dialect, self._queries, operation, self._timeout
-            )
+            for retry in (False, True):
+                call: _Call | None = None
+                try:
+                    with self._engine.connect() as connection:
+                        call = _Call(connection, self._compiled, self._timeout)
+                        return operation(call, retry)
+                except DBAPIError as exc:
+                    if retry or call is None or call.timed_out or not exc.connection_invalidated:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- latest_by (flask_ploints._ordering.OrderedStore)
 
     def prepare_order(self) -> None:
         """Create :attr:`order_table` unless it exists, on first use (unless
-        the store was made with ``create_table=False``). On a connection of
-        the store's own: the ones it keeps between calls may be all of the
-        pool's.
+        the store was made with ``create_table=False``).
 
         :raises StoreError: the database refused.
         """
         if not self._order_missing:
             return
         with self._order_lock:
-            if not self._order_missing:
-                return
-            ddl = str(
-                CreateTable(self.order_table, if_not_exists=True).compile(
-                    dialect=self.engine.dialect
-                )
-            )
-            with self._table.use():
-                for attempt in (1, 2):
-                    connection = self._connections.take()
-                    try:
-                        cursor = connection.cursor()
-                        try:
-                            cursor.execute(ddl)
-                        finally:
-                            cursor.close()
-                        break
-                    except Exception as exc:
-                        # Another process created it at the same moment.
-                        if attempt == 2:
-                            raise StoreError(f"database: {type(exc).__name__}: {exc}") from exc
-                    finally:
-                        self._connections.give_back(connection)
-            self._order_missing = False
+            if self._order_missing:
+                with self._table.use():
+                    ensure_table(self.engine, self.order_table)
+                self._order_missing = False
 
     def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
         """See :meth:`.OrderedStore.order_begin`: one ``UPDATE`` when the
@@ -387,15 +458,15 @@ class SQLAlchemyStore:
         token = secrets.token_hex(8)
         params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
 
-        def begin(cursor: Cursor, _retry: bool) -> t.Any:
-            if cursor.execute(sql.take, params).rowcount == 1:
+        def begin(call: _Call, _retry: bool) -> t.Any:
+            if call.execute(sql.take, params).rowcount == 1:
                 return None
-            row = cursor.first(sql.read, params)
+            row = call.first(sql.read, params)
             if row is None:
-                cursor.execute(sql.insert, params)
-                if cursor.execute(sql.take, params).rowcount == 1:
+                call.execute(sql.insert, params)
+                if call.execute(sql.take, params).rowcount == 1:
                     return None
-                row = cursor.first(sql.read, params)
+                row = call.first(sql.read, params)
             return row
 
         for _ in range(_CLAIM_ROUNDS):

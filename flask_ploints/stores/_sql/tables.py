@@ -19,7 +19,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from ..._errors import PlointsError
-from .dbapi import DriverError
 
 __all__ = [
     "Key",
@@ -42,7 +41,9 @@ def engine_from_url(
     A ``postgresql://`` (or ``postgres://``) URL without a driver uses
     psycopg 3. An in-memory SQLite URL (``sqlite://``) gets a
     :class:`~sqlalchemy.pool.StaticPool`, so that every thread sees the
-    same database. Connections are checked before use (``pool_pre_ping``).
+    same database. Connections are checked before use (``pool_pre_ping``),
+    and statements' parameters are left out of errors and logs
+    (``hide_parameters``).
 
     :param url: a SQLAlchemy database URL.
     :param timeout: seconds to wait to connect, and for a connection of a
@@ -58,7 +59,9 @@ def engine_from_url(
         the read and write timeouts of MySQL drivers.
     """
     parsed = make_url(_with_driver(url))
-    options: dict[str, t.Any] = {"pool_pre_ping": True}
+    # The store's parameters hold payloads: kept out of SQLAlchemy's errors
+    # and logs.
+    options: dict[str, t.Any] = {"pool_pre_ping": True, "hide_parameters": True}
     connect_args: dict[str, t.Any] = {}
     backend = parsed.get_backend_name()
     if backend == "postgresql":
@@ -225,7 +228,7 @@ def _fix(engine: Engine, table: sa.Table, column: sa.Column[t.Any]) -> str:
 _E = t.TypeVar("_E", bound=PlointsError)
 
 
-def database_error(exc: SQLAlchemyError | DriverError, error: type[_E]) -> _E:
+def database_error(exc: SQLAlchemyError, error: type[_E]) -> _E:
     """``exc`` as an ``error`` with the driver's message only: SQLAlchemy's
     own message echoes the statement's parameters, which hold payloads.
     Raise it from :func:`driver_exception`.
@@ -234,7 +237,7 @@ def database_error(exc: SQLAlchemyError | DriverError, error: type[_E]) -> _E:
     return error(f"database: {type(orig).__name__}: {orig}".strip())
 
 
-def driver_exception(exc: SQLAlchemyError | DriverError) -> BaseException:
+def driver_exception(exc: SQLAlchemyError) -> BaseException:
     """The driver's exception under ``exc``, or ``exc`` when there is none."""
     orig = getattr(exc, "orig", None)
     return orig if isinstance(orig, BaseException) else exc
@@ -328,7 +331,7 @@ class _Errors:
     def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         if self._lock is not None:
             self._lock.__exit__()
-        if isinstance(exc, (SQLAlchemyError, DriverError)):
+        if isinstance(exc, SQLAlchemyError):
             raise database_error(exc, self._error) from driver_exception(exc)
 
 
