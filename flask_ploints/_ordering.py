@@ -11,13 +11,19 @@ key, and after it returns records the event's timestamp as the newest. See
 :doc:`/ordering`.
 
 A store offers this by implementing :class:`OrderedStore`; the receiver
-refuses ``latest_by`` at start-up with a store that does not.
+refuses ``latest_by`` at start-up with a store that does not. A store that
+also implements :class:`TurnsWithClaims` takes a delivery's turns with its
+claim and ends them with its commit, so that ``latest_by`` costs no round
+trip of its own: the receiver then gathers them in a :class:`Turns`.
+Otherwise each guard takes and ends its own turn.
 
 .. versionadded:: 0.2
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import hashlib
@@ -37,8 +43,9 @@ from ._logfields import log_event as _log
 
 if t.TYPE_CHECKING:
     from ._events import Event
+    from .stores._base import Claim
 
-__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnStatus"]
+__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnEnd", "TurnStatus", "Turns", "TurnsWithClaims"]
 
 # Between the handler's name and the key's value; both are the user's text,
 # the separator keeps "a" + "b:c" apart from "a:b" + "c".
@@ -81,6 +88,20 @@ class Turn(t.NamedTuple):
     retry_after: float = 0.0
 
 
+class TurnEnd(t.NamedTuple):
+    """One turn to end, as :meth:`OrderedStore.order_end` takes it.
+
+    :param key: the key the turn is on.
+    :param token: the turn's token.
+    :param timestamp: the event's timestamp (ms since the epoch) when the
+        handler applied it, ``None`` when nothing advances.
+    """
+
+    key: str
+    token: str
+    timestamp: int | None
+
+
 @t.runtime_checkable
 class OrderedStore(t.Protocol):
     """A dedupe store that keeps, per key, the newest event timestamp a
@@ -106,6 +127,46 @@ class OrderedStore(t.Protocol):
 
         :return: ``False`` when ``token`` no longer held the turn (its lease
             ran out); nothing changes then.
+        """
+
+
+@t.runtime_checkable
+class TurnsWithClaims(OrderedStore, t.Protocol):
+    """An :class:`OrderedStore` that takes a delivery's turns in the same
+    atomic step as its claim, and ends them in the same step as its commit:
+    ``latest_by`` then costs no round trip beside the claim and the commit.
+    The receiver checks for it once per store; a store without it is called
+    through :meth:`~OrderedStore.order_begin` and
+    :meth:`~OrderedStore.order_end`, once per guarded handler each.
+
+    .. versionadded:: 0.2
+    """
+
+    def claim_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """:meth:`~flask_ploints.stores.DedupeStore.claim` ``event_id``
+        and, when it is claimed, :meth:`~OrderedStore.order_begin` each of
+        ``keys`` with ``timestamp`` for the same ``lease``, at once.
+
+        :return: the claim, and the turn of each key in order; no turn when
+            the id was not claimed.
+        """
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """:meth:`~flask_ploints.stores.DedupeStore.commit` ``event_id``
+        and :meth:`~OrderedStore.order_end` each of ``ends`` with
+        ``retention``, at once; each turn ends whether or not ``token``
+        still owned the claim.
+
+        :return: what the commit answers.
         """
 
 
@@ -145,13 +206,149 @@ def require_ordered(store: object) -> None:
         )
 
 
-_Bound = tuple[
-    t.Callable[[str, int, float], Turn],
-    t.Callable[[str, str, "int | None", float], bool],
-    t.Callable[[str, "str | None"], str],
-    float,
-    float,
-]
+KeyOf = t.Callable[[str, "str | None"], str]
+
+
+class _TurnSource(t.Protocol):
+    """Where a :class:`Guard` takes and ends its turns: its own store calls
+    (:class:`_OwnTurns`) or its delivery's (:class:`Turns`).
+    """
+
+    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
+        """See :meth:`Guard.order_key`."""
+
+    def begin(self, key: str, stamp: int) -> Turn:
+        """The guard's turn on ``key`` for an event stamped ``stamp``."""
+
+    def again(self, key: str, stamp: int) -> Turn:
+        """Ask the store again, after a :attr:`TurnStatus.BUSY` turn."""
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """The handler returned (``applied`` is the event's stamp) or
+        raised (``None``).
+        """
+
+
+class _OwnTurns:
+    """A guard's turns taken and ended by its own store calls, one each."""
+
+    def __init__(self, store: OrderedStore, key_of: KeyOf, lease: float, retention: float) -> None:
+        self.store = store
+        self.key_of = key_of
+        self.lease = lease
+        self.retention = retention
+
+    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
+        """See :meth:`Guard.order_key`."""
+        return guard.order_key(event, self.key_of)
+
+    def begin(self, key: str, stamp: int) -> Turn:
+        """Take the turn: :meth:`OrderedStore.order_begin`."""
+        return self.store.order_begin(key, stamp, self.lease)
+
+    again = begin
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """End the turn: :meth:`OrderedStore.order_end`."""
+        self.store.order_end(key, turn.token, applied, self.retention)
+
+
+class Turns:
+    """The turns of one delivery's guarded handlers with a
+    :class:`TurnsWithClaims` store: their keys found before the claim, the
+    turns taken with it, and ended with the commit (or, when the delivery
+    fails, by :meth:`end`). Its guards find it in :data:`current_turns`.
+
+    :param store: the store.
+    :param event: the event delivered.
+    :param guards: the guarded handlers of the event's type.
+    :param key_of: how the receiver's namespace makes a store key.
+    :param lease: seconds of the claim's lease, and of the turns'.
+    :param retention: seconds the newest applied is remembered.
+    """
+
+    def __init__(
+        self,
+        store: TurnsWithClaims,
+        event: Event,
+        guards: t.Iterable[Guard],
+        key_of: KeyOf,
+        lease: float,
+        retention: float,
+    ) -> None:
+        self.store = store
+        self.key_of = key_of
+        self.lease = lease
+        self.retention = retention
+        self.stamp = _millis(event.timestamp)
+        self._keys: dict[Guard, tuple[str, str]] = {}
+        for guard in guards:
+            # A key that cannot be found is found again, and raises, when
+            # its guard runs: that handler's failure.
+            with contextlib.suppress(Exception):
+                self._keys[guard] = guard.order_key(event, key_of)
+        self._taken: dict[str, Turn] = {}
+        self._applied: set[str] = set()
+
+    def claim(self, event_id: str, payload: bytes | None) -> Claim:
+        """Claim ``event_id`` and take the turn of every key."""
+        keys = list(dict.fromkeys(key for key, _ in self._keys.values()))
+        claim, turns = self.store.claim_with_turns(event_id, self.lease, payload, keys, self.stamp)
+        # No turn when the id was not claimed.
+        self._taken = dict(zip(keys, turns, strict=False))
+        return claim
+
+    def commit(self, event_id: str, token: str) -> bool:
+        """Commit ``event_id`` and end every turn, advancing the applied."""
+        return self.store.commit_with_turns(event_id, token, self.retention, self._ends())
+
+    def end(self) -> None:
+        """End every turn without the commit (the delivery failed): those
+        whose handler applied the event still advance, since its effects
+        are done.
+        """
+        for end in self._ends():
+            self.store.order_end(*end, self.retention)
+        self._taken.clear()
+
+    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
+        """The key found before the claim; see :meth:`Guard.order_key`."""
+        found = self._keys.get(guard)
+        return guard.order_key(event, self.key_of) if found is None else found
+
+    def begin(self, key: str, stamp: int) -> Turn:
+        """The turn taken with the claim; one of its own for a key the
+        claim did not know.
+        """
+        turn = self._taken.get(key)
+        return self.again(key, stamp) if turn is None else turn
+
+    def again(self, key: str, stamp: int) -> Turn:
+        """Take the turn with :meth:`OrderedStore.order_begin`; it ends
+        with the others.
+        """
+        turn = self._taken[key] = self.store.order_begin(key, stamp, self.lease)
+        return turn
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """Note what the handler applied; the turn ends with the
+        delivery's commit or :meth:`end`.
+        """
+        if applied is not None:
+            self._applied.add(key)
+
+    def _ends(self) -> list[TurnEnd]:
+        return [
+            TurnEnd(key, turn.token, self.stamp if key in self._applied else None)
+            for key, turn in self._taken.items()
+            if turn.status is TurnStatus.RUN
+        ]
+
+
+#: The :class:`Turns` of the delivery whose handlers run now, if any.
+current_turns: contextvars.ContextVar[Turns | None] = contextvars.ContextVar(
+    "ploints_turns", default=None
+)
 
 
 class Guard:
@@ -182,24 +379,32 @@ class Guard:
         self.name = name
         self.instance = instance
         self.is_async = is_async
-        # What the guard needs of each app it runs on, found once.
-        self._bound: weakref.WeakKeyDictionary[Flask, _Bound] = weakref.WeakKeyDictionary()
+        # The guard's own turns on each app it runs on, made once.
+        self._own: weakref.WeakKeyDictionary[Flask, _OwnTurns] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, func)
 
-    def __call__(self, event: Event) -> None:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        bound = self._bound.get(app)
-        if bound is None:
-            bound = self._bound[app] = self._bind(app)
-        begin, end, key_of, lease, retention = bound
+    def order_key(self, event: Event, key_of: KeyOf) -> tuple[str, str]:
+        """The store key of ``event`` for this handler, and the value of
+        ``latest_by`` it was made from.
+        """
         value = str(self.key(event))
         key = key_of(self.name + _SEPARATOR + value, event.account)
         if len(key) > _MAX_KEY:
             key = "#" + hashlib.sha256(key.encode()).hexdigest()
+        return key, value
+
+    def __call__(self, event: Event) -> None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        turns: _TurnSource | None = current_turns.get()
+        if turns is None:
+            turns = self._own.get(app)
+            if turns is None:
+                turns = self._own[app] = self._bind(app)
+        key, value = turns.key(self, event)
         stamp = _millis(event.timestamp)
-        turn = begin(key, stamp, lease)
+        turn = turns.begin(key, stamp)
         if turn.status is TurnStatus.BUSY:
-            turn = self._wait(begin, key, stamp, lease, turn)
+            turn = self._wait(turns, key, stamp, turn)
         if turn.status is TurnStatus.STALE:
             assert turn.newest is not None
             newer = _from_millis(turn.newest)
@@ -228,26 +433,22 @@ class Guard:
         try:
             (app.ensure_sync(self.func) if self.is_async else self.func)(event)
         except BaseException:
-            end(key, turn.token, None, retention)
+            turns.finish(key, turn, None)
             raise
-        end(key, turn.token, stamp, retention)
+        turns.finish(key, turn, stamp)
 
-    def _bind(self, app: Flask) -> _Bound:
+    def _bind(self, app: Flask) -> _OwnTurns:
         receiver = self.find(app)
-        store = t.cast(OrderedStore, receiver.store)
         processor = receiver.processor
-        return (
-            store.order_begin,
-            store.order_end,
+        return _OwnTurns(
+            t.cast(OrderedStore, receiver.store),
             processor.namespace.key,
             processor.dispatcher.lease,
             receiver.settings.retention,
         )
 
     @staticmethod
-    def _wait(
-        begin: t.Callable[[str, int, float], Turn], key: str, stamp: int, lease: float, turn: Turn
-    ) -> Turn:
+    def _wait(turns: _TurnSource, key: str, stamp: int, turn: Turn) -> Turn:
         deadline = time.monotonic() + _WAIT
         pause = iter(_PAUSES)
         while True:
@@ -255,6 +456,6 @@ class Guard:
             if left <= 0:
                 return turn
             time.sleep(min(next(pause, _PAUSES[-1]), left))
-            turn = begin(key, stamp, lease)
+            turn = turns.again(key, stamp)
             if turn.status is not TurnStatus.BUSY:
                 return turn
