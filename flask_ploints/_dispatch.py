@@ -45,9 +45,9 @@ class Handlers:
         # go through app.ensure_sync.
         self._by_type: dict[str, list[tuple[Handler, bool]]] = {}
         self._any: list[tuple[Handler, bool]] = []
-        # The handlers registered with latest_by, by type: their turns are
-        # taken with the event's claim.
-        self._guards: dict[str, list[Guard]] = {}
+        #: The handlers registered with ``latest_by``, by event type: their
+        #: turns are taken with the event's claim.
+        self.guards: dict[str, list[Guard]] = {}
 
     def connect(self, event_types: t.Iterable[str], func: Handler) -> None:
         """Call ``func`` for events of these types."""
@@ -56,7 +56,7 @@ class Handlers:
         for event_type in check_event_types(event_types):
             self._by_type.setdefault(event_type, []).append(entry)
             if isinstance(func, Guard):
-                self._guards.setdefault(event_type, []).append(func)
+                self.guards.setdefault(event_type, []).append(func)
 
     def connect_any(self, func: Handler) -> None:
         """Call ``func`` for every verified event, unknown types included."""
@@ -68,10 +68,6 @@ class Handlers:
         handlers for every event are not included.
         """
         return [func for func, _ in self._by_type.get(event_type, ())]
-
-    def guards(self, event_type: str) -> t.Sequence[Guard]:
-        """The handlers of one type registered with ``latest_by``."""
-        return self._guards.get(event_type, ())
 
     def for_any(self) -> list[Handler]:
         """The handlers for every event, in the order they were connected."""
@@ -114,7 +110,7 @@ class WrappedHandlers(Handlers):
         # Shared, not copied: handlers connected after init_app run too.
         self._by_type = handlers._by_type
         self._any = handlers._any
-        self._guards = handlers._guards
+        self.guards = handlers.guards
         self.around = around
 
     def run(self, app: Flask, event: Event, name: str) -> None:

@@ -22,12 +22,11 @@ Otherwise each guard takes and ends its own turn.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import enum
 import functools
 import hashlib
 import logging
+import threading
 import time
 import typing as t
 import weakref
@@ -88,18 +87,11 @@ class Turn(t.NamedTuple):
     retry_after: float = 0.0
 
 
-class TurnEnd(t.NamedTuple):
-    """One turn to end, as :meth:`OrderedStore.order_end` takes it.
-
-    :param key: the key the turn is on.
-    :param token: the turn's token.
-    :param timestamp: the event's timestamp (ms since the epoch) when the
-        handler applied it, ``None`` when nothing advances.
-    """
-
-    key: str
-    token: str
-    timestamp: int | None
+#: One turn to end, as :meth:`OrderedStore.order_end` takes it: the key,
+#: the turn's token, and the event's timestamp (ms since the epoch) when the
+#: handler applied it or ``None`` when nothing advances. A plain tuple: one
+#: is made for every turn a delivery ends.
+TurnEnd = tuple[str, str, "int | None"]
 
 
 @t.runtime_checkable
@@ -214,11 +206,10 @@ class _TurnSource(t.Protocol):
     (:class:`_OwnTurns`) or its delivery's (:class:`Turns`).
     """
 
-    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
-        """See :meth:`Guard.order_key`."""
-
-    def begin(self, key: str, stamp: int) -> Turn:
-        """The guard's turn on ``key`` for an event stamped ``stamp``."""
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
+        """The guard's key and its value (see :meth:`Guard.order_key`),
+        the event's timestamp in ms, and the guard's turn on the key.
+        """
 
     def again(self, key: str, stamp: int) -> Turn:
         """Ask the store again, after a :attr:`TurnStatus.BUSY` turn."""
@@ -238,15 +229,15 @@ class _OwnTurns:
         self.lease = lease
         self.retention = retention
 
-    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
-        """See :meth:`Guard.order_key`."""
-        return guard.order_key(event, self.key_of)
-
-    def begin(self, key: str, stamp: int) -> Turn:
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
         """Take the turn: :meth:`OrderedStore.order_begin`."""
-        return self.store.order_begin(key, stamp, self.lease)
+        key, value = guard.order_key(event, self.key_of)
+        stamp = _millis(event.timestamp)
+        return key, value, stamp, self.again(key, stamp)
 
-    again = begin
+    def again(self, key: str, stamp: int) -> Turn:
+        """Ask again: :meth:`OrderedStore.order_begin`."""
+        return self.store.order_begin(key, stamp, self.lease)
 
     def finish(self, key: str, turn: Turn, applied: int | None) -> None:
         """End the turn: :meth:`OrderedStore.order_end`."""
@@ -257,7 +248,7 @@ class Turns:
     """The turns of one delivery's guarded handlers with a
     :class:`TurnsWithClaims` store: their keys found before the claim, the
     turns taken with it, and ended with the commit (or, when the delivery
-    fails, by :meth:`end`). Its guards find it in :data:`current_turns`.
+    fails, by :meth:`end`). Its guards find it in :data:`running`.
 
     :param store: the store.
     :param event: the event delivered.
@@ -266,6 +257,18 @@ class Turns:
     :param lease: seconds of the claim's lease, and of the turns'.
     :param retention: seconds the newest applied is remembered.
     """
+
+    __slots__ = (
+        "_applied",
+        "_distinct",
+        "_keys",
+        "_taken",
+        "key_of",
+        "lease",
+        "retention",
+        "stamp",
+        "store",
+    )
 
     def __init__(
         self,
@@ -282,17 +285,23 @@ class Turns:
         self.retention = retention
         self.stamp = _millis(event.timestamp)
         self._keys: dict[Guard, tuple[str, str]] = {}
+        # Each key once, in order: what the claim takes.
+        self._distinct: list[str] = []
         for guard in guards:
-            # A key that cannot be found is found again, and raises, when
-            # its guard runs: that handler's failure.
-            with contextlib.suppress(Exception):
-                self._keys[guard] = guard.order_key(event, key_of)
+            try:
+                found = self._keys[guard] = guard.order_key(event, key_of)
+            except Exception:
+                # Found again, and raised, when its guard runs: that
+                # handler's failure.
+                continue
+            if found[0] not in self._distinct:
+                self._distinct.append(found[0])
         self._taken: dict[str, Turn] = {}
         self._applied: set[str] = set()
 
     def claim(self, event_id: str, payload: bytes | None) -> Claim:
         """Claim ``event_id`` and take the turn of every key."""
-        keys = list(dict.fromkeys(key for key, _ in self._keys.values()))
+        keys = self._distinct
         claim, turns = self.store.claim_with_turns(event_id, self.lease, payload, keys, self.stamp)
         # No turn when the id was not claimed.
         self._taken = dict(zip(keys, turns, strict=False))
@@ -300,28 +309,33 @@ class Turns:
 
     def commit(self, event_id: str, token: str) -> bool:
         """Commit ``event_id`` and end every turn, advancing the applied."""
-        return self.store.commit_with_turns(event_id, token, self.retention, self._ends())
+        ends: list[TurnEnd] = []
+        for key, turn in self._taken.items():
+            if turn.status is TurnStatus.RUN:
+                ends.append((key, turn.token, self.stamp if key in self._applied else None))
+        return self.store.commit_with_turns(event_id, token, self.retention, ends)
 
     def end(self) -> None:
         """End every turn without the commit (the delivery failed): those
         whose handler applied the event still advance, since its effects
         are done.
         """
-        for end in self._ends():
-            self.store.order_end(*end, self.retention)
+        for key, turn in self._taken.items():
+            if turn.status is TurnStatus.RUN:
+                stamp = self.stamp if key in self._applied else None
+                self.store.order_end(key, turn.token, stamp, self.retention)
         self._taken.clear()
 
-    def key(self, guard: Guard, event: Event) -> tuple[str, str]:
-        """The key found before the claim; see :meth:`Guard.order_key`."""
-        found = self._keys.get(guard)
-        return guard.order_key(event, self.key_of) if found is None else found
-
-    def begin(self, key: str, stamp: int) -> Turn:
-        """The turn taken with the claim; one of its own for a key the
-        claim did not know.
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
+        """The key found and the turn taken with the claim; for a key the
+        claim did not know, a turn of its own.
         """
+        found = self._keys.get(guard)
+        key, value = guard.order_key(event, self.key_of) if found is None else found
         turn = self._taken.get(key)
-        return self.again(key, stamp) if turn is None else turn
+        if turn is None:
+            turn = self.again(key, self.stamp)
+        return key, value, self.stamp, turn
 
     def again(self, key: str, stamp: int) -> Turn:
         """Take the turn with :meth:`OrderedStore.order_begin`; it ends
@@ -337,18 +351,19 @@ class Turns:
         if applied is not None:
             self._applied.add(key)
 
-    def _ends(self) -> list[TurnEnd]:
-        return [
-            TurnEnd(key, turn.token, self.stamp if key in self._applied else None)
-            for key, turn in self._taken.items()
-            if turn.status is TurnStatus.RUN
-        ]
+
+class _Running(threading.local):
+    """What the thread running a delivery's handlers holds for its guards:
+    a thread's, not a context variable, which costs several times more to
+    set on every delivery. The guards run in the thread of the claim (the
+    receiver folds turns only with the inline dispatcher).
+    """
+
+    #: The :class:`Turns` of the delivery whose handlers run now, if any.
+    turns: Turns | None = None
 
 
-#: The :class:`Turns` of the delivery whose handlers run now, if any.
-current_turns: contextvars.ContextVar[Turns | None] = contextvars.ContextVar(
-    "ploints_turns", default=None
-)
+running = _Running()
 
 
 class Guard:
@@ -394,15 +409,13 @@ class Guard:
         return key, value
 
     def __call__(self, event: Event) -> None:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        turns: _TurnSource | None = current_turns.get()
+        turns: _TurnSource | None = running.turns
         if turns is None:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
             turns = self._own.get(app)
             if turns is None:
                 turns = self._own[app] = self._bind(app)
-        key, value = turns.key(self, event)
-        stamp = _millis(event.timestamp)
-        turn = turns.begin(key, stamp)
+        key, value, stamp, turn = turns.begin(self, event)
         if turn.status is TurnStatus.BUSY:
             turn = self._wait(turns, key, stamp, turn)
         if turn.status is TurnStatus.STALE:
@@ -420,7 +433,7 @@ class Guard:
             )
             signals.notify(
                 signals.handler_skipped_stale,
-                app,
+                current_app._get_current_object(),  # type: ignore[attr-defined]
                 self.instance,
                 event=event,
                 handler=self.name,
@@ -431,7 +444,7 @@ class Guard:
         if turn.status is TurnStatus.BUSY:
             raise KeyBusy(value, turn.retry_after)
         try:
-            (app.ensure_sync(self.func) if self.is_async else self.func)(event)
+            (current_app.ensure_sync(self.func) if self.is_async else self.func)(event)
         except BaseException:
             turns.finish(key, turn, None)
             raise

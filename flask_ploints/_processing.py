@@ -51,7 +51,7 @@ from ._namespace import Namespace
 from ._ordering import KeyBusy
 from ._ordering import Turns
 from ._ordering import TurnsWithClaims
-from ._ordering import current_turns
+from ._ordering import running
 from ._outcomes import MAX_ERROR
 from ._outcomes import Outcome
 from ._outcomes import Result
@@ -273,7 +273,11 @@ class Processor:
     ) -> Result:
         key = self._key(event)
         inline = self.dispatcher.runs_inline
-        turns = self._turns(event)
+        # The turns of its latest_by handlers, when the store takes them
+        # with the claim.
+        turns = None
+        if self._turns_store is not None and event.type in self.handlers.guards:
+            turns = self._turns(event)
         try:
             if inline and self._hold is not None:
                 claim = self._hold(key, self.dispatcher.lease, payload, self._retention)
@@ -316,15 +320,12 @@ class Processor:
             _log(logging.WARNING, event, None, duration, _SLOW, duration, SENDER_TIMEOUT)
         return self._processed(app, event, key, claim.token, duration, pending, turns)
 
-    def _turns(self, event: Event) -> Turns | None:
+    def _turns(self, event: Event) -> Turns:
         """The turns of ``event``'s ``latest_by`` handlers, to take with its
-        claim: ``None`` when it has none, or the store takes none.
+        claim.
         """
-        if self._turns_store is None:
-            return None
-        guards = self.handlers.guards(event.type)
-        if not guards:
-            return None
+        assert self._turns_store is not None
+        guards = self.handlers.guards[event.type]
         lease = self.dispatcher.lease
         return Turns(self._turns_store, event, guards, self.namespace.key, lease, self._retention)
 
@@ -390,7 +391,7 @@ class Processor:
         pending, collecting = effects.collect()
         # Set even when None: a delivery nested in a handler (a replay) has
         # turns of its own, or none.
-        running = current_turns.set(turns)
+        outer, running.turns = running.turns, turns
         try:
             if self._scopes:
                 with contextlib.ExitStack() as stack:
@@ -411,7 +412,7 @@ class Processor:
         else:
             error = None
         finally:
-            current_turns.reset(running)
+            running.turns = outer
             effects.finish(collecting)
         return error, time.perf_counter() - started, pending
 

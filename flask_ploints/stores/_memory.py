@@ -257,9 +257,11 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             claim = self._claim(event_id, lease, now)
-            if claim.status is not ClaimStatus.CLAIMED:
-                return claim, []
-            return claim, [self._take_turn(key, timestamp, lease, now) for key in keys]
+            turns: list[Turn] = []
+            if claim.status is ClaimStatus.CLAIMED:
+                for key in keys:
+                    turns.append(self._take_turn(key, timestamp, lease, now))
+            return claim, turns
 
     def commit_with_turns(
         self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
