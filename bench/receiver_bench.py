@@ -24,8 +24,9 @@ on a fresh app and store, so drift on the machine hits both alike.
 * latest_by (``--latest-by STORE``): instead of the above, the extension
   with one handler of ``customer.tier_changed`` registered with
   ``latest_by`` the customer's email, against the same handler without it,
-  both on ``STORE`` (``memory``, a Redis URL or a database URL), each round
-  on fresh keys or tables. The events are tier changes of 500 customers,
+  both on ``STORE`` (``memory``, a Redis URL, a database URL, or ``db:``
+  and a database URL for ``PLOINTS_DEDUPE_STORE = db`` with
+  Flask-SQLAlchemy), each round on fresh keys or tables. The events are tier changes of 500 customers,
   each applied (none stale), so every delivery pays for the guard.
 
 Run: ``.venv/bin/python bench/receiver_bench.py [--events N] [--rounds N]
@@ -133,6 +134,13 @@ def latest_by_app(store: str, ordered: bool, made: list[Flask]) -> t.Callable[[]
             PLOINTS_REDIS_PREFIX=f"{name}:",
             PLOINTS_SQL_TABLE=name,
         )
+        if store.startswith("db:"):
+            # Imported here: only this form needs Flask-SQLAlchemy.
+            from flask_sqlalchemy import SQLAlchemy
+
+            db = SQLAlchemy()
+            app.config.update(SQLALCHEMY_DATABASE_URI=store[3:], PLOINTS_DEDUPE_STORE=db)
+            db.init_app(app)
         webhooks = PlointsWebhooks(app)
         tiers: dict[str, str] = {}
         options: dict[str, t.Any] = {}
@@ -160,8 +168,12 @@ def forget(apps: list[Flask]) -> None:
             for start in range(0, len(keys), 1000):
                 client.delete(*keys[start : start + 1000])
         engine = getattr(store, "engine", None)
-        if engine is not None:
+        if "sqlalchemy" in app.extensions:
+            with app.app_context():
+                engine = app.extensions["sqlalchemy"].engine
+        elif engine is not None:
             store.close()
+        if engine is not None:
             with engine.begin() as connection:
                 table_name = app.config["PLOINTS_SQL_TABLE"]
                 for table in (table_name, f"{table_name}_order"):
@@ -316,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--latest-by",
         metavar="STORE",
-        help="Compare a handler with latest_by to one without, on STORE: memory or a URL.",
+        help="Compare a handler with latest_by to one without, on STORE: memory, a URL or db:URL.",
     )
     parser.add_argument(
         "--clock",

@@ -18,6 +18,7 @@ from ._errors import DispatchError
 from ._errors import HandlerError
 from ._events import Event
 from ._events import check_event_types
+from ._ordering import Guard
 from .signals import require_runnable
 from .signals import signal_for
 from .stores import Claim
@@ -44,6 +45,9 @@ class Handlers:
         # go through app.ensure_sync.
         self._by_type: dict[str, list[tuple[Handler, bool]]] = {}
         self._any: list[tuple[Handler, bool]] = []
+        #: The handlers registered with ``latest_by``, by event type: their
+        #: turns are taken with the event's claim.
+        self.guards: dict[str, list[Guard]] = {}
 
     def connect(self, event_types: t.Iterable[str], func: Handler) -> None:
         """Call ``func`` for events of these types."""
@@ -51,6 +55,8 @@ class Handlers:
         entry = (func, inspect.iscoroutinefunction(func))
         for event_type in check_event_types(event_types):
             self._by_type.setdefault(event_type, []).append(entry)
+            if isinstance(func, Guard):
+                self.guards.setdefault(event_type, []).append(func)
 
     def connect_any(self, func: Handler) -> None:
         """Call ``func`` for every verified event, unknown types included."""
@@ -104,6 +110,7 @@ class WrappedHandlers(Handlers):
         # Shared, not copied: handlers connected after init_app run too.
         self._by_type = handlers._by_type
         self._any = handlers._any
+        self.guards = handlers.guards
         self.around = around
 
     def run(self, app: Flask, event: Event, name: str) -> None:

@@ -11,7 +11,11 @@ key, and after it returns records the event's timestamp as the newest. See
 :doc:`/ordering`.
 
 A store offers this by implementing :class:`OrderedStore`; the receiver
-refuses ``latest_by`` at start-up with a store that does not.
+refuses ``latest_by`` at start-up with a store that does not. A store that
+also implements :class:`TurnsWithClaims` takes a delivery's turns with its
+claim and ends them with its commit, so that ``latest_by`` costs no round
+trip of its own: the receiver then gathers them in a :class:`Turns`.
+Otherwise each guard takes and ends its own turn.
 
 .. versionadded:: 0.2
 """
@@ -22,6 +26,7 @@ import enum
 import functools
 import hashlib
 import logging
+import threading
 import time
 import typing as t
 import weakref
@@ -37,8 +42,9 @@ from ._logfields import log_event as _log
 
 if t.TYPE_CHECKING:
     from ._events import Event
+    from .stores._base import Claim
 
-__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnStatus"]
+__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnEnd", "TurnStatus", "Turns", "TurnsWithClaims"]
 
 # Between the handler's name and the key's value; both are the user's text,
 # the separator keeps "a" + "b:c" apart from "a:b" + "c".
@@ -81,6 +87,13 @@ class Turn(t.NamedTuple):
     retry_after: float = 0.0
 
 
+#: One turn to end, as :meth:`OrderedStore.order_end` takes it: the key,
+#: the turn's token, and the event's timestamp (ms since the epoch) when the
+#: handler applied it or ``None`` when nothing advances. A plain tuple: one
+#: is made for every turn a delivery ends.
+TurnEnd = tuple[str, str, "int | None"]
+
+
 @t.runtime_checkable
 class OrderedStore(t.Protocol):
     """A dedupe store that keeps, per key, the newest event timestamp a
@@ -106,6 +119,46 @@ class OrderedStore(t.Protocol):
 
         :return: ``False`` when ``token`` no longer held the turn (its lease
             ran out); nothing changes then.
+        """
+
+
+@t.runtime_checkable
+class TurnsWithClaims(OrderedStore, t.Protocol):
+    """An :class:`OrderedStore` that takes a delivery's turns in the same
+    atomic step as its claim, and ends them in the same step as its commit:
+    ``latest_by`` then costs no round trip beside the claim and the commit.
+    The receiver checks for it once per store; a store without it is called
+    through :meth:`~OrderedStore.order_begin` and
+    :meth:`~OrderedStore.order_end`, once per guarded handler each.
+
+    .. versionadded:: 0.2
+    """
+
+    def claim_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """:meth:`~flask_ploints.stores.DedupeStore.claim` ``event_id``
+        and, when it is claimed, :meth:`~OrderedStore.order_begin` each of
+        ``keys`` with ``timestamp`` for the same ``lease``, at once.
+
+        :return: the claim, and the turn of each key in order; no turn when
+            the id was not claimed.
+        """
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """:meth:`~flask_ploints.stores.DedupeStore.commit` ``event_id``
+        and :meth:`~OrderedStore.order_end` each of ``ends`` with
+        ``retention``, at once; each turn ends whether or not ``token``
+        still owned the claim.
+
+        :return: what the commit answers.
         """
 
 
@@ -145,13 +198,172 @@ def require_ordered(store: object) -> None:
         )
 
 
-_Bound = tuple[
-    t.Callable[[str, int, float], Turn],
-    t.Callable[[str, str, "int | None", float], bool],
-    t.Callable[[str, "str | None"], str],
-    float,
-    float,
-]
+KeyOf = t.Callable[[str, "str | None"], str]
+
+
+class _TurnSource(t.Protocol):
+    """Where a :class:`Guard` takes and ends its turns: its own store calls
+    (:class:`_OwnTurns`) or its delivery's (:class:`Turns`).
+    """
+
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
+        """The guard's key and its value (see :meth:`Guard.order_key`),
+        the event's timestamp in ms, and the guard's turn on the key.
+        """
+
+    def again(self, key: str, stamp: int) -> Turn:
+        """Ask the store again, after a :attr:`TurnStatus.BUSY` turn."""
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """The handler returned (``applied`` is the event's stamp) or
+        raised (``None``).
+        """
+
+
+class _OwnTurns:
+    """A guard's turns taken and ended by its own store calls, one each."""
+
+    def __init__(self, store: OrderedStore, key_of: KeyOf, lease: float, retention: float) -> None:
+        self.store = store
+        self.key_of = key_of
+        self.lease = lease
+        self.retention = retention
+
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
+        """Take the turn: :meth:`OrderedStore.order_begin`."""
+        key, value = guard.order_key(event, self.key_of)
+        stamp = _millis(event.timestamp)
+        return key, value, stamp, self.again(key, stamp)
+
+    def again(self, key: str, stamp: int) -> Turn:
+        """Ask again: :meth:`OrderedStore.order_begin`."""
+        return self.store.order_begin(key, stamp, self.lease)
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """End the turn: :meth:`OrderedStore.order_end`."""
+        self.store.order_end(key, turn.token, applied, self.retention)
+
+
+class Turns:
+    """The turns of one delivery's guarded handlers with a
+    :class:`TurnsWithClaims` store: their keys found before the claim, the
+    turns taken with it, and ended with the commit (or, when the delivery
+    fails, by :meth:`end`). Its guards find it in :data:`running`.
+
+    :param store: the store.
+    :param event: the event delivered.
+    :param guards: the guarded handlers of the event's type.
+    :param key_of: how the receiver's namespace makes a store key.
+    :param lease: seconds of the claim's lease, and of the turns'.
+    :param retention: seconds the newest applied is remembered.
+    """
+
+    __slots__ = (
+        "_applied",
+        "_distinct",
+        "_keys",
+        "_taken",
+        "key_of",
+        "lease",
+        "retention",
+        "stamp",
+        "store",
+    )
+
+    def __init__(
+        self,
+        store: TurnsWithClaims,
+        event: Event,
+        guards: t.Iterable[Guard],
+        key_of: KeyOf,
+        lease: float,
+        retention: float,
+    ) -> None:
+        self.store = store
+        self.key_of = key_of
+        self.lease = lease
+        self.retention = retention
+        self.stamp = _millis(event.timestamp)
+        self._keys: dict[Guard, tuple[str, str]] = {}
+        # Each key once, in order: what the claim takes.
+        self._distinct: list[str] = []
+        for guard in guards:
+            try:
+                found = self._keys[guard] = guard.order_key(event, key_of)
+            except Exception:
+                # Found again, and raised, when its guard runs: that
+                # handler's failure.
+                continue
+            if found[0] not in self._distinct:
+                self._distinct.append(found[0])
+        self._taken: dict[str, Turn] = {}
+        self._applied: set[str] = set()
+
+    def claim(self, event_id: str, payload: bytes | None) -> Claim:
+        """Claim ``event_id`` and take the turn of every key."""
+        keys = self._distinct
+        claim, turns = self.store.claim_with_turns(event_id, self.lease, payload, keys, self.stamp)
+        # No turn when the id was not claimed.
+        self._taken = dict(zip(keys, turns, strict=False))
+        return claim
+
+    def commit(self, event_id: str, token: str) -> bool:
+        """Commit ``event_id`` and end every turn, advancing the applied."""
+        ends: list[TurnEnd] = []
+        for key, turn in self._taken.items():
+            if turn.status is TurnStatus.RUN:
+                ends.append((key, turn.token, self.stamp if key in self._applied else None))
+        return self.store.commit_with_turns(event_id, token, self.retention, ends)
+
+    def end(self) -> None:
+        """End every turn without the commit (the delivery failed): those
+        whose handler applied the event still advance, since its effects
+        are done.
+        """
+        for key, turn in self._taken.items():
+            if turn.status is TurnStatus.RUN:
+                stamp = self.stamp if key in self._applied else None
+                self.store.order_end(key, turn.token, stamp, self.retention)
+        self._taken.clear()
+
+    def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
+        """The key found and the turn taken with the claim; for a key the
+        claim did not know, a turn of its own.
+        """
+        found = self._keys.get(guard)
+        key, value = guard.order_key(event, self.key_of) if found is None else found
+        turn = self._taken.get(key)
+        if turn is None:
+            turn = self.again(key, self.stamp)
+        return key, value, self.stamp, turn
+
+    def again(self, key: str, stamp: int) -> Turn:
+        """Take the turn with :meth:`OrderedStore.order_begin`; it ends
+        with the others.
+        """
+        turn = self._taken[key] = self.store.order_begin(key, stamp, self.lease)
+        return turn
+
+    def finish(self, key: str, turn: Turn, applied: int | None) -> None:
+        """Note what the handler applied; the turn ends with the
+        delivery's commit or :meth:`end`.
+        """
+        if applied is not None:
+            self._applied.add(key)
+
+
+class _Running(threading.local):
+    """What the thread running a delivery's handlers holds for its guards:
+    a thread's, not a context variable, which costs several times more to
+    set on every delivery. The guards run in the thread of the claim (the
+    receiver folds turns only with the inline dispatcher).
+    """
+
+    #: The :class:`Turns` of the delivery whose handlers run now, if any.
+    turns: Turns | None = None
+
+
+running = _Running()
 
 
 class Guard:
@@ -182,24 +394,30 @@ class Guard:
         self.name = name
         self.instance = instance
         self.is_async = is_async
-        # What the guard needs of each app it runs on, found once.
-        self._bound: weakref.WeakKeyDictionary[Flask, _Bound] = weakref.WeakKeyDictionary()
+        # The guard's own turns on each app it runs on, made once.
+        self._own: weakref.WeakKeyDictionary[Flask, _OwnTurns] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, func)
 
-    def __call__(self, event: Event) -> None:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        bound = self._bound.get(app)
-        if bound is None:
-            bound = self._bound[app] = self._bind(app)
-        begin, end, key_of, lease, retention = bound
+    def order_key(self, event: Event, key_of: KeyOf) -> tuple[str, str]:
+        """The store key of ``event`` for this handler, and the value of
+        ``latest_by`` it was made from.
+        """
         value = str(self.key(event))
         key = key_of(self.name + _SEPARATOR + value, event.account)
         if len(key) > _MAX_KEY:
             key = "#" + hashlib.sha256(key.encode()).hexdigest()
-        stamp = _millis(event.timestamp)
-        turn = begin(key, stamp, lease)
+        return key, value
+
+    def __call__(self, event: Event) -> None:
+        turns: _TurnSource | None = running.turns
+        if turns is None:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            turns = self._own.get(app)
+            if turns is None:
+                turns = self._own[app] = self._bind(app)
+        key, value, stamp, turn = turns.begin(self, event)
         if turn.status is TurnStatus.BUSY:
-            turn = self._wait(begin, key, stamp, lease, turn)
+            turn = self._wait(turns, key, stamp, turn)
         if turn.status is TurnStatus.STALE:
             assert turn.newest is not None
             newer = _from_millis(turn.newest)
@@ -215,7 +433,7 @@ class Guard:
             )
             signals.notify(
                 signals.handler_skipped_stale,
-                app,
+                current_app._get_current_object(),  # type: ignore[attr-defined]
                 self.instance,
                 event=event,
                 handler=self.name,
@@ -226,28 +444,24 @@ class Guard:
         if turn.status is TurnStatus.BUSY:
             raise KeyBusy(value, turn.retry_after)
         try:
-            (app.ensure_sync(self.func) if self.is_async else self.func)(event)
+            (current_app.ensure_sync(self.func) if self.is_async else self.func)(event)
         except BaseException:
-            end(key, turn.token, None, retention)
+            turns.finish(key, turn, None)
             raise
-        end(key, turn.token, stamp, retention)
+        turns.finish(key, turn, stamp)
 
-    def _bind(self, app: Flask) -> _Bound:
+    def _bind(self, app: Flask) -> _OwnTurns:
         receiver = self.find(app)
-        store = t.cast(OrderedStore, receiver.store)
         processor = receiver.processor
-        return (
-            store.order_begin,
-            store.order_end,
+        return _OwnTurns(
+            t.cast(OrderedStore, receiver.store),
             processor.namespace.key,
             processor.dispatcher.lease,
             receiver.settings.retention,
         )
 
     @staticmethod
-    def _wait(
-        begin: t.Callable[[str, int, float], Turn], key: str, stamp: int, lease: float, turn: Turn
-    ) -> Turn:
+    def _wait(turns: _TurnSource, key: str, stamp: int, turn: Turn) -> Turn:
         deadline = time.monotonic() + _WAIT
         pause = iter(_PAUSES)
         while True:
@@ -255,6 +469,6 @@ class Guard:
             if left <= 0:
                 return turn
             time.sleep(min(next(pause, _PAUSES[-1]), left))
-            turn = begin(key, stamp, lease)
+            turn = turns.again(key, stamp)
             if turn.status is not TurnStatus.BUSY:
                 return turn

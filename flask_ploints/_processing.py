@@ -17,6 +17,11 @@ dispatcher, when they offer one: the one place where a store that must
 commit the handlers' writes with its own (a database transaction) or a
 dispatcher that must set up around them (a trace span) wraps them.
 
+An event with ``latest_by`` handlers, run here by a store that takes their
+turns with the claim (:class:`~flask_ploints._ordering.TurnsWithClaims`),
+carries them in a :class:`~flask_ploints._ordering.Turns` from the claim
+to the commit, or to the release or failure that ends them.
+
 .. versionadded:: 0.2
 """
 
@@ -37,12 +42,16 @@ from ._config import SENDER_TIMEOUT
 from ._config import Settings
 from ._dispatch import Dispatcher
 from ._dispatch import Handlers
+from ._dispatch import SyncDispatcher
 from ._errors import DispatchError
 from ._errors import HandlerError
 from ._events import Event
 from ._logfields import log_event as _log
 from ._namespace import Namespace
 from ._ordering import KeyBusy
+from ._ordering import Turns
+from ._ordering import TurnsWithClaims
+from ._ordering import running
 from ._outcomes import MAX_ERROR
 from ._outcomes import Outcome
 from ._outcomes import Result
@@ -85,6 +94,7 @@ _ROLLED_BACK = "not committed: the dedupe store failed; its handlers' writes wer
 _NOT_CLAIMED = "not claimed: the dedupe store failed"
 _NOT_RECORDED = "not recorded failed: the dedupe store failed"
 _NOT_RELEASED = "not released: the dedupe store failed"
+_TURNS_NOT_ENDED = "latest_by turns not ended: the dedupe store failed"
 _RAISED = "failed: a handler raised %r"
 _SKIPPED = "skipped by the worker: %s"
 _LAPSED_IN_QUEUE = "claimed again: its claim lapsed in the queue"
@@ -132,6 +142,11 @@ class Processor:
         # A store that commits with the handlers' writes holds its claim in
         # their transaction, wherever they run.
         self._hold = store.hold if isinstance(store, TransactionalStore) else None
+        # A store that takes latest_by's turns with the claim, for handlers
+        # that run here, in this context (where their guards find them).
+        self._turns_store: TurnsWithClaims | None = None
+        if isinstance(store, TurnsWithClaims) and isinstance(dispatcher, SyncDispatcher):
+            self._turns_store = store if self._hold is None else None
 
     def deliver(self, app: Flask, event: Event) -> Result:
         """Process a delivery: claim its id, then run it here or hand it
@@ -185,7 +200,9 @@ class Processor:
             _log(logging.WARNING, event, _UNAVAILABLE, None, "not run: the dedupe store failed")
             return Result(Outcome.UNAVAILABLE, error=exc)
 
-        error, duration, pending = self._run(event, token, self.handlers.run, app, event, self.name)
+        error, duration, pending = self._run(
+            event, token, None, self.handlers.run, app, event, self.name
+        )
         if error is not None:
             return Result(Outcome.FAILED, error=error, duration=duration, token=token)
         return self._processed(app, event, key, token, duration, pending)
@@ -256,9 +273,16 @@ class Processor:
     ) -> Result:
         key = self._key(event)
         inline = self.dispatcher.runs_inline
+        # The turns of its latest_by handlers, when the store takes them
+        # with the claim.
+        turns = None
+        if self._turns_store is not None and event.type in self.handlers.guards:
+            turns = self._turns(event)
         try:
             if inline and self._hold is not None:
                 claim = self._hold(key, self.dispatcher.lease, payload, self._retention)
+            elif turns is not None:
+                claim = turns.claim(key, payload)
             else:
                 claim = self.store.claim(key, self.dispatcher.lease, payload)
         except Exception as exc:
@@ -281,20 +305,29 @@ class Processor:
             return _QUEUED
 
         error, duration, pending = self._run(
-            event, claim.token, self.dispatcher.dispatch, app, event, claim, self.name
+            event, claim.token, turns, self.dispatcher.dispatch, app, event, claim, self.name
         )
         if isinstance(error, KeyBusy):
             # Not a failure: another delivery holds a latest_by key.
-            self._release(event, claim.token)
+            self._release(event, claim.token, turns)
             _log(logging.INFO, event, Outcome.IN_FLIGHT, duration, "skipped: %s", error)
             return Result(Outcome.IN_FLIGHT, retry_after=error.retry_after)
         if error is not None:
-            self._settle(event, claim.token, settle, error)
+            self._settle(event, claim.token, settle, error, turns)
             _log(logging.ERROR, event, Outcome.FAILED, duration, _RAISED, error, exc_info=error)
             return self._failed(app, event, error, duration)
         if duration > self._slow:
             _log(logging.WARNING, event, None, duration, _SLOW, duration, SENDER_TIMEOUT)
-        return self._processed(app, event, key, claim.token, duration, pending)
+        return self._processed(app, event, key, claim.token, duration, pending, turns)
+
+    def _turns(self, event: Event) -> Turns:
+        """The turns of ``event``'s ``latest_by`` handlers, to take with its
+        claim.
+        """
+        assert self._turns_store is not None
+        guards = self.handlers.guards[event.type]
+        lease = self.dispatcher.lease
+        return Turns(self._turns_store, event, guards, self.namespace.key, lease, self._retention)
 
     def _processed(
         self,
@@ -304,9 +337,13 @@ class Processor:
         token: str,
         duration: float,
         pending: list[t.Callable[[], object]],
+        turns: Turns | None = None,
     ) -> Result:
         try:
-            committed = self.store.commit(key, token, self._retention)
+            if turns is None:
+                committed = self.store.commit(key, token, self._retention)
+            else:
+                committed = turns.commit(key, token)
         except Exception as exc:
             if self._hold is not None:
                 _log(logging.ERROR, event, _UNAVAILABLE, duration, _ROLLED_BACK, exc_info=True)
@@ -323,23 +360,38 @@ class Processor:
         return _PROCESSED
 
     def _settle(
-        self, event: Event, token: str, settle: _Settle, error: str | BaseException
+        self,
+        event: Event,
+        token: str,
+        settle: _Settle,
+        error: str | BaseException,
+        turns: Turns | None = None,
     ) -> None:
         if settle is _Settle.RELEASE:
-            self._release(event, token)
+            self._release(event, token, turns)
         else:
+            self._end_turns(event, turns)
             self._fail(event, token, error if isinstance(error, str) else error_text(error))
 
     def _run(
-        self, event: Event, token: str, run: t.Callable[..., object], *args: t.Any
+        self,
+        event: Event,
+        token: str,
+        turns: Turns | None,
+        run: t.Callable[..., object],
+        *args: t.Any,
     ) -> tuple[BaseException | None, float, list[t.Callable[[], object]]]:
-        """Call ``run(*args)`` inside the handler scopes, and return what it
-        raised (``None`` when nothing), the seconds it took and its
+        """Call ``run(*args)`` inside the handler scopes, with ``turns``
+        for the guards, and return what it raised (``None`` when nothing),
+        the seconds it took and its
         :func:`~flask_ploints._effects.after_commit` calls. A process exit
         releases the claim and goes on.
         """
         started = time.perf_counter()
         pending, collecting = effects.collect()
+        # Set even when None: a delivery nested in a handler (a replay) has
+        # turns of its own, or none.
+        outer, running.turns = running.turns, turns
         try:
             if self._scopes:
                 with contextlib.ExitStack() as stack:
@@ -351,7 +403,7 @@ class Processor:
         except HandlerError as exc:
             error: BaseException | None = exc.__cause__ or exc
         except _PROCESS_EXITS:
-            self._release(event, token)
+            self._release(event, token, turns)
             raise
         except BaseException as exc:
             # Whatever is not a process exit is the handler's failure, an
@@ -360,6 +412,7 @@ class Processor:
         else:
             error = None
         finally:
+            running.turns = outer
             effects.finish(collecting)
         return error, time.perf_counter() - started, pending
 
@@ -369,12 +422,22 @@ class Processor:
         )
         return Result(Outcome.FAILED, error=error, duration=duration)
 
-    def _release(self, event: Event, token: str) -> None:
+    def _release(self, event: Event, token: str, turns: Turns | None = None) -> None:
+        self._end_turns(event, turns)
         try:
             self.store.release(self._key(event), token)
         except Exception:
             # The lease runs out on its own; the retry after that succeeds.
             _log(logging.ERROR, event, None, None, _NOT_RELEASED, exc_info=True)
+
+    def _end_turns(self, event: Event, turns: Turns | None) -> None:
+        if turns is None:
+            return
+        try:
+            turns.end()
+        except Exception:
+            # Their lease runs out on its own, as the claim's does.
+            _log(logging.ERROR, event, None, None, _TURNS_NOT_ENDED, exc_info=True)
 
     def _fail(self, event: Event, token: str, error: str, attempts: int | None = None) -> bool:
         try:

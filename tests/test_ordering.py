@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -24,7 +25,12 @@ from flask_ploints import Event
 from flask_ploints import PlointsWebhooks
 from flask_ploints import signals
 from flask_ploints._errors import ConfigError
+from flask_ploints._ordering import OrderedStore
+from flask_ploints._samples import build_event
+from flask_ploints.replay import ReplayOutcome
+from flask_ploints.replay import rerun
 from flask_ploints.stores import MemoryStore
+from flask_ploints.stores import RedisStore
 from flask_ploints.testing import PlointsClient
 
 from . import ordering_app
@@ -176,6 +182,131 @@ def test_concurrent_senders_never_apply_an_older_after_a_newer(
         assert rows == applied
 
 
+#: The store methods a delivery may call.
+CALLS = ("claim", "commit", "release", "order_begin", "order_end")
+FOLDED = ("claim_with_turns", "commit_with_turns")
+
+
+def counted(base: type[t.Any]) -> type[t.Any]:
+    """``base``, a real store, with a count of the calls of each method a
+    delivery may make, in :attr:`calls`.
+    """
+
+    class Counted(base):
+        calls: collections.Counter[str]
+
+        def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls = collections.Counter()
+
+    def counting(name: str) -> t.Callable[..., t.Any]:
+        def method(self: Counted, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            self.calls[name] += 1
+            return getattr(super(Counted, self), name)(*args, **kwargs)
+
+        return method
+
+    for name in CALLS + FOLDED:
+        setattr(Counted, name, counting(name))
+    return Counted
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_delivery_takes_its_turns_with_its_claim(
+    make_loyalty: Make, kind: str, unique: str, request: pytest.FixtureRequest
+) -> None:
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        store = counted(RedisStore).from_url(url, prefix=f"{unique}:")
+    else:
+        store = counted(MemoryStore)()
+    loyalty = make_loyalty(kind, PLOINTS_DEDUPE_STORE=store)
+    assert loyalty.send("gold", 2000) == 200
+    assert loyalty.send("silver", 1000) == 200
+    assert loyalty.send("gold", 2000) == 200
+    # Two store calls a delivery, as without latest_by: the turn is taken
+    # with the claim, and ends with the commit.
+    assert store.calls == {"claim_with_turns": 3, "commit_with_turns": 3}
+    assert loyalty.applied == [("gold", 2000), ("gold", 2000)]
+    loyalty.broken = True
+    assert loyalty.send("platinum", 3000) == 500
+    # A failure ends the turn, then releases the claim.
+    assert store.calls == {
+        "claim_with_turns": 4,
+        "commit_with_turns": 3,
+        "order_end": 1,
+        "release": 1,
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_guarded_handler_of_an_event_is_judged_on_its_own_key(
+    make_loyalty: Make, kind: str
+) -> None:
+    loyalty = make_loyalty(kind)
+    everyone: list[str] = []
+    loyalty.webhooks.on("customer.tier_changed", latest_by=lambda e: "all", name="everyone")(
+        lambda event: everyone.append(event.data["newTier"])
+    )
+    assert loyalty.send("gold", 2000) == 200
+    data = {"customerEmail": "joe@example.com", "previousTier": "bronze", "newTier": "silver"}
+    response = loyalty.sender.send("customer.tier_changed", data, timestamp=stamp(1000))
+    assert response.status_code == 200
+    # Joe's first tier applies; for everyone, 1000 is older than 2000.
+    assert loyalty.applied == [("gold", 2000), ("silver", 1000)]
+    assert everyone == ["gold"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_a_handler_applied_advances_when_a_later_one_fails(
+    make_loyalty: Make, kind: str
+) -> None:
+    loyalty = make_loyalty(kind)
+    failing = True
+
+    def later_key(event: Event) -> str:
+        # Found before the claim too: that first failure is put off to the
+        # handler's own run.
+        if failing:
+            raise KeyError("customerEmail")
+        return str(event.data["customerEmail"])
+
+    later: list[str] = []
+    loyalty.webhooks.on("customer.tier_changed", latest_by=later_key, name="later")(
+        lambda event: later.append(event.id)
+    )
+    assert loyalty.send("gold", 2000, id="evt_gold") == 500
+    failing = False
+    # The failed delivery's turns ended (else: 409).
+    assert loyalty.send("silver", 1000, id="evt_silver") == 200
+    if loyalty.db is None:
+        # The tier handler's write of gold is done: silver is older.
+        assert loyalty.applied == [("gold", 2000)]
+    else:
+        # Rolled back with the delivery: nothing was applied.
+        assert loyalty.applied == [("gold", 2000), ("silver", 1000)]
+        assert loyalty.committed() == ("silver", [1000])
+    assert later == ["evt_silver"]
+    # The retry of gold ties with, or beats, what was applied.
+    assert loyalty.send("gold", 2000, id="evt_gold") == 200
+    assert later == ["evt_silver", "evt_gold"]
+    assert loyalty.applied[-1] == ("gold", 2000)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_failed_rerun_ends_its_turns_and_advances_nothing(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
+    assert loyalty.send("silver", 1000) == 200
+    loyalty.broken = True
+    data = {"customerEmail": EMAIL, "previousTier": "bronze", "newTier": "gold"}
+    body = json.dumps(build_event("customer.tier_changed", data, timestamp=stamp(3000)))
+    assert rerun(loyalty.app, body.encode()) is ReplayOutcome.FAILED
+    loyalty.broken = False
+    # Judged against silver; the rerun's turn ended (else: 409).
+    assert loyalty.send("bronze", 2000) == 200
+    assert loyalty.applied == [("silver", 1000), ("gold", 3000), ("bronze", 2000)]
+
+
 @settings(
     max_examples=40,
     deadline=None,
@@ -200,10 +331,11 @@ def test_any_order_with_retries_ends_with_the_newest(order: list[int], retries: 
     assert sorted(set(loyalty.audited)) == sorted(f"evt_{event}" for event in range(8))
 
 
-def test_a_key_held_by_another_delivery_answers_409(make_loyalty: Make) -> None:
-    loyalty = make_loyalty("memory")
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_key_held_by_another_delivery_answers_409(make_loyalty: Make, kind: str) -> None:
+    loyalty = make_loyalty(kind)
     store = loyalty.webhooks.receiver(loyalty.app).store
-    assert isinstance(store, MemoryStore)
+    assert isinstance(store, OrderedStore)
     # Another delivery's turn on the key, as the receiver takes it.
     key = f"tests.ordering_app.Loyalty.tier\x1f{EMAIL}"
     turn = store.order_begin(key, 1_000_000, 30.0)

@@ -9,6 +9,7 @@ import typing as t
 from collections import deque
 
 from .._ordering import Turn
+from .._ordering import TurnEnd
 from .._ordering import TurnStatus
 from ._base import Claim
 from ._base import ClaimStatus
@@ -95,28 +96,30 @@ class MemoryStore:
     def claim(self, event_id: str, lease: float, payload: bytes | None = None) -> Claim:
         """See :meth:`.DedupeStore.claim`. The payload is not kept."""
         with self._lock:
-            now = self._clock()
-            entry = self._entries.get(event_id)
-            attempts = 1
-            error = None
-            if entry is not None:
-                if entry.expires > now:
-                    if entry.status is EventState.DONE:
-                        return _DONE
-                    if entry.status is EventState.IN_FLIGHT:
-                        return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
-                # A done or failed entry past its retention counts as never
-                # seen; a lease that ran out was an attempt, and counts.
-                if entry.status is EventState.IN_FLIGHT or entry.expires > now:
-                    attempts = entry.attempts + 1
-                    error = entry.error
-            number = next(self._tokens)
-            token = str(number)
-            entry = _Entry(token, now + lease, now + self._wall_offset, attempts, error)
-            self._entries[event_id] = entry
-            self._order.append((event_id, entry))
-            self._trim(now, sweep=number % self._SWEEP_EVERY == 0)
-            return Claim(ClaimStatus.CLAIMED, token)
+            return self._claim(event_id, lease, self._clock())
+
+    def _claim(self, event_id: str, lease: float, now: float) -> Claim:
+        entry = self._entries.get(event_id)
+        attempts = 1
+        error = None
+        if entry is not None:
+            if entry.expires > now:
+                if entry.status is EventState.DONE:
+                    return _DONE
+                if entry.status is EventState.IN_FLIGHT:
+                    return Claim(ClaimStatus.IN_FLIGHT, retry_after=entry.expires - now)
+            # A done or failed entry past its retention counts as never
+            # seen; a lease that ran out was an attempt, and counts.
+            if entry.status is EventState.IN_FLIGHT or entry.expires > now:
+                attempts = entry.attempts + 1
+                error = entry.error
+        number = next(self._tokens)
+        token = str(number)
+        entry = _Entry(token, now + lease, now + self._wall_offset, attempts, error)
+        self._entries[event_id] = entry
+        self._order.append((event_id, entry))
+        self._trim(now, sweep=number % self._SWEEP_EVERY == 0)
+        return Claim(ClaimStatus.CLAIMED, token)
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
@@ -181,18 +184,29 @@ class MemoryStore:
         attempts: int | None = None,
     ) -> bool:
         with self._lock:
-            now = self._clock()
-            entry = self._owned(event_id, token, now)
-            if entry is None:
-                return False
-            entry.status = status
-            entry.expires = now + seconds
-            entry.updated = now + self._wall_offset
-            if error is not None:
-                entry.error = error
-            if attempts is not None:
-                entry.attempts = attempts
-            return True
+            return self._settled(event_id, token, status, seconds, self._clock(), error, attempts)
+
+    def _settled(
+        self,
+        event_id: str,
+        token: str,
+        status: EventState,
+        seconds: float,
+        now: float,
+        error: str | None = None,
+        attempts: int | None = None,
+    ) -> bool:
+        entry = self._owned(event_id, token, now)
+        if entry is None:
+            return False
+        entry.status = status
+        entry.expires = now + seconds
+        entry.updated = now + self._wall_offset
+        if error is not None:
+            entry.error = error
+        if attempts is not None:
+            entry.attempts = attempts
+        return True
 
     def _trim(self, now: float, sweep: bool) -> None:
         entries = self._entries
@@ -217,42 +231,80 @@ class MemoryStore:
         if self._entries.get(event_id) is entry:
             del self._entries[event_id]
 
-    # -- latest_by (flask_ploints._ordering.OrderedStore)
+    # -- latest_by (flask_ploints._ordering.TurnsWithClaims)
 
     def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
         """See :meth:`.OrderedStore.order_begin`."""
         with self._lock:
-            now = self._clock()
-            state = self._orders.get(key)
-            if state is None:
-                if len(self._orders) >= self.max_entries:
-                    self._forget_orders(now)
-                state = self._orders[key] = [None, 0.0, "", 0.0]
-            newest, until, holder, turn_ends = state
-            if holder and turn_ends > now:
-                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
-            if until <= now:
-                newest = state[0] = None
-            if newest is not None and timestamp < newest:
-                return Turn(TurnStatus.STALE, newest=newest)
-            token = str(next(self._tokens))
-            state[2:] = [token, now + lease]
-            return Turn(TurnStatus.RUN, token, newest)
+            return self._take_turn(key, timestamp, lease, self._clock())
 
     def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
         """See :meth:`.OrderedStore.order_end`."""
         with self._lock:
+            return self._end_turn(key, token, timestamp, retention, self._clock())
+
+    def claim_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """See :meth:`.TurnsWithClaims.claim_with_turns`: under the lock
+        once.
+        """
+        with self._lock:
             now = self._clock()
-            state = self._orders.get(key)
-            # A turn that outlived its lease still ends, unless taken over.
-            if state is None or state[2] != token:
-                return False
-            if timestamp is not None and (state[0] is None or state[0] < timestamp):
-                state[0:2] = [timestamp, now + retention]
-            elif timestamp is not None:
-                state[1] = now + retention
-            state[2:] = ["", 0.0]
-            return True
+            claim = self._claim(event_id, lease, now)
+            turns: list[Turn] = []
+            if claim.status is ClaimStatus.CLAIMED:
+                for key in keys:
+                    turns.append(self._take_turn(key, timestamp, lease, now))
+            return claim, turns
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """See :meth:`.TurnsWithClaims.commit_with_turns`: under the lock
+        once.
+        """
+        with self._lock:
+            now = self._clock()
+            for key, turn_token, stamp in ends:
+                self._end_turn(key, turn_token, stamp, retention, now)
+            return self._settled(event_id, token, EventState.DONE, retention, now)
+
+    def _take_turn(self, key: str, timestamp: int, lease: float, now: float) -> Turn:
+        state = self._orders.get(key)
+        if state is None:
+            if len(self._orders) >= self.max_entries:
+                self._forget_orders(now)
+            state = self._orders[key] = [None, 0.0, "", 0.0]
+        newest, until, holder, turn_ends = state
+        if holder and turn_ends > now:
+            return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+        if until <= now:
+            newest = state[0] = None
+        if newest is not None and timestamp < newest:
+            return Turn(TurnStatus.STALE, newest=newest)
+        token = str(next(self._tokens))
+        state[2:] = [token, now + lease]
+        return Turn(TurnStatus.RUN, token, newest)
+
+    def _end_turn(
+        self, key: str, token: str, timestamp: int | None, retention: float, now: float
+    ) -> bool:
+        state = self._orders.get(key)
+        # A turn that outlived its lease still ends, unless taken over.
+        if state is None or state[2] != token:
+            return False
+        if timestamp is not None and (state[0] is None or state[0] < timestamp):
+            state[0:2] = [timestamp, now + retention]
+        elif timestamp is not None:
+            state[1] = now + retention
+        state[2:] = ["", 0.0]
+        return True
 
     def _forget_orders(self, now: float) -> None:
         # Past the bound: drop what expired, then the oldest remembered.

@@ -11,6 +11,7 @@ import time
 import typing as t
 
 from .._ordering import Turn
+from .._ordering import TurnEnd
 from .._ordering import TurnStatus
 from ._base import Claim
 from ._base import ClaimStatus
@@ -157,36 +158,79 @@ redis.call('SET', key, 'i' .. ARGV[1] .. ':' .. (tonumber(attempts) + 1) .. ':' 
 return {'claimed', 0}
 """
 
-# latest_by: KEYS[1] holds the newest timestamp applied (ms), KEYS[2] the
-# token of the turn in progress. ARGV: timestamp, token, lease ms.
-# Returns {'run' | 'stale' | 'busy', newest ms or the turn's ms left or ''}.
-_ORDER_BEGIN = """
-local left = redis.call('PTTL', KEYS[2])
-if left > 0 then
-    return {'busy', left}
-end
-local newest = redis.call('GET', KEYS[1])
-if newest and tonumber(newest) > tonumber(ARGV[1]) then
-    return {'stale', newest}
-end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return {'run', newest or ''}
-"""
-# ARGV: token, timestamp ('' when nothing was applied), retention ms.
-_ORDER_END = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-    return 0
-end
-redis.call('DEL', KEYS[2])
-if ARGV[2] ~= '' then
-    local newest = redis.call('GET', KEYS[1])
-    if not newest or tonumber(newest) < tonumber(ARGV[2]) then
-        newest = ARGV[2]
+# latest_by: per key, one string holds the newest timestamp applied (ms),
+# another the token of the turn in progress (its TTL the turn's lease).
+# take_turn returns {'run' | 'stale' | 'busy', newest ms or the turn's ms
+# left or ''}; end_turn, with stamp '' when nothing was applied, 1 when the
+# token held the turn.
+_TURNS = """
+local function take_turn(newest_key, turn_key, stamp, token, lease)
+    local left = redis.call('PTTL', turn_key)
+    if left > 0 then
+        return {'busy', left}
     end
-    redis.call('SET', KEYS[1], newest, 'PX', ARGV[3])
+    local newest = redis.call('GET', newest_key)
+    if newest and tonumber(newest) > tonumber(stamp) then
+        return {'stale', newest}
+    end
+    redis.call('SET', turn_key, token, 'PX', lease)
+    return {'run', newest or ''}
 end
-return 1
+local function end_turn(newest_key, turn_key, token, stamp, retention)
+    if redis.call('GET', turn_key) ~= token then
+        return 0
+    end
+    redis.call('DEL', turn_key)
+    if stamp ~= '' then
+        local newest = redis.call('GET', newest_key)
+        if not newest or tonumber(newest) < tonumber(stamp) then
+            newest = stamp
+        end
+        redis.call('SET', newest_key, newest, 'PX', retention)
+    end
+    return 1
+end
 """
+# KEYS: the newest's key, the turn's. ARGV: timestamp, token, lease ms.
+_ORDER_BEGIN = _TURNS + "return take_turn(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+# KEYS: as _ORDER_BEGIN. ARGV: token, timestamp or '', retention ms.
+_ORDER_END = _TURNS + "return end_turn(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+# A claim that takes the turns of the event's latest_by keys when it claims:
+# _TAKE_OVER's claim, then take_turn for each pair of keys after the first.
+# ARGV: those of _TAKE_OVER, the event's timestamp, the turns' token.
+# Returns _TAKE_OVER's answer, then each turn's two fields.
+_CLAIM_WITH_TURNS = (
+    "local function claim()\n"
+    + _TAKE_OVER
+    + "end\n"
+    + _TURNS
+    + """
+local answer = claim()
+if answer[1] == 'claimed' then
+    for i = 2, #KEYS, 2 do
+        local turn = take_turn(KEYS[i], KEYS[i + 1], ARGV[6], ARGV[7], ARGV[3])
+        answer[#answer + 1] = turn[1]
+        answer[#answer + 1] = turn[2]
+    end
+end
+return answer
+"""
+)
+# _COMMIT, then end_turn for each pair of keys after the first. ARGV: those
+# of _COMMIT, then each turn's token and timestamp or ''.
+_COMMIT_WITH_TURNS = (
+    "local function commit()\n"
+    + _COMMIT
+    + "end\n"
+    + _TURNS
+    + """
+local committed = commit()
+for i = 2, #KEYS, 2 do
+    end_turn(KEYS[i], KEYS[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[3])
+end
+return committed
+"""
+)
 
 # Enough of a value to hold its header, for listing failed events.
 _HEADER_BYTES = 128
@@ -249,6 +293,8 @@ class RedisStore:
         self._fail = client.register_script(_FAIL)
         self._order_begin = client.register_script(_ORDER_BEGIN)
         self._order_end = client.register_script(_ORDER_END)
+        self._claim_with_turns = client.register_script(_CLAIM_WITH_TURNS)
+        self._commit_with_turns = client.register_script(_COMMIT_WITH_TURNS)
 
     @classmethod
     def from_url(
@@ -289,11 +335,7 @@ class RedisStore:
         """See :meth:`.DedupeStore.claim`. One round trip, two when the id
         failed before.
         """
-        token = secrets.token_hex(8)
-        lease_ms = _ms(lease)
-        now = self._now_ms()
-        body = payload if payload and self.keep_payloads else b""
-        value = b"i%s:1:%d:%d\n0:%s" % (token.encode(), now, now + lease_ms, body)
+        token, now, lease_ms, value, body = self._fresh(lease, payload)
         key = self.key(event_id)
         try:
             # With GET, the reply is the value held before, or None.
@@ -308,11 +350,7 @@ class RedisStore:
                 status, expires = answer[0][:1], int(answer[1])
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
-        if status == _CLAIMED_LETTER:
-            return Claim(ClaimStatus.CLAIMED, token)
-        if status == _DONE_LETTER:
-            return _DONE
-        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(0, expires - now) / 1000)
+        return _claim(status, token, expires - now)
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`. One round trip."""
@@ -381,13 +419,27 @@ class RedisStore:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def _fresh(self, lease: float, payload: bytes | None) -> tuple[str, int, int, bytes, bytes]:
+        """A new claim's token, the time and lease in ms, its value and the
+        payload it keeps.
+        """
+        token = secrets.token_hex(8)
+        lease_ms = _ms(lease)
+        now = self._now_ms()
+        body = payload if payload and self.keep_payloads else b""
+        value = b"i%s:1:%d:%d\n0:%s" % (token.encode(), now, now + lease_ms, body)
+        return token, now, lease_ms, value, body
+
     def _settle(self, script: t.Any, event_id: str, token: str, *args: t.Any) -> bool:
+        return bool(self._call(script, [self.key(event_id)], [token, self._now_ms(), *args]))
+
+    def _call(self, script: t.Any, keys: list[str], args: list[t.Any]) -> t.Any:
         try:
-            return bool(script(keys=[self.key(event_id)], args=[token, self._now_ms(), *args]))
+            return script(keys=keys, args=args)
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
 
-    # -- latest_by (flask_ploints._ordering.OrderedStore)
+    # -- latest_by (flask_ploints._ordering.TurnsWithClaims)
 
     def _order_keys(self, key: str) -> list[str]:
         # Under "\x1e", which no event id holds (the parser refuses control
@@ -399,28 +451,74 @@ class RedisStore:
         # "t" first: a value that never starts with a state's letter, so
         # failed() never takes it for an event.
         token = "t" + secrets.token_hex(8)
-        try:
-            status, value = self._order_begin(
-                keys=self._order_keys(key), args=[timestamp, token, _ms(lease)]
-            )
-        except redis.RedisError as exc:
-            raise StoreError(f"Redis: {exc}") from exc
-        if status == b"busy":
-            return Turn(TurnStatus.BUSY, retry_after=int(value) / 1000)
-        newest = int(value) if value else None
-        if status == b"stale":
-            return Turn(TurnStatus.STALE, newest=newest)
-        return Turn(TurnStatus.RUN, token, newest)
+        answer = self._call(
+            self._order_begin, self._order_keys(key), [timestamp, token, _ms(lease)]
+        )
+        status, field = answer
+        return _turn(status, field, token)
 
     def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
         """See :meth:`.OrderedStore.order_end`. One round trip."""
         stamp = "" if timestamp is None else str(timestamp)
-        try:
-            return bool(
-                self._order_end(keys=self._order_keys(key), args=[token, stamp, _ms(retention)])
-            )
-        except redis.RedisError as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+        return bool(
+            self._call(self._order_end, self._order_keys(key), [token, stamp, _ms(retention)])
+        )
+
+    def claim_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """See :meth:`.TurnsWithClaims.claim_with_turns`. One round trip, a
+        Lua script that claims as :meth:`claim` does and takes the turns as
+        :meth:`order_begin` does.
+        """
+        token, now, lease_ms, value, body = self._fresh(lease, payload)
+        turn_token = "t" + token
+        answer = self._call(
+            self._claim_with_turns,
+            [self.key(event_id), *(name for key in keys for name in self._order_keys(key))],
+            [token, now, lease_ms, value, body, timestamp, turn_token],
+        )
+        claim = _claim(answer[0][:1], token, int(answer[1]) - now)
+        pairs = zip(answer[2::2], answer[3::2], strict=True)
+        return claim, [_turn(status, field, turn_token) for status, field in pairs]
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """See :meth:`.TurnsWithClaims.commit_with_turns`. One round trip, a
+        Lua script that commits as :meth:`commit` does and ends the turns
+        as :meth:`order_end` does.
+        """
+        keys = [self.key(event_id)]
+        args: list[t.Any] = [token, self._now_ms(), _ms(retention)]
+        for key, turn_token, stamp in ends:
+            keys += self._order_keys(key)
+            args += [turn_token, "" if stamp is None else stamp]
+        return bool(self._call(self._commit_with_turns, keys, args))
+
+
+def _claim(status: bytes, token: str, left_ms: int) -> Claim:
+    """The claim a state letter answers; ``left_ms`` on a holder's lease."""
+    if status == _CLAIMED_LETTER:
+        return Claim(ClaimStatus.CLAIMED, token)
+    if status == _DONE_LETTER:
+        return _DONE
+    return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(0, left_ms) / 1000)
+
+
+def _turn(status: bytes, field: bytes | int, token: str) -> Turn:
+    """The turn ``take_turn`` answers, taken with ``token`` when it runs."""
+    if status == b"busy":
+        return Turn(TurnStatus.BUSY, retry_after=int(field) / 1000)
+    newest = int(field) if field else None
+    if status == b"stale":
+        return Turn(TurnStatus.STALE, newest=newest)
+    return Turn(TurnStatus.RUN, token, newest)
 
 
 def _fields(value: bytes) -> list[bytes]:

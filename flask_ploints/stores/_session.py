@@ -54,8 +54,10 @@ if t.TYPE_CHECKING:
 
 __all__ = ["SessionStore", "current_session"]
 
-# The token of a turn held by the transaction's row lock.
+# The tokens of a turn held by the transaction's row lock, whose advance is
+# still to write or written already.
 _LOCKED = "\x00locked"
+_ADVANCED = "\x00advanced"
 _UPSERTS: dict[str, t.Callable[[sa.Table], t.Any]] = {
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
@@ -80,6 +82,9 @@ class _Held:
     #: The payload the claim keeps, for the failure recorded outside the
     #: transaction once the claim is rolled back.
     payload: bytes | None
+    #: Seconds the claim is retained once committed, and so the newest
+    #: timestamp a latest_by handler applies in the transaction.
+    retention: float
 
 
 _held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("ploints_held", default=None)
@@ -253,7 +258,16 @@ class SessionStore:
             adopted = token is not None and found.token == token
             root = connection.get_transaction()
             _held.set(
-                _Held(found.token, session, root, dbapi, guard, adopted, payload=params["body"])
+                _Held(
+                    found.token,
+                    session,
+                    root,
+                    dbapi,
+                    guard,
+                    adopted,
+                    payload=params["body"],
+                    retention=retention,
+                )
             )
             return Claim(ClaimStatus.CLAIMED, found.token)
         self._abandon(session)
@@ -405,18 +419,28 @@ class SessionStore:
 
     def order_begin(self, key: str, timestamp: int, lease: float) -> Turn:
         """See :meth:`.OrderedStore.order_begin`. In a held claim's
-        transaction, the turn is the key's row locked (``SELECT ... FOR
-        UPDATE``) until the transaction ends, so the newest applied commits
-        or rolls back with the handlers' writes; a lock wait past
-        :attr:`lock_timeout` raises :class:`~flask_ploints._ordering.KeyBusy`.
-        Outside one, as :meth:`.SQLAlchemyStore.order_begin`.
+        transaction, the turn is the key's row locked until the transaction
+        ends, and the newest applied is written in it, so that it commits or
+        rolls back with the handlers' writes: on PostgreSQL and SQLite one
+        ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` that locks the
+        row and advances it unless the event is stale; elsewhere a ``SELECT
+        ... FOR UPDATE`` now and an ``UPDATE`` at :meth:`order_end`. A lock
+        wait past :attr:`lock_timeout` raises
+        :class:`~flask_ploints._ordering.KeyBusy`. Outside one, as
+        :meth:`.SQLAlchemyStore.order_begin`.
         """
         store = self._store()
         held = _held.get()
         if held is None:
             return store.order_begin(key, timestamp, lease)
         sql = store._order_sql
-        params: dict[str, t.Any] = {"ordered": key, "now": self._clock()}
+        now = self._clock()
+        params: dict[str, t.Any] = {
+            "ordered": key,
+            "stamp": timestamp,
+            "now": now,
+            "keep_until": now + held.retention,
+        }
         try:
             connection = held.session.connection()
             if connection.dialect.name == "sqlite":
@@ -426,32 +450,42 @@ class SessionStore:
             else:
                 store.prepare_order()
             with bounded_lock_wait(connection, self.lock_timeout):
-                row = connection.execute(sql.lock, params).first()
-                if row is None:
-                    connection.execute(sql.insert, params)
-                    row = connection.execute(sql.lock, params).first()
+                if sql.lock_and_advance is not None and connection.dialect.insert_returning:
+                    newest = connection.execute(sql.lock_and_advance, params).scalar_one()
+                    token = _ADVANCED
+                else:
+                    newest = self._lock_order_row(connection, sql, params)
+                    token = _LOCKED
         except SQLAlchemyError as exc:
             if is_lock_wait(exc):
                 raise KeyBusy(key, self.lock_timeout) from None
             raise database_error(exc, StoreError) from driver_exception(exc)
-        if (
-            row is not None
-            and row.newest is not None
-            and row.expires > params["now"]
-            and timestamp < row.newest
-        ):
-            return Turn(TurnStatus.STALE, newest=row.newest)
-        return Turn(TurnStatus.RUN, _LOCKED)
+        if newest is not None and timestamp < newest:
+            return Turn(TurnStatus.STALE, newest=newest)
+        return Turn(TurnStatus.RUN, token)
+
+    @staticmethod
+    def _lock_order_row(connection: sa.Connection, sql: t.Any, params: dict[str, t.Any]) -> t.Any:
+        """Lock the key's row, inserting it first; the newest it remembers."""
+        row = connection.execute(sql.lock, params).first()
+        if row is None:
+            connection.execute(sql.insert, params)
+            row = connection.execute(sql.lock, params).first()
+        if row is None or row.expires <= params["now"]:
+            return None
+        return row.newest
 
     def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
         """See :meth:`.OrderedStore.order_end`. A turn of the held claim's
-        transaction writes in it, and commits with it.
+        transaction writes in it, if :meth:`order_begin` did not, and
+        commits with it.
         """
-        if token != _LOCKED:
+        if token not in (_LOCKED, _ADVANCED):
             return self._store().order_end(key, token, timestamp, retention)
         held = _held.get()
-        if held is None or timestamp is None:
-            # The handler raised: the transaction rolls back.
+        if held is None or timestamp is None or token == _ADVANCED:
+            # Written already, or the handler raised: the transaction rolls
+            # back.
             return held is not None
         now = self._clock()
         params = {"ordered": key, "stamp": timestamp, "now": now, "keep_until": now + retention}

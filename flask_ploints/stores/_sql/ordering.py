@@ -62,10 +62,13 @@ class OrderStatements:
             "turn_ends": _ZERO,
         }
         insert: t.Any
+        upsert: t.Any = None
         if dialect == "postgresql":
             insert = postgresql.insert(table).values(row).on_conflict_do_nothing()
+            upsert = postgresql.insert(table)
         elif dialect == "sqlite":
             insert = sqlite.insert(table).values(row).on_conflict_do_nothing()
+            upsert = sqlite.insert(table)
         elif dialect in ("mysql", "mariadb"):
             insert = mysql.insert(table).values(row).prefix_with("IGNORE")
         else:
@@ -113,3 +116,29 @@ class OrderStatements:
             .where(c.order_key == _key)
             .ordered_values((c.newest, newest), (c.expires, _keep_until))
         )
+        stale = sa.and_(remembered, c.newest > _stamp)
+        #: Lock the key's row, inserting it, and advance it to ``stamp``
+        #: unless that is stale, in one statement that returns the newest
+        #: after it (newer than ``stamp`` when stale): the session store's
+        #: turn, in the transaction that commits or rolls back the advance
+        #: with the handlers' writes. ``None`` where the database has no
+        #: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``.
+        self.lock_and_advance: t.Any = None
+        if upsert is not None:
+            self.lock_and_advance = (
+                upsert.values(
+                    order_key=_key,
+                    newest=_stamp,
+                    expires=_keep_until,
+                    token=_NO_TOKEN,
+                    turn_ends=_ZERO,
+                )
+                .on_conflict_do_update(
+                    index_elements=[c.order_key],
+                    set_={
+                        "newest": sa.case((stale, c.newest), else_=_stamp),
+                        "expires": sa.case((stale, c.expires), else_=_keep_until),
+                    },
+                )
+                .returning(c.newest)
+            )
