@@ -64,7 +64,8 @@ def _suite(
     session.install(*install, f".[{EXTRAS}]")
     session.run("python", "-m", "pip", "freeze", "--exclude-editable", silent=False)
     ignore = [] if deselect is None else [f"--ignore={deselect}"]
-    session.run("python", "-m", "pytest", *ignore, *(options or []), *session.posargs)
+    workers = ["--numprocesses", "2", "--dist", "loadfile"]  # as scripts/test
+    session.run("python", "-m", "pytest", *workers, *ignore, *(options or []), *session.posargs)
 
 
 #: Python 3.13 warns of a ``sqlite3.Connection`` that is garbage-collected
