@@ -147,6 +147,15 @@ def _summary(rows: list[Delivery]) -> list[tuple[str | None, str | None, str, st
     return [(row.event_id, row.event_type, row.outcome, row.reason) for row in rows]
 
 
+def test_a_body_near_the_size_limit_is_kept_whole(any_log: DeliveryLog) -> None:
+    shop = Shop(any_log)
+    # Under PLOINTS_WEBHOOK_MAX_BYTES's default; MySQL's BLOB would hold 64 KiB.
+    data = {"description": "x" * (1000 * 1000)}
+    assert shop.sender.send("points.earned", data, id="evt_big").status_code == 200
+    (row,) = any_log.recent(event_id="evt_big")
+    assert row.payload is not None and json.loads(row.payload)["data"] == data
+
+
 def test_every_outcome_is_recorded(any_log: DeliveryLog) -> None:
     shop = Shop(any_log)
     before = time.time()

@@ -519,6 +519,15 @@ def seen_store(
     _close(store)
 
 
+def test_a_body_of_the_largest_size_is_kept_whole(seen_store: SQLAlchemyStore) -> None:
+    # PLOINTS_WEBHOOK_MAX_BYTES's default; MySQL's BLOB would hold 64 KiB.
+    payload = bytes(range(256)) * (1024 * 1024 // 256)
+    claim = seen_store.claim("evt_big", 60, payload)
+    assert seen_store.fail("evt_big", claim.token, "boom", 60) is True
+    stored = seen_store.get("evt_big")
+    assert stored is not None and stored.payload == payload
+
+
 def test_engine_events_see_every_statement(seen_store: SQLAlchemyStore) -> None:
     # What echo, Flask-SQLAlchemy's recorded queries and the SQLAlchemy
     # instrumentation of OpenTelemetry or Sentry listen to.

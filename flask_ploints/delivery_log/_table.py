@@ -12,6 +12,7 @@ import typing as t
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from ..stores._sql.tables import Key
 
@@ -118,7 +119,12 @@ def make_table(name: str) -> sa.Table:
         sa.Column("event_type", sa.String(128), nullable=True),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("reason", sa.String(MAX_REASON), nullable=True),
-        sa.Column("payload", sa.LargeBinary(), nullable=True),
+        # MySQL's BLOB holds 64 KiB; a body may be PLOINTS_WEBHOOK_MAX_BYTES.
+        sa.Column(
+            "payload",
+            sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"),
+            nullable=True,
+        ),
         sa.Column("traceback", sa.Text(), nullable=True),
         sa.Column("duration", sa.Double(), nullable=True),
         sa.Column("account", Key(128), nullable=True),
