@@ -435,6 +435,45 @@ def test_the_delivery_log_shows_the_queue_and_each_attempt(
         delivery_log(app).engine.dispose()
 
 
+def test_a_bulk_rerun_queues_each_failed_event_for_the_worker(
+    workers: Workers, recorder: Recorder, redis_url: str, unique: str, log_table: dict[str, str]
+) -> None:
+    workers.config = {"PLOINTS_CELERY_MAX_RETRIES": 0, "TEST_DELIVERY_LOG": log_table}
+    made = _make_app(workers.amqp_url, redis_url, unique, **workers.config)
+    app, client = next(made)
+    ids = ["evt_bulk_1", "evt_bulk_2"]
+    try:
+        for event_id in ids:
+            _assert_queued(client.send("points.earned", {"fail": True}, id=event_id))
+        workers.start()
+        _until(lambda: recorder.count("handler_failed") == dict.fromkeys(ids, 1), "the failures")
+        _until(
+            lambda: all(_log_rows(app, event_id)[0][0] == "failed" for event_id in ids),
+            "the workers' rows",
+        )
+        recorder.fix()
+        browser = app.test_client()
+        page = browser.get("/ploints/deliveries").get_data(as_text=True)
+        match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert match is not None, page
+        response = browser.post(
+            "/ploints/deliveries/rerun",
+            data={"csrf_token": match.group(1), "all": "1", "outcome": "failed"},
+        )
+        assert response.status_code == 303
+        page = browser.get(response.headers["Location"]).get_data(as_text=True)
+        assert "Re-ran 2 events: 2 queued." in page
+        _until(lambda: recorder.count("event_processed") == dict.fromkeys(ids, 1), "the re-runs")
+        _until(lambda: all(len(_log_rows(app, event_id)) == 4 for event_id in ids), "their rows")
+        for event_id in ids:
+            rows = [outcome for outcome, _ in _log_rows(app, event_id)]
+            # The worker may write its row before the page's queued one.
+            assert (sorted(rows[:2]), rows[2:]) == (["processed", "queued"], ["failed", "queued"])
+    finally:
+        next(made, None)
+        delivery_log(app).engine.dispose()
+
+
 def test_a_rerun_refused_while_the_worker_holds_the_claim_says_why(
     workers: Workers, redis_url: str, unique: str, log_table: dict[str, str]
 ) -> None:
