@@ -37,7 +37,7 @@ from .support import POSTGRES_URL
 from .support import REDIS_URL
 
 #: What each promise is called, in the docs' table and in the test names.
-PROMISES = ("distinct", "repeat", "retry", "bad body", "silence", "visible")
+PROMISES = ("distinct", "repeat", "retry", "bad body", "silence", "visible", "order")
 
 #: The services a store may need: (name, host, port), as ``require_service``
 #: takes them.
@@ -351,8 +351,10 @@ def create_app(
     celery: dict[str, t.Any] | None = None,
 ) -> Flask:
     """A fresh app of ``cell`` on ``backend`` (at ``url``, a proxy, if
-    given), whose one handler records each run in ``journal`` and fails the
-    first attempt at an event whose data holds ``"fail": true``.
+    given), whose handler of every event records each run in ``journal``
+    and fails the first attempt at an event whose data holds ``"fail":
+    true``; a handler of ``customer.tier_changed`` with ``latest_by`` its
+    customer records its runs as ``"tier"``.
 
     :param celery: with Celery dispatch: ``broker`` and ``queue``.
     """
@@ -392,7 +394,15 @@ def create_app(
             raise RuntimeError(f"broken on purpose on {event.id!r}")
         journal.record(event.account, event.id, "ok")
 
+    @webhooks.on("customer.tier_changed", latest_by=_customer, name="tier")
+    def tier(event: Event) -> None:
+        journal.record(event.account, event.id, "tier")
+
     return app
+
+
+def _customer(event: Event) -> object:
+    return event.data["customerEmail"]
 
 
 def close_app(app: Flask) -> None:

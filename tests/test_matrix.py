@@ -21,6 +21,10 @@ with its reason. The promises:
 * ``test_a_signed_bad_body_is_a_4xx``: a signed body that is no event is
   ``400`` with the reason; a wrong signature, another account's or an
   unknown account is ``401``; nothing runs.
+* ``test_an_older_event_never_undoes_a_newer``: for one customer, a tier
+  change older than one applied is skipped by the ``latest_by`` handler
+  (``200``, the handler of every event still runs), one of the same second
+  runs, and another account's older one runs.
 * ``test_a_silent_backend_is_a_5xx_within_its_bound``: a store whose server
   stops answering (a TCP proxy on loopback that passes no byte; SQLite's
   write lock held by another connection) is ``503`` within 5 s, nothing
@@ -47,6 +51,8 @@ import typing as t
 import unicodedata
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -545,6 +551,40 @@ class Silence:
         self.stop()
         if self.proxy is not None:
             self.proxy.close()
+
+
+def tier_change(event_id: str, customer: str, timestamp: int) -> bytes:
+    """A ``customer.tier_changed`` event of ``customer``, sent at ``timestamp``."""
+    stamp = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    data = {"customerEmail": customer, "tier": "gold"}
+    event = build_event("customer.tier_changed", data, id=event_id, timestamp=stamp)
+    return json.dumps(event, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("cell", cells("order"), ids=_ids)
+@MATRIX
+@given(data=st.data())
+def test_an_older_event_never_undoes_a_newer(
+    cell: Cell, backends: Backends, celery_cells: CeleryCells, data: st.DataObject
+) -> None:
+    newer, older, tie, elsewhere = data.draw(id_families(), "family")[:4]
+    customer = f"{uuid.uuid4().hex[:8]}@example.com"
+    now = int(time.time())
+    first, *others = cell.accounts.targets
+    # (account, id, seconds ago, whether the latest_by handler runs)
+    deliveries = [(first, newer, 10, True), (first, older, 40, False), (first, tie, 10, True)]
+    if others and others[0].account != first.account:
+        deliveries.append((others[0], elsewhere, 40, True))
+    with running(cell, backends, celery_cells) as run:
+        expected: list[tuple[str | None, str, str]] = []
+        for target, event_id, age, applies in deliveries:
+            posted = run.post(target, tier_change(event_id, customer, now - age))
+            assert answer(posted) == run.accepted
+            expected += [(target.account, event_id, "ok")]
+            expected += [(target.account, event_id, "tier")] if applies else []
+            # On Celery, each is judged before the next is sent.
+            run.settle(len(expected))
+        assert sorted(run.runs()) == sorted(expected)
 
 
 @pytest.mark.parametrize("cell", cells("silence"), ids=_ids)
