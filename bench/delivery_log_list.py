@@ -26,7 +26,7 @@ from flask import Flask
 
 from flask_ploints import PlointsWebhooks
 from flask_ploints.delivery_log import DeliveryLog
-from flask_ploints.delivery_log._query import search_text
+from flask_ploints.delivery_log._table import search_text
 
 TYPES = [
     "points.earned",

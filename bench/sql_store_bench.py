@@ -1,7 +1,7 @@
 """Claim+commit pairs per second of :class:`SQLAlchemyStore` in one thread,
 against the store of an older revision, in the same run.
 
-The older store is read with ``git show REV:flask_ploints/stores/_sql.py`` (a
+The older store is read with ``git show REV:flask_ploints/stores/sql.py`` (a
 revision from before the store became a package, 6ffc509 by default) and
 imported from a temporary file; both run in alternating rounds on fresh
 tables, so drift on the machine hits both alike.
@@ -27,9 +27,9 @@ from flask_ploints.stores._sql import SQLAlchemyStore
 
 
 def _old_store(rev: str) -> t.Any:
-    """The ``SQLAlchemyStore`` class of ``flask_ploints/stores/_sql.py`` at ``rev``."""
+    """The ``SQLAlchemyStore`` class of ``flask_ploints/stores/sql.py`` at ``rev``."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:flask_ploints/stores/_sql.py"],
+        ["git", "show", f"{rev}:flask_ploints/stores/sql.py"],
         check=True,
         capture_output=True,
         text=True,

@@ -188,3 +188,23 @@ def test_every_public_name_is_documented() -> None:
 
 def test_private_modules_are_not_documented_as_api() -> None:
     assert re.findall(r"\.\. auto\w+:: (\S*\._\w+)", API_DOCS.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "bench", sorted(PACKAGE.parent.glob("bench/*.py")), ids=lambda path: path.name
+)
+def test_the_benches_import_what_exists(bench: Path) -> None:
+    # The benches run by hand, not in the suite: a module moved or renamed
+    # breaks them unseen.
+    import importlib
+
+    missing = []
+    for node in ast.walk(ast.parse(bench.read_text(), str(bench))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flask_ploints"):
+            module = importlib.import_module(t.cast(str, node.module))
+            missing += [
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if not hasattr(module, alias.name)
+            ]
+    assert missing == []
