@@ -309,22 +309,24 @@ class Turns:
 
     def commit(self, event_id: str, token: str) -> bool:
         """Commit ``event_id`` and end every turn, advancing the applied."""
-        ends: list[TurnEnd] = []
-        for key, turn in self._taken.items():
-            if turn.status is TurnStatus.RUN:
-                ends.append((key, turn.token, self.stamp if key in self._applied else None))
-        return self.store.commit_with_turns(event_id, token, self.retention, ends)
+        return self.store.commit_with_turns(event_id, token, self.retention, self._ends())
 
     def end(self) -> None:
         """End every turn without the commit (the delivery failed): those
         whose handler applied the event still advance, since its effects
         are done.
         """
-        for key, turn in self._taken.items():
-            if turn.status is TurnStatus.RUN:
-                stamp = self.stamp if key in self._applied else None
-                self.store.order_end(key, turn.token, stamp, self.retention)
+        for key, token, stamp in self._ends():
+            self.store.order_end(key, token, stamp, self.retention)
         self._taken.clear()
+
+    def _ends(self) -> list[TurnEnd]:
+        """The turns taken, each with the stamp it advances to, if any."""
+        return [
+            (key, turn.token, self.stamp if key in self._applied else None)
+            for key, turn in self._taken.items()
+            if turn.status is TurnStatus.RUN
+        ]
 
     def begin(self, guard: Guard, event: Event) -> tuple[str, str, int, Turn]:
         """The key found and the turn taken with the claim; for a key the
