@@ -35,7 +35,15 @@ from .support import SECRET
 
 #: The stores the guarantee is tested on: the store and, after a dash, the
 #: database. ``db-`` is ``PLOINTS_DEDUPE_STORE = db`` (Flask-SQLAlchemy).
-KINDS = ["memory", "redis", "sql-postgresql", "sql-sqlite", "db-sqlite", "db-postgresql"]
+KINDS = [
+    "memory",
+    "redis",
+    "sql-postgresql",
+    "sql-mariadb",
+    "sql-sqlite",
+    "db-sqlite",
+    "db-postgresql",
+]
 EMAIL = "jane@example.com"
 
 
@@ -162,8 +170,8 @@ def store_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
     database = kind.partition("-")[2]
     if database == "sqlite":
         return f"sqlite:///{tmp_path / 'ordering.db'}"
-    fixture = {"redis": "redis_url", "postgresql": "postgres_url"}[database or kind]
-    url: str = request.getfixturevalue(fixture)
+    fixture = {"redis": "redis_url", "postgresql": "postgres_url", "mariadb": "mariadb_url"}
+    url: str = request.getfixturevalue(fixture[database or kind])
     return url
 
 

@@ -15,6 +15,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -31,6 +32,7 @@ from flask_ploints.replay import ReplayOutcome
 from flask_ploints.replay import rerun
 from flask_ploints.stores import MemoryStore
 from flask_ploints.stores import RedisStore
+from flask_ploints.stores import SQLAlchemyStore
 from flask_ploints.testing import PlointsClient
 
 from . import ordering_app
@@ -211,13 +213,17 @@ def counted(base: type[t.Any]) -> type[t.Any]:
     return Counted
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "redis", "sql-postgresql"])
 def test_a_delivery_takes_its_turns_with_its_claim(
     make_loyalty: Make, kind: str, unique: str, request: pytest.FixtureRequest
 ) -> None:
+    store: t.Any
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         store = counted(RedisStore).from_url(url, prefix=f"{unique}:")
+    elif kind == "sql-postgresql":
+        url = request.getfixturevalue("postgres_url")
+        store = counted(SQLAlchemyStore).from_url(url, table_name=unique)
     else:
         store = counted(MemoryStore)()
     loyalty = make_loyalty(kind, PLOINTS_DEDUPE_STORE=store)
@@ -237,6 +243,38 @@ def test_a_delivery_takes_its_turns_with_its_claim(
         "order_end": 1,
         "release": 1,
     }
+    if kind == "sql-postgresql":
+        store.close()
+
+
+def test_a_delivery_with_latest_by_runs_two_statements_on_postgresql(
+    make_loyalty: Make, unique: str, postgres_url: str
+) -> None:
+    store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
+    store.prepare()
+    store.prepare_order()
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    loyalty = make_loyalty("sql-postgresql", PLOINTS_DEDUPE_STORE=store)
+    # New, stale, a tie: each a claim taking its turn, then a commit ending
+    # it (the stale one took none).
+    assert [loyalty.send(*sent) for sent in [("gold", 2000), ("silver", 1000), ("gold", 2000)]] == [
+        200,
+        200,
+        200,
+    ]
+    assert loyalty.applied == [("gold", 2000), ("gold", 2000)]
+    claim = ["WITH", "claimed", "AS", "(INSERT"]
+    commit = ["WITH", "ended", "AS", "(UPDATE"]
+    assert [statement.split()[:4] for statement in statements] == [
+        claim,
+        commit,
+        claim,
+        ["UPDATE", unique, "SET", "status='done',"],
+        claim,
+        commit,
+    ]
+    store.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -293,7 +331,7 @@ def test_what_a_handler_applied_advances_when_a_later_one_fails(
     assert loyalty.applied[-1] == ("gold", 2000)
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if not kind.startswith("db-")])
 def test_a_failed_rerun_ends_its_turns_and_advances_nothing(make_loyalty: Make, kind: str) -> None:
     loyalty = make_loyalty(kind)
     assert loyalty.send("silver", 1000) == 200
@@ -331,7 +369,7 @@ def test_any_order_with_retries_ends_with_the_newest(order: list[int], retries: 
     assert sorted(set(loyalty.audited)) == sorted(f"evt_{event}" for event in range(8))
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "redis", "sql-postgresql", "sql-sqlite"])
 def test_a_key_held_by_another_delivery_answers_409(make_loyalty: Make, kind: str) -> None:
     loyalty = make_loyalty(kind)
     store = loyalty.webhooks.receiver(loyalty.app).store

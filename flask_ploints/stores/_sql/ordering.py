@@ -14,6 +14,8 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 
+from .statements import Statements
+
 __all__ = ["OrderStatements", "make_order_table"]
 
 _key = sa.bindparam("ordered", type_=sa.String())
@@ -48,9 +50,11 @@ class OrderStatements:
 
     :param table: the table, from :func:`make_order_table`.
     :param dialect: the name of the database's dialect.
+    :param events: the statements of the store's table, which the claim
+        and the commit that take and end turns build on.
     """
 
-    def __init__(self, table: sa.Table, dialect: str) -> None:
+    def __init__(self, table: sa.Table, dialect: str, events: Statements) -> None:
         c = table.c
         self.table = table
         remembered = sa.and_(c.newest.is_not(None), c.expires > _now)
@@ -75,14 +79,15 @@ class OrderStatements:
             insert = sa.insert(table).values(row)
         #: Insert the key's row unless it exists.
         self.insert = insert
-        #: Take the turn: free (or lapsed), and the event not stale.
+        # The turn is free (or lapsed), and the event not stale.
+        takeable = sa.and_(
+            sa.or_(c.token == _NO_TOKEN, c.turn_ends <= _now),
+            sa.or_(sa.not_(remembered), c.newest <= _stamp),
+        )
+        #: Take the turn.
         self.take = (
             sa.update(table)
-            .where(
-                c.order_key == _key,
-                sa.or_(c.token == _NO_TOKEN, c.turn_ends <= _now),
-                sa.or_(sa.not_(remembered), c.newest <= _stamp),
-            )
+            .where(c.order_key == _key, takeable)
             .values(token=_token, turn_ends=_turn_end)
         )
         #: The key's row, to say why the turn was not taken.
@@ -142,3 +147,76 @@ class OrderStatements:
                 )
                 .returning(c.newest)
             )
+        #: PostgreSQL only: the claim of an id never seen
+        #: (:attr:`Statements.insert_new`) and, when it claimed, the turn on
+        #: each of ``keys`` taken as :attr:`take` does (the key's row
+        #: inserted if missing), in one statement. One row per key, in order:
+        #: whether the id was claimed, whether the turn was taken, and the
+        #: key's row as it was before (see :attr:`read`). ``None`` elsewhere.
+        self.claim_with_turns: t.Any = None
+        #: PostgreSQL only: :attr:`Statements.commit`, and each turn of
+        #: ``end_keys`` (held by ``end_tokens``) ended as :attr:`end_applied`
+        #: does with its stamp of ``end_stamps``, or as :attr:`end_failed`
+        #: with ``NULL``, in one statement. ``None`` elsewhere.
+        self.commit_with_turns: t.Any = None
+        if dialect == "postgresql" and events.insert_new is not None:
+            self._fold(table, events, remembered, takeable)
+
+    def _fold(
+        self, table: sa.Table, events: Statements, remembered: t.Any, takeable: t.Any
+    ) -> None:
+        c = table.c
+        insert_new: t.Any = events.insert_new
+        claimed = insert_new.returning(insert_new.table.c.id).cte("claimed")
+        keys = sa.bindparam("keys", type_=postgresql.ARRAY(sa.String()))
+        wanted = sa.func.unnest(keys).table_valued("order_key", with_ordinality="n")
+        wanted = wanted.render_derived("wanted")
+        # The turn's token is the claim's, and it lasts the claim's lease.
+        claim_token = sa.bindparam("claim_token", type_=sa.String())
+        lease_end: sa.BindParameter[float] = sa.bindparam("lease_end", type_=sa.Double())
+        rows = sa.select(wanted.c.order_key, sa.null(), _ZERO, claim_token, lease_end)
+        inserting = postgresql.insert(table).from_select(
+            list(table.c.keys()), rows.where(sa.exists(claimed.select()))
+        )
+        turned = (
+            inserting.on_conflict_do_update(
+                index_elements=[c.order_key],
+                set_={"token": inserting.excluded.token, "turn_ends": inserting.excluded.turn_ends},
+                where=takeable,
+            )
+            .returning(c.order_key)
+            .cte("turned")
+        )
+        self.claim_with_turns = (
+            sa.select(
+                sa.select(sa.func.count()).select_from(claimed).scalar_subquery(),
+                turned.c.order_key.is_not(None),
+                *self.read.selected_columns,
+            )
+            .select_from(
+                wanted.outerjoin(turned, turned.c.order_key == wanted.c.order_key).outerjoin(
+                    table, c.order_key == wanted.c.order_key
+                )
+            )
+            .order_by(wanted.c.n)
+        )
+        ends = sa.func.unnest(
+            sa.bindparam("end_keys", type_=postgresql.ARRAY(sa.String())),
+            sa.bindparam("end_tokens", type_=postgresql.ARRAY(sa.String())),
+            sa.bindparam("end_stamps", type_=postgresql.ARRAY(sa.BigInteger())),
+        ).table_valued("order_key", "token", "stamp")
+        ends = ends.render_derived("ends")
+        applied = ends.c.stamp.is_not(None)
+        newer = sa.and_(applied, sa.or_(sa.not_(remembered), c.newest < ends.c.stamp))
+        ended = (
+            sa.update(table)
+            .where(c.order_key == ends.c.order_key, c.token == ends.c.token)
+            .values(
+                newest=sa.case((newer, ends.c.stamp), else_=c.newest),
+                expires=sa.case((applied, _keep_until), else_=c.expires),
+                token=_NO_TOKEN,
+                turn_ends=_ZERO,
+            )
+            .cte("ended")
+        )
+        self.commit_with_turns = events.commit.add_cte(ended)

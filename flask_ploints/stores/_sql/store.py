@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
 
 from ..._ordering import Turn
+from ..._ordering import TurnEnd
 from ..._ordering import TurnStatus
 from .._base import Claim
 from .._base import ClaimStatus
@@ -187,7 +188,7 @@ class SQLAlchemyStore:
         )
         #: ``latest_by``'s table: the table's name with ``_order``.
         self.order_table = make_order_table(f"{table_name}_order")
-        self._order_sql = OrderStatements(self.order_table, dialect)
+        self._order_sql = OrderStatements(self.order_table, dialect, self._sql)
         self._order_missing = create_table
         self._order_lock = threading.Lock()
 
@@ -263,7 +264,9 @@ class SQLAlchemyStore:
         """See :meth:`.DedupeStore.claim`. The payload is kept when
         ``keep_payloads`` is set; a new claim without one keeps the last.
         """
-        token = secrets.token_hex(8)
+        return self._claim_as(secrets.token_hex(8), event_id, lease, payload)
+
+    def _claim_as(self, token: str, event_id: str, lease: float, payload: bytes | None) -> Claim:
         params: dict[str, t.Any] = {
             "event_id": event_id,
             "claim_token": token,
@@ -313,10 +316,21 @@ class SQLAlchemyStore:
 
     def commit(self, event_id: str, token: str, retention: float) -> bool:
         """See :meth:`.DedupeStore.commit`."""
+        return self._commit(self._sql.commit, event_id, token, retention, {})
+
+    def _commit(
+        self,
+        statement: sa.Executable,
+        event_id: str,
+        token: str,
+        retention: float,
+        params: dict[str, t.Any],
+    ) -> bool:
         now = self._clock()
+        params.update(event_id=event_id, claim_token=token, now=now, keep_until=now + retention)
         return self._settle(
-            self._sql.commit,
-            {"event_id": event_id, "claim_token": token, "now": now, "keep_until": now + retention},
+            statement,
+            params,
             lambda found: found is not None and (found.token, found.status) == (token, _DONE),
         )
 
@@ -454,8 +468,10 @@ class SQLAlchemyStore:
         turn is free, in the table named after the store's with ``_order``.
         """
         self.prepare_order()
+        return self._take_turn(secrets.token_hex(8), key, timestamp, lease)
+
+    def _take_turn(self, token: str, key: str, timestamp: int, lease: float) -> Turn:
         sql = self._order_sql
-        token = secrets.token_hex(8)
         params: dict[str, t.Any] = {"ordered": key, "turn_token": token, "stamp": timestamp}
 
         def begin(call: _Call, _retry: bool) -> t.Any:
@@ -473,16 +489,11 @@ class SQLAlchemyStore:
             now = params["now"] = self._clock()
             params["turn_end"] = now + lease
             row = self._run(begin)
-            if row is None:
-                return Turn(TurnStatus.RUN, token)
-            newest, expires, holder, turn_ends = row
-            # Ours: taken by a first run whose answer was lost.
-            if holder == token:
-                return Turn(TurnStatus.RUN, token)
-            if holder and turn_ends > now:
-                return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
-            if newest is not None and expires > now and timestamp < newest:
-                return Turn(TurnStatus.STALE, newest=int(newest))
+            turn = (
+                Turn(TurnStatus.RUN, token) if row is None else _judge(row, token, timestamp, now)
+            )
+            if turn is not None:
+                return turn
         raise StoreError(f"the turn on {key!r} kept racing with other requests")
 
     def order_end(self, key: str, token: str, timestamp: int | None, retention: float) -> bool:
@@ -495,3 +506,79 @@ class SQLAlchemyStore:
             statement = self._order_sql.end_applied
             params.update(stamp=timestamp, now=now, keep_until=now + retention)
         return self._settle(statement, params, None)
+
+    def claim_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """See :meth:`.TurnsWithClaims.claim_with_turns`. On PostgreSQL, the
+        claim of an id never seen takes its turns in the same statement;
+        otherwise the claim is :meth:`claim`'s, then each turn
+        :meth:`order_begin`'s, with the claim's token.
+        """
+        self.prepare_order()
+        token = secrets.token_hex(8)
+        folded = self._order_sql.claim_with_turns
+        if folded is not None and keys:
+            now = self._clock()
+            params = {
+                "event_id": event_id,
+                "claim_token": token,
+                "body": payload if self.keep_payloads else None,
+                "now": now,
+                "lease_end": now + lease,
+                "keys": list(keys),
+                "stamp": timestamp,
+            }
+            rows = self._run(lambda call, _retry: call.execute(folded, params).all())
+            if rows[0][0]:
+                turns = []
+                for key, (_, taken, *row) in zip(keys, rows, strict=True):
+                    turn = (
+                        Turn(TurnStatus.RUN, token) if taken else _judge(row, token, timestamp, now)
+                    )
+                    # No row: another delivery inserted the key's meanwhile.
+                    turns.append(turn or self._take_turn(token, key, timestamp, lease))
+                return Claim(ClaimStatus.CLAIMED, token), turns
+        # Our token again: a first statement whose answer was lost claimed.
+        claim = self._claim_as(token, event_id, lease, payload)
+        if claim.status is not ClaimStatus.CLAIMED:
+            return claim, []
+        return claim, [self._take_turn(token, key, timestamp, lease) for key in keys]
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """See :meth:`.TurnsWithClaims.commit_with_turns`. On PostgreSQL, one
+        statement; otherwise :meth:`commit`, then :meth:`order_end` for each
+        turn.
+        """
+        folded = self._order_sql.commit_with_turns
+        if folded is not None and ends:
+            keys, tokens, stamps = (list(column) for column in zip(*ends, strict=True))
+            params = {"end_keys": keys, "end_tokens": tokens, "end_stamps": stamps}
+            return self._commit(folded, event_id, token, retention, params)
+        committed = self._commit(self._sql.commit, event_id, token, retention, {})
+        for key, turn_token, stamp in ends:
+            self.order_end(key, turn_token, stamp, retention)
+        return committed
+
+
+def _judge(row: t.Sequence[t.Any], token: str, timestamp: int, now: float) -> Turn | None:
+    """The turn told by a key's row (see :attr:`OrderStatements.read`) when
+    it could not be taken; ``None`` when the row does not say, or is
+    missing: ask again.
+    """
+    newest, expires, holder, turn_ends = row
+    # Ours: taken by a first run whose answer was lost.
+    if holder == token:
+        return Turn(TurnStatus.RUN, token)
+    if holder and turn_ends > now:
+        return Turn(TurnStatus.BUSY, retry_after=turn_ends - now)
+    if newest is not None and expires > now and timestamp < newest:
+        return Turn(TurnStatus.STALE, newest=int(newest))
+    return None
