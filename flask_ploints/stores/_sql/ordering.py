@@ -26,6 +26,7 @@ _turn_end: sa.BindParameter[float] = sa.bindparam("turn_end", type_=sa.Double())
 _keep_until: sa.BindParameter[float] = sa.bindparam("keep_until", type_=sa.Double())
 _NO_TOKEN = sa.literal_column("''", sa.String())
 _ZERO: sa.ColumnElement[float] = sa.literal_column("0", sa.Double())
+_ONE = sa.literal_column("1", sa.Integer())
 
 
 def make_order_table(name: str) -> sa.Table:
@@ -147,30 +148,50 @@ class OrderStatements:
                 )
                 .returning(c.newest)
             )
-        #: PostgreSQL only: the claim of an id never seen
-        #: (:attr:`Statements.insert_new`) and, when it claimed, the turn on
-        #: each of ``keys`` taken as :attr:`take` does (the key's row
-        #: inserted if missing), in one statement. One row per key, in order:
-        #: whether the id was claimed, whether the turn was taken, and the
-        #: key's row as it was before (see :attr:`read`). ``None`` elsewhere.
-        self.claim_with_turns: t.Any = None
-        #: PostgreSQL only: :attr:`Statements.commit`, and each turn of
-        #: ``end_keys`` (held by ``end_tokens``) ended as :attr:`end_applied`
-        #: does with its stamp of ``end_stamps``, or as :attr:`end_failed`
-        #: with ``NULL``, in one statement. ``None`` elsewhere.
-        self.commit_with_turns: t.Any = None
+        #: PostgreSQL only, by the number of keys (1, or more): the claim
+        #: of an id never seen (:attr:`Statements.insert_new`) and, when it
+        #: claimed, the turn on each key (``key``, or the list ``keys``)
+        #: taken as :attr:`take` does, the key's row inserted if missing, in
+        #: one statement. One row per key, in order: whether the id was
+        #: claimed, whether the turn was taken, and the key's row as it was
+        #: before (see :attr:`read`). Empty elsewhere.
+        self.claim_with_turns: dict[int, t.Any] = {}
+        #: PostgreSQL only, by the number of turns (1, or more):
+        #: :attr:`Statements.commit`, and each turn (``end_key``, held by
+        #: ``end_token``; or the lists ``end_keys`` and ``end_tokens``) ended
+        #: as :attr:`end_applied` does with its stamp (``end_stamp``, or of
+        #: ``end_stamps``), or as :attr:`end_failed` with ``NULL``, in one
+        #: statement. Empty elsewhere.
+        self.commit_with_turns: dict[int, t.Any] = {}
         if dialect == "postgresql" and events.insert_new is not None:
-            self._fold(table, events, remembered, takeable)
+            # One key is sent as a value: psycopg adapts a list to an array
+            # at several times the cost of the whole rest of the statement.
+            one_key = sa.select(_one("key", sa.String()).label("order_key"), _ONE.label("n"))
+            many_keys = sa.func.unnest(_many("keys", sa.String())).table_valued(
+                "order_key", with_ordinality="n"
+            )
+            one_end = sa.select(
+                _one("end_key", sa.String()).label("order_key"),
+                _one("end_token", sa.String()).label("token"),
+                _one("end_stamp", sa.BigInteger()).label("stamp"),
+            )
+            many_ends = sa.func.unnest(
+                _many("end_keys", sa.String()),
+                _many("end_tokens", sa.String()),
+                _many("end_stamps", sa.BigInteger()),
+            ).table_valued("order_key", "token", "stamp")
+            for count, wanted, ends in (
+                (1, one_key.subquery("wanted"), one_end.subquery("ends")),
+                (2, many_keys.render_derived("wanted"), many_ends.render_derived("ends")),
+            ):
+                self.claim_with_turns[count] = self._claim(table, events, takeable, wanted)
+                self.commit_with_turns[count] = self._commit(table, events, remembered, ends)
 
-    def _fold(
-        self, table: sa.Table, events: Statements, remembered: t.Any, takeable: t.Any
-    ) -> None:
+    @staticmethod
+    def _claim(table: sa.Table, events: Statements, takeable: t.Any, wanted: t.Any) -> t.Any:
         c = table.c
         insert_new: t.Any = events.insert_new
         claimed = insert_new.returning(insert_new.table.c.id).cte("claimed")
-        keys = sa.bindparam("keys", type_=postgresql.ARRAY(sa.String()))
-        wanted = sa.func.unnest(keys).table_valued("order_key", with_ordinality="n")
-        wanted = wanted.render_derived("wanted")
         # The turn's token is the claim's, and it lasts the claim's lease.
         claim_token = sa.bindparam("claim_token", type_=sa.String())
         lease_end: sa.BindParameter[float] = sa.bindparam("lease_end", type_=sa.Double())
@@ -187,11 +208,14 @@ class OrderStatements:
             .returning(c.order_key)
             .cte("turned")
         )
-        self.claim_with_turns = (
+        return (
             sa.select(
                 sa.select(sa.func.count()).select_from(claimed).scalar_subquery(),
                 turned.c.order_key.is_not(None),
-                *self.read.selected_columns,
+                c.newest,
+                c.expires,
+                c.token,
+                c.turn_ends,
             )
             .select_from(
                 wanted.outerjoin(turned, turned.c.order_key == wanted.c.order_key).outerjoin(
@@ -200,12 +224,10 @@ class OrderStatements:
             )
             .order_by(wanted.c.n)
         )
-        ends = sa.func.unnest(
-            sa.bindparam("end_keys", type_=postgresql.ARRAY(sa.String())),
-            sa.bindparam("end_tokens", type_=postgresql.ARRAY(sa.String())),
-            sa.bindparam("end_stamps", type_=postgresql.ARRAY(sa.BigInteger())),
-        ).table_valued("order_key", "token", "stamp")
-        ends = ends.render_derived("ends")
+
+    @staticmethod
+    def _commit(table: sa.Table, events: Statements, remembered: t.Any, ends: t.Any) -> t.Any:
+        c = table.c
         applied = ends.c.stamp.is_not(None)
         newer = sa.and_(applied, sa.or_(sa.not_(remembered), c.newest < ends.c.stamp))
         ended = (
@@ -219,4 +241,12 @@ class OrderStatements:
             )
             .cte("ended")
         )
-        self.commit_with_turns = events.commit.add_cte(ended)
+        return events.commit.add_cte(ended)
+
+
+def _one(name: str, kind: sa.types.TypeEngine[t.Any]) -> sa.BindParameter[t.Any]:
+    return sa.bindparam(name, type_=kind)
+
+
+def _many(name: str, kind: sa.types.TypeEngine[t.Any]) -> sa.BindParameter[t.Any]:
+    return sa.bindparam(name, type_=postgresql.ARRAY(kind))

@@ -522,18 +522,21 @@ class SQLAlchemyStore:
         """
         self.prepare_order()
         token = secrets.token_hex(8)
-        folded = self._order_sql.claim_with_turns
-        if folded is not None and keys:
+        folded = self._order_sql.claim_with_turns.get(min(len(keys), 2))
+        if folded is not None:
             now = self._clock()
-            params = {
+            params: dict[str, t.Any] = {
                 "event_id": event_id,
                 "claim_token": token,
                 "body": payload if self.keep_payloads else None,
                 "now": now,
                 "lease_end": now + lease,
-                "keys": list(keys),
                 "stamp": timestamp,
             }
+            if len(keys) == 1:
+                params["key"] = keys[0]
+            else:
+                params["keys"] = list(keys)
             rows = self._run(lambda call, _retry: call.execute(folded, params).all())
             if rows[0][0]:
                 turns = []
@@ -557,10 +560,15 @@ class SQLAlchemyStore:
         statement; otherwise :meth:`commit`, then :meth:`order_end` for each
         turn.
         """
-        folded = self._order_sql.commit_with_turns
-        if folded is not None and ends:
-            keys, tokens, stamps = (list(column) for column in zip(*ends, strict=True))
-            params = {"end_keys": keys, "end_tokens": tokens, "end_stamps": stamps}
+        folded = self._order_sql.commit_with_turns.get(min(len(ends), 2))
+        if folded is not None:
+            params: dict[str, t.Any]
+            if len(ends) == 1:
+                [(key, turn, stamp)] = ends
+                params = {"end_key": key, "end_token": turn, "end_stamp": stamp}
+            else:
+                keys, tokens, stamps = (list(column) for column in zip(*ends, strict=True))
+                params = {"end_keys": keys, "end_tokens": tokens, "end_stamps": stamps}
             return self._commit(folded, event_id, token, retention, params)
         committed = self._commit(self._sql.commit, event_id, token, retention, {})
         for key, turn_token, stamp in ends:
