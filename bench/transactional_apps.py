@@ -132,9 +132,10 @@ def _celery(app: Flask, broker_url: str, queue: str) -> t.Any:
     return celery_app
 
 
-def extension_app(url: str, namespace: str) -> Flask:
+def extension_app(url: str, namespace: str, latest_by: bool = False) -> Flask:
     """The extension with ``PLOINTS_DEDUPE_STORE = db`` and one handler that
-    writes one row through ``db.session`` and does not commit.
+    writes one row through ``db.session`` and does not commit; with
+    ``latest_by``, registered with ``latest_by`` the customer's email.
     """
     app, db, awards, _ = _base_app("bench_extension", url, namespace)
     app.config["PLOINTS_WEBHOOK_SECRET"] = SECRET
@@ -156,7 +157,9 @@ def extension_app(url: str, namespace: str) -> Flask:
         _celery(app, broker_url, namespace)
     webhooks = PlointsWebhooks(app)
 
-    @webhooks.on("points.earned")
+    ordered = {"latest_by": lambda event: event.data["customerEmail"]} if latest_by else {}
+
+    @webhooks.on("points.earned", **ordered)
     def award(event: Event) -> None:
         db.session.execute(_award_row(awards, event.id, event.data))
         if plain:
@@ -205,8 +208,8 @@ def create_app() -> Flask:
     kind = os.environ["BENCH_KIND"]
     url = os.environ["BENCH_DB_URL"]
     namespace = os.environ["BENCH_NAMESPACE"]
-    if kind == "extension":
-        return extension_app(url, namespace)
+    if kind in ("extension", "latest_by"):
+        return extension_app(url, namespace, latest_by=kind == "latest_by")
     if kind == "twin":
         return twin_app(url, namespace)
     raise ValueError(f"BENCH_KIND must be one of {KINDS}, not {kind!r}")

@@ -19,6 +19,10 @@ connections. The pairs run in ``--rounds`` rounds in alternating order
 at the end the mean requests per second, the median p50 and p99, and the
 ratio extension / twin overall and per round.
 
+``--latest-by`` measures what ``latest_by`` costs with ``db``: the same
+handler registered with ``latest_by`` the customer's email, against itself
+without it, on events about 500 customers in turn.
+
 The load generator is ``wrk`` (``apt-get install wrk``). It shares the
 machine's cores with gunicorn and the database, so the numbers are for the
 whole box; on a small or busy machine the ratios are noisy.
@@ -27,7 +31,7 @@ Run (16 runs: about 4 minutes with the defaults on an idle 2-core machine, 6
 when other work shares it)::
 
     .venv/bin/python bench/transactional_bench.py [--mode sync|gthread]
-        [--duration 8] [--rounds 4] [--databases postgresql,sqlite]
+        [--duration 8] [--rounds 4] [--databases postgresql,sqlite] [--latest-by]
 """
 
 from __future__ import annotations
@@ -65,9 +69,15 @@ from transactional_apps import URL
 from transactional_apps import create_tables
 from transactional_apps import drop_tables
 
+from flask_ploints._samples import SAMPLE_DATA
 from flask_ploints._samples import build_event
 
 HERE = Path(__file__).resolve().parent
+_LABELS = {
+    "extension": "flask-ploints",
+    "twin": "hand-written twin",
+    "latest_by": "flask-ploints, latest_by",
+}
 POSTGRES_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -186,11 +196,18 @@ class Gunicorn:
         self.log.close()
 
 
-def write_events(path: Path, count: int, prefix: str) -> None:
-    """Write ``count`` distinct signed events as ``signature<TAB>body`` lines."""
+def write_events(path: Path, count: int, prefix: str, customers: int = 1) -> None:
+    """Write ``count`` distinct signed events as ``signature<TAB>body`` lines,
+    about ``customers`` customers in turn.
+    """
     with path.open("w") as out:
         for number in range(count):
-            body, signature = signed(build_event("points.earned", id=f"{prefix}_{number:08d}"))
+            data = None
+            if customers > 1:
+                email = f"c{number % customers}@example.com"
+                data = {**SAMPLE_DATA["points.earned"], "customerEmail": email}
+            event = build_event("points.earned", data, id=f"{prefix}_{number:08d}")
+            body, signature = signed(event)
             out.write(f"{signature}\t{body.decode()}\n")
 
 
@@ -210,30 +227,29 @@ def one_run(kind: str, url: str, events: Path, duration: float, log: Path, mode:
         drop_tables(url, namespace)
 
 
-def table(results: dict[str, dict[str, list[Result]]]) -> str:
-    """The markdown table: mean req/s, median p50 and p99, the ratios."""
+def table(results: dict[str, dict[str, list[Result]]], pair: tuple[str, str] = KINDS) -> str:
+    """The markdown table: mean req/s, median p50 and p99, the ratios of
+    ``pair``'s first receiver to its second.
+    """
+    first, second = pair
     lines = [
-        "| database | receiver | requests/s | p50 ms | p99 ms | extension / twin (per round) |",
+        f"| database | receiver | requests/s | p50 ms | p99 ms | {first} / {second} (per round) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, by_kind in results.items():
         rates = {kind: statistics.mean(r.rate for r in runs) for kind, runs in by_kind.items()}
         per_round = ", ".join(
-            f"{ext.rate / twin.rate:.2f}"
-            for ext, twin in zip(by_kind["extension"], by_kind["twin"], strict=True)
+            f"{a.rate / b.rate:.2f}" for a, b in zip(by_kind[first], by_kind[second], strict=True)
         )
-        for kind in KINDS:
+        for kind in pair:
             runs = by_kind[kind]
             p50 = statistics.median(r.p50_us for r in runs) / 1000
             p99 = statistics.median(r.p99_us for r in runs) / 1000
-            label = "flask-ploints" if kind == "extension" else "hand-written twin"
             ratio = (
-                f"**{rates['extension'] / rates['twin']:.2f}x** ({per_round})"
-                if kind == "extension"
-                else ""
+                f"**{rates[first] / rates[second]:.2f}x** ({per_round})" if kind == first else ""
             )
             lines.append(
-                f"| {name} | {label} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
+                f"| {name} | {_LABELS[kind]} | {rates[kind]:,.0f} | {p50:.1f} | {p99:.1f} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -246,7 +262,13 @@ def main() -> None:
     parser.add_argument("--databases", default="postgresql,sqlite")
     parser.add_argument("--events", type=int, default=60_000, help="distinct events to send")
     parser.add_argument("--mode", choices=sorted(MODES), default="sync", help="gunicorn workers")
+    parser.add_argument(
+        "--latest-by",
+        action="store_true",
+        help="the handler registered with latest_by (500 customers) against the same without it",
+    )
     args = parser.parse_args()
+    pair = ("latest_by", "extension") if args.latest_by else KINDS
     mode = MODES[args.mode]
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -255,19 +277,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ploints-tbench-") as directory:
         work = Path(directory)
         events = work / "events.tsv"
-        write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}")
+        customers = 500 if args.latest_by else 1
+        write_events(events, args.events, f"evt_{uuid.uuid4().hex[:8]}", customers)
         urls = {"postgresql": POSTGRES_URL, "sqlite": f"sqlite:///{work / 'bench.db'}"}
         for name in args.databases.split(","):
-            results[name] = {kind: [] for kind in KINDS}
+            results[name] = {kind: [] for kind in pair}
             for number in range(args.rounds):
-                order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+                order = pair if number % 2 == 0 else tuple(reversed(pair))
                 for kind in order:
                     log = work / f"{name}-{kind}-{number}.log"
                     result = one_run(kind, urls[name], events, args.duration, log, mode)
                     results[name][kind].append(result)
                     print(line(name, kind, number, result), flush=True)
-                ext, twin = (results[name][kind][number] for kind in KINDS)
-                print(f"{name:>10} round {number + 1}: extension / twin {ext.rate / twin.rate:.2f}")
+                first, second = (results[name][kind][number] for kind in pair)
+                ratio = first.rate / second.rate
+                print(f"{name:>10} round {number + 1}: {pair[0]} / {pair[1]} {ratio:.2f}")
 
     print()
     print(
@@ -281,7 +305,7 @@ def main() -> None:
         f" psycopg {version('psycopg')}"
     )
     print()
-    print(table(results))
+    print(table(results, pair))
 
 
 if __name__ == "__main__":

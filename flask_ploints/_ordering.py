@@ -44,7 +44,16 @@ if t.TYPE_CHECKING:
     from ._events import Event
     from .stores._base import Claim
 
-__all__ = ["KeyBusy", "OrderedStore", "Turn", "TurnEnd", "TurnStatus", "Turns", "TurnsWithClaims"]
+__all__ = [
+    "KeyBusy",
+    "OrderedStore",
+    "Turn",
+    "TurnEnd",
+    "TurnStatus",
+    "Turns",
+    "TurnsWithClaims",
+    "TurnsWithHeldClaims",
+]
 
 # Between the handler's name and the key's value; both are the user's text,
 # the separator keeps "a" + "b:c" apart from "a:b" + "c".
@@ -162,6 +171,37 @@ class TurnsWithClaims(OrderedStore, t.Protocol):
         """
 
 
+@t.runtime_checkable
+class TurnsWithHeldClaims(OrderedStore, t.Protocol):
+    """A :class:`~flask_ploints.stores.TransactionalStore` that takes a
+    delivery's turns with the claim it holds in the handlers' transaction,
+    so that they commit, or roll back, with the handlers' writes.
+
+    .. versionadded:: 0.2
+    """
+
+    def hold_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        retention: float,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """Hold the claim of ``event_id`` and, when it is claimed, take the
+        turns of any of ``keys`` it can in the same step.
+
+        :return: the claim, and the turns taken, in the order of ``keys``;
+            the guard of a key without one takes its own.
+        """
+
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """See :meth:`TurnsWithClaims.commit_with_turns`."""
+
+
 class KeyBusy(Exception):
     """Raised by a guarded handler whose key stayed busy with another
     delivery past the bounded wait: the delivery is answered ``409`` with
@@ -246,9 +286,10 @@ class _OwnTurns:
 
 class Turns:
     """The turns of one delivery's guarded handlers with a
-    :class:`TurnsWithClaims` store: their keys found before the claim, the
-    turns taken with it, and ended with the commit (or, when the delivery
-    fails, by :meth:`end`). Its guards find it in :data:`running`.
+    :class:`TurnsWithClaims` or :class:`TurnsWithHeldClaims` store: their
+    keys found before the claim, the turns taken with it, and ended with the
+    commit (or, when the delivery fails, by :meth:`end`). Its guards find it
+    in :data:`running`.
 
     :param store: the store.
     :param event: the event delivered.
@@ -256,6 +297,8 @@ class Turns:
     :param key_of: how the receiver's namespace makes a store key.
     :param lease: seconds of the claim's lease, and of the turns'.
     :param retention: seconds the newest applied is remembered.
+    :param held: the store is a :class:`TurnsWithHeldClaims`, and the
+        claim is held in the handlers' transaction.
     """
 
     __slots__ = (
@@ -263,6 +306,7 @@ class Turns:
         "_distinct",
         "_keys",
         "_taken",
+        "held",
         "key_of",
         "lease",
         "retention",
@@ -272,14 +316,16 @@ class Turns:
 
     def __init__(
         self,
-        store: TurnsWithClaims,
+        store: TurnsWithClaims | TurnsWithHeldClaims,
         event: Event,
         guards: t.Iterable[Guard],
         key_of: KeyOf,
         lease: float,
         retention: float,
+        held: bool = False,
     ) -> None:
         self.store = store
+        self.held = held
         self.key_of = key_of
         self.lease = lease
         self.retention = retention
@@ -300,9 +346,18 @@ class Turns:
         self._applied: set[str] = set()
 
     def claim(self, event_id: str, payload: bytes | None) -> Claim:
-        """Claim ``event_id`` and take the turn of every key."""
+        """Claim ``event_id`` (held, with :attr:`held`) and take the turn
+        of every key.
+        """
         keys = self._distinct
-        claim, turns = self.store.claim_with_turns(event_id, self.lease, payload, keys, self.stamp)
+        if self.held:
+            held = t.cast(TurnsWithHeldClaims, self.store)
+            claim, turns = held.hold_with_turns(
+                event_id, self.lease, payload, self.retention, keys, self.stamp
+            )
+        else:
+            plain = t.cast(TurnsWithClaims, self.store)
+            claim, turns = plain.claim_with_turns(event_id, self.lease, payload, keys, self.stamp)
         # No turn when the id was not claimed.
         self._taken = dict(zip(keys, turns, strict=False))
         return claim
@@ -314,10 +369,11 @@ class Turns:
     def end(self) -> None:
         """End every turn without the commit (the delivery failed): those
         whose handler applied the event still advance, since its effects
-        are done.
+        are done; a held claim's roll back with the handlers' writes.
         """
-        for key, token, stamp in self._ends():
-            self.store.order_end(key, token, stamp, self.retention)
+        if not self.held:
+            for key, token, stamp in self._ends():
+                self.store.order_end(key, token, stamp, self.retention)
         self._taken.clear()
 
     def _ends(self) -> list[TurnEnd]:

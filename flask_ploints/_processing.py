@@ -18,8 +18,9 @@ commit the handlers' writes with its own (a database transaction) or a
 dispatcher that must set up around them (a trace span) wraps them.
 
 An event with ``latest_by`` handlers, run here by a store that takes their
-turns with the claim (:class:`~flask_ploints._ordering.TurnsWithClaims`),
-carries them in a :class:`~flask_ploints._ordering.Turns` from the claim
+turns with the claim (:class:`~flask_ploints._ordering.TurnsWithClaims`, or
+:class:`~flask_ploints._ordering.TurnsWithHeldClaims` for a claim held in
+the handlers' transaction), carries them in a :class:`~flask_ploints._ordering.Turns` from the claim
 to the commit, or to the release or failure that ends them.
 
 .. versionadded:: 0.2
@@ -51,6 +52,7 @@ from ._namespace import Namespace
 from ._ordering import KeyBusy
 from ._ordering import Turns
 from ._ordering import TurnsWithClaims
+from ._ordering import TurnsWithHeldClaims
 from ._ordering import running
 from ._outcomes import MAX_ERROR
 from ._outcomes import Outcome
@@ -144,9 +146,10 @@ class Processor:
         self._hold = store.hold if isinstance(store, TransactionalStore) else None
         # A store that takes latest_by's turns with the claim, for handlers
         # that run here, in this context (where their guards find them).
-        self._turns_store: TurnsWithClaims | None = None
-        if isinstance(store, TurnsWithClaims) and isinstance(dispatcher, SyncDispatcher):
-            self._turns_store = store if self._hold is None else None
+        self._turns_store: TurnsWithClaims | TurnsWithHeldClaims | None = None
+        takes_turns = TurnsWithClaims if self._hold is None else TurnsWithHeldClaims
+        if isinstance(dispatcher, SyncDispatcher) and isinstance(store, takes_turns):
+            self._turns_store = store
 
     def deliver(self, app: Flask, event: Event) -> Result:
         """Process a delivery: claim its id, then run it here or hand it
@@ -279,10 +282,10 @@ class Processor:
         if self._turns_store is not None and event.type in self.handlers.guards:
             turns = self._turns(event)
         try:
-            if inline and self._hold is not None:
-                claim = self._hold(key, self.dispatcher.lease, payload, self._retention)
-            elif turns is not None:
+            if turns is not None:
                 claim = turns.claim(key, payload)
+            elif inline and self._hold is not None:
+                claim = self._hold(key, self.dispatcher.lease, payload, self._retention)
             else:
                 claim = self.store.claim(key, self.dispatcher.lease, payload)
         except Exception as exc:
@@ -327,7 +330,9 @@ class Processor:
         assert self._turns_store is not None
         guards = self.handlers.guards[event.type]
         lease = self.dispatcher.lease
-        return Turns(self._turns_store, event, guards, self.namespace.key, lease, self._retention)
+        key_of = self.namespace.key
+        held = self._hold is not None
+        return Turns(self._turns_store, event, guards, key_of, lease, self._retention, held)
 
     def _processed(
         self,

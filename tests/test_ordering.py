@@ -553,3 +553,52 @@ def test_a_stale_event_marks_its_handler_span() -> None:
     assert attributes["ploints.stale.key"] == EMAIL
     assert attributes["ploints.stale.newer"] == stamp(2000).isoformat()
     provider.shutdown()
+
+
+def test_a_delivery_with_latest_by_on_db_takes_its_turn_in_its_claim_on_postgresql(
+    make_loyalty: Make, unique: str
+) -> None:
+    loyalty = make_loyalty("db-postgresql")
+    assert loyalty.db is not None
+    # Of the session's engine: the handlers' transaction.
+    statements: list[str] = []
+    with loyalty.app.app_context():
+        sa.event.listen(
+            loyalty.db.engine, "before_cursor_execute", lambda *args: statements.append(args[2])
+        )
+    # New, stale, a tie.
+    assert [loyalty.send(*sent) for sent in [("gold", 2000), ("silver", 1000), ("gold", 2000)]] == [
+        200,
+        200,
+        200,
+    ]
+    assert loyalty.applied == [("gold", 2000), ("gold", 2000)]
+    assert loyalty.committed() == ("gold", [2000, 2000])
+    # Each claim took the key's turn, and nothing else wrote it (the table
+    # was made on first use).
+    order = f" {unique}_order "
+    turns = [s for s in statements if order in s and not s.lstrip().startswith("CREATE")]
+    assert [(s.split()[:3], "advanced AS" in s) for s in turns] == [
+        (["WITH", "lock_wait", "AS"], True)
+    ] * 3
+
+
+def test_a_key_locked_by_another_transaction_answers_409_with_db_on_postgresql(
+    make_loyalty: Make, unique: str
+) -> None:
+    loyalty = make_loyalty("db-postgresql", PLOINTS_SQL_TIMEOUT=0.5)
+    assert loyalty.db is not None
+    assert loyalty.send("silver", 1000) == 200
+    with loyalty.app.app_context(), loyalty.db.engine.connect() as connection:
+        # Another delivery's transaction, holding the key's row.
+        connection.execute(sa.text(f"SELECT 1 FROM {unique}_order FOR UPDATE"))
+        started = time.monotonic()
+        status = loyalty.send("gold", 2000, id="evt_busy")
+        waited = time.monotonic() - started
+        connection.rollback()
+    assert status == 409
+    assert 0.5 <= waited < 2
+    assert loyalty.applied == [("silver", 1000)]
+    # Rolled back: the retry runs.
+    assert loyalty.send("gold", 2000, id="evt_busy") == 200
+    assert loyalty.committed() == ("gold", [1000, 2000])

@@ -32,6 +32,7 @@ from sqlalchemy.orm import sessionmaker
 from .._errors import HandlerError
 from .._ordering import KeyBusy
 from .._ordering import Turn
+from .._ordering import TurnEnd
 from .._ordering import TurnStatus
 from ._base import Claim
 from ._base import ClaimStatus
@@ -44,6 +45,7 @@ from ._sql.deadline import deadline
 from ._sql.locks import bounded_lock_wait
 from ._sql.locks import hold_row
 from ._sql.locks import is_lock_wait
+from ._sql.statements import Holder
 from ._sql.statements import Statements
 from ._sql.store import SQLAlchemyStore
 from ._sql.tables import database_error
@@ -175,6 +177,7 @@ class SessionStore:
         self._clock = clock
         self._outside: SQLAlchemyStore | None = None
         self._statements: Statements | None = None
+        self._hold_with_turn: t.Any = None
 
     def _store(self) -> SQLAlchemyStore:
         """The store for what goes on outside the handlers' transaction, on
@@ -195,6 +198,7 @@ class SessionStore:
                 bound_connects(engine, self.statement_timeout)
             name = engine.dialect.name
             self._statements = Statements(store.table, _UPSERTS.get(name), name, held=True)
+            self._hold_with_turn = store._order_sql.hold_with_turn(self._statements)
             self._outside = store
         return self._outside
 
@@ -217,8 +221,43 @@ class SessionStore:
 
         :raises StoreError: the database failed.
         """
+        return self._hold(event_id, lease, payload, retention, token, None)[0]
+
+    def hold_with_turns(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        retention: float,
+        keys: t.Sequence[str],
+        timestamp: int,
+    ) -> tuple[Claim, list[Turn]]:
+        """:meth:`hold` ``event_id`` and, when it is claimed, take the turn
+        of each of ``keys`` as :meth:`order_begin` does, in the same
+        transaction: on PostgreSQL, the claim of an id never seen and the
+        turn of one key are one statement. Where they are not, no turn is
+        taken, and each guard takes its own with :meth:`order_begin`.
+
+        :return: the claim, and the turn of each key taken, in order.
+        :raises StoreError: the database failed.
+        """
+        turn = (keys[0], timestamp) if len(keys) == 1 else None
+        return self._hold(event_id, lease, payload, retention, None, turn)
+
+    def _hold(
+        self,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        retention: float,
+        token: str | None,
+        turn: tuple[str, int] | None,
+    ) -> tuple[Claim, list[Turn]]:
         store = self._store()
         store.prepare()
+        folded = self._hold_with_turn if turn is not None else None
+        if folded is not None:
+            store.prepare_order()
         session = self.session()
         params: dict[str, t.Any] = {
             "event_id": event_id,
@@ -226,6 +265,7 @@ class SessionStore:
             "body": payload if store.keep_payloads else None,
             "lock_wait": f"{int(self.lock_timeout * 1000)}ms",
         }
+        turns: list[Turn] = []
         try:
             connection = session.connection()
             dbapi = connection.connection.dbapi_connection
@@ -233,14 +273,29 @@ class SessionStore:
             statements = self.statement_timeout
             bound = deadline(dbapi, None if statements is None else self.lock_timeout + statements)
             try:
-                times = (lease, retention, self._clock, self.lock_timeout)
-                found = hold_row(connection, self._statements, params, *times, token is not None)
+                found = None
+                if folded is not None and turn is not None:
+                    now = params["now"] = self._clock()
+                    params.update(lease_end=now + lease, keep_until=now + retention)
+                    params.update(ordered=turn[0], stamp=turn[1])
+                    row = connection.execute(folded, params).first()
+                    if row is not None:
+                        found = Holder(row.token, EventState.DONE, 0.0, 0.0)
+                        turns.append(_judged(turn[1], row.newest, _ADVANCED))
+                if found is None:
+                    times = (lease, retention, self._clock, self.lock_timeout)
+                    found = hold_row(
+                        connection, self._statements, params, *times, token is not None
+                    )
             finally:
                 bound.release()
         except SQLAlchemyError as exc:
             self._abandon(session)
             if is_lock_wait(exc):
-                return Claim(ClaimStatus.IN_FLIGHT)
+                # The id's row, or the key's: held by a transaction that
+                # may last as long as the wait again.
+                wait = self.lock_timeout if folded is not None else 0.0
+                return Claim(ClaimStatus.IN_FLIGHT, retry_after=wait), []
             raise database_error(exc, StoreError) from driver_exception(exc)
         now = params["now"]
         if found is None:
@@ -269,11 +324,11 @@ class SessionStore:
                     retention=retention,
                 )
             )
-            return Claim(ClaimStatus.CLAIMED, found.token)
+            return Claim(ClaimStatus.CLAIMED, found.token), turns
         self._abandon(session)
         if found.status is EventState.DONE and found.expires > now:
-            return Claim(ClaimStatus.DONE)
-        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(found.lease_expires - now, 0.0))
+            return Claim(ClaimStatus.DONE), []
+        return Claim(ClaimStatus.IN_FLIGHT, retry_after=max(found.lease_expires - now, 0.0)), []
 
     @contextlib.contextmanager
     def handler_scope(self, event: Event) -> t.Iterator[None]:
@@ -369,6 +424,24 @@ class SessionStore:
             self._close(held)
         return True
 
+    def commit_with_turns(
+        self, event_id: str, token: str, retention: float, ends: t.Sequence[TurnEnd]
+    ) -> bool:
+        """:meth:`order_end` each of ``ends``, then :meth:`commit`: a turn
+        taken in the held claim's transaction writes its advance in it, if
+        it has not yet, and commits with it. A failed write rolls the
+        transaction back.
+
+        :raises StoreError: the database failed.
+        """
+        try:
+            for key, turn, stamp in ends:
+                self.order_end(key, turn, stamp, retention)
+        except BaseException:
+            self.release(event_id, token)
+            raise
+        return self.commit(event_id, token, retention)
+
     def release(self, event_id: str, token: str) -> bool:
         """See :meth:`.DedupeStore.release`: a held claim is rolled back with
         the handlers' writes.
@@ -460,9 +533,7 @@ class SessionStore:
             if is_lock_wait(exc):
                 raise KeyBusy(key, self.lock_timeout) from None
             raise database_error(exc, StoreError) from driver_exception(exc)
-        if newest is not None and timestamp < newest:
-            return Turn(TurnStatus.STALE, newest=newest)
-        return Turn(TurnStatus.RUN, token)
+        return _judged(timestamp, newest, token)
 
     @staticmethod
     def _lock_order_row(connection: sa.Connection, sql: t.Any, params: dict[str, t.Any]) -> t.Any:
@@ -494,3 +565,12 @@ class SessionStore:
         except SQLAlchemyError as exc:
             raise database_error(exc, StoreError) from driver_exception(exc)
         return True
+
+
+def _judged(timestamp: int, newest: int | None, token: str) -> Turn:
+    """The turn of an event at ``timestamp`` on a key locked in the
+    transaction, whose newest applied is ``newest``.
+    """
+    if newest is not None and timestamp < newest:
+        return Turn(TurnStatus.STALE, newest=newest)
+    return Turn(TurnStatus.RUN, token)

@@ -130,6 +130,10 @@ class OrderStatements:
         #: with the handlers' writes. ``None`` where the database has no
         #: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``.
         self.lock_and_advance: t.Any = None
+        self._advanced = {
+            "newest": sa.case((stale, c.newest), else_=_stamp),
+            "expires": sa.case((stale, c.expires), else_=_keep_until),
+        }
         if upsert is not None:
             self.lock_and_advance = (
                 upsert.values(
@@ -139,15 +143,10 @@ class OrderStatements:
                     token=_NO_TOKEN,
                     turn_ends=_ZERO,
                 )
-                .on_conflict_do_update(
-                    index_elements=[c.order_key],
-                    set_={
-                        "newest": sa.case((stale, c.newest), else_=_stamp),
-                        "expires": sa.case((stale, c.expires), else_=_keep_until),
-                    },
-                )
+                .on_conflict_do_update(index_elements=[c.order_key], set_=self._advanced)
                 .returning(c.newest)
             )
+        self._dialect = dialect
         #: PostgreSQL only, by the number of keys (1, or more): the claim
         #: of an id never seen (:attr:`Statements.insert_new`) and, when it
         #: claimed, the turn on each key (``key``, or the list ``keys``)
@@ -186,6 +185,30 @@ class OrderStatements:
             ):
                 self.claim_with_turns[count] = self._claim(table, events, takeable, wanted)
                 self.commit_with_turns[count] = self._commit(table, events, remembered, ends)
+
+    def hold_with_turn(self, held: Statements) -> t.Any:
+        """PostgreSQL only: the held claim of an id never seen
+        (:attr:`Statements.insert_held` of ``held``) and, when it claimed,
+        the key's row locked and advanced as :attr:`lock_and_advance` does,
+        in one statement. One row when it claimed: the claim's token and the
+        key's newest after it; none otherwise. ``None`` elsewhere.
+        """
+        insert_held: t.Any = held.insert_held
+        if self._dialect != "postgresql" or insert_held is None:
+            return None
+        c = self.table.c
+        claimed = insert_held.cte("claimed")
+        row = sa.select(_key, _stamp, _keep_until, _NO_TOKEN, _ZERO).select_from(claimed)
+        advanced = (
+            postgresql.insert(self.table)
+            .from_select(["order_key", "newest", "expires", "token", "turn_ends"], row)
+            .on_conflict_do_update(index_elements=[c.order_key], set_=self._advanced)
+            .returning(c.newest)
+            .cte("advanced")
+        )
+        return sa.select(claimed.c.token, advanced.c.newest).select_from(
+            claimed.outerjoin(advanced, sa.true())
+        )
 
     @staticmethod
     def _claim(table: sa.Table, events: Statements, takeable: t.Any, wanted: t.Any) -> t.Any:
