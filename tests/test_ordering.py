@@ -331,7 +331,7 @@ def test_what_a_handler_applied_advances_when_a_later_one_fails(
     assert loyalty.applied[-1] == ("gold", 2000)
 
 
-@pytest.mark.parametrize("kind", [kind for kind in KINDS if not kind.startswith("db-")])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_failed_rerun_ends_its_turns_and_advances_nothing(make_loyalty: Make, kind: str) -> None:
     loyalty = make_loyalty(kind)
     assert loyalty.send("silver", 1000) == 200
