@@ -20,8 +20,9 @@ dispatcher that must set up around them (a trace span) wraps them.
 An event with ``latest_by`` handlers, run here by a store that takes their
 turns with the claim (:class:`~flask_ploints._ordering.TurnsWithClaims`, or
 :class:`~flask_ploints._ordering.TurnsWithHeldClaims` for a claim held in
-the handlers' transaction), carries them in a :class:`~flask_ploints._ordering.Turns` from the claim
-to the commit, or to the release or failure that ends them.
+the handlers' transaction), carries them in a
+:class:`~flask_ploints._ordering.Turns` from the claim to the commit, or to
+the release or failure that ends them.
 
 .. versionadded:: 0.2
 """

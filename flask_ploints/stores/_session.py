@@ -292,8 +292,9 @@ class SessionStore:
         except SQLAlchemyError as exc:
             self._abandon(session)
             if is_lock_wait(exc):
-                # The id's row, or the key's: held by a transaction that
-                # may last as long as the wait again.
+                # Another transaction holds the id's row or, with a folded
+                # turn, maybe the key's: a delivery for the key, which the
+                # retry should not meet again at once.
                 wait = self.lock_timeout if folded is not None else 0.0
                 return Claim(ClaimStatus.IN_FLIGHT, retry_after=wait), []
             raise database_error(exc, StoreError) from driver_exception(exc)
