@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 import typing as t
 import warnings
 
@@ -159,15 +160,25 @@ class _RedisDedupe:
 
 class _PostgresDedupe:
     """``INSERT ... ON CONFLICT DO NOTHING``, then ``UPDATE``, with psycopg
-    on one autocommit connection per worker process.
+    on one autocommit connection per thread (per process under sync).
     """
 
     def __init__(self, namespace: str) -> None:
-        import psycopg
-
-        self.connection = psycopg.connect(POSTGRES_URL, autocommit=True)
+        self._local = threading.local()
         # The table is created by the bench before the workers start.
         self.table = namespace
+
+    @property
+    def connection(self) -> t.Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        return connection
+
+    def _connect(self) -> t.Any:
+        import psycopg
+
+        return psycopg.connect(POSTGRES_URL, autocommit=True)
 
     def claim(self, event_id: str) -> str | None:
         cursor = self.connection.execute(
@@ -192,21 +203,20 @@ class _PostgresDedupe:
 
 class _MariaDBDedupe(_PostgresDedupe):
     """``INSERT IGNORE``, then ``UPDATE``, with PyMySQL on one autocommit
-    connection per worker process.
+    connection per thread (per process under sync).
     """
 
-    def __init__(self, namespace: str) -> None:
+    def _connect(self) -> t.Any:
         import pymysql
 
         url = sa_url(MARIADB_URL)
-        self.connection = pymysql.connect(
+        return pymysql.connect(
             host=url.host,
             port=url.port or 3306,
             user=url.username,
             database=url.database,
             autocommit=True,
         )
-        self.table = namespace
 
     def _execute(self, sql: str, event_id: str) -> t.Any:
         cursor = self.connection.cursor()
