@@ -163,16 +163,18 @@ class OrderStatements:
         #: statement. Empty elsewhere.
         self.commit_with_turns: dict[int, t.Any] = {}
         if dialect == "postgresql" and events.insert_new is not None:
-            # One key is sent as a value: psycopg adapts a list to an array
-            # at several times the cost of the whole rest of the statement.
-            one_key = sa.select(_one("key", sa.String()).label("order_key"), _ONE.label("n"))
+            # One key is sent as a value: psycopg's adaptation of a list to
+            # an array costs more than the fold's own work on the server.
+            one_key = sa.select(
+                sa.bindparam("key", type_=sa.String()).label("order_key"), _ONE.label("n")
+            )
             many_keys = sa.func.unnest(_many("keys", sa.String())).table_valued(
                 "order_key", with_ordinality="n"
             )
             one_end = sa.select(
-                _one("end_key", sa.String()).label("order_key"),
-                _one("end_token", sa.String()).label("token"),
-                _one("end_stamp", sa.BigInteger()).label("stamp"),
+                sa.bindparam("end_key", type_=sa.String()).label("order_key"),
+                sa.bindparam("end_token", type_=sa.String()).label("token"),
+                sa.bindparam("end_stamp", type_=sa.BigInteger()).label("stamp"),
             )
             many_ends = sa.func.unnest(
                 _many("end_keys", sa.String()),
@@ -265,10 +267,6 @@ class OrderStatements:
             .cte("ended")
         )
         return events.commit.add_cte(ended)
-
-
-def _one(name: str, kind: sa.types.TypeEngine[t.Any]) -> sa.BindParameter[t.Any]:
-    return sa.bindparam(name, type_=kind)
 
 
 def _many(name: str, kind: sa.types.TypeEngine[t.Any]) -> sa.BindParameter[t.Any]:
