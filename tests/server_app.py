@@ -4,7 +4,9 @@ Everything comes from environment variables, so one module serves every
 server and every test:
 
 ``PLOINTS_SERVERS_STORE``
-    the ``PLOINTS_DEDUPE_STORE`` URL (``redis://...`` or ``postgresql://...``).
+    the ``PLOINTS_DEDUPE_STORE`` URL (``redis://...`` or ``postgresql://...``);
+    ``db:`` and a database URL: ``PLOINTS_DEDUPE_STORE = db``, a
+    Flask-SQLAlchemy extension on that database.
 ``PLOINTS_SERVERS_NAMESPACE``
     a name only this test uses: the Redis key prefix of the store is
     ``NAMESPACE:store:``, its SQL table ``NAMESPACE_store``.
@@ -61,6 +63,12 @@ def create_app() -> Flask:
         PLOINTS_SQL_TABLE=f"{namespace}_store",
         PLOINTS_REQUIRE_HTTPS=behind_proxy,
     )
+    if store.startswith("db:"):
+        from flask_sqlalchemy import SQLAlchemy
+
+        db = SQLAlchemy()
+        app.config.update(SQLALCHEMY_DATABASE_URI=store[len("db:") :], PLOINTS_DEDUPE_STORE=db)
+        db.init_app(app)
     webhooks = PlointsWebhooks(app)
     # Made on first use, in the worker: a connection opened before a fork
     # would be shared by every worker process.

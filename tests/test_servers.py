@@ -557,7 +557,7 @@ def test_postgresql_url_store_under_many_threads(
     assert slowest.seconds < SLOWEST, slowest
 
 
-@pytest.mark.parametrize("store", ["redis", "postgresql"])
+@pytest.mark.parametrize("store", ["redis", "postgresql", "db-postgresql"])
 def test_latest_by_under_gunicorn_gthread(
     namespace: Namespace,
     serve: t.Callable[..., Server],
@@ -568,19 +568,22 @@ def test_latest_by_under_gunicorn_gthread(
     """24 tier changes for one customer from 8 concurrent senders, each
     retrying its ``409`` answers, on two gthread workers sharing the store:
     the ``latest_by`` handler applies a strictly increasing sequence that
-    ends with the newest. On PostgreSQL a burst of 64 deliveries comes
-    first, so the store keeps all its connections when the order's table
-    is first used.
+    ends with the newest. On PostgreSQL (by URL, and ``db``, where the
+    turn is the key's row locked in the handlers' transaction) a burst of
+    64 deliveries comes first, so the store keeps all its connections when
+    the order's table is first used.
     """
     port = _free_port()
     url = REDIS_URL if store == "redis" else request.getfixturevalue("postgres_store")
+    if store == "db-postgresql":
+        url = f"db:{POSTGRES_URL}"
     serve(
         f"gunicorn-gthread-latest-by-{store}",
         COMMANDS["gunicorn-gthread"](port),
         namespace.env(url),
         lambda: _answers_get(port),
     )
-    if store == "postgresql":
+    if store != "redis":
         warm = burst(port, [f"evt_warm_{n:02d}" for n in range(64)], copies=1, threads=64)
         assert Counter(answer.status for answer in warm) == {200: 64}
     base = int(time.time()) - 3600
@@ -618,10 +621,11 @@ def test_latest_by_under_gunicorn_gthread(
     assert applied == sorted(set(applied))
     assert applied[-1] == 23
     assert len([name for name in namespace.effects() if name.startswith("evt_t")]) == 24
-    if store == "postgresql":
+    if store != "redis":
         import psycopg
 
-        with psycopg.connect(url, autocommit=True, connect_timeout=5) as connection:
+        dsn = request.getfixturevalue("postgres_store")
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
             connection.execute(f"DROP TABLE IF EXISTS {unique}_store_order")
 
 
