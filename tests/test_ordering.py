@@ -247,7 +247,7 @@ def test_a_delivery_takes_its_turns_with_its_claim(
         store.close()
 
 
-def test_a_delivery_with_latest_by_runs_two_statements_on_postgresql(
+def test_a_new_delivery_with_latest_by_runs_two_statements_on_postgresql(
     make_loyalty: Make, unique: str, postgres_url: str
 ) -> None:
     store = SQLAlchemyStore.from_url(postgres_url, table_name=unique)
@@ -256,8 +256,9 @@ def test_a_delivery_with_latest_by_runs_two_statements_on_postgresql(
     statements: list[str] = []
     sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     loyalty = make_loyalty("sql-postgresql", PLOINTS_DEDUPE_STORE=store)
-    # New, stale, a tie: each a claim taking its turn, then a commit ending
-    # it (the stale one took none).
+    # New, stale, a tie: a new id's claim takes its turn, and its commit
+    # ends it. The stale one's claim takes none, so the store asks again:
+    # the claim, the turn, why it was not taken.
     assert [loyalty.send(*sent) for sent in [("gold", 2000), ("silver", 1000), ("gold", 2000)]] == [
         200,
         200,
@@ -266,10 +267,15 @@ def test_a_delivery_with_latest_by_runs_two_statements_on_postgresql(
     assert loyalty.applied == [("gold", 2000), ("gold", 2000)]
     claim = ["WITH", "claimed", "AS", "(INSERT"]
     commit = ["WITH", "ended", "AS", "(UPDATE"]
+    order = f"{unique}_order"
     assert [statement.split()[:4] for statement in statements] == [
         claim,
         commit,
         claim,
+        ["INSERT", "INTO", unique, "(id,"],
+        claim,
+        ["UPDATE", order, "SET", "token=%(turn_token)s::VARCHAR,"],
+        ["SELECT", f"{order}.newest,", f"{order}.expires,", f"{order}.token,"],
         ["UPDATE", unique, "SET", "status='done',"],
         claim,
         commit,

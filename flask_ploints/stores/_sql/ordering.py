@@ -26,7 +26,6 @@ _turn_end: sa.BindParameter[float] = sa.bindparam("turn_end", type_=sa.Double())
 _keep_until: sa.BindParameter[float] = sa.bindparam("keep_until", type_=sa.Double())
 _NO_TOKEN = sa.literal_column("''", sa.String())
 _ZERO: sa.ColumnElement[float] = sa.literal_column("0", sa.Double())
-_ONE = sa.literal_column("1", sa.Integer())
 
 
 def make_order_table(name: str) -> sa.Table:
@@ -151,9 +150,9 @@ class OrderStatements:
         #: of an id never seen (:attr:`Statements.insert_new`) and, when it
         #: claimed, the turn on each key (``key``, or the list ``keys``)
         #: taken as :attr:`take` does, the key's row inserted if missing, in
-        #: one statement. One row per key, in order: whether the id was
-        #: claimed, whether the turn was taken, and the key's row as it was
-        #: before (see :attr:`read`). Empty elsewhere.
+        #: one statement that returns no rows: its row count is the number
+        #: of turns taken, every key's only when the id was claimed. Empty
+        #: elsewhere.
         self.claim_with_turns: dict[int, t.Any] = {}
         #: PostgreSQL only, by the number of turns (1, or more):
         #: :attr:`Statements.commit`, and each turn (``end_key``, held by
@@ -165,12 +164,8 @@ class OrderStatements:
         if dialect == "postgresql" and events.insert_new is not None:
             # One key is sent as a value: psycopg's adaptation of a list to
             # an array costs more than the fold's own work on the server.
-            one_key = sa.select(
-                sa.bindparam("key", type_=sa.String()).label("order_key"), _ONE.label("n")
-            )
-            many_keys = sa.func.unnest(_many("keys", sa.String())).table_valued(
-                "order_key", with_ordinality="n"
-            )
+            one_key = sa.select(sa.bindparam("key", type_=sa.String()).label("order_key"))
+            many_keys = sa.func.unnest(_many("keys", sa.String())).table_valued("order_key")
             one_end = sa.select(
                 sa.bindparam("end_key", type_=sa.String()).label("order_key"),
                 sa.bindparam("end_token", type_=sa.String()).label("token"),
@@ -224,31 +219,14 @@ class OrderStatements:
         inserting = postgresql.insert(table).from_select(
             list(table.c.keys()), rows.where(sa.exists(claimed.select()))
         )
-        turned = (
-            inserting.on_conflict_do_update(
-                index_elements=[c.order_key],
-                set_={"token": inserting.excluded.token, "turn_ends": inserting.excluded.turn_ends},
-                where=takeable,
-            )
-            .returning(c.order_key)
-            .cte("turned")
-        )
-        return (
-            sa.select(
-                sa.select(sa.func.count()).select_from(claimed).scalar_subquery(),
-                turned.c.order_key.is_not(None),
-                c.newest,
-                c.expires,
-                c.token,
-                c.turn_ends,
-            )
-            .select_from(
-                wanted.outerjoin(turned, turned.c.order_key == wanted.c.order_key).outerjoin(
-                    table, c.order_key == wanted.c.order_key
-                )
-            )
-            .order_by(wanted.c.n)
-        )
+        # No RETURNING: reading a result costs the client more than the
+        # turn costs the server, and the common answer, every turn taken,
+        # is in the row count.
+        return inserting.on_conflict_do_update(
+            index_elements=[c.order_key],
+            set_={"token": inserting.excluded.token, "turn_ends": inserting.excluded.turn_ends},
+            where=takeable,
+        ).add_cte(claimed)
 
     @staticmethod
     def _commit(table: sa.Table, events: Statements, remembered: t.Any, ends: t.Any) -> t.Any:

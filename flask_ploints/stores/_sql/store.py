@@ -517,8 +517,9 @@ class SQLAlchemyStore:
     ) -> tuple[Claim, list[Turn]]:
         """See :meth:`.TurnsWithClaims.claim_with_turns`. On PostgreSQL, the
         claim of an id never seen takes its turns in the same statement;
-        otherwise the claim is :meth:`claim`'s, then each turn
-        :meth:`order_begin`'s, with the claim's token.
+        otherwise, or when that statement did not take every turn (a
+        duplicate, a stale event, a busy key), the claim is :meth:`claim`'s,
+        then each turn :meth:`order_begin`'s, with the claim's token.
         """
         self.prepare_order()
         token = secrets.token_hex(8)
@@ -537,17 +538,11 @@ class SQLAlchemyStore:
                 params["key"] = keys[0]
             else:
                 params["keys"] = list(keys)
-            rows = self._run(lambda call, _retry: call.execute(folded, params).all())
-            if rows[0][0]:
-                turns = []
-                for key, (_, taken, *row) in zip(keys, rows, strict=True):
-                    turn = (
-                        Turn(TurnStatus.RUN, token) if taken else _judge(row, token, timestamp, now)
-                    )
-                    # No row: another delivery inserted the key's meanwhile.
-                    turns.append(turn or self._take_turn(token, key, timestamp, lease))
-                return Claim(ClaimStatus.CLAIMED, token), turns
-        # Our token again: a first statement whose answer was lost claimed.
+            taken = self._run(lambda call, _retry: call.execute(folded, params).rowcount)
+            if taken == len(keys):
+                return Claim(ClaimStatus.CLAIMED, token), [Turn(TurnStatus.RUN, token)] * taken
+        # Our token again where the statement claimed, or a first one whose
+        # answer was lost did; each turn it took is found ours.
         claim = self._claim_as(token, event_id, lease, payload)
         if claim.status is not ClaimStatus.CLAIMED:
             return claim, []
@@ -582,7 +577,8 @@ def _judge(row: t.Sequence[t.Any], token: str, timestamp: int, now: float) -> Tu
     missing: ask again.
     """
     newest, expires, holder, turn_ends = row
-    # Ours: taken by a first run whose answer was lost.
+    # Ours: taken by the claim's statement beside a turn it could not take,
+    # or by a first run whose answer was lost.
     if holder == token:
         return Turn(TurnStatus.RUN, token)
     if holder and turn_ends > now:
