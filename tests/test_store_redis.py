@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from flask_ploints import StoreError
+from flask_ploints._ordering import TurnStatus
 from flask_ploints.stores import ClaimStatus
 from flask_ploints.stores import RedisStore
 from flask_ploints.stores import store_from_config
@@ -148,6 +149,37 @@ def test_a_new_event_takes_two_round_trips_and_a_duplicate_one(
         counted.clear()
         assert store.claim("evt_2", 60).status is ClaimStatus.CLAIMED
         assert counted.writes == [["SET"], ["EVALSHA"]]
+    finally:
+        store.client.close()
+
+
+def test_scripts_the_server_lost_are_loaded_again(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    store, counted = _counting_store(redis_url, prefix)
+    try:
+        first = store.claim("evt_1", 60)
+        client.script_flush()
+        counted.clear()
+        assert store.commit("evt_1", first.token, 60) is True
+        assert counted.writes == [["EVALSHA"], ["SCRIPT LOAD"], ["EVALSHA"]]
+        # Each script is loaded when it is first found missing.
+        client.script_flush()
+        counted.clear()
+        claim, turns = store.claim_with_turns("evt_2", 60, None, ["tier"], 1000)
+        assert (claim.status, [turn.status for turn in turns]) == (
+            ClaimStatus.CLAIMED,
+            [TurnStatus.RUN],
+        )
+        assert store.commit("evt_2", claim.token, 60) is True
+        assert counted.writes == [
+            ["EVALSHA"],
+            ["SCRIPT LOAD"],
+            ["EVALSHA"],
+            ["EVALSHA"],
+            ["SCRIPT LOAD"],
+            ["EVALSHA"],
+        ]
     finally:
         store.client.close()
 

@@ -22,6 +22,7 @@ from ._base import StoreError
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.exceptions import NoScriptError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -346,7 +347,7 @@ class RedisStore:
                 return Claim(ClaimStatus.CLAIMED, token)
             status, expires = held[:1], _expires(held)
             if status == _FAILED_LETTER:
-                answer = self._take_over(keys=[key], args=[token, now, lease_ms, value, body])
+                answer = self._script(self._take_over, [key], [token, now, lease_ms, value, body])
                 status, expires = answer[0][:1], int(answer[1])
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
@@ -435,9 +436,19 @@ class RedisStore:
 
     def _call(self, script: t.Any, keys: list[str], args: list[t.Any]) -> t.Any:
         try:
-            return script(keys=keys, args=args)
+            return self._script(script, keys, args)
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
+
+    def _script(self, script: t.Any, keys: list[str], args: list[t.Any]) -> t.Any:
+        # EVALSHA itself: calling the Script looks for pipelines first, on
+        # every call, at a cost docs/benchmarks.rst measures.
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # The server lost its scripts (a restart, SCRIPT FLUSH).
+            self.client.script_load(script.script)
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     # -- latest_by (flask_ploints._ordering.TurnsWithClaims)
 
