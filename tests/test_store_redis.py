@@ -156,6 +156,9 @@ def test_a_new_event_takes_two_round_trips_and_a_duplicate_one(
 def test_scripts_the_server_lost_are_loaded_again(
     redis_url: str, prefix: str, client: redis.Redis
 ) -> None:
+    # SCRIPT FLUSH empties the shared server's cache: the other tests'
+    # clients load their scripts again too, and none but this module's
+    # count commands.
     store, counted = _counting_store(redis_url, prefix)
     try:
         first = store.claim("evt_1", 60)
