@@ -272,7 +272,6 @@ def test_a_new_delivery_with_latest_by_runs_two_statements_on_postgresql(
         claim,
         commit,
         claim,
-        ["INSERT", "INTO", unique, "(id,"],
         claim,
         ["UPDATE", order, "SET", "token=%(turn_token)s::VARCHAR,"],
         ["SELECT", f"{order}.newest,", f"{order}.expires,", f"{order}.token,"],

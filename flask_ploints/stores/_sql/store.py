@@ -266,7 +266,17 @@ class SQLAlchemyStore:
         """
         return self._claim_as(secrets.token_hex(8), event_id, lease, payload)
 
-    def _claim_as(self, token: str, event_id: str, lease: float, payload: bytes | None) -> Claim:
+    def _claim_as(
+        self,
+        token: str,
+        event_id: str,
+        lease: float,
+        payload: bytes | None,
+        inserted: bool = False,
+    ) -> Claim:
+        """Claim ``event_id`` with ``token``; ``inserted``: a statement of
+        this claim already tried the insert of an id never seen.
+        """
         params: dict[str, t.Any] = {
             "event_id": event_id,
             "claim_token": token,
@@ -275,7 +285,7 @@ class SQLAlchemyStore:
         for _ in range(_CLAIM_ROUNDS):
             now = params["now"] = self._clock()
             params["lease_end"] = now + lease
-            found = self._run(lambda call, _retry: self._claim(call, params))
+            found = self._run(lambda call, _retry: self._claim(call, params, inserted))
             if found is None:
                 # Released or purged between the statements: go round again.
                 continue
@@ -289,13 +299,15 @@ class SQLAlchemyStore:
                 return Claim(ClaimStatus.IN_FLIGHT, retry_after=found.lease_expires - now)
         raise StoreError(f"the claim of {event_id!r} kept racing with other requests")
 
-    def _claim(self, call: _Call, params: dict[str, t.Any]) -> Holder | None:
-        """Insert the row, or take it over when it is free; return the row's
-        holder: ours when this claim owns it.
+    def _claim(self, call: _Call, params: dict[str, t.Any], inserted: bool) -> Holder | None:
+        """Insert the row (unless ``inserted`` tried that already), or take
+        it over when it is free; return the row's holder: ours when this
+        claim owns it.
         """
         sql = self._sql
         ours = Holder(params["claim_token"], _IN_FLIGHT, params["lease_end"], 0.0)
-        if sql.insert_new is not None and call.execute(sql.insert_new, params).rowcount == 1:
+        insert_new = None if inserted else sql.insert_new
+        if insert_new is not None and call.execute(insert_new, params).rowcount == 1:
             return ours
         if sql.claim is not None:
             return holder(call.first(sql.claim, params))
@@ -543,7 +555,7 @@ class SQLAlchemyStore:
                 return Claim(ClaimStatus.CLAIMED, token), [Turn(TurnStatus.RUN, token)] * taken
         # Our token again where the statement claimed, or a first one whose
         # answer was lost did; each turn it took is found ours.
-        claim = self._claim_as(token, event_id, lease, payload)
+        claim = self._claim_as(token, event_id, lease, payload, inserted=folded is not None)
         if claim.status is not ClaimStatus.CLAIMED:
             return claim, []
         return claim, [self._take_turn(token, key, timestamp, lease) for key in keys]
